@@ -1,0 +1,27 @@
+"""One exception family for everything flannel-repro raises on purpose.
+
+Every message names the thing that is wrong, what was expected and what was got, so a user can fix
+the input without reading our source.
+"""
+
+from __future__ import annotations
+
+
+class FlannelError(Exception):
+    """Base class of every error flannel-repro raises deliberately."""
+
+
+class ConfigError(FlannelError, ValueError):
+    """A configuration value is unknown, of the wrong type, or impossible."""
+
+
+class DataError(FlannelError, ValueError):
+    """A tokenizer, corpus or token-mask file is missing, malformed or inconsistent with the config."""
+
+
+class ArtifactError(FlannelError):
+    """A trajectory artifact is missing, incomplete, corrupt or does not match what was asked for."""
+
+
+class DeterminismError(FlannelError):
+    """A run did not behave as the determinism settings promise (e.g. the data order drifted)."""
