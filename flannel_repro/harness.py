@@ -1,0 +1,278 @@
+"""Train one run of the experiment and stream its trajectory to disk.
+
+Two engines share the data, the model builder and the recorder:
+
+- `hf`: the transformers Trainer, configured as the notebook configures it; W is recorded by a
+  `TrainerCallback` after each optimizer step (no private Trainer method is overridden).
+- `torch`: a lean loop you can read top to bottom, doing the Trainer's arithmetic in the Trainer's
+  order: autocast forward, loss = sum / n_targets, backward, clip, AdamW, linear schedule.
+
+On CPU both produce bitwise identical W and losses (tests/test_engines.py); that equality is what lets
+the fast engine stand in for the notebook's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from flannel_repro.data import DataOrder, TokenDataset, load_data, make_batch
+from flannel_repro.determinism import deterministic_mode, environment_fingerprint, torch_threads
+from flannel_repro.errors import ConfigError, DeterminismError
+from flannel_repro.model import build_model, embedding, shared_init_W
+from flannel_repro.recorder import Recorder
+
+if TYPE_CHECKING:
+    from flannel_repro.config import RunConfig
+    from flannel_repro.data import CorpusData
+
+Progress = Callable[[int, int, float], None]  # (step, steps, loss)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class RunResult:
+    path: Path
+    config: "RunConfig"
+    wall_time_s: float
+    steps_per_s: float
+    final_loss: float
+    threads: int
+
+
+def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None" = None,
+          W_initial: torch.Tensor | None = None, metadata: dict[str, Any] | None = None,
+          progress: Progress | None = None) -> RunResult:
+    """Train one run per `config` and write its trajectory artifact to `out_path` (atomically)."""
+    check_device(config.device)
+    if config.engine == "hf" and config.compile != "none":
+        raise ConfigError("'compile' is only available with engine = 'torch' (the Trainer compiles through "
+                          f"TrainingArguments.torch_compile, which this harness does not drive); got compile={config.compile!r}.")
+    data = data if data is not None else load_data(config)
+    W0 = W_initial if W_initial is not None else shared_init_W(config)
+    with contextlib.ExitStack() as stack:
+        threads = stack.enter_context(torch_threads(config.threads))
+        stack.enter_context(deterministic_mode(config.deterministic))
+        env = environment_fingerprint(config.device)
+        meta = {"env": env, "engine": config.engine, **(metadata or {})}
+        recorder = stack.enter_context(Recorder(config, out_path, data, meta))
+        start = time.perf_counter()
+        engine = _torch_engine if config.engine == "torch" else _hf_engine
+        engine(config, data, W0, recorder, progress)
+        wall = time.perf_counter() - start
+        final_loss = recorder.last_loss
+        path = recorder.finish({"wall_time_s": f"{wall:.3f}", "steps_per_s": f"{config.steps / wall:.4f}",
+                                "final_loss": repr(final_loss), "threads": str(threads)})
+    return RunResult(path=path, config=config, wall_time_s=wall, steps_per_s=config.steps / wall,
+                     final_loss=final_loss, threads=threads)
+
+
+def check_device(device: str) -> None:
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but torch.cuda.is_available() is False.")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} was asked for but torch.backends.mps.is_available() is False.")
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The Trainer's two groups: decay for weights, none for biases and LayerNorm parameters."""
+    no_decay_types = (torch.nn.LayerNorm,)
+    no_decay = set()
+    for mod_name, module in model.named_modules():
+        for p_name, _ in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(module, no_decay_types) or "bias" in p_name.lower():
+                no_decay.add(full)
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if n not in no_decay and p.requires_grad], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n in no_decay and p.requires_grad], "weight_decay": 0.0},
+    ]
+
+
+def lr_lambda(config: "RunConfig") -> Callable[[int], float]:
+    """The Trainer's schedules as a LambdaLR multiplier (transformers' linear / constant with warm-up)."""
+    warmup, total = config.warmup_steps, config.steps
+
+    def linear(step: int) -> float:
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+    def constant(step: int) -> float:
+        if step < warmup:
+            return float(step) / float(max(1.0, warmup))
+        return 1.0
+
+    return linear if config.lr_schedule == "linear" else constant
+
+
+def trainer_counts_shifted_labels(model: torch.nn.Module) -> bool:
+    """Whether the installed Trainer counts num_items_in_batch over labels[..., 1:] for this model.
+
+    transformers 5.x counts the shifted labels only when the model's `loss_type` maps to
+    ForCausalLMLoss. GPT2LMHeadModel's class name matches no loss type, so its loss_type is None (the
+    "loss_type=None ... unrecognized" notice the notebook printed), and the Trainer counts all B*T
+    labels while the model averages over the B*(T-1) it uses: the loss it trains on is the mean
+    cross-entropy times (T-1)/T. We mirror the installed rule, so the lean loop stays bitwise equal.
+    """
+    import inspect
+
+    from transformers import Trainer
+
+    source = inspect.getsource(Trainer._get_num_items_in_batch) if hasattr(Trainer, "_get_num_items_in_batch") else ""
+    if "_loss_shifts_labels" not in source:
+        return False  # older Trainers count every label that is not -100
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not getattr(
+        model.config, "is_encoder_decoder", False)
+
+
+def trainer_num_items(labels: torch.Tensor, shifts_labels: bool) -> torch.Tensor:
+    counted = labels[..., 1:] if shifts_labels else labels
+    return counted.ne(IGNORE_INDEX).sum() / 1  # the Trainer divides by tp*cp*sp sizes (1): a float32 tensor
+
+
+def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: Recorder,
+                  progress: Progress | None) -> None:
+    device = torch.device(config.device)
+    order = DataOrder(data.n_examples(config.seq_len), config.batch_size, config.data_seed)
+    model = build_model(config, W0, device)
+    model.train()  # dropout is 0, but train mode is what the Trainer runs
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, config.weight_decay), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps, weight_decay=config.weight_decay,
+        **({"fused": True} if config.optim == "adamw_torch_fused" else {}),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    forward = torch.compile(model) if config.compile == "default" else model
+    use_amp = config.amp == "bfloat16"
+    ids = data.ids
+    shifts_labels = trainer_counts_shifted_labels(model)
+
+    recorder.record(0, model)
+    for step in range(1, config.steps + 1):
+        starts = order.batch(step)  # (B,)
+        inputs, labels = make_batch(ids, starts, config.seq_len, config.label_mode)  # (B, T), (B, T)
+        inputs, labels = inputs.to(device), labels.to(device)
+        # The Trainer has the model divide the summed cross-entropy by its own count of labels
+        # (num_items_in_batch): sum / n, not mean. See trainer_num_items for which labels it counts.
+        n_targets = trainer_num_items(labels, shifts_labels)  # float32 scalar, as the Trainer makes it
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = forward(input_ids=inputs, labels=labels, num_items_in_batch=n_targets).loss  # float32
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        recorder.capture_grads(model)
+        optimizer.step()
+        scheduler.step()
+        model.zero_grad()
+        loss_value = loss.item()
+        recorder.record(step, model, loss=loss_value, batch_starts=starts, optimizer=optimizer)
+        if progress is not None:
+            progress(step, config.steps, loss_value)
+
+
+def _hf_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: Recorder,
+               progress: Progress | None) -> None:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    kind = config.device.split(":")[0]
+    if config.device not in ("cpu", "cuda", "cuda:0", "mps"):
+        raise ConfigError(f"engine 'hf' runs on 'cpu', 'cuda' (device 0) or 'mps' (got device={config.device!r}); "
+                          "use engine = 'torch' for other devices.")
+    order = DataOrder(data.n_examples(config.seq_len), config.batch_size, config.data_seed)
+    model = build_model(config, W0, "cpu")  # the notebook builds on CPU then moves; the Trainer moves it
+    if kind != "cpu":
+        model = model.to(config.device)
+    dataset = TokenDataset(data.ids, config.seq_len, config.label_mode)
+
+    class RecordingCallback(TrainerCallback):
+        """Records after each optimizer step and checks the Trainer used DataOrder's batch."""
+
+        def __init__(self) -> None:
+            self.loss: torch.Tensor | None = None
+            self.consumed = 0
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+            recorder.capture_grads(model)
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001
+            step = state.global_step
+            starts = order.batch(step)
+            fetched = dataset.fetched[self.consumed:self.consumed + len(starts)]
+            if fetched != starts.tolist():
+                raise DeterminismError(
+                    f"step {step}: the Trainer's sampler fed examples {fetched[:4]}..., DataOrder expected "
+                    f"{starts[:4].tolist()}...; the installed transformers/accelerate shuffles differently.")
+            self.consumed += len(starts)
+            if self.consumed > 1_000_000:  # keep the log short
+                del dataset.fetched[:self.consumed]
+                self.consumed = 0
+            loss_value = self.loss.item() if self.loss is not None else float("nan")
+            recorder.record(step, model, loss=loss_value, batch_starts=starts, optimizer=optimizer)
+            if progress is not None:
+                progress(step, config.steps, loss_value)
+
+    callback = RecordingCallback()
+
+    def keep_loss(_module, _args, output):  # forward hook: the loss the Trainer backpropagates
+        callback.loss = output.loss.detach() if getattr(output, "loss", None) is not None else None
+
+    hook = model.register_forward_hook(keep_loss)
+    output_dir = Path(tempfile.mkdtemp(prefix="flannel-hf-"))
+    try:
+        args = TrainingArguments(
+            output_dir=str(output_dir),
+            max_steps=config.steps,
+            per_device_train_batch_size=config.batch_size,
+            learning_rate=config.lr,
+            weight_decay=config.weight_decay,
+            adam_beta1=config.adam_beta1,
+            adam_beta2=config.adam_beta2,
+            adam_epsilon=config.adam_eps,
+            max_grad_norm=config.max_grad_norm,
+            # transformers' "constant" ignores warmup_steps; "constant_with_warmup" is the same
+            # schedule with the warm-up our config asks for.
+            lr_scheduler_type=("constant_with_warmup" if config.lr_schedule == "constant" and config.warmup_steps
+                               else config.lr_schedule),
+            warmup_steps=config.warmup_steps,
+            optim=config.optim,
+            # The notebook's save_steps = steps + 1 still writes checkpoint-<steps> at the end under
+            # transformers 5.x; "no" writes nothing. Logging is off: it changes no numbers.
+            save_strategy="no",
+            logging_strategy="no",
+            dataloader_num_workers=0,
+            dataloader_pin_memory=False,
+            bf16=config.amp == "bfloat16",
+            seed=config.data_seed,  # drives the sampler; the model was built from model_seed above
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=kind == "cpu",
+        )
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+            recorder.record(0, model)
+            trainer.train()
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        leftovers = sorted(p.name for p in output_dir.iterdir())
+        if leftovers:
+            raise RuntimeError(f"the Trainer wrote {leftovers} into {output_dir}; the hf engine must not checkpoint.")
+    finally:
+        hook.remove()
+        shutil.rmtree(output_dir, ignore_errors=True)

@@ -1,0 +1,142 @@
+"""A lazy, read-only view of one recorded run: W per step, losses, digests and metadata.
+
+Nothing large is read until asked for: `traj.W[t]` touches one step of the memory-mapped file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flannel_repro import artifacts
+from flannel_repro.artifacts import TrajectoryReader
+from flannel_repro.config import RunConfig
+from flannel_repro.errors import ArtifactError
+
+
+class Trajectory:
+    """One run's artifact. Open with `Trajectory(path)`; the harness and the `trajectory` fixture return these."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.reader = TrajectoryReader(Path(path))
+        fmt = self.reader.metadata.get(artifacts.META_FORMAT)
+        if fmt != artifacts.RUN_FORMAT:
+            raise ArtifactError(f"{self.reader.path}: format {fmt!r} is not {artifacts.RUN_FORMAT!r}; "
+                                "it was not written by this version of flannel-repro.")
+
+    # -- identity --------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self.reader.path
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.reader.metadata
+
+    def _json(self, key: str, default: Any = None) -> Any:
+        raw = self.metadata.get(key)
+        return default if raw is None else json.loads(raw)
+
+    @cached_property
+    def config(self) -> RunConfig:
+        return RunConfig.from_dict(self._json(artifacts.META_CONFIG, {}), source=str(self.path))
+
+    @cached_property
+    def env(self) -> dict[str, Any]:
+        return self._json("env", {})
+
+    @cached_property
+    def data_info(self) -> dict[str, Any]:
+        return self._json(artifacts.META_DATA, {})
+
+    @property
+    def repeat(self) -> int:
+        return int(self.metadata.get("repeat", "0"))
+
+    @property
+    def run_key(self) -> str:
+        return self.metadata.get("run_key", "")
+
+    @property
+    def steps(self) -> int:
+        return self.config.steps
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        seeds = f"seed={c.train_seed}" if c.train_seed is not None else f"model_seed={c.model_seed},data_seed={c.data_seed}"
+        return f"{seeds} {c.device} {c.engine} repeat={self.repeat}"
+
+    def __repr__(self) -> str:
+        return f"Trajectory({self.label}, steps={self.steps}, path={str(self.path)!r})"
+
+    # -- recorded tensors (lazy) -------------------------------------------------------------
+
+    @property
+    def has_W(self) -> bool:
+        return artifacts.KEY_W in self.reader
+
+    @property
+    def W(self) -> torch.Tensor:
+        """(steps + 1, V, H), memory-mapped; index it, do not copy it whole."""
+        if not self.has_W:
+            raise ArtifactError(f"{self.path}: W was not recorded (record_W = false); only digests are available.")
+        return self.reader[artifacts.KEY_W]
+
+    def W_at(self, step: int) -> torch.Tensor:
+        if not 0 <= step <= self.steps:
+            raise IndexError(f"step {step} outside 0..{self.steps} of {self.label}.")
+        return self.W[step]
+
+    @property
+    def W_initial(self) -> torch.Tensor:
+        return self.W[0]
+
+    @cached_property
+    def losses(self) -> torch.Tensor:
+        """(steps + 1,) float32; NaN at step 0 (no loss before the first step)."""
+        return self.reader[artifacts.KEY_LOSSES].clone()
+
+    @property
+    def final_loss(self) -> float:
+        return float(self.losses[-1]) if self.steps else math.nan
+
+    @cached_property
+    def digests(self) -> torch.Tensor:
+        """(steps + 1, 32) uint8: blake2b-256 of W's bytes after each step."""
+        return self.reader[artifacts.KEY_DIGESTS].clone()
+
+    def digest_hex(self, step: int) -> str:
+        return bytes(self.digests[step].tolist()).hex()
+
+    @property
+    def batch_starts(self) -> torch.Tensor:
+        """(steps, B) int64: start index of every example of every batch (row t-1 is step t)."""
+        return self.reader[artifacts.KEY_BATCH_STARTS]
+
+    @cached_property
+    def live_mask(self) -> torch.Tensor:
+        return self.reader[artifacts.KEY_LIVE_MASK].clone()
+
+    def optional(self, key: str) -> torch.Tensor:
+        if key not in self.reader:
+            raise ArtifactError(f"{self.path}: {key!r} was not recorded; enable it in the config "
+                                f"(record_grads / record_momentum / record_variance / record_logits).")
+        return self.reader[key]
+
+    @property
+    def wall_time_s(self) -> float:
+        return float(self.metadata.get("wall_time_s", "nan"))
+
+    @property
+    def steps_per_s(self) -> float:
+        return float(self.metadata.get("steps_per_s", "nan"))
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,22 @@
+"""Shared test helpers: a private cache directory and small run configs."""
+
+from __future__ import annotations
+
+import pytest
+
+from flannel_repro.config import RunConfig
+
+# The tiny embedded data set: 512-entry vocabulary, ~40k characters. Small enough that a 20-step run
+# takes about a second, large enough that every code path (masks, batches, epochs) is exercised.
+TINY = RunConfig(dataset="tiny", vocab_size=512, steps=6, batch_size=8, seq_len=32)
+
+
+@pytest.fixture
+def tiny_config() -> RunConfig:
+    return TINY
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Token-id caches and generated data go to a per-session temp dir, never to ~/.cache."""
+    monkeypatch.setenv("FLANNEL_REPRO_CACHE", str(tmp_path_factory.getbasetemp() / "flannel-cache"))
