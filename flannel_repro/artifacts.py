@@ -1,0 +1,873 @@
+"""Trajectory artifacts: a streaming safetensors writer, a lazy memory-mapped reader, notebook export.
+
+File format (safetensors): 8-byte little-endian u64 header length N, N bytes of JSON header
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`` padded
+with spaces, then the data region (offsets are relative to its start, tensors contiguous).
+
+Writer guarantees:
+
+* The file is written under a temporary name ``<final>.partial-<pid>-<random>`` in the same
+  directory and appears under its final name only through an atomic ``os.replace`` in
+  :meth:`TrajectoryWriter.finish`, after an fsync. A crash leaves at most the partial file.
+* The partial file's header-length field stays zero until ``finish``, so even a pre-sized,
+  structurally complete-looking partial file is rejected by :class:`TrajectoryReader`.
+* Rows go straight to the file descriptor with ``os.pwrite``; memory does not grow with the
+  number of rows written.
+
+Reader guarantees: one copy-on-write memory map per file; ``reader["W"][t]`` touches only the
+pages of row ``t``; nothing a caller does to a returned tensor ever reaches the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import mmap
+import os
+import re
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from flannel_repro.errors import ArtifactError
+
+__all__ = [
+    "DIGEST_ALGO",
+    "DIGEST_SIZE",
+    "RUN_FORMAT",
+    "NOTEBOOK_FORMAT",
+    "META_FORMAT",
+    "META_CONFIG",
+    "META_DATA",
+    "KEY_W",
+    "KEY_LOSSES",
+    "KEY_DIGESTS",
+    "KEY_BATCH_STARTS",
+    "KEY_LIVE_MASK",
+    "KEY_GRADS",
+    "KEY_EXP_AVG",
+    "KEY_EXP_AVG_SQ",
+    "KEY_PROBE_LOGITS",
+    "NOTEBOOK_KEYS",
+    "TensorSpec",
+    "TrajectoryWriter",
+    "TrajectoryReader",
+    "digest_tensor",
+    "digest_as_tensor",
+    "run_artifact_specs",
+    "run_metadata",
+    "run_config",
+    "run_data",
+    "cleanup_partials",
+    "export_notebook",
+]
+
+# --- digests ------------------------------------------------------------------------------------
+
+DIGEST_ALGO = "blake2b-256"
+DIGEST_SIZE = 32
+
+# --- per-run artifact layout (written by the harness, read by divergence and export) -----------
+
+RUN_FORMAT = "flannel-repro/trajectory/1"
+NOTEBOOK_FORMAT = "flannel-repro/notebook/1"
+
+META_FORMAT = "format"  # RUN_FORMAT
+META_CONFIG = "config"  # JSON of the RunConfig dict
+META_DATA = "data"  # JSON with n_live, n_dead (and data hashes)
+
+KEY_W = "W"  # (S+1, V, H), the run's parameter dtype; W[0] is W_initial
+KEY_LOSSES = "losses"  # (S+1,) float32, NaN at step 0 (no loss before the first step)
+KEY_DIGESTS = "digests"  # (S+1, 32) uint8, digest_tensor(W[t]) in the run's dtype
+KEY_BATCH_STARTS = "batch_starts"  # (S, B) int64, example start offsets of each step's batch
+KEY_LIVE_MASK = "live_mask"  # (V,) bool, True for tokens that occur in the corpus
+KEY_GRADS = "grads"  # optional (S+1, V, H)
+KEY_EXP_AVG = "exp_avg"  # optional (S+1, V, H)
+KEY_EXP_AVG_SQ = "exp_avg_sq"  # optional (S+1, V, H)
+KEY_PROBE_LOGITS = "probe_logits"  # optional, (S+1, ...) logits on a fixed probe batch
+
+# The original notebook's export: key -> dtype. Shapes: W (R, S+1, V, H), losses (R, S+1),
+# W_initial (V, H), everything else a scalar of shape ().
+NOTEBOOK_KEYS: dict[str, torch.dtype] = {
+    "W": torch.bfloat16,
+    "losses": torch.bfloat16,
+    "W_initial": torch.bfloat16,
+    "n_runs": torch.int64,
+    "init_seed": torch.int64,
+    "base_train_seed": torch.int64,
+    "n_steps": torch.int64,
+    "n_live": torch.int64,
+    "n_dead": torch.int64,
+    "vocab_size": torch.int64,
+    "hidden_dim": torch.int64,
+    "init_scale": torch.float32,
+    "learning_rate": torch.float32,
+    "weight_decay": torch.float32,
+    "adam_beta1": torch.float32,
+    "adam_beta2": torch.float32,
+    "recorded_W": torch.bool,
+    "recorded_losses": torch.bool,
+}
+
+# --- safetensors dtype names --------------------------------------------------------------------
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+for _name, _attr in (
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_name] = getattr(torch, _attr)
+_TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in _ST_DTYPES.items()}
+
+_METADATA_KEY = "__metadata__"
+_MAX_HEADER = 100_000_000  # safetensors refuses larger headers
+_PARTIAL_RE = re.compile(r"\.partial-(\d+)-[0-9a-f]+$")
+
+
+def _require_little_endian() -> None:
+    # safetensors is little-endian; we write and map native bytes, so the host must be too.
+    if sys.byteorder != "little":
+        raise ArtifactError(f"safetensors files are little-endian; this host is {sys.byteorder}-endian (not supported).")
+
+
+def _raw_bytes(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 numpy array (CPU, contiguous; no copy when already so)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    # view(uint8) reinterprets bits (bf16 has no numpy dtype); bool is already one byte per element.
+    return flat.view(torch.uint8).numpy()
+
+
+def digest_tensor(t: torch.Tensor) -> bytes:
+    """blake2b-256 of the tensor's raw bytes (CPU, contiguous, native little-endian layout)."""
+    return hashlib.blake2b(memoryview(_raw_bytes(t)), digest_size=DIGEST_SIZE).digest()
+
+
+def digest_as_tensor(digest: bytes) -> torch.Tensor:
+    """A digest as a (32,) uint8 tensor, ready for ``writer.write_row(KEY_DIGESTS, t, ...)``."""
+    if len(digest) != DIGEST_SIZE:
+        raise ArtifactError(f"digest: expected {DIGEST_SIZE} bytes, got {len(digest)}.")
+    return torch.tensor(list(digest), dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and full shape of one tensor in an artifact."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def _check_metadata(metadata: Mapping[str, Any], where: str) -> dict[str, str]:
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
+    if bad:
+        raise ArtifactError(
+            f"{where}: metadata keys and values must be str (safetensors stores str -> str); got non-str for {bad}."
+        )
+    return dict(metadata)
+
+
+# --- writer -------------------------------------------------------------------------------------
+
+
+class TrajectoryWriter:
+    """Streams tensors into a pre-sized safetensors file, row by row, and publishes it atomically.
+
+    Use as a context manager; call :meth:`finish` inside the ``with`` block. Leaving the block with
+    an exception, or without ``finish``, deletes the temporary file.
+    """
+
+    # Completeness is tracked per (first, second) index when that is at most this many entries,
+    # else per first index. A bool per entry: the bookkeeping is fixed-size, it never grows.
+    _MAX_TRACKED = 1 << 22
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        specs: Sequence[TensorSpec],
+        metadata: Mapping[str, str],
+        *,
+        reserve_metadata_bytes: int = 65536,
+    ) -> None:
+        self.path = Path(path)
+        self.metadata = _check_metadata(metadata, str(self.path))
+        if reserve_metadata_bytes < 0:
+            raise ArtifactError(f"{self.path}: reserve_metadata_bytes must be >= 0 (got {reserve_metadata_bytes}).")
+        self.reserve_metadata_bytes = int(reserve_metadata_bytes)
+        seen: set[str] = set()
+        for s in specs:
+            if not isinstance(s, TensorSpec):
+                raise ArtifactError(f"{self.path}: specs must be TensorSpec (got {type(s).__name__}).")
+            if s.name in seen or s.name == _METADATA_KEY or not s.name:
+                raise ArtifactError(f"{self.path}: tensor name {s.name!r} is empty, reserved or given twice.")
+            if s.dtype not in _TORCH_TO_ST:
+                raise ArtifactError(
+                    f"{self.path}: tensor {s.name!r} has dtype {s.dtype}, which safetensors cannot store "
+                    f"(supported: {', '.join(str(d) for d in _TORCH_TO_ST)})."
+                )
+            if any(d < 0 for d in s.shape):
+                raise ArtifactError(f"{self.path}: tensor {s.name!r} has a negative dimension in shape {s.shape}.")
+            seen.add(s.name)
+        # Lay tensors out by decreasing element size (stable): every tensor then starts at a
+        # multiple of its own element size, so the reader's views are naturally aligned.
+        ordered = sorted(specs, key=lambda s: -s.dtype.itemsize)
+        self.specs: dict[str, TensorSpec] = {s.name: s for s in ordered}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        pos = 0
+        for s in ordered:
+            self._offsets[s.name] = (pos, pos + s.nbytes)
+            pos += s.nbytes
+        self._data_len = pos
+        self._header_len = 0
+        self.temp_path: Path | None = None
+        self._fd: int | None = None
+        self._finished = False
+        self._coverage: dict[str, np.ndarray | None] = {}
+
+    # -- header ---------------------------------------------------------------------------------
+
+    def _header_json(self, metadata: Mapping[str, str]) -> bytes:
+        header: dict[str, Any] = {_METADATA_KEY: dict(metadata)} if metadata else {}
+        for name, s in self.specs.items():
+            begin, end = self._offsets[name]
+            header[name] = {"dtype": _TORCH_TO_ST[s.dtype], "shape": list(s.shape), "data_offsets": [begin, end]}
+        return json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+    def _padded(self, body: bytes) -> bytes:
+        return body + b" " * (self._header_len - len(body))
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> "TrajectoryWriter":
+        _require_little_endian()
+        if self._fd is not None or self._finished:
+            raise ArtifactError(f"{self.path}: a TrajectoryWriter can be entered only once.")
+        body = self._header_json(self.metadata)
+        # Header length: JSON + reserved room for more metadata, rounded so 8 + N is a multiple of 8
+        # (keeps the data region 8-byte aligned, as safetensors' own writer does).
+        n = len(body) + self.reserve_metadata_bytes
+        n += (-(8 + n)) % 8
+        if n > _MAX_HEADER:
+            raise ArtifactError(f"{self.path}: header would be {n} bytes; safetensors accepts at most {_MAX_HEADER}.")
+        self._header_len = n
+        directory = self.path.parent if str(self.path.parent) else Path(".")
+        if not directory.is_dir():
+            raise ArtifactError(f"{self.path}: expected an existing directory {directory}, found none.")
+        self.temp_path = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            # Length field stays 0 until finish(): a partial file never parses as a complete one.
+            self._pwrite(b"\0" * 8, 0)
+            self._pwrite(self._padded(body), 8)
+            os.ftruncate(self._fd, 8 + n + self._data_len)  # pre-size; sparse until written
+        except BaseException:
+            self._discard()
+            raise
+        for name, s in self.specs.items():
+            self._coverage[name] = self._new_coverage(s)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._finished:
+            self._discard()
+
+    def abort(self) -> None:
+        """Delete the temporary file; nothing is published."""
+        if not self._finished:
+            self._discard()
+
+    def _discard(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if self.temp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temp_path)
+
+    def _pwrite(self, data: bytes | memoryview | np.ndarray, offset: int) -> None:
+        assert self._fd is not None
+        view = memoryview(data).cast("B")
+        while view:  # pwrite may write less than asked (signals, huge buffers)
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def _require_open(self, what: str) -> None:
+        if self._fd is None:
+            state = "finished" if self._finished else "not entered (use `with TrajectoryWriter(...) as w:`)"
+            raise ArtifactError(f"{self.path}: cannot {what}: the writer is {state}.")
+
+    # -- completeness bookkeeping ---------------------------------------------------------------
+
+    def _new_coverage(self, s: TensorSpec) -> np.ndarray | None:
+        if not s.shape:
+            return np.zeros((), dtype=bool)
+        depth = 2 if len(s.shape) >= 2 and math.prod(s.shape[:2]) <= self._MAX_TRACKED else 1
+        if math.prod(s.shape[:depth]) > self._MAX_TRACKED:
+            return None  # untracked: too many rows to keep a flag per row
+        return np.zeros(s.shape[:depth], dtype=bool)
+
+    def _mark(self, name: str, index: tuple[int, ...]) -> None:
+        cov = self._coverage.get(name)
+        if cov is None:
+            return
+        if len(index) > cov.ndim:
+            self._coverage[name] = None  # writes finer than the tracking grain: stop tracking
+            return
+        cov[index] = True
+
+    def unwritten(self) -> dict[str, int]:
+        """Tensors not fully written: name -> number of first-axis rows with something never
+        written (1 for a scalar). Tensors too large to track are omitted."""
+        out: dict[str, int] = {}
+        for name, cov in self._coverage.items():
+            if cov is None or not self.specs[name].numel or cov.all():
+                continue
+            out[name] = 1 if cov.ndim == 0 else int((~cov.reshape(cov.shape[0], -1).all(axis=1)).sum())
+        return out
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def _spec(self, name: str) -> TensorSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise ArtifactError(
+                f"{self.path}: no tensor {name!r} in this artifact (declared: {', '.join(self.specs)})."
+            ) from None
+
+    def write_row(self, name: str, index: int | tuple[int, ...], tensor: torch.Tensor) -> None:
+        """Write ``tensor`` into ``name[index]`` in place. ``index`` is an int (first dimension) or a
+        tuple of leading indices; ``tensor.shape`` must equal ``spec.shape[len(index):]``."""
+        self._require_open(f"write {name!r}")
+        s = self._spec(name)
+        idx = (index,) if isinstance(index, (int, np.integer)) else tuple(index)
+        if not idx or len(idx) > len(s.shape):
+            raise ArtifactError(
+                f"{self.path}: tensor {name!r} of shape {s.shape}: expected 1 to {len(s.shape)} leading indices, got {index!r}."
+            )
+        for axis, (i, dim) in enumerate(zip(idx, s.shape)):
+            if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < dim:
+                raise ArtifactError(
+                    f"{self.path}: tensor {name!r} axis {axis}: expected an index in [0, {dim}), got {i!r}."
+                )
+        idx = tuple(int(i) for i in idx)
+        self._write_block(s, idx, tensor)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the whole tensor ``name`` at once (for small tensors: masks, scalars, batch starts)."""
+        self._require_open(f"write {name!r}")
+        self._write_block(self._spec(name), (), tensor)
+
+    def _write_block(self, s: TensorSpec, idx: tuple[int, ...], tensor: torch.Tensor) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            raise ArtifactError(f"{self.path}: tensor {s.name!r}: expected a torch.Tensor, got {type(tensor).__name__}.")
+        expected_shape = s.shape[len(idx):]
+        where = f"{s.name}[{', '.join(map(str, idx))}]" if idx else s.name
+        if tensor.dtype != s.dtype:
+            raise ArtifactError(f"{self.path}: {where}: expected dtype {s.dtype}, got {tensor.dtype}.")
+        if tuple(tensor.shape) != expected_shape:
+            raise ArtifactError(f"{self.path}: {where}: expected shape {expected_shape}, got {tuple(tensor.shape)}.")
+        # Row-major: the block at leading index idx starts at sum(idx[k] * stride_k) elements.
+        elem = 0
+        for k, i in enumerate(idx):
+            elem += i * math.prod(s.shape[k + 1:])
+        begin, _ = self._offsets[s.name]
+        if tensor.numel():
+            self._pwrite(_raw_bytes(tensor), 8 + self._header_len + begin + elem * s.dtype.itemsize)
+        if idx:
+            self._mark(s.name, idx)
+        else:
+            cov = self._coverage.get(s.name)
+            if cov is not None:
+                cov[...] = True
+
+    def finish(self, extra_metadata: Mapping[str, str] | None = None, *, allow_unwritten: bool = False) -> Path:
+        """Write the final header, fsync, rename to the final path atomically, fsync the directory.
+
+        Raises ArtifactError if the metadata no longer fits the reserved header, or if some tracked
+        rows were never written (pass ``allow_unwritten=True`` to publish zeros there)."""
+        self._require_open("finish")
+        metadata = dict(self.metadata)
+        if extra_metadata:
+            metadata.update(_check_metadata(extra_metadata, str(self.path)))
+        if not allow_unwritten:
+            missing = self.unwritten()
+            if missing:
+                raise ArtifactError(
+                    f"{self.path}: expected every row written before finish(), got rows never written: {missing} "
+                    "(write them, or pass allow_unwritten=True to keep zeros)."
+                )
+        body = self._header_json(metadata)
+        if len(body) > self._header_len:
+            raise ArtifactError(
+                f"{self.path}: final header needs {len(body)} bytes but only {self._header_len} were reserved "
+                f"(metadata grew by {len(body) - len(self._header_json(self.metadata))} bytes; "
+                f"raise reserve_metadata_bytes above {self.reserve_metadata_bytes})."
+            )
+        assert self._fd is not None and self.temp_path is not None
+        self._pwrite(self._padded(body), 8)
+        os.fsync(self._fd)  # data and JSON on disk before the length field makes the file valid
+        self._pwrite(self._header_len.to_bytes(8, "little"), 0)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.replace(self.temp_path, self.path)
+        self._finished = True
+        self.metadata = metadata
+        _fsync_dir(self.path.parent)
+        return self.path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (no-op where directories cannot be opened or fsynced)."""
+    try:
+        fd = os.open(directory if str(directory) else ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid we can judge: treat as alive (keep the file)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def cleanup_partials(directory: str | os.PathLike[str], *, older_than_s: float = 60.0) -> list[Path]:
+    """Remove stale ``*.partial-<pid>-*`` files left by killed writers; returns the removed paths.
+
+    A partial file is stale when its writer pid is not running on this machine AND it was last
+    modified at least ``older_than_s`` seconds ago (a live writer on another machine sharing the
+    directory keeps its mtime fresh). Files of this process are never removed.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    for p in Path(directory).glob("*.partial-*"):
+        m = _PARTIAL_RE.search(p.name)
+        if m is None or not p.is_file():
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            if now - p.stat().st_mtime < older_than_s:
+                continue
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(p)
+    return removed
+
+
+# --- reader -------------------------------------------------------------------------------------
+
+
+class TrajectoryReader:
+    """Lazy reader of a safetensors file through one copy-on-write memory map.
+
+    ``reader[name]`` is a torch tensor viewing the map: slicing reads only the pages touched.
+    Treat tensors as read-only: in-place changes stay private to this process (copy-on-write)
+    and never reach the file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        _require_little_endian()
+        self.path = Path(path)
+        self._mm: mmap.mmap | None = None
+        self._cache: dict[str, torch.Tensor] = {}
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            raise ArtifactError(f"{self.path}: expected a safetensors file, found no such file.") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            self.file_size = size
+            if size < 8:
+                raise ArtifactError(
+                    f"{self.path}: truncated or incomplete: expected at least 8 bytes (header length), got {size}."
+                )
+            n = int.from_bytes(f.read(8), "little")
+            if n == 0:
+                raise ArtifactError(
+                    f"{self.path}: incomplete: expected a non-zero header length, got 0 "
+                    "(a TrajectoryWriter that has not finished, or was killed, leaves it zero)."
+                )
+            if n > _MAX_HEADER:
+                raise ArtifactError(
+                    f"{self.path}: expected a header length of at most {_MAX_HEADER} bytes, got {n} (not a safetensors file?)."
+                )
+            if 8 + n > size:
+                raise ArtifactError(
+                    f"{self.path}: truncated or incomplete: expected at least {8 + n} bytes (header), got {size}."
+                )
+            raw = f.read(n)
+            self._header_len = n
+            self._parse_header(raw, size)
+            # One private (copy-on-write) map of the whole file: views are writable as far as
+            # numpy/torch are concerned (no non-writable warning), but writes never reach the file.
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def _parse_header(self, raw: bytes, size: int) -> None:
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{self.path}: expected a JSON header, got unparsable bytes ({e}).") from None
+        if not isinstance(header, dict):
+            raise ArtifactError(f"{self.path}: expected a JSON object header, got {type(header).__name__}.")
+        meta = header.pop(_METADATA_KEY, None) or {}
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"{self.path}: expected __metadata__ to be an object, got {type(meta).__name__}.")
+        self.metadata: dict[str, str] = _check_metadata(meta, str(self.path))
+        self._specs: dict[str, TensorSpec] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype_name = info["dtype"]
+                shape = tuple(info["shape"])
+                begin, end = info["data_offsets"]
+            except (TypeError, KeyError, ValueError):
+                raise ArtifactError(
+                    f"{self.path}: tensor {name!r}: expected {{dtype, shape, data_offsets: [begin, end]}}, got {info!r}."
+                ) from None
+            if dtype_name not in _ST_DTYPES:
+                raise ArtifactError(
+                    f"{self.path}: tensor {name!r}: expected a dtype among {', '.join(_ST_DTYPES)}, got {dtype_name!r}."
+                )
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ArtifactError(f"{self.path}: tensor {name!r}: expected non-negative int dims, got shape {list(shape)}.")
+            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+                raise ArtifactError(f"{self.path}: tensor {name!r}: bad data_offsets {[begin, end]}.")
+            spec = TensorSpec(name, _ST_DTYPES[dtype_name], shape)
+            if end - begin != spec.nbytes:
+                raise ArtifactError(
+                    f"{self.path}: tensor {name!r}: expected {spec.nbytes} bytes for {dtype_name} {list(shape)}, "
+                    f"got data_offsets spanning {end - begin}."
+                )
+            self._specs[name] = spec
+            self._offsets[name] = (begin, end)
+        # Tensors must tile the data region exactly, as safetensors requires (no gaps, no overlap).
+        order = sorted(self._specs, key=lambda k: self._offsets[k])
+        pos = 0
+        for name in order:
+            begin, end = self._offsets[name]
+            if begin != pos:
+                raise ArtifactError(
+                    f"{self.path}: tensor {name!r}: expected data to start at byte {pos} of the data region, got {begin}."
+                )
+            pos = end
+        self._specs = {k: self._specs[k] for k in order}
+        expected = 8 + self._header_len + pos
+        if size != expected:
+            raise ArtifactError(f"{self.path}: truncated or incomplete: expected {expected} bytes, got {size}.")
+        self._data_start = 8 + self._header_len
+
+    # -- mapping-like API -----------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def spec(self, name: str) -> TensorSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise ArtifactError(
+                f"{self.path}: expected a tensor {name!r}, got only: {', '.join(self._specs) or '(none)'}."
+            ) from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self._cache.get(name)
+        if t is None:
+            t = self._cache[name] = self._view(name)
+        return t
+
+    def get(self, name: str, default: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self[name] if name in self._specs else default
+
+    def row(self, name: str, index: int) -> torch.Tensor:
+        """``self[name][index]``: one row, still a view of the map (read when used)."""
+        return self[name][index]
+
+    def _view(self, name: str) -> torch.Tensor:
+        spec = self.spec(name)
+        if self._mm is None:
+            raise ArtifactError(f"{self.path}: cannot read {name!r}: the reader is closed.")
+        if spec.nbytes == 0:
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        begin = self._data_start + self._offsets[name][0]
+        raw = np.frombuffer(self._mm, dtype=np.uint8, count=spec.nbytes, offset=begin)
+        if begin % spec.dtype.itemsize:
+            # Misaligned (possible only in files from other writers): copy rather than hand
+            # kernels a misaligned pointer.
+            raw = raw.copy()
+        # Reinterpret bytes as the stored dtype (bf16 has no numpy dtype, so go through uint8).
+        return torch.from_numpy(raw).view(spec.dtype).reshape(spec.shape)
+
+    def close(self) -> None:
+        """Drop the map. Tensors handed out earlier stay valid (they keep the map alive)."""
+        self._cache.clear()
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # views still exported: the map closes when the last one is freed
+            self._mm = None
+
+    def __enter__(self) -> "TrajectoryReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TrajectoryReader({str(self.path)!r}, keys={self.keys()})"
+
+
+# --- per-run artifact helpers -------------------------------------------------------------------
+
+
+def run_artifact_specs(
+    *,
+    steps: int,
+    vocab_size: int,
+    hidden_dim: int,
+    batch_size: int,
+    dtype: torch.dtype = torch.bfloat16,
+    grads: bool = False,
+    exp_avg: bool = False,
+    exp_avg_sq: bool = False,
+    probe_logits_shape: tuple[int, ...] | None = None,
+    record_W: bool = True,
+) -> list[TensorSpec]:
+    """The specs of one run's artifact (see the KEY_* constants for meanings)."""
+    rows = (steps + 1, vocab_size, hidden_dim)
+    specs = [
+        TensorSpec(KEY_LOSSES, torch.float32, (steps + 1,)),
+        TensorSpec(KEY_DIGESTS, torch.uint8, (steps + 1, DIGEST_SIZE)),
+        TensorSpec(KEY_BATCH_STARTS, torch.int64, (steps, batch_size)),
+        TensorSpec(KEY_LIVE_MASK, torch.bool, (vocab_size,)),
+    ]
+    if record_W:
+        specs.insert(0, TensorSpec(KEY_W, dtype, rows))
+    for key, wanted in ((KEY_GRADS, grads), (KEY_EXP_AVG, exp_avg), (KEY_EXP_AVG_SQ, exp_avg_sq)):
+        if wanted:
+            specs.append(TensorSpec(key, dtype, rows))
+    if probe_logits_shape is not None:
+        specs.append(TensorSpec(KEY_PROBE_LOGITS, dtype, (steps + 1, *probe_logits_shape)))
+    return specs
+
+
+def run_metadata(config: Mapping[str, Any], data: Mapping[str, Any], **extra: str) -> dict[str, str]:
+    """Metadata of a run artifact: format tag, config JSON, data JSON (+ extra str entries)."""
+    return {
+        META_FORMAT: RUN_FORMAT,
+        META_CONFIG: json.dumps(dict(config), sort_keys=True),
+        META_DATA: json.dumps(dict(data), sort_keys=True),
+        **extra,
+    }
+
+
+def _json_meta(reader: TrajectoryReader, key: str) -> dict[str, Any]:
+    fmt = reader.metadata.get(META_FORMAT)
+    if fmt != RUN_FORMAT:
+        raise ArtifactError(f"{reader.path}: expected metadata format={RUN_FORMAT!r}, got {fmt!r}.")
+    text = reader.metadata.get(key)
+    if text is None:
+        raise ArtifactError(f"{reader.path}: expected a {key!r} entry in the metadata, got none.")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{reader.path}: metadata {key!r}: expected JSON, got unparsable text ({e}).") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{reader.path}: metadata {key!r}: expected a JSON object, got {type(value).__name__}.")
+    return value
+
+
+def run_config(reader: TrajectoryReader) -> dict[str, Any]:
+    """The run's config dict from the metadata (ArtifactError if missing or not a run artifact)."""
+    return _json_meta(reader, META_CONFIG)
+
+
+def run_data(reader: TrajectoryReader) -> dict[str, Any]:
+    """The run's data dict (n_live, n_dead, hashes) from the metadata."""
+    return _json_meta(reader, META_DATA)
+
+
+# --- notebook export ----------------------------------------------------------------------------
+
+# config key -> notebook scalar key, for the values every run must share.
+_SHARED_INT = {"init_seed": "init_seed", "steps": "n_steps", "vocab_size": "vocab_size", "hidden_dim": "hidden_dim"}
+_SHARED_FLOAT = {
+    "init_scale": "init_scale",
+    "lr": "learning_rate",
+    "weight_decay": "weight_decay",
+    "adam_beta1": "adam_beta1",
+    "adam_beta2": "adam_beta2",
+}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype == b.dtype:
+        return a.shape == b.shape and bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+    # Different storage dtypes: equal iff the float32 values are bitwise equal (bf16 -> f32 is exact).
+    return bool(torch.equal(a.float().view(torch.int32), b.float().view(torch.int32)))
+
+
+def export_notebook(run_paths: Sequence[str | os.PathLike[str]], out_path: str | os.PathLike[str]) -> Path:
+    """Write the original notebook's single safetensors file from per-run artifacts, streaming.
+
+    Holds at most one step of one run in memory; publishes atomically. All runs must agree on
+    shapes, seeds of W_initial, steps, hyperparameters and live/dead counts, and start from a
+    bitwise-identical W[0]. W and losses are rounded to bfloat16 (round-to-nearest-even).
+    """
+    paths = [Path(p) for p in run_paths]
+    if not paths:
+        raise ArtifactError(f"{out_path}: expected at least one run artifact to export, got none.")
+    readers: list[TrajectoryReader] = []
+    try:
+        for p in paths:
+            readers.append(TrajectoryReader(p))
+        configs = [run_config(r) for r in readers]
+        datas = [run_data(r) for r in readers]
+        first, cfg0, data0 = readers[0], configs[0], datas[0]
+
+        def field(cfg: dict[str, Any], r: TrajectoryReader, key: str) -> Any:
+            if key not in cfg:
+                raise ArtifactError(f"{r.path}: config: expected a {key!r} entry, got none.")
+            return cfg[key]
+
+        # Every run must share what the notebook stores once.
+        for key in (*_SHARED_INT, *_SHARED_FLOAT):
+            v0 = field(cfg0, first, key)
+            for r, cfg in zip(readers[1:], configs[1:]):
+                if field(cfg, r, key) != v0:
+                    raise ArtifactError(
+                        f"{r.path}: config {key!r} must match {first.path}: expected {v0!r}, got {cfg[key]!r}."
+                    )
+        for key in ("n_live", "n_dead"):
+            if key not in data0:
+                raise ArtifactError(f"{first.path}: data metadata: expected a {key!r} entry, got none.")
+            for r, d in zip(readers[1:], datas[1:]):
+                if d.get(key) != data0[key]:
+                    raise ArtifactError(
+                        f"{r.path}: data {key!r} must match {first.path}: expected {data0[key]!r}, got {d.get(key)!r}."
+                    )
+        steps, vocab, hidden = int(cfg0["steps"]), int(cfg0["vocab_size"]), int(cfg0["hidden_dim"])
+        w_shape = (steps + 1, vocab, hidden)
+        for r in readers:
+            for key, shape in ((KEY_W, w_shape), (KEY_LOSSES, (steps + 1,))):
+                got = r.spec(key).shape
+                if got != shape:
+                    raise ArtifactError(f"{r.path}: tensor {key!r}: expected shape {shape} (from the config), got {got}.")
+            if not r.spec(KEY_W).dtype.is_floating_point:
+                raise ArtifactError(f"{r.path}: tensor 'W': expected a floating dtype, got {r.spec(KEY_W).dtype}.")
+        w0 = first.row(KEY_W, 0)
+        for r in readers[1:]:
+            if not _same_bits(w0, r.row(KEY_W, 0)):
+                raise ArtifactError(
+                    f"{r.path}: W[0] (W_initial) must be bitwise identical to {first.path}'s, got different values."
+                )
+
+        n_runs = len(readers)
+        specs = [
+            TensorSpec("W", torch.bfloat16, (n_runs, *w_shape)),
+            TensorSpec("losses", torch.bfloat16, (n_runs, steps + 1)),
+            TensorSpec("W_initial", torch.bfloat16, (vocab, hidden)),
+        ] + [TensorSpec(k, dt, ()) for k, dt in NOTEBOOK_KEYS.items() if k not in ("W", "losses", "W_initial")]
+        metadata = {
+            META_FORMAT: NOTEBOOK_FORMAT,
+            "runs": json.dumps([p.name for p in paths]),
+            "run_configs": json.dumps(configs, sort_keys=True),
+        }
+        scalars: dict[str, Any] = {
+            "n_runs": n_runs,
+            "init_seed": int(cfg0["init_seed"]),
+            "base_train_seed": int(field(cfg0, first, "model_seed")),
+            "n_steps": steps,
+            "n_live": int(data0["n_live"]),
+            "n_dead": int(data0["n_dead"]),
+            "vocab_size": vocab,
+            "hidden_dim": hidden,
+            "init_scale": float(cfg0["init_scale"]),
+            "learning_rate": float(cfg0["lr"]),
+            "weight_decay": float(cfg0["weight_decay"]),
+            "adam_beta1": float(cfg0["adam_beta1"]),
+            "adam_beta2": float(cfg0["adam_beta2"]),
+            "recorded_W": True,
+            "recorded_losses": True,
+        }
+        with TrajectoryWriter(out_path, specs, metadata, reserve_metadata_bytes=4096) as w:
+            w.write("W_initial", w0.to(torch.bfloat16))
+            for name, value in scalars.items():
+                w.write(name, torch.tensor(value, dtype=NOTEBOOK_KEYS[name]))
+            for i, r in enumerate(readers):
+                # float32 -> bf16 rounds to nearest even; NaN at step 0 stays NaN.
+                w.write_row("losses", i, r[KEY_LOSSES].to(torch.bfloat16))
+                for t in range(steps + 1):
+                    w.write_row("W", (i, t), r.row(KEY_W, t).to(torch.bfloat16))
+            return w.finish()
+    finally:
+        for r in readers:
+            r.close()

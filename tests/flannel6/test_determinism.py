@@ -1,0 +1,67 @@
+"""The "Flannel 6 - Determinism Test" notebook, as claims.
+
+Ten runs (CI scale: four, twenty steps) from one shared initial W, training seeds base..base+n-1,
+on every selected device. Run the notebook's scale with `--flannel-preset full`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flannel_repro import (
+    assert_divergence_below,
+    assert_diverged,
+    assert_identical,
+    divergence,
+    relative_divergence,
+)
+
+
+def partner_seed(seed: int, seeds: tuple[int, ...]) -> int:
+    """The run each seed is compared with: the base seed, or (for the base itself) the next one."""
+    if len(seeds) < 2:
+        pytest.skip("needs at least two training seeds (--flannel-runs >= 2)")
+    return seeds[0] if seed != seeds[0] else seeds[1]
+
+
+def test_every_run_starts_from_the_shared_W(trajectory, train_seed, device, shared_init_W):
+    """t = 0 is bitwise the shared W_initial(seed 42) for every training seed and device."""
+    w0 = trajectory(train_seed).W_at(0)
+    assert torch.equal(w0.view(torch.int16), shared_init_W.view(torch.int16))
+
+
+def test_same_seed_trained_twice_is_bitwise_identical(trajectory, train_seed, device):
+    """Two separate trainings with the same seed on the same device agree at every step."""
+    assert_identical(trajectory(train_seed, repeat=0), trajectory(train_seed, repeat=1))
+
+
+def test_different_seeds_part_at_step_1(trajectory, train_seed, device, flannel_config):
+    """A different training seed moves W at the very first step (its first batch differs)."""
+    other = partner_seed(train_seed, flannel_config.train_seeds)
+    assert_diverged(trajectory(other), trajectory(train_seed), by_step=1)
+
+
+def test_final_divergence_within_derived_bound(trajectory, train_seed, device, flannel_config, derived_bound):
+    """‖W_a − W_b‖_F at the last step stays below the bound derived from measured runs."""
+    other = partner_seed(train_seed, flannel_config.train_seeds)
+    assert_divergence_below(trajectory(other), trajectory(train_seed), max_frobenius=derived_bound.max_frobenius)
+
+
+def test_data_order_alone_accounts_for_the_divergence(trajectory, train_seed, device, flannel_config, derived_bound):
+    """The notebook's question: with model_seed fixed, how much of the divergence is data order?
+
+    Three runs: the reference (seed s0), data order changed only (model_seed s0, data_seed s), and
+    both changed (seed s). The share ‖ΔW(order only)‖ / ‖ΔW(both)‖ at the last step must lie in the
+    band derived from measured runs; data order alone must also part the runs at step 1.
+    """
+    base = partner_seed(train_seed, flannel_config.train_seeds)
+    ref = trajectory(base)
+    order_only = trajectory(model_seed=base, data_seed=train_seed)
+    both = trajectory(train_seed)
+    assert_diverged(ref, order_only, by_step=1)
+    share = relative_divergence(divergence(ref, order_only), divergence(ref, both))
+    band = derived_bound
+    assert band.order_share_min <= share <= band.order_share_max, (
+        f"data-order share of the divergence = {share:.3f}, outside the derived band "
+        f"[{band.order_share_min}, {band.order_share_max}]")

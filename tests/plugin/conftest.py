@@ -1,0 +1,37 @@
+"""Helpers for testing the plugin with pytester.
+
+torch, transformers and our heavy modules are imported here, before any in-process
+`pytester.runpytest`: pytester snapshots sys.modules and restores it after each inner run, and
+neither torch nor transformers' lazy modules survive being imported a second time in one process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch  # noqa: F401  (see module docstring)
+from transformers import GPT2LMHeadModel, Trainer  # noqa: F401
+
+import flannel_repro.assertions  # noqa: F401
+import flannel_repro.harness  # noqa: F401
+import flannel_repro.store  # noqa: F401
+
+# A tiny experiment: 512-token vocabulary, 4 steps, 2 seeds. One run trains in about a second.
+TINY_TOML = """
+dataset = "tiny"
+vocab_size = 512
+steps = 4
+batch_size = 8
+seq_len = 32
+
+[experiment]
+n_runs = 2
+base_train_seed = 42
+"""
+
+
+@pytest.fixture
+def tiny_experiment(pytester: pytest.Pytester):
+    """Writes flannel.toml (the tiny experiment) and points the plugin at it through pytest.ini."""
+    pytester.makefile(".toml", flannel=TINY_TOML)
+    pytester.makeini("[pytest]\nflannel_config = flannel.toml\nflannel_progress = 0\n")
+    return pytester

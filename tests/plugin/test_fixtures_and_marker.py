@@ -1,0 +1,90 @@
+"""Fixtures (documented, correct on the embedded data), devices, and the override marker."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_fixtures_are_documented(pytester):
+    result = pytester.runpytest("--fixtures")
+    for name in ("flannel_config", "tokenizer", "corpus", "token_mask", "shared_init_W", "device", "trajectory",
+                 "train_seed"):
+        result.stdout.fnmatch_lines([f"{name}*"])
+    result.stdout.fnmatch_lines(["*Factory: `trajectory(train_seed=None, [*], device=None, repeat=0, [*][*]overrides)*"])
+
+
+def test_data_fixtures_on_embedded_data(tiny_experiment):
+    tiny_experiment.makepyfile("""
+        import torch
+        from flannel_repro.model import shared_init_W as make
+
+        def test_data(tokenizer, corpus, token_mask, shared_init_W, flannel_config):
+            assert tokenizer.get_vocab_size() == 512
+            assert corpus.n_tokens == 40000
+            assert token_mask.n_live + token_mask.n_dead == 512
+            assert shared_init_W.shape == (512, 64) and shared_init_W.dtype == torch.bfloat16
+            assert torch.equal(shared_init_W, make(flannel_config.run))
+    """)
+    tiny_experiment.runpytest().assert_outcomes(passed=1)
+
+
+def test_user_data_options(tiny_experiment):
+    from flannel_repro.datagen import embedded_paths
+
+    p = embedded_paths("tiny")
+    tiny_experiment.makepyfile("""
+        def test_user(corpus, flannel_config):
+            assert flannel_config.run.corpus_path.endswith("corpus.txt")
+            assert corpus.files.origin == "user"
+    """)
+    # "--opt=value": pytest takes a separate existing-path argument into account when it looks for the rootdir
+    result = tiny_experiment.runpytest(f"--flannel-tokenizer={p.tokenizer}", f"--flannel-corpus={p.corpus}",
+                                       f"--flannel-token-mask={p.token_mask}")
+    result.assert_outcomes(passed=1)
+
+
+def test_device_parametrization_default_and_requested_absent(tiny_experiment):
+    tiny_experiment.makepyfile("""
+        def test_dev(device):
+            assert device == "cpu"
+    """)
+    result = tiny_experiment.runpytest("-v")
+    result.stdout.fnmatch_lines(["*test_dev[[]cpu[]] PASSED*"])
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the absent-device skip cannot be shown here")
+    result = tiny_experiment.runpytest("-rs", "--flannel-devices", "cpu,cuda")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*device 'cuda' requested but absent: CUDA is not available*"])
+
+
+def test_marker_overrides_config_for_one_test(tiny_experiment):
+    tiny_experiment.makepyfile("""
+        import pytest
+
+        @pytest.mark.flannel(steps=2)
+        def test_short(trajectory):
+            assert trajectory(42).steps == 2
+
+        def test_default(trajectory):
+            assert trajectory(42).steps == 4
+
+        def test_call_overrides(trajectory):
+            t = trajectory(model_seed=1, data_seed=2, lr=2e-3)
+            assert (t.config.model_seed, t.config.data_seed, t.config.lr) == (1, 2, 2e-3)
+    """)
+    tiny_experiment.runpytest().assert_outcomes(passed=3)
+
+
+def test_bad_marker_is_a_usage_error(tiny_experiment):
+    tiny_experiment.makepyfile("""
+        import pytest
+
+        @pytest.mark.flannel(stpes=2)
+        def test_bad(trajectory):
+            pass
+    """)
+    result = tiny_experiment.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "test_bad: @pytest.mark.flannel: RunConfig: unknown key(s) 'stpes' (did you mean 'steps'?)" in result.stderr.str()

@@ -1,0 +1,468 @@
+"""Tests of flannel_repro.artifacts: streaming writer, lazy reader, safetensors interop, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from flannel_repro.artifacts import (
+    DIGEST_SIZE,
+    KEY_BATCH_STARTS,
+    KEY_DIGESTS,
+    KEY_LIVE_MASK,
+    KEY_LOSSES,
+    KEY_W,
+    META_FORMAT,
+    NOTEBOOK_KEYS,
+    RUN_FORMAT,
+    TensorSpec,
+    TrajectoryReader,
+    TrajectoryWriter,
+    cleanup_partials,
+    digest_as_tensor,
+    digest_tensor,
+    export_notebook,
+    run_artifact_specs,
+    run_config,
+    run_metadata,
+)
+from flannel_repro.errors import ArtifactError
+
+REPO = Path(__file__).resolve().parents[1]
+V, H, S, B = 50, 8, 6, 4
+
+
+def base_config(**over: Any) -> dict[str, Any]:
+    cfg = dict(
+        vocab_size=V, hidden_dim=H, steps=S, init_seed=42, init_scale=0.02, lr=1e-3, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.999, model_seed=42, data_seed=42, record_W=True, batch_size=B,
+    )
+    cfg.update(over)
+    return cfg
+
+
+def make_trajectory(seed: int, w0: torch.Tensor, steps: int = S) -> torch.Tensor:
+    """(steps+1, V, H) bf16 trajectory starting at w0 with seed-dependent random-walk steps."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [w0]
+    for _ in range(steps):
+        rows.append((rows[-1].float() + 1e-3 * torch.randn(w0.shape, generator=g)).to(torch.bfloat16))
+    return torch.stack(rows)
+
+
+def write_run(path: Path, W: torch.Tensor, *, config: dict[str, Any], losses: torch.Tensor | None = None,
+              live_mask: torch.Tensor | None = None) -> Path:
+    """A per-run artifact in the harness layout, written row by row."""
+    steps = W.shape[0] - 1
+    vocab, hidden = W.shape[1], W.shape[2]
+    if losses is None:
+        losses = torch.linspace(5.0, 3.0, steps + 1)
+        losses[0] = float("nan")
+    if live_mask is None:
+        live_mask = torch.arange(vocab) % 5 != 0
+    n_live = int(live_mask.sum())
+    specs = run_artifact_specs(steps=steps, vocab_size=vocab, hidden_dim=hidden, batch_size=B, dtype=W.dtype)
+    meta = run_metadata(config, {"n_live": n_live, "n_dead": vocab - n_live, "corpus_sha256": "x"})
+    with TrajectoryWriter(path, specs, meta) as w:
+        w.write(KEY_LIVE_MASK, live_mask)
+        w.write(KEY_LOSSES, losses)
+        w.write(KEY_BATCH_STARTS, torch.arange(steps * B, dtype=torch.int64).reshape(steps, B))
+        for t in range(steps + 1):
+            w.write_row(KEY_W, t, W[t])
+            w.write_row(KEY_DIGESTS, t, digest_as_tensor(digest_tensor(W[t])))
+        return w.finish()
+
+
+ALL_DTYPES = [torch.bfloat16, torch.float32, torch.int64, torch.uint8, torch.bool, torch.float16, torch.int32]
+
+
+def sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(dtype)
+    return torch.randint(0, 200, shape, generator=g).to(dtype)
+
+
+def write_all_dtypes(path: Path, metadata: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    tensors = {f"t_{str(dt).split('.')[-1]}": sample(dt, (5, 3, 2), i) for i, dt in enumerate(ALL_DTYPES)}
+    tensors["scalar"] = torch.tensor(7, dtype=torch.int64)
+    tensors["empty"] = torch.zeros((0, 4), dtype=torch.float32)
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with TrajectoryWriter(path, specs, metadata or {"k": "v"}) as w:
+        for k, v in tensors.items():
+            if v.dim() and v.shape[0]:
+                for i in reversed(range(v.shape[0])):  # out of order on purpose
+                    w.write_row(k, i, v[i])
+            else:
+                w.write(k, v)
+        w.finish()
+    return tensors
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+
+def test_round_trip_all_dtypes(tmp_path: Path) -> None:
+    p = tmp_path / "a.safetensors"
+    tensors = write_all_dtypes(p)
+    assert not list(tmp_path.glob("*.partial-*"))
+    with TrajectoryReader(p) as r:
+        assert set(r.keys()) == set(tensors)
+        for k, v in tensors.items():
+            assert_same(r[k], v)
+            assert r.spec(k) == TensorSpec(k, v.dtype, tuple(v.shape))
+        assert "scalar" in r and "nope" not in r
+        with pytest.raises(ArtifactError, match="nope"):
+            r["nope"]
+    # 8 + N is a multiple of 8, and every tensor is aligned to its element size
+    with open(p, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    assert (8 + n) % 8 == 0
+    for k, info in header.items():
+        if k != "__metadata__":
+            assert info["data_offsets"][0] % tensors[k].element_size() == 0
+
+
+def test_metadata_round_trip_and_finish_extra(tmp_path: Path) -> None:
+    p = tmp_path / "m.safetensors"
+    meta = {"format": "x/1", "config": json.dumps({"a": [1, 2]}), "unicode": "ΔW ‖·‖"}
+    spec = TensorSpec("x", torch.float32, (2,))
+    with TrajectoryWriter(p, [spec], meta) as w:
+        w.write("x", torch.ones(2))
+        w.finish({"status": "complete", "format": "x/2"})
+    with TrajectoryReader(p) as r:
+        assert r.metadata == {**meta, "status": "complete", "format": "x/2"}
+    with safe_open(str(p), framework="pt") as f:
+        assert f.metadata() == {**meta, "status": "complete", "format": "x/2"}
+
+
+def test_metadata_must_be_str(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="str"):
+        TrajectoryWriter(tmp_path / "x", [], {"n": 3})  # type: ignore[dict-item]
+    with TrajectoryWriter(tmp_path / "y", [], {}) as w:
+        with pytest.raises(ArtifactError, match="str"):
+            w.finish({"n": 1.5})  # type: ignore[dict-item]
+
+
+def test_safetensors_reads_our_files(tmp_path: Path) -> None:
+    p = tmp_path / "ours.safetensors"
+    tensors = write_all_dtypes(p, {"who": "us"})
+    loaded = load_file(str(p))
+    assert set(loaded) == set(tensors)
+    for k, v in tensors.items():
+        assert_same(loaded[k], v)
+    with safe_open(str(p), framework="pt") as f:
+        assert f.metadata() == {"who": "us"}
+        for k, v in tensors.items():
+            assert_same(f.get_tensor(k), v)
+            if v.dim() and v.shape[0] > 2:
+                assert_same(f.get_slice(k)[1:3], v[1:3])
+
+
+def test_we_read_safetensors_files(tmp_path: Path) -> None:
+    p = tmp_path / "theirs.safetensors"
+    tensors = {f"t{i}": sample(dt, (4, 3), i) for i, dt in enumerate(ALL_DTYPES)}
+    tensors["scalar"] = torch.tensor(1.5, dtype=torch.float64)
+    save_file(tensors, str(p), metadata={"a": "b"})
+    with TrajectoryReader(p) as r:
+        assert r.metadata == {"a": "b"}
+        assert set(r.keys()) == set(tensors)
+        for k, v in tensors.items():
+            assert_same(r[k], v)
+
+
+def test_reader_tensors_never_write_back(tmp_path: Path) -> None:
+    p = tmp_path / "ro.safetensors"
+    with TrajectoryWriter(p, [TensorSpec("x", torch.float32, (4,))], {}) as w:
+        w.write("x", torch.arange(4.0))
+        w.finish()
+    before = p.read_bytes()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-writable array" UserWarning from torch
+        r = TrajectoryReader(p)
+        x = r["x"]
+    x.add_(100.0)  # copy-on-write: private to this process
+    r.close()
+    assert x[0].item() == 100.0  # views stay valid after close
+    assert p.read_bytes() == before
+    with TrajectoryReader(p) as r2:
+        assert torch.equal(r2["x"], torch.arange(4.0))
+
+
+# --- atomicity and failure --------------------------------------------------------------------
+
+
+def test_exception_inside_with_leaves_nothing(tmp_path: Path) -> None:
+    p = tmp_path / "boom.safetensors"
+    with pytest.raises(RuntimeError):
+        with TrajectoryWriter(p, [TensorSpec("x", torch.float32, (3, 2))], {}) as w:
+            w.write_row("x", 0, torch.ones(2))
+            assert w.temp_path is not None and w.temp_path.exists()
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_finish_leaves_nothing(tmp_path: Path) -> None:
+    p = tmp_path / "nofinish.safetensors"
+    with TrajectoryWriter(p, [TensorSpec("x", torch.float32, (3,))], {}) as w:
+        w.write("x", torch.ones(3))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritten_rows_refused_unless_allowed(tmp_path: Path) -> None:
+    p = tmp_path / "holes.safetensors"
+    spec = TensorSpec("x", torch.float32, (3, 2))
+    with pytest.raises(ArtifactError, match="never written"):
+        with TrajectoryWriter(p, [spec], {}) as w:
+            w.write_row("x", 0, torch.ones(2))
+            w.finish()
+    assert list(tmp_path.iterdir()) == []
+    with TrajectoryWriter(p, [spec], {}) as w:
+        w.write_row("x", 0, torch.ones(2))
+        assert w.unwritten() == {"x": 2}
+        w.finish(allow_unwritten=True)
+    with TrajectoryReader(p) as r:
+        assert torch.equal(r["x"], torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
+
+
+def test_killed_writer_leaves_only_partial(tmp_path: Path) -> None:
+    final = tmp_path / "killed.safetensors"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, torch
+        from flannel_repro.artifacts import TensorSpec, TrajectoryWriter
+        w = TrajectoryWriter({str(final)!r}, [TensorSpec("W", torch.bfloat16, (10, 50, 8))], {{"a": "b"}})
+        w.__enter__()
+        for t in range(3):
+            w.write_row("W", t, torch.ones(50, 8, dtype=torch.bfloat16))
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stderr
+    assert not final.exists()
+    partials = list(tmp_path.glob("killed.safetensors.partial-*"))
+    assert len(partials) == 1
+    with pytest.raises(ArtifactError, match="incomplete"):
+        TrajectoryReader(partials[0])
+    assert cleanup_partials(tmp_path, older_than_s=3600) == []  # too recent
+    assert cleanup_partials(tmp_path, older_than_s=0) == partials  # writer pid is gone
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cleanup_keeps_live_writers(tmp_path: Path) -> None:
+    with TrajectoryWriter(tmp_path / "live", [TensorSpec("x", torch.uint8, (1,))], {}) as w:
+        assert cleanup_partials(tmp_path, older_than_s=0) == []
+        assert w.temp_path is not None and w.temp_path.exists()
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    p = tmp_path / "t.safetensors"
+    write_all_dtypes(p)
+    size = p.stat().st_size
+    with open(p, "r+b") as f:
+        f.truncate(size - 3)
+    with pytest.raises(ArtifactError, match=f"truncated or incomplete: expected {size} bytes, got {size - 3}"):
+        TrajectoryReader(p)
+    with open(p, "r+b") as f:
+        f.truncate(5)
+    with pytest.raises(ArtifactError, match="truncated or incomplete"):
+        TrajectoryReader(p)
+    with open(p, "r+b") as f:
+        f.truncate(0)
+        f.write((1000).to_bytes(8, "little") + b"{")
+    with pytest.raises(ArtifactError, match="expected at least 1008 bytes"):
+        TrajectoryReader(p)
+
+
+def test_garbage_header(tmp_path: Path) -> None:
+    p = tmp_path / "g.safetensors"
+    p.write_bytes((8).to_bytes(8, "little") + b"not json")
+    with pytest.raises(ArtifactError, match="JSON"):
+        TrajectoryReader(p)
+    with pytest.raises(ArtifactError, match="no such file"):
+        TrajectoryReader(tmp_path / "missing.safetensors")
+
+
+def test_write_row_validation(tmp_path: Path) -> None:
+    spec = TensorSpec("W", torch.bfloat16, (3, 4, 2))
+    with TrajectoryWriter(tmp_path / "v", [spec], {}) as w:
+        with pytest.raises(ArtifactError, match="expected dtype torch.bfloat16, got torch.float32"):
+            w.write_row("W", 0, torch.zeros(4, 2))
+        with pytest.raises(ArtifactError, match=r"expected shape \(4, 2\), got \(4, 3\)"):
+            w.write_row("W", 0, torch.zeros(4, 3, dtype=torch.bfloat16))
+        with pytest.raises(ArtifactError, match=r"expected an index in \[0, 3\), got 3"):
+            w.write_row("W", 3, torch.zeros(4, 2, dtype=torch.bfloat16))
+        with pytest.raises(ArtifactError, match=r"got -1"):
+            w.write_row("W", -1, torch.zeros(4, 2, dtype=torch.bfloat16))
+        with pytest.raises(ArtifactError, match="no tensor 'X'"):
+            w.write_row("X", 0, torch.zeros(4, 2, dtype=torch.bfloat16))
+        with pytest.raises(ArtifactError, match=r"expected shape \(3, 4, 2\)"):
+            w.write("W", torch.zeros(4, 2, dtype=torch.bfloat16))
+    with pytest.raises(ArtifactError, match="not entered"):
+        TrajectoryWriter(tmp_path / "v", [spec], {}).write_row("W", 0, torch.zeros(4, 2, dtype=torch.bfloat16))
+
+
+def test_tuple_index_write(tmp_path: Path) -> None:
+    p = tmp_path / "tuple.safetensors"
+    x = sample(torch.bfloat16, (2, 3, 4, 5))
+    with TrajectoryWriter(p, [TensorSpec("x", x.dtype, tuple(x.shape))], {}) as w:
+        for i in range(2):
+            for j in range(3):
+                w.write_row("x", (i, j), x[i, j])
+        w.finish()
+    with TrajectoryReader(p) as r:
+        assert_same(r["x"], x)
+
+
+def test_metadata_too_large(tmp_path: Path) -> None:
+    p = tmp_path / "big.safetensors"
+    with pytest.raises(ArtifactError, match="reserve"):
+        with TrajectoryWriter(p, [TensorSpec("x", torch.float32, (1,))], {"a": "b"}, reserve_metadata_bytes=100) as w:
+            w.write("x", torch.ones(1))
+            w.finish({"huge": "z" * 200})
+    assert list(tmp_path.iterdir()) == []
+    # a little extra fits in the reserve
+    with TrajectoryWriter(p, [TensorSpec("x", torch.float32, (1,))], {"a": "b"}, reserve_metadata_bytes=100) as w:
+        w.write("x", torch.ones(1))
+        w.finish({"small": "z" * 50})
+    assert load_file(str(p))["x"].item() == 1.0
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_lazy_rows(tmp_path: Path) -> None:
+    # 64 MiB W, sparse on disk: only two rows are ever written.
+    steps, vocab, hidden = 64, 1024, 512
+    p = tmp_path / "lazy.safetensors"
+    spec = TensorSpec("W", torch.bfloat16, (steps, vocab, hidden))
+    row = sample(torch.bfloat16, (vocab, hidden), 3)
+    with TrajectoryWriter(p, [spec], {}) as w:
+        w.write_row("W", 5, row)
+        w.write_row("W", 60, row)
+        w.finish(allow_unwritten=True)
+    with TrajectoryReader(p) as r:
+        before = _rss_bytes() if os.path.exists("/proc/self/statm") else None
+        W = r["W"]
+        assert W.shape == (steps, vocab, hidden) and W.dtype == torch.bfloat16
+        assert_same(W[5], row)
+        assert_same(W[60], row)
+        assert not W[6].any()
+        if before is not None:
+            grew = _rss_bytes() - before
+            assert grew < 16 << 20, f"reading 3 rows grew RSS by {grew} bytes"
+        # the view is backed by the file: a change made on disk after opening shows in a later read
+        off = r._data_start + r._offsets["W"][0] + 7 * vocab * hidden * 2
+        with open(p, "r+b") as f:
+            os.pwrite(f.fileno(), row.view(torch.uint8).numpy().tobytes(), off)
+        assert_same(r.row("W", 7), row)
+
+
+# --- notebook export --------------------------------------------------------------------------
+
+
+def make_runs(tmp_path: Path, n: int = 3) -> tuple[list[Path], list[torch.Tensor], torch.Tensor]:
+    w0 = (0.02 * torch.randn(V, H, generator=torch.Generator().manual_seed(42))).to(torch.bfloat16)
+    paths, Ws = [], []
+    for i in range(n):
+        W = make_trajectory(100 + i, w0)
+        Ws.append(W)
+        paths.append(write_run(tmp_path / f"run{i}.safetensors", W, config=base_config(model_seed=42 + i, data_seed=42 + i)))
+    return paths, Ws, w0
+
+
+def test_run_artifact_layout(tmp_path: Path) -> None:
+    paths, Ws, _ = make_runs(tmp_path, 1)
+    with TrajectoryReader(paths[0]) as r:
+        assert r.metadata[META_FORMAT] == RUN_FORMAT
+        assert run_config(r)["steps"] == S
+        assert r.spec(KEY_W).shape == (S + 1, V, H)
+        assert r.spec(KEY_DIGESTS).shape == (S + 1, DIGEST_SIZE)
+        assert bytes(r[KEY_DIGESTS][2].numpy()) == digest_tensor(Ws[0][2])
+
+
+def test_digest() -> None:
+    x = sample(torch.bfloat16, (3, 4))
+    d = digest_tensor(x)
+    assert len(d) == 32 and d == digest_tensor(x.clone())
+    y = x.clone()
+    y.view(torch.int16)[1, 2] += 1
+    assert digest_tensor(y) != d
+    assert digest_tensor(x.t()) == digest_tensor(x.t().contiguous())
+
+
+def test_export_notebook(tmp_path: Path) -> None:
+    paths, Ws, w0 = make_runs(tmp_path)
+    out = export_notebook(paths, tmp_path / "notebook.safetensors")
+    assert out == tmp_path / "notebook.safetensors" and not list(tmp_path.glob("*.partial-*"))
+    nb = load_file(str(out))
+    assert set(nb) == set(NOTEBOOK_KEYS)
+    shapes = {"W": (3, S + 1, V, H), "losses": (3, S + 1), "W_initial": (V, H)}
+    for k, dt in NOTEBOOK_KEYS.items():
+        assert nb[k].dtype == dt, k
+        assert tuple(nb[k].shape) == shapes.get(k, ()), k
+    assert_same(nb["W"], torch.stack(Ws))
+    assert_same(nb["W_initial"], w0)
+    assert torch.isnan(nb["losses"][:, 0]).all()
+    expected_losses = torch.linspace(5.0, 3.0, S + 1).to(torch.bfloat16)
+    assert torch.equal(nb["losses"][:, 1:], expected_losses[1:].expand(3, S))
+    ints = dict(n_runs=3, init_seed=42, base_train_seed=42, n_steps=S, n_live=40, n_dead=10, vocab_size=V, hidden_dim=H)
+    for k, v in ints.items():
+        assert nb[k].item() == v, k
+    floats = dict(init_scale=0.02, learning_rate=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999)
+    for k, v in floats.items():
+        assert nb[k].item() == torch.tensor(v, dtype=torch.float32).item(), k
+    assert nb["recorded_W"].item() is True and nb["recorded_losses"].item() is True
+
+
+def test_export_converts_float32_runs(tmp_path: Path) -> None:
+    w0 = torch.randn(V, H, generator=torch.Generator().manual_seed(1)) * 0.02
+    W = torch.stack([w0 + 0.001 * t for t in range(S + 1)])
+    paths = [write_run(tmp_path / f"f{i}.safetensors", W, config=base_config()) for i in range(2)]
+    nb = load_file(str(export_notebook(paths, tmp_path / "nb.safetensors")))
+    assert_same(nb["W"][1], W.to(torch.bfloat16))
+
+
+def test_export_refuses_mismatched_runs(tmp_path: Path) -> None:
+    paths, Ws, w0 = make_runs(tmp_path, 2)
+    other0 = w0.clone()
+    other0.view(torch.int16)[0, 0] += 1
+    bad = write_run(tmp_path / "bad_init.safetensors", make_trajectory(7, other0), config=base_config())
+    with pytest.raises(ArtifactError, match=r"bad_init.*W_initial"):
+        export_notebook([*paths, bad], tmp_path / "nb.safetensors")
+    small = (0.02 * torch.randn(V, H - 2)).to(torch.bfloat16)
+    bad_shape = write_run(tmp_path / "bad_shape.safetensors", make_trajectory(8, small), config=base_config(hidden_dim=H - 2))
+    with pytest.raises(ArtifactError, match=r"bad_shape.*hidden_dim"):
+        export_notebook([*paths, bad_shape], tmp_path / "nb.safetensors")
+    bad_steps = write_run(tmp_path / "bad_steps.safetensors", make_trajectory(9, w0, S - 1), config=base_config(steps=S - 1))
+    with pytest.raises(ArtifactError, match=r"bad_steps.*steps"):
+        export_notebook([paths[0], bad_steps], tmp_path / "nb.safetensors")
+    lying = write_run(tmp_path / "lying.safetensors", make_trajectory(9, w0, S - 1), config=base_config())
+    with pytest.raises(ArtifactError, match=r"lying.*expected shape"):
+        export_notebook([paths[0], lying], tmp_path / "nb.safetensors")
+    assert not (tmp_path / "nb.safetensors").exists()
+    assert not list(tmp_path.glob("*.partial-*"))
