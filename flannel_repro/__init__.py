@@ -14,7 +14,7 @@ _LAZY = {
     "assert_diverged": "flannel_repro.assertions",
     "assert_divergence_below": "flannel_repro.assertions",
     "assert_same_start": "flannel_repro.assertions",
-    "divergence": "flannel_repro.assertions",
+    "measure_divergence": "flannel_repro.assertions",
     "relative_divergence": "flannel_repro.assertions",
     "Trajectory": "flannel_repro.trajectory",
     "train": "flannel_repro.harness",

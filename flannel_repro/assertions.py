@@ -187,7 +187,7 @@ def assert_divergence_below(a: TrajectoryLike, b: TrajectoryLike, *, max_frobeni
     return s
 
 
-def divergence(a: TrajectoryLike, b: TrajectoryLike) -> PairDivergence:
+def measure_divergence(a: TrajectoryLike, b: TrajectoryLike) -> PairDivergence:
     """The full per-step divergence of two trajectories (no assertion)."""
     return _divergence(_traj(a), _traj(b))
 

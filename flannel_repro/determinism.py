@@ -169,6 +169,7 @@ def environment_fingerprint(device: str = "cpu") -> dict[str, Any]:
     import torch
 
     from flannel_repro import __version__
+    from flannel_repro.allocator import malloc_state
 
     return {
         "flannel_repro": __version__,
@@ -183,4 +184,5 @@ def environment_fingerprint(device: str = "cpu") -> dict[str, Any]:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ},
+        "malloc": malloc_state(),
     }

@@ -14,7 +14,6 @@ the fast engine stand in for the notebook's.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from flannel_repro.allocator import tune_malloc
 from flannel_repro.data import DataOrder, TokenDataset, load_data, make_batch
 from flannel_repro.determinism import deterministic_mode, environment_fingerprint, torch_threads
 from flannel_repro.errors import ConfigError, DeterminismError
@@ -57,6 +57,7 @@ def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None
     if config.engine == "hf" and config.compile != "none":
         raise ConfigError("'compile' is only available with engine = 'torch' (the Trainer compiles through "
                           f"TrainingArguments.torch_compile, which this harness does not drive); got compile={config.compile!r}.")
+    tune_malloc()
     data = data if data is not None else load_data(config)
     W0 = W_initial if W_initial is not None else shared_init_W(config)
     with contextlib.ExitStack() as stack:

@@ -594,6 +594,7 @@ class _ControllerReporter:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.results: list[tuple[str, str, list[dict[str, Any]]]] = []
+        self.metrics: dict[str, list[float]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen: dict[str, float] = {}
@@ -604,6 +605,10 @@ class _ControllerReporter:
         uses = any(k == "flannel_uses_trajectory" for k, _ in report.user_properties)
         if (report.when == "call" and (claims or uses)) or (report.when == "setup" and report.skipped and uses):
             self.results.append((report.nodeid, report.outcome, claims))
+        if uses and report.when == "call":
+            for key, value in report.user_properties:
+                if not key.startswith("flannel_") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.metrics.setdefault(key, []).append(float(value))
 
     @pytest.hookimpl
     def pytest_sessionstart(self, session: pytest.Session) -> None:
@@ -671,6 +676,11 @@ class _ControllerReporter:
                 tr.write_line("divergence by pair class:")
                 for cls, claims in sorted(by_class.items()):
                     tr.write_line("  " + _class_line(cls, claims))
+            if self.metrics:
+                tr.write_line("")
+                tr.write_line("measured by the claims (record_property):")
+                for name, values in sorted(self.metrics.items()):
+                    tr.write_line(f"  {name}: n={len(values)}, min {min(values):.4g}, max {max(values):.4g}")
 
 
 def _class_line(cls: str, claims: list[dict[str, Any]]) -> str:

@@ -13,7 +13,7 @@ from flannel_repro import (
     assert_divergence_below,
     assert_diverged,
     assert_identical,
-    divergence,
+    measure_divergence,
     relative_divergence,
 )
 
@@ -48,7 +48,8 @@ def test_final_divergence_within_derived_bound(trajectory, train_seed, device, f
     assert_divergence_below(trajectory(other), trajectory(train_seed), max_frobenius=derived_bound.max_frobenius)
 
 
-def test_data_order_alone_accounts_for_the_divergence(trajectory, train_seed, device, flannel_config, derived_bound):
+def test_data_order_alone_accounts_for_the_divergence(trajectory, train_seed, device, flannel_config, derived_bound,
+                                                      record_property):
     """The notebook's question: with model_seed fixed, how much of the divergence is data order?
 
     Three runs: the reference (seed s0), data order changed only (model_seed s0, data_seed s), and
@@ -60,7 +61,8 @@ def test_data_order_alone_accounts_for_the_divergence(trajectory, train_seed, de
     order_only = trajectory(model_seed=base, data_seed=train_seed)
     both = trajectory(train_seed)
     assert_diverged(ref, order_only, by_step=1)
-    share = relative_divergence(divergence(ref, order_only), divergence(ref, both))
+    share = relative_divergence(measure_divergence(ref, order_only), measure_divergence(ref, both))
+    record_property("data_order_share", share)  # aggregated in the terminal summary
     band = derived_bound
     assert band.order_share_min <= share <= band.order_share_max, (
         f"data-order share of the divergence = {share:.3f}, outside the derived band "

@@ -1,0 +1,113 @@
+"""Command line: derive divergence bounds, export to the notebook's file, compare runs.
+
+    flannel-repro bounds [--preset ci|full|notebook | --config FILE] [--artifacts DIR] [--name NAME]
+    flannel-repro export-notebook RUN.safetensors [RUN ...] -o OUT.safetensors
+    flannel-repro divergence RUN.safetensors [RUN ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from flannel_repro.config import PRESETS, ExperimentConfig
+from flannel_repro.errors import FlannelError
+
+
+def _experiment(args: argparse.Namespace) -> ExperimentConfig:
+    if args.config:
+        return ExperimentConfig.from_toml(args.config)
+    return PRESETS[args.preset]()
+
+
+def cmd_bounds(args: argparse.Namespace) -> int:
+    """Train (or reuse) the runs the Flannel 6 claims compare and print a bounds.toml table."""
+    from flannel_repro.assertions import measure_divergence as divergence, relative_divergence
+    from flannel_repro.bounds import derive, scale_key, to_toml
+    from flannel_repro.store import RunStore
+
+    exp = _experiment(args)
+    if args.threads:
+        exp = exp.replace(run=exp.run.replace(threads=args.threads))
+    store = RunStore(args.artifacts)
+    seeds = exp.train_seeds
+    if len(seeds) < 2:
+        print("bounds need at least two training seeds", file=sys.stderr)
+        return 2
+    run = exp.run
+
+    def get(**changes):  # noqa: ANN003, ANN202
+        cfg = run.replace(**changes)
+        print(f"  run model_seed={cfg.model_seed} data_seed={cfg.data_seed} ...", file=sys.stderr, flush=True)
+        return store.obtain(cfg).trajectory
+
+    base = seeds[0]
+    others = seeds[1:]
+    if args.compare_seeds:
+        from flannel_repro.plugin import parse_seeds
+
+        others = tuple(s for s in parse_seeds(args.compare_seeds) if s != base)
+    ref = get(model_seed=base, data_seed=base)
+    both = {s: get(model_seed=s, data_seed=s) for s in others}
+    order_only = {s: get(model_seed=base, data_seed=s) for s in others}
+    finals, shares = [], []
+    for s in others:
+        d_both = divergence(ref, both[s])
+        finals.append(d_both.at(run.steps)["frobenius"])
+        share = relative_divergence(divergence(ref, order_only[s]), d_both)
+        shares.append(share)
+        print(f"  seed {s}: final ‖ΔW‖_F = {finals[-1]:.6g}, data-order share = {share:.4f}", file=sys.stderr)
+    measured = (f"{len(finals)} pairs (seed {base} vs {others[0]}..{others[-1]}), {run.steps} steps: final F in "
+                f"[{min(finals):.6g}, {max(finals):.6g}], share in [{min(shares):.4f}, {max(shares):.4f}]")
+    bound = derive(finals, shares, scale=scale_key(run), measured=measured)
+    print(to_toml(args.name, bound))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flannel_repro.artifacts import export_notebook
+
+    out = export_notebook([Path(p) for p in args.runs], Path(args.output))
+    print(out)
+    return 0
+
+
+def cmd_divergence(args: argparse.Namespace) -> int:
+    from flannel_repro.divergence import all_pairs
+
+    result = all_pairs([Path(p) for p in args.runs])
+    for key, value in result.summary().items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flannel-repro", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bounds", help="derive divergence bounds from measured runs (prints TOML)")
+    b.add_argument("--preset", choices=sorted(PRESETS), default="ci")
+    b.add_argument("--config", help="TOML experiment config (instead of --preset)")
+    b.add_argument("--artifacts", default=".flannel/artifacts")
+    b.add_argument("--name", default="bound")
+    b.add_argument("--compare-seeds", help="seeds compared with the base seed, e.g. '46-61' (default: the experiment's "
+                   "other seeds). Held-out seeds make the bound a prediction rather than a restatement.")
+    b.add_argument("--threads", type=int, default=0, help="torch threads (0 = default); pin it like the suite does")
+    b.set_defaults(func=cmd_bounds)
+    e = sub.add_parser("export-notebook", help="write the notebook's single-file layout from run artifacts")
+    e.add_argument("runs", nargs="+")
+    e.add_argument("-o", "--output", required=True)
+    e.set_defaults(func=cmd_export)
+    d = sub.add_parser("divergence", help="all-pairs divergence summary of run artifacts")
+    d.add_argument("runs", nargs="+")
+    d.set_defaults(func=cmd_divergence)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FlannelError as exc:
+        print(f"flannel-repro: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
