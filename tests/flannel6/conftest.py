@@ -12,10 +12,16 @@ BOUNDS = Path(__file__).with_name("bounds.toml")
 
 
 @pytest.fixture(scope="session")
-def derived_bound(flannel_config) -> Bound:
-    """The bound measured at this session's scale; a skip (with the way to derive one) when there is none."""
-    bound = bound_for(flannel_config.run, BOUNDS)
-    if bound is None:
-        pytest.skip(f"no divergence bound derived for this configuration (scale {scale_key(flannel_config.run)}); "
-                    f"derive one with `python -m flannel_repro.cli bounds` and add it to {BOUNDS}")
-    return bound
+def derived_bound(flannel_config):  # noqa: ANN201
+    """A function returning the bound measured at this session's scale. When none was derived it skips
+    the calling test with the way to derive one, so call it after the test has measured and recorded
+    what it can (the measurement is worth having even without a bound)."""
+
+    def get() -> Bound:
+        bound = bound_for(flannel_config.run, BOUNDS)
+        if bound is None:
+            pytest.skip(f"no divergence bound derived for this configuration (scale {scale_key(flannel_config.run)}); "
+                        f"the measurement was recorded; derive a bound with `flannel-repro bounds` and add it to {BOUNDS}")
+        return bound
+
+    return get
