@@ -271,7 +271,8 @@ def load_data(config: "RunConfig") -> CorpusData:
     mask_hash = file_sha256(files.token_mask) if files.token_mask is not None and files.token_mask.is_file() else None
     if files.token_mask is not None and mask_hash is None:
         _read_bytes(files.token_mask, "token mask")
-    key = (tok_hash, corpus_hash, mask_hash, config.vocab_size)
+    # The paths are part of the key: the same bytes under another name are another origin to report.
+    key = (files, tok_hash, corpus_hash, mask_hash, config.vocab_size)
     hit = _LOADED.get(key)
     if hit is None:
         load_tokenizer(files.tokenizer, config.vocab_size)  # vocabulary check even when the ids are cached
