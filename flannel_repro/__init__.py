@@ -17,6 +17,8 @@ _LAZY = {
     "measure_divergence": "flannel_repro.assertions",
     "relative_divergence": "flannel_repro.assertions",
     "Trajectory": "flannel_repro.trajectory",
+    "summarize": "flannel_repro.summary",
+    "summarize_pair": "flannel_repro.summary",
     "train": "flannel_repro.harness",
     "RunStore": "flannel_repro.store",
     "export_notebook": "flannel_repro.artifacts",

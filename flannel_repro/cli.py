@@ -3,6 +3,7 @@
     flannel-repro bounds [--preset ci|full|notebook | --config FILE] [--artifacts DIR] [--name NAME]
     flannel-repro export-notebook RUN.safetensors [RUN ...] -o OUT.safetensors
     flannel-repro divergence RUN.safetensors [RUN ...]
+    flannel-repro digests RUN.safetensors [-o CHAIN.json | --compare CHAIN.json]
 """
 
 from __future__ import annotations
@@ -82,6 +83,29 @@ def cmd_divergence(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_digests(args: argparse.Namespace) -> int:
+    """Write a run's per-step digest chain, or report where the run parts from a stored chain (exit 1)."""
+    import json
+
+    from flannel_repro.summary import DigestChain, compare_run_to_chain
+    from flannel_repro.trajectory import Trajectory
+
+    traj = Trajectory(args.run)
+    if args.compare:
+        result, lines = compare_run_to_chain(traj, args.compare)
+        print(f"{args.run} vs {args.compare}: {lines[0]}")
+        for line in lines[1:]:
+            print(line)
+        return 0 if result.identical else 1
+    chain = DigestChain.from_run(traj)
+    if args.output:
+        chain.write(args.output)
+        print(f"{args.output}: {len(chain)} digests (steps 0..{chain.steps}) of {traj.label}")
+    else:
+        print(json.dumps(chain.to_json(), indent=2, sort_keys=True))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flannel-repro", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("divergence", help="all-pairs divergence summary of run artifacts")
     d.add_argument("runs", nargs="+")
     d.set_defaults(func=cmd_divergence)
+    g = sub.add_parser("digests", help="write a run's per-step digest chain, or find where a run parts from one "
+                       "(exit 1 when it does)")
+    g.add_argument("run")
+    out = g.add_mutually_exclusive_group()
+    out.add_argument("-o", "--output", help="write the chain (JSON, a few kB) here instead of printing it")
+    out.add_argument("--compare", metavar="CHAIN", help="a chain written by -o on another machine or commit: report the "
+                     "first step whose digests differ")
+    g.set_defaults(func=cmd_digests)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 GROUP = "flannel"
 MARKER = "flannel"
 DEVICE_KINDS = ("cpu", "cuda", "mps")
+TOLERANCE_KEYS = ("rtol", "atol")  # @pytest.mark.flannel kwargs for flannel_snapshot, not RunConfig fields
+SNAPSHOT_SUFFIX = "flannel"  # file suffix of flannel_snapshot files (flannel_repro.snapshot)
 
 # option name (after --flannel-) -> (ini key, help, parser of the raw string)
 _OPTIONS: dict[str, tuple[str, str]] = {
@@ -47,6 +49,8 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "corpus": ("flannel_corpus", "your UTF-8 corpus (with --flannel-tokenizer)."),
     "token-mask": ("flannel_token_mask", "your live/dead token mask safetensors (default: computed from the corpus)."),
     "progress": ("flannel_progress", "seconds between training progress lines (0 = off; default 10)."),
+    "rtol": ("flannel_rtol", "relative tolerance of flannel_snapshot float comparisons (default 0: exact)."),
+    "atol": ("flannel_atol", "absolute tolerance of flannel_snapshot float comparisons (default 0: exact)."),
 }
 _FLAGS: dict[str, tuple[str, str]] = {
     "fresh": ("flannel_fresh", "ignore artifacts from earlier sessions (runs are still shared between this session's workers)."),
@@ -85,6 +89,7 @@ class FlannelSession:
     reuse_earlier: bool
     threads: int | None
     progress_interval: float
+    tolerance: dict[str, float] = field(default_factory=dict)  # rtol / atol from options or ini
     runs: dict[str, RunRecord] = field(default_factory=dict)
     claims: list[dict[str, Any]] = field(default_factory=list)
     _store: "RunStore | None" = None
@@ -265,6 +270,14 @@ def build_session(config: pytest.Config) -> FlannelSession:
             raise ValueError
     except ValueError:
         raise _usage("progress", "a number of seconds >= 0", interval_raw) from None
+    tolerance: dict[str, float] = {}
+    for key in TOLERANCE_KEYS:
+        raw = _get(config, f"flannel_{key}")
+        if raw is not None:
+            value = _tolerance_value(raw)
+            if value is None:
+                raise _usage(key, "a finite number >= 0", raw)
+            tolerance[key] = value
     artifacts_raw = _get(config, "flannel_artifacts")
     artifacts_dir = Path(artifacts_raw) if artifacts_raw else Path(".flannel") / "artifacts"
     if not artifacts_dir.is_absolute():
@@ -278,14 +291,26 @@ def build_session(config: pytest.Config) -> FlannelSession:
     return FlannelSession(
         experiment=exp, devices=devices, devices_explicit=explicit, artifacts_dir=artifacts_dir,
         session_id=session_id or uuid.uuid4().hex, reuse_earlier=not fresh, threads=threads,
-        progress_interval=interval,
+        progress_interval=interval, tolerance=tolerance,
     )
+
+
+def _tolerance_value(raw: Any) -> float | None:
+    """A tolerance as a float, or None when it is not a finite number >= 0."""
+    if isinstance(raw, bool):
+        return None
+    try:
+        value = float(str(raw).strip()) if isinstance(raw, str) else float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if value >= 0 and value != float("inf") else None
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(**overrides): override RunConfig fields (steps=, lr=, engine=, ...) for the trajectories of one test.",
+        f"{MARKER}(**overrides): override RunConfig fields (steps=, lr=, engine=, ...) for the trajectories of one test; "
+        "rtol= / atol= set the float tolerance of its flannel_snapshot comparisons.",
     )
     session = build_session(config)
     config.stash[SESSION_KEY] = session
@@ -293,6 +318,21 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_XdistHooks(), "flannel-xdist")
     if not hasattr(config, "workerinput"):
         config.pluginmanager.register(_ControllerReporter(config), "flannel-reporter")
+    _hide_summary_snapshots_from_other_extensions(config)
+
+
+def _hide_summary_snapshots_from_other_extensions(config: pytest.Config) -> None:
+    """Add the `.flannel` suffix to syrupy's --snapshot-ignore-file-extensions.
+
+    syrupy's default (amber) discovery walks `__snapshots__` recursively and counts every file no
+    test used as unused; summaries of a device class this session does not run (a cuda snapshot on
+    a CPU-only machine) would be reported, and deleted by --snapshot-update. Our extension discovers
+    its own files, filtered by device class (flannel_repro.snapshot)."""
+    if not hasattr(config.option, "ignore_file_extensions"):
+        return  # syrupy not loaded
+    current = list(config.option.ignore_file_extensions or [])
+    if SNAPSHOT_SUFFIX not in current:
+        config.option.ignore_file_extensions = [*current, SNAPSHOT_SUFFIX]
 
 
 class _XdistHooks:
@@ -322,14 +362,32 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 # --- marker validation ---------------------------------------------------------------------------------
 
-def _marker_overrides(item: pytest.Item) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
+def _marker_kwargs(item: pytest.Item) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
     for mark in reversed(list(item.iter_markers(MARKER))):  # closest marker wins
         if mark.args:
             raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{MARKER} takes keyword arguments only "
-                                    f"(RunConfig fields), got positional {mark.args!r}.")
-        overrides.update(mark.kwargs)
-    return overrides
+                                    f"(RunConfig fields, rtol=, atol=), got positional {mark.args!r}.")
+        kwargs.update(mark.kwargs)
+    return kwargs
+
+
+def _marker_overrides(item: pytest.Item) -> dict[str, Any]:
+    """The marker's RunConfig overrides (its rtol= / atol= are for flannel_snapshot, see _marker_tolerance)."""
+    return {k: v for k, v in _marker_kwargs(item).items() if k not in TOLERANCE_KEYS}
+
+
+def _marker_tolerance(item: pytest.Item) -> dict[str, float]:
+    """rtol= / atol= of the test's @pytest.mark.flannel, validated (pytest.UsageError naming the test)."""
+    out: dict[str, float] = {}
+    for key, raw in _marker_kwargs(item).items():
+        if key in TOLERANCE_KEYS:
+            value = _tolerance_value(raw) if isinstance(raw, (int, float)) else None
+            if value is None:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{MARKER}({key}=...) must be a finite number >= 0 "
+                                        f"(got {raw!r}).")
+            out[key] = value
+    return out
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -337,6 +395,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     for item in items:
         if "trajectory" in getattr(item, "fixturenames", ()):
             item.user_properties.append(("flannel_uses_trajectory", "1"))  # travels with every report
+        _marker_tolerance(item)
         overrides = _marker_overrides(item)
         if overrides:
             try:
@@ -493,6 +552,23 @@ def trajectory(request: pytest.FixtureRequest):  # noqa: ANN201
         return obtain(request.config, cfg, repeat=repeat)
 
     return make
+
+
+@pytest.fixture
+def flannel_snapshot(request: pytest.FixtureRequest):  # noqa: ANN201
+    """syrupy snapshot of run summaries: `assert flannel_snapshot == trajectory(42).summary()`.
+
+    One reviewable text file per test and device class (`__snapshots__/<file>/<test>[cpu].flannel`).
+    Floats compare within rtol/atol (@pytest.mark.flannel(rtol=, atol=) > --flannel-rtol/--flannel-atol
+    > ini flannel_rtol/flannel_atol; default exact); digests, ints and strings exactly. A mismatch
+    lists the moved fields and the step where the digest chains part. Accept changes with
+    `pytest --snapshot-update`.
+    """
+    from flannel_repro.snapshot import snapshot_assertion
+    from flannel_repro.summary import Tolerance
+
+    tolerance = {**_state(request).tolerance, **_marker_tolerance(request.node)}
+    return snapshot_assertion(request, Tolerance(**tolerance))
 
 
 def obtain(config: pytest.Config, cfg: RunConfig, *, repeat: int = 0) -> "Trajectory":

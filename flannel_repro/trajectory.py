@@ -9,7 +9,7 @@ import json
 import math
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
@@ -17,6 +17,9 @@ from flannel_repro import artifacts
 from flannel_repro.artifacts import TrajectoryReader
 from flannel_repro.config import RunConfig
 from flannel_repro.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from flannel_repro.summary import Summary
 
 
 class Trajectory:
@@ -129,6 +132,14 @@ class Trajectory:
             raise ArtifactError(f"{self.path}: {key!r} was not recorded; enable it in the config "
                                 f"(record_grads / record_momentum / record_variance / record_logits).")
         return self.reader[key]
+
+    def summary(self, steps: "Iterable[int] | None" = None) -> "Summary":
+        """Small, stable statistics of this run for snapshots (`flannel_repro.summary.summarize`):
+        config fingerprint, loss and W statistics at steps 0, 1, 10, 100, ... and the last (or
+        `steps`), update fractions, and the per-step digest chain."""
+        from flannel_repro.summary import summarize
+
+        return summarize(self, steps)
 
     @property
     def wall_time_s(self) -> float:

@@ -1,0 +1,242 @@
+"""A syrupy extension for run summaries: reviewable snapshot files, tolerant comparison, one file per device class.
+
+    def test_training_did_not_move(trajectory, flannel_snapshot):
+        assert flannel_snapshot == trajectory(42).summary()
+
+* **Files.** One text file per snapshot, next to syrupy's own:
+  ``__snapshots__/<test file>/<test name>[<device class>].flannel``. The content is the summary's
+  canonical JSON (`flannel_repro.summary`): sorted keys, one value per line, floats written with
+  repr (round-trip exact). A second assertion in the same test gets ``[cpu.1]``, a named one
+  (``flannel_snapshot(name="final") == ...``) gets ``[cpu.final]``; a pair across device classes
+  ``[cpu+cuda]``.
+* **Device classes.** The class (cpu, cuda, mps) comes from the summary, so the same test keeps
+  one snapshot per class: trajectories legitimately differ between them. Snapshots of classes this
+  session does not run (a cuda snapshot on a CPU-only CI machine) are left alone: never reported
+  as unused, never deleted by ``--snapshot-update``.
+* **Comparison.** Floats within ``|obtained - stored| <= max(atol, rtol * |stored|)``; ints,
+  strings, digests and the config exactly; the environment is stored but not compared. The
+  tolerance comes from ``@pytest.mark.flannel(rtol=..., atol=...)``, ``--flannel-rtol`` /
+  ``--flannel-atol`` or the ini keys ``flannel_rtol`` / ``flannel_atol`` (default exact).
+* **Failures** list the fields that moved (stored, obtained, difference, allowed difference), the
+  step at which the digest chains part, and how the stored environment differs from this run's.
+* **Updating** is syrupy's: ``pytest --snapshot-update``.
+
+The `flannel_snapshot` fixture (registered by `flannel_repro.plugin`) builds a
+`FlannelSnapshotAssertion` with the test's tolerance.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import pytest
+from syrupy.assertion import DiffMode, SnapshotAssertion
+from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
+from syrupy.location import PyTestLocation
+
+from flannel_repro.plugin import SESSION_KEY, SNAPSHOT_SUFFIX, _device_present
+from flannel_repro.summary import DEVICE_CLASSES, Comparison, Summary, Tolerance, display_path, compare, device_class
+
+if TYPE_CHECKING:
+    from syrupy.data import SnapshotCollections
+    from syrupy.types import PropertyFilter, PropertyMatcher, SerializableData, SerializedData
+
+__all__ = ["SNAPSHOT_EXTENSION", "FlannelSnapshotExtension", "FlannelSnapshotAssertion", "as_summary",
+           "snapshot_assertion", "snapshot_device_classes"]
+
+SNAPSHOT_EXTENSION = SNAPSHOT_SUFFIX  # "flannel": a suffix no other syrupy extension claims
+
+_LAST_BRACKETS = re.compile(r"\[([^\[\]]*)\]$")
+_VISIBLE_KEY = pytest.StashKey[frozenset]()
+
+
+def as_summary(data: Any) -> Summary:
+    """A Summary from a Summary or a Trajectory (its default summary); TypeError for anything else."""
+    if isinstance(data, Summary):
+        return data
+    from flannel_repro.trajectory import Trajectory
+
+    if isinstance(data, Trajectory):
+        return data.summary()
+    raise TypeError(f"flannel_snapshot compares run summaries: expected a Summary (trajectory(...).summary(), "
+                    f"summarize_pair(a, b)) or a Trajectory, got {type(data).__name__}.")
+
+
+def snapshot_device_classes(filepath: str) -> frozenset[str] | None:
+    """Device classes named in a snapshot file name (`test_x[cpu.1].flannel` -> {'cpu'}); None when the
+    name carries no recognisable device tag."""
+    stem = Path(filepath).name
+    if stem.endswith("." + SNAPSHOT_EXTENSION):
+        stem = stem[: -len(SNAPSHOT_EXTENSION) - 1]
+    m = _LAST_BRACKETS.search(stem)
+    if m is None:
+        return None
+    classes = frozenset(m.group(1).split(".", 1)[0].split("+"))
+    return classes if classes and classes <= set(DEVICE_CLASSES) else None
+
+
+def visible_device_classes(config: pytest.Config | None) -> frozenset[str]:
+    """Device classes this session runs and this machine has: snapshots of other classes are not
+    this session's to judge (or delete)."""
+    if config is None:
+        return frozenset(DEVICE_CLASSES)
+    cached = config.stash.get(_VISIBLE_KEY, None)
+    if cached is not None:
+        return cached
+    state = config.stash.get(SESSION_KEY, None)
+    devices = state.selected_devices() if state is not None else list(DEVICE_CLASSES)
+    visible = frozenset(device_class(d) for d in devices if _device_present(d)[0])
+    config.stash[_VISIBLE_KEY] = visible
+    return visible
+
+
+class FlannelSnapshotExtension(SingleFileSnapshotExtension):
+    """Single-file text snapshots of `Summary` objects, compared with a `Tolerance`.
+
+    syrupy instantiates extensions without arguments (on xdist's controller, for instance), so the
+    tolerance defaults to exact; `FlannelSnapshotAssertion` passes the test's tolerance.
+    """
+
+    file_extension = SNAPSHOT_EXTENSION
+    _write_mode = WriteMode.TEXT
+
+    def __init__(self, tolerance: Tolerance | None = None) -> None:
+        self.tolerance = tolerance or Tolerance()
+
+    # -- serialization and comparison ----------------------------------------------------------
+
+    def serialize(self, data: "SerializableData", *, exclude: "PropertyFilter | None" = None,
+                  include: "PropertyFilter | None" = None, matcher: "PropertyMatcher | None" = None) -> str:
+        """The summary's canonical text (syrupy's include/exclude/matcher do not apply to summaries)."""
+        return as_summary(data).to_text()
+
+    def comparison(self, *, serialized_data: "SerializedData", snapshot_data: "SerializedData") -> Comparison:
+        return compare(str(snapshot_data), str(serialized_data), self.tolerance)
+
+    def matches(self, *, serialized_data: "SerializableData", snapshot_data: "SerializableData") -> bool:
+        return self.comparison(serialized_data=serialized_data, snapshot_data=snapshot_data).ok
+
+    def diff_lines(self, serialized_data: "SerializedData", snapshot_data: "SerializedData") -> Iterator[str]:
+        yield from self.comparison(serialized_data=serialized_data, snapshot_data=snapshot_data).report()
+
+    # -- discovery: our files only, and only for the device classes this session runs -------------
+
+    def discover_snapshots(self, *, test_location: "PyTestLocation",
+                           ignore_extensions: list[str] | None = None) -> "SnapshotCollections":
+        # The plugin puts our suffix in syrupy's ignore list so that other extensions' discovery never
+        # sees (and never deletes) summaries of device classes this session does not run; we look.
+        keep = [e for e in (ignore_extensions or []) if e != SNAPSHOT_EXTENSION]
+        return super().discover_snapshots(test_location=test_location, ignore_extensions=keep)
+
+    def owns_snapshot_collection(self, *, filepath: str, test_location: "PyTestLocation") -> bool:
+        if not super().owns_snapshot_collection(filepath=filepath, test_location=test_location):
+            return False
+        classes = snapshot_device_classes(filepath)
+        if classes is None:
+            return True
+        return classes <= visible_device_classes(getattr(test_location.item, "config", None))
+
+
+@dataclass(eq=False, order=False, repr=False)
+class FlannelSnapshotAssertion(SnapshotAssertion):
+    """syrupy's SnapshotAssertion for summaries: names snapshots by device class, compares with a tolerance,
+    and explains a mismatch field by field.
+
+    ``flannel_snapshot == summary`` (or a Trajectory) asserts; ``flannel_snapshot(name="x") == ...``
+    names the snapshot; ``flannel_snapshot.with_tolerance(rtol=1e-6) == ...`` loosens one assertion.
+    """
+
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    names_used: dict[str, int] = field(default_factory=dict)  # device class -> assertions so far (shared when derived)
+    _last_name: str | None = field(init=False, default=None)
+
+    @property
+    def extension(self) -> FlannelSnapshotExtension:  # type: ignore[override]
+        if self._extension is None:
+            self._extension = FlannelSnapshotExtension(self.tolerance)
+        return self._extension  # type: ignore[return-value]
+
+    @property
+    def name(self) -> str:
+        return self._last_name or "flannel_snapshot"
+
+    def with_tolerance(self, *, rtol: float | None = None, atol: float | None = None) -> "FlannelSnapshotAssertion":
+        """The same snapshot fixture with another tolerance (unset parts keep the current one)."""
+        tol = Tolerance(rtol=self.tolerance.rtol if rtol is None else rtol,
+                        atol=self.tolerance.atol if atol is None else atol)
+        return self._derive(tol)
+
+    def with_defaults(self, *, exclude: "PropertyFilter | None" = None, include: "PropertyFilter | None" = None,
+                      matcher: "PropertyMatcher | None" = None,
+                      extension_class: type | None = None) -> "FlannelSnapshotAssertion":
+        if exclude or include or matcher or (extension_class not in (None, FlannelSnapshotExtension)):
+            raise TypeError("flannel_snapshot compares whole summaries with FlannelSnapshotExtension: "
+                            "include=, exclude=, matcher= and other extensions are not supported.")
+        return self._derive(self.tolerance)
+
+    def _derive(self, tolerance: Tolerance) -> "FlannelSnapshotAssertion":
+        return self.__class__(session=self.session, extension_class=FlannelSnapshotExtension,
+                              test_location=self.test_location, update_snapshots=self.update_snapshots,
+                              update_new_snapshots_only=self.update_new_snapshots_only, tolerance=tolerance,
+                              names_used=self.names_used)
+
+    def _index_for(self, device_spec: str) -> str:
+        """`cpu` for a test's first assertion on cpu, then `cpu.1`, `cpu.2`; `cpu.<name>` when named."""
+        custom = self._custom_index
+        if custom:
+            return f"{device_spec}.{custom}"
+        n = self.names_used.get(device_spec, 0)
+        self.names_used[device_spec] = n + 1
+        return device_spec if n == 0 else f"{device_spec}.{n}"
+
+    def __eq__(self, other: Any) -> bool:
+        """Compare a summary (or a Trajectory) with the stored snapshot of its device class.
+
+        True when it matches (or was written by --snapshot-update); otherwise raises AssertionError
+        with the full explanation (pytest would truncate a long assert explanation outside CI).
+        """
+        __tracebackhide__ = True
+        summary = as_summary(other)
+        index = self._index_for(summary.device_class)
+        self(name=index)  # restored after the assertion, as syrupy does for name=
+        self._last_name = self.extension.get_snapshot_name(test_location=self.test_location, index=index)
+        if self._assert(summary):
+            return True
+        raise AssertionError("\n".join(self.get_assert_diff()))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<flannel_snapshot {self.name}, tolerance {self.tolerance}>"
+
+    def assert_match(self, data: "SerializableData") -> None:
+        __tracebackhide__ = True
+        self == data  # noqa: B015  (raises AssertionError with the explanation on a mismatch)
+
+    def get_assert_diff(self, *, diff_mode: DiffMode = DiffMode.DETAILED) -> list[str]:
+        result = self._execution_results[self.num_executions - 1]
+        if result.exception is not None:
+            return super().get_assert_diff(diff_mode=diff_mode)
+        location = result.snapshot_location
+        if result.recalled_data is None:
+            return [f"no stored snapshot {result.snapshot_name} ({display_path(location)}): run pytest --snapshot-update "
+                    "to write it, then review and commit it"]
+        cmp = compare(str(result.recalled_data), str(result.asserted_data), self.tolerance)
+        lines = cmp.report(name=result.snapshot_name, location=location)
+        return lines if diff_mode == DiffMode.DETAILED else lines[:1]
+
+
+def snapshot_assertion(request: pytest.FixtureRequest, tolerance: Tolerance) -> FlannelSnapshotAssertion:
+    """The `flannel_snapshot` fixture's value for one test."""
+    session = getattr(request.config, "_syrupy", None)
+    if session is None:
+        pytest.fail("flannel_snapshot needs the syrupy pytest plugin: expected an active syrupy session, got none "
+                    "(is syrupy installed, and not disabled with -p no:syrupy?).", pytrace=False)
+    option = request.config.option
+    return FlannelSnapshotAssertion(
+        session=session, extension_class=FlannelSnapshotExtension, test_location=PyTestLocation(request.node),
+        update_snapshots=bool(option.update_snapshots),
+        update_new_snapshots_only=bool(getattr(option, "update_new_snapshots_only", False)), tolerance=tolerance)
