@@ -66,6 +66,34 @@ def cmd_bounds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    """One run at a glance: config, losses and the fraction of W entries that changed per step.
+
+    In pure bf16 most Adam updates late in training are below bf16 resolution and are lost: the
+    update fraction falls towards 0 although the optimizer still runs (see README).
+    """
+    import numpy as np
+
+    from flannel_repro.divergence import update_fraction
+    from flannel_repro.trajectory import Trajectory
+
+    traj = Trajectory(args.run)
+    c = traj.config
+    print(f"{traj.path.name}: {traj.label}, {c.steps} steps, dtype {c.dtype}, labels {c.label_mode}")
+    print(f"  config {c.fingerprint()}, threads {traj.metadata.get('threads', '?')}, "
+          f"{traj.steps_per_s:.2f} steps/s, wall {traj.wall_time_s:.1f} s")
+    fraction = update_fraction(traj.reader) if traj.has_W else None
+    steps = sorted({s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, c.steps) if s <= c.steps})
+    print(f"  {'step':>6} {'loss':>10} {'W entries changed':>18}")
+    for s in steps:
+        changed = "n/a" if fraction is None else f"{100 * float(fraction[s]):.3f}%"
+        print(f"  {s:>6} {float(traj.losses[s]):>10.5f} {changed:>18}")
+    if fraction is not None:
+        print(f"  mean over all steps: {100 * float(np.nanmean(fraction)):.3f}% of entries changed per step")
+    print(f"  digest step 0: {traj.digest_hex(0)[:16]}  step {c.steps}: {traj.digest_hex(c.steps)[:16]}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from flannel_repro.artifacts import export_notebook
 
@@ -122,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("runs", nargs="+")
     e.add_argument("-o", "--output", required=True)
     e.set_defaults(func=cmd_export)
+    i = sub.add_parser("info", help="one run: losses and fraction of W entries updated per step")
+    i.add_argument("run")
+    i.set_defaults(func=cmd_info)
     d = sub.add_parser("divergence", help="all-pairs divergence summary of run artifacts")
     d.add_argument("runs", nargs="+")
     d.set_defaults(func=cmd_divergence)
