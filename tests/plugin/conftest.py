@@ -29,6 +29,18 @@ base_train_seed = 42
 """
 
 
+@pytest.fixture(autouse=True)
+def _no_outer_xdist_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inner pytest runs must not see the outer run's xdist variables.
+
+    Under `pytest -n auto` this test process is an xdist worker with PYTEST_XDIST_WORKER set; an inner
+    run (in-process, or a subprocess inheriting os.environ) would then believe it is a worker too:
+    syrupy prints no report and the plugin divides the cores by the outer worker count.
+    """
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def tiny_experiment(pytester: pytest.Pytester):
     """Writes flannel.toml (the tiny experiment) and points the plugin at it through pytest.ini."""
