@@ -41,7 +41,7 @@ def run_child(steps: int, out: Path, seed: int, engine: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--steps", type=int, nargs="*", default=[100, 1000])
     ap.add_argument("--engine", default="hf", choices=["hf", "torch"])
     ap.add_argument("--export-runs", type=int, default=10)
     ap.add_argument("--export-steps", type=int, default=100)
@@ -59,7 +59,8 @@ def main() -> None:
             info = run_child(steps, tmp / f"run{steps}.safetensors", 42, args.engine)
             size_mb = (tmp / f"run{steps}.safetensors").stat().st_size / 1e6
             rows.append((steps, info, size_mb))
-        print(f"\n| steps | peak RSS (MB) | artifact (MB) | steps/s | wall (s) |\n|---:|---:|---:|---:|---:|")
+        if rows:
+            print(f"\n| steps | peak RSS (MB) | artifact (MB) | steps/s | wall (s) |\n|---:|---:|---:|---:|---:|")
         for steps, info, size_mb in rows:
             print(f"| {steps} | {info['peak_rss_mb']:.0f} | {size_mb:.0f} | {info['steps_per_s']:.2f} | {info['wall_s']:.1f} |")
         if len(rows) > 1:
