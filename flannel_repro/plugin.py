@@ -7,6 +7,7 @@ module imports neither torch nor transformers: `pytest --help` stays fast. Sessi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -630,17 +631,9 @@ class _ProgressWriter:
         capman = self.config.pluginmanager.get_plugin("capturemanager")
         if reporter is None:
             return
-        ctx = capman.global_and_fixture_disabled() if capman is not None else _null()
+        ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
         with ctx:
             reporter.write_line(line)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 # --- claims and the terminal summary (controller only) ------------------------------------------------------

@@ -88,3 +88,14 @@ def test_bad_marker_is_a_usage_error(tiny_experiment):
     result = tiny_experiment.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "test_bad: @pytest.mark.flannel: RunConfig: unknown key(s) 'stpes' (did you mean 'steps'?)" in result.stderr.str()
+
+
+def test_progress_lines_while_training(tiny_experiment):
+    """Without xdist the training loop writes progress lines through pytest's terminal (capture suspended)."""
+    tiny_experiment.makepyfile("""
+        def test_train(trajectory):
+            assert trajectory(42).steps == 4
+    """)
+    result = tiny_experiment.runpytest("--flannel-progress=0.000001")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["flannel: training seed42-cpu-torch-r0-*", "flannel: seed42-cpu-torch-r0-*: step 4/4, loss *"])
