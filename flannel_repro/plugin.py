@@ -92,7 +92,6 @@ class FlannelSession:
     progress_interval: float
     tolerance: dict[str, float] = field(default_factory=dict)  # rtol / atol from options or ini
     runs: dict[str, RunRecord] = field(default_factory=dict)
-    claims: list[dict[str, Any]] = field(default_factory=list)
     _store: "RunStore | None" = None
     _threads_set: bool = False
 

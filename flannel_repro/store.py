@@ -54,9 +54,6 @@ def key_of(material: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def run_key(config: "RunConfig", data_hashes: dict[str, str], repeat: int) -> str:
-    return key_of(run_key_material(config, data_hashes, repeat))
-
 
 def run_name(config: "RunConfig", repeat: int, key: str) -> str:
     seeds = f"seed{config.model_seed}" if config.train_seed is not None else f"m{config.model_seed}-d{config.data_seed}"
