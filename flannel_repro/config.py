@@ -32,6 +32,7 @@ LABEL_MODES = ("next_token", "notebook")
 LR_SCHEDULES = ("linear", "constant")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 COMPILE_MODES = ("none", "default")
+HEADS = ("auto", "fused", "reference")
 DATASETS = ("default", "tiny")
 
 
@@ -84,6 +85,10 @@ class RunConfig:
     threads: int = field(default=0, metadata=_doc("torch intra-op threads; 0 keeps the process default. Recorded: results may depend on it."))
     deterministic: bool = field(default=False, metadata=_doc("torch.use_deterministic_algorithms and friends for the run."))
     compile: str = field(default="none", metadata=_doc("'none' (eager, bitwise equal to the Trainer) or 'default' (torch.compile; faster, not bitwise).", choices=COMPILE_MODES))
+    head: str = field(default="auto", metadata=_doc(
+        "LM head + loss of the torch engine: 'fused' (row chunks, half the memory; bitwise checked against the model's "
+        "own loss before use), 'reference' (the model's forward), 'auto' (fused on CPU where the check passes). "
+        "Not in the fingerprint: it never changes a bit of the trajectory.", choices=HEADS, fingerprint=False))
 
     # --- data ---
     dataset: str = field(default="default", metadata=_doc("Embedded data set used where no path is given: 'default' or 'tiny'.", choices=DATASETS))

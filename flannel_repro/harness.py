@@ -14,6 +14,7 @@ the fast engine stand in for the notebook's.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 import time
@@ -27,6 +28,7 @@ from flannel_repro.allocator import tune_malloc
 from flannel_repro.data import DataOrder, TokenDataset, load_data, make_batch
 from flannel_repro.determinism import deterministic_mode, environment_fingerprint, torch_threads
 from flannel_repro.errors import ConfigError, DeterminismError
+from flannel_repro.head import model_loss, verify_fused_head
 from flannel_repro.model import build_model, embedding, shared_init_W
 from flannel_repro.recorder import Recorder
 
@@ -57,6 +59,9 @@ def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None
     if config.engine == "hf" and config.compile != "none":
         raise ConfigError("'compile' is only available with engine = 'torch' (the Trainer compiles through "
                           f"TrainingArguments.torch_compile, which this harness does not drive); got compile={config.compile!r}.")
+    if config.head == "fused" and (config.engine != "torch" or config.compile != "none"):
+        raise ConfigError("head = 'fused' needs engine = 'torch' and compile = 'none' (the Trainer and torch.compile run "
+                          f"the model's own head); got engine={config.engine!r}, compile={config.compile!r}.")
     tune_malloc()
     data = data if data is not None else load_data(config)
     W0 = W_initial if W_initial is not None else shared_init_W(config)
@@ -68,11 +73,11 @@ def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None
         recorder = stack.enter_context(Recorder(config, out_path, data, meta))
         start = time.perf_counter()
         engine = _torch_engine if config.engine == "torch" else _hf_engine
-        engine(config, data, W0, recorder, progress)
+        engine_meta = engine(config, data, W0, recorder, progress)
         wall = time.perf_counter() - start
         final_loss = recorder.last_loss
         path = recorder.finish({"wall_time_s": f"{wall:.3f}", "steps_per_s": f"{config.steps / wall:.4f}",
-                                "final_loss": repr(final_loss), "threads": str(threads)})
+                                "final_loss": repr(final_loss), "threads": str(threads), **engine_meta})
     return RunResult(path=path, config=config, wall_time_s=wall, steps_per_s=config.steps / wall,
                      final_loss=final_loss, threads=threads)
 
@@ -145,8 +150,16 @@ def trainer_num_items(labels: torch.Tensor, shifts_labels: bool) -> torch.Tensor
     return counted.ne(IGNORE_INDEX).sum() / 1  # the Trainer divides by tp*cp*sp sizes (1): a float32 tensor
 
 
+def _use_fused_head(config: "RunConfig", device: torch.device) -> bool:
+    """Whether to try the fused head (it is verified before use): 'auto' takes it on CPU only, where
+    it was shown bitwise equal and halves peak memory; GPU BLAS may pick other kernels per shape."""
+    if config.head == "reference" or config.compile != "none":
+        return False
+    return config.head == "fused" or device.type == "cpu"
+
+
 def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: Recorder,
-                  progress: Progress | None) -> None:
+                  progress: Progress | None) -> dict[str, str]:
     device = torch.device(config.device)
     order = DataOrder(data.n_examples(config.seq_len), config.batch_size, config.data_seed)
     model = build_model(config, W0, device)
@@ -162,6 +175,8 @@ def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, rec
     ids = data.ids
     shifts_labels = trainer_counts_shifted_labels(model)
 
+    fused = _use_fused_head(config, device)
+    checked: dict[tuple[int, ...], str | None] = {}  # batch shape -> None (bitwise equal) or the difference
     recorder.record(0, model)
     for step in range(1, config.steps + 1):
         starts = order.batch(step)  # (B,)
@@ -170,8 +185,16 @@ def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, rec
         # The Trainer has the model divide the summed cross-entropy by its own count of labels
         # (num_items_in_batch): sum / n, not mean. See trainer_num_items for which labels it counts.
         n_targets = trainer_num_items(labels, shifts_labels)  # float32 scalar, as the Trainer makes it
+        if fused and tuple(inputs.shape) not in checked:  # once per batch shape (the last batch of an epoch may be short)
+            problem = verify_fused_head(model, inputs, labels, n_targets, amp_dtype=torch.bfloat16 if use_amp else None)
+            checked[tuple(inputs.shape)] = problem
+            if problem is not None:
+                if config.head == "fused":
+                    raise DeterminismError(f"head = 'fused' is not bitwise equal to the model's loss on {device} for a "
+                                           f"batch of shape {tuple(inputs.shape)}: {problem}. Use head = 'auto' or 'reference'.")
+                fused = False
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = forward(input_ids=inputs, labels=labels, num_items_in_batch=n_targets).loss  # float32
+            loss = model_loss(forward, inputs, labels, n_targets, fused)  # float32
         loss.backward()
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -183,10 +206,13 @@ def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, rec
         recorder.record(step, model, loss=loss_value, batch_starts=starts, optimizer=optimizer)
         if progress is not None:
             progress(step, config.steps, loss_value)
+    failed = {str(list(k)): v for k, v in checked.items() if v is not None}
+    return {"head": json.dumps({"requested": config.head, "used": "fused" if fused else "reference",
+                                "checked_shapes": [list(k) for k in checked], "check_failures": failed}, sort_keys=True)}
 
 
 def _hf_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: Recorder,
-               progress: Progress | None) -> None:
+               progress: Progress | None) -> dict[str, str]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
@@ -277,3 +303,4 @@ def _hf_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, record
     finally:
         hook.remove()
         shutil.rmtree(output_dir, ignore_errors=True)
+    return {"head": json.dumps({"requested": config.head, "used": "trainer"}, sort_keys=True)}
