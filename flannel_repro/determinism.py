@@ -179,6 +179,7 @@ def environment_fingerprint(device: str = "cpu") -> dict[str, Any]:
         "packages": package_versions(),
         "device": device_description(device),
         "threads": torch.get_num_threads(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,

@@ -120,12 +120,34 @@ class FlannelSession:
 
         if not self._threads_set:
             wanted = self.threads
+            workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
             if wanted is None:
-                workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
                 wanted = max(1, (os.cpu_count() or 1) // max(1, workers))
             torch.set_num_threads(wanted)
+            pin_worker(os.environ.get("PYTEST_XDIST_WORKER"), workers, wanted)
             self._threads_set = True
         return torch.get_num_threads()
+
+
+def pin_worker(worker: str | None, workers: int, threads: int) -> list[int] | None:
+    """Pin xdist worker gwN to its own `threads` CPUs, so the workers' threads never share a core
+    or migrate between cores. Only where the allowed CPUs suffice for every worker; placement
+    changes no arithmetic. FLANNEL_REPRO_PIN=0 turns it off. Returns the CPUs pinned to, or None."""
+    if os.environ.get("FLANNEL_REPRO_PIN", "1") == "0" or not worker or not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        index = int(worker.removeprefix("gw"))
+        allowed = sorted(os.sched_getaffinity(0))
+    except (ValueError, OSError):
+        return None
+    if workers * threads > len(allowed) or index >= workers:
+        return None
+    cpus = allowed[index * threads:(index + 1) * threads]
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError:
+        return None
+    return cpus
 
 
 SESSION_KEY = pytest.StashKey[FlannelSession]()

@@ -41,6 +41,24 @@ def _no_outer_xdist_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _all_cpus_for_inner_runs():
+    """An outer xdist worker may have pinned itself to one CPU (plugin.pin_worker); inner runs and
+    their subprocesses would inherit that mask. Give them the whole machine, then restore."""
+    import os
+
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except OSError:
+        pass
+    yield
+    os.sched_setaffinity(0, before)
+
+
 @pytest.fixture
 def tiny_experiment(pytester: pytest.Pytester):
     """Writes flannel.toml (the tiny experiment) and points the plugin at it through pytest.ini."""
