@@ -1,0 +1,33 @@
+"""A pytest plugin for benchmarks/speed.py --overhead: wall time per phase, written as JSON.
+
+Loaded with `-p _phase_timer` (benchmarks/ on PYTHONPATH); FLANNEL_PHASE_REPORT names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+_t: dict[str, float] = {"start": time.perf_counter(), "collect": 0.0, "setup": 0.0, "call": 0.0, "teardown": 0.0}
+
+
+def pytest_sessionstart(session) -> None:  # noqa: ANN001
+    _t["start"] = time.perf_counter()
+
+
+def pytest_collection_finish(session) -> None:  # noqa: ANN001
+    _t["collect"] = time.perf_counter() - _t["start"]
+
+
+def pytest_runtest_logreport(report) -> None:  # noqa: ANN001
+    _t[report.when] += report.duration
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001
+    out = os.environ.get("FLANNEL_PHASE_REPORT")
+    if out:
+        data = {k: v for k, v in _t.items() if k != "start"} | {"total": time.perf_counter() - _t["start"],
+                                                                "exitstatus": int(exitstatus)}
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(data, f)
