@@ -17,9 +17,9 @@ per row, so cutting the rows into chunks changes no arithmetic:
 * the loss itself is nll_loss's own sum (a cascade summation over rows in row order), so it is
   taken by calling `nll_loss` on the (N, 1) column of picked log-probabilities: same values, same
   order, same result;
-* the two products of the backward are the ones autograd issues for `mm(h, W.t())`:
-  `grad @ W` (row-chunkable, and done per chunk while the chunk is in cache) and
-  `grad.t() @ h` (kept whole: cutting its K = N reduction would change the sums).
+* the two products of the backward are the ones autograd issues for `mm(h, W.t())`, on the whole
+  gradient: `grad @ W` and `grad.t() @ h` (cutting the latter's K = N reduction would change its
+  sums; the former was row-invariant but slower in chunks).
 
 Equality of GEMM row chunks is a property of the BLAS kernels, not a law, so it is checked where
 it matters: `verify_fused_head` runs the model's own loss and this one on the same batch and
@@ -61,8 +61,8 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_grads(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, chunk: int,
-                 grad_logits: torch.Tensor, grad_h: torch.Tensor) -> torch.Tensor:
-    """Fill grad_logits (N, V) and grad_h (N, H) for upstream gradient `g` of the summed loss;
+                 grad_logits: torch.Tensor) -> torch.Tensor:
+    """Fill grad_logits (N, V) for upstream gradient `g` of the summed loss;
     returns the (N, 1) float32 column of target log-probabilities (any value where ignored)."""
     N, V = grad_logits.shape
     c = min(chunk, N)
@@ -88,7 +88,6 @@ def _chunk_grads(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, g: tor
         g_out[:k].zero_().scatter_(1, idx, g_target[r0:r1])
         torch._log_softmax_backward_data(g_out[:k], out[:k], 1, torch.float32, out=g_in[:k])
         grad_logits[r0:r1].copy_(g_in[:k])  # the backward of .float(): round to the logits' dtype
-        torch.mm(grad_logits[r0:r1], W, out=grad_h[r0:r1])
     return picked
 
 
@@ -101,28 +100,28 @@ class _FusedHeadLoss(torch.autograd.Function):
             Wc = _cast(W, amp_dtype)
             N, V = h.shape[0], Wc.shape[0]
             grad_logits = torch.empty((N, V), dtype=torch.result_type(h, Wc), device=h.device)
-            grad_h = torch.empty_like(h)
             # Assume the caller backpropagates 1.0 (loss.backward()); backward() checks it.
             g = torch.ones((), dtype=torch.float32, device=h.device) / num_items
-            picked = _chunk_grads(h, Wc, targets, g, chunk, grad_logits, grad_h)
+            picked = _chunk_grads(h, Wc, targets, g, chunk, grad_logits)
             nll_targets = torch.where(targets != IGNORE_INDEX, torch.zeros_like(targets), targets)
             loss = F.nll_loss(picked, nll_targets, ignore_index=IGNORE_INDEX, reduction="sum") / num_items
         ctx.save_for_backward(h, Wc, targets, num_items)
-        ctx.grads = (grad_logits, grad_h)
+        ctx.grad_logits = grad_logits
         ctx.meta = (chunk, hidden.shape, hidden.dtype, W.dtype)
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         h, Wc, targets, num_items = ctx.saved_tensors
-        grad_logits, grad_h = ctx.grads
-        ctx.grads = None
+        grad_logits = ctx.grad_logits
+        ctx.grad_logits = None
         chunk, hidden_shape, hidden_dtype, W_dtype = ctx.meta
         with torch.autocast(h.device.type, enabled=False):
             if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # not loss.backward(): redo with g
-                _chunk_grads(h, Wc, targets, grad_loss / num_items, chunk, grad_logits, grad_h)
-            grad_W = torch.mm(grad_logits.t(), h)  # autograd's mm_mat2_backward for mm(h, W.t())
-            grad_hidden = grad_h.view(hidden_shape).to(hidden_dtype)
+                _chunk_grads(h, Wc, targets, grad_loss / num_items, chunk, grad_logits)
+            # The two products autograd issues for mm(h, W.t()): mm_mat1_backward and mm_mat2_backward.
+            grad_hidden = torch.mm(grad_logits, Wc).view(hidden_shape).to(hidden_dtype)
+            grad_W = torch.mm(grad_logits.t(), h)
             grad_W = grad_W.to(W_dtype)
         return grad_hidden, grad_W, None, None, None, None
 

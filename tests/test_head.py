@@ -92,8 +92,8 @@ def test_verify_reports_a_difference(tiny_config, monkeypatch):
     model, inputs, labels, n = _setup(tiny_config)
     real = head._chunk_grads
 
-    def off_by_one_ulp(h, W, targets, g, chunk, grad_logits, grad_h):
-        picked = real(h, W, targets, g, chunk, grad_logits, grad_h)
+    def off_by_one_ulp(h, W, targets, g, chunk, grad_logits):
+        picked = real(h, W, targets, g, chunk, grad_logits)
         return torch.nextafter(picked, torch.full_like(picked, -1.0))
 
     monkeypatch.setattr(head, "_chunk_grads", off_by_one_ulp)
