@@ -9,7 +9,25 @@ import json
 import os
 import time
 
-_t: dict[str, float] = {"start": time.perf_counter(), "collect": 0.0, "setup": 0.0, "call": 0.0, "teardown": 0.0}
+_t: dict[str, float] = {"start": time.perf_counter(), "collect": 0.0, "setup": 0.0, "call": 0.0, "teardown": 0.0,
+                        "obtain": 0.0, "obtain_calls": 0}
+
+
+def pytest_configure(config) -> None:  # noqa: ANN001
+    """Time the plugin's run lookup (run key, lock, store, open), which tests call from their bodies."""
+    import flannel_repro.plugin as plugin
+
+    real = plugin.obtain
+
+    def timed(*args, **kwargs):  # noqa: ANN002, ANN003
+        t0 = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            _t["obtain"] += time.perf_counter() - t0
+            _t["obtain_calls"] += 1
+
+    plugin.obtain = timed
 
 
 def pytest_sessionstart(session) -> None:  # noqa: ANN001

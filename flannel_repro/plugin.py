@@ -336,6 +336,10 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     session = build_session(config)
     config.stash[SESSION_KEY] = session
+    # cuBLAS reads its workspace setting once, when CUDA starts; deterministic CUDA runs need it
+    # fixed. Set here, before any test touches CUDA (xdist workers inherit it); a value already in
+    # the environment wins. CPU runs ignore it. Every artifact records it (environment fingerprint).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "flannel-xdist")
     if not hasattr(config, "workerinput"):
