@@ -21,14 +21,18 @@ pages of row ``t``; nothing a caller does to a returned tensor ever reaches the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import mmap
+import operator
 import os
 import re
 import secrets
+import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -516,30 +520,46 @@ def cleanup_partials(directory: str | os.PathLike[str], *, older_than_s: float =
 
 
 class TrajectoryReader:
-    """Lazy reader of a safetensors file through one copy-on-write memory map.
+    """Lazy reader of a safetensors file: positional reads for copies, a memory map for views.
 
-    ``reader[name]`` is a torch tensor viewing the map: slicing reads only the pages touched.
-    Treat tensors as read-only: in-place changes stay private to this process (copy-on-write)
-    and never reach the file.
+    Two ways to get at the data:
+
+    * :meth:`row`, :meth:`rows` and :meth:`read` copy the bytes asked for with positional reads
+      (``os.preadv``) into a tensor the caller owns (``out=``, reusable) or a new one. Nothing is
+      mapped: the file's pages stay in the kernel page cache, which is not part of this process's
+      RSS, so reading or scanning a whole trajectory leaves no memory behind. Use these for
+      anything that walks over many steps.
+    * ``reader[name]`` is a tensor viewing a copy-on-write memory map of the whole file, created on
+      first use: slicing reads only the pages touched, but every page touched stays resident in
+      this process until :meth:`release_pages`, or until the map goes away (:meth:`close`, once no
+      view of it is alive any more). Treat these tensors as read-only:
+      in-place changes stay private to this process (copy-on-write) and never reach the file.
+
+    Positional reads are safe from several threads at once. A closed reader raises ArtifactError.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         _require_little_endian()
         self.path = Path(path)
+        self._fd: int | None = None
         self._mm: mmap.mmap | None = None
         self._cache: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()  # guards the lazy map and the view cache
         try:
-            f = open(self.path, "rb")
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise ArtifactError(f"{self.path}: expected a safetensors file, found no such file.") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(self.path))
+            size = st.st_size
             self.file_size = size
             if size < 8:
                 raise ArtifactError(
                     f"{self.path}: truncated or incomplete: expected at least 8 bytes (header length), got {size}."
                 )
-            n = int.from_bytes(f.read(8), "little")
+            n = int.from_bytes(os.pread(fd, 8, 0), "little")
             if n == 0:
                 raise ArtifactError(
                     f"{self.path}: incomplete: expected a non-zero header length, got 0 "
@@ -553,12 +573,15 @@ class TrajectoryReader:
                 raise ArtifactError(
                     f"{self.path}: truncated or incomplete: expected at least {8 + n} bytes (header), got {size}."
                 )
-            raw = f.read(n)
+            raw = bytearray(n)
+            self._pread_into(fd, memoryview(raw), 8, "the header")
             self._header_len = n
-            self._parse_header(raw, size)
-            # One private (copy-on-write) map of the whole file: views are writable as far as
-            # numpy/torch are concerned (no non-writable warning), but writes never reach the file.
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._parse_header(bytes(raw), size)
+        except BaseException:
+            os.close(fd)
+            raise
+        # The descriptor stays open for positional reads; the map is made on first `reader[name]`.
+        self._fd = fd
 
     def _parse_header(self, raw: bytes, size: int) -> None:
         try:
@@ -638,24 +661,164 @@ class TrajectoryReader:
             ) from None
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        """The whole tensor as a view of the (lazily created) memory map; see the class docstring."""
         t = self._cache.get(name)
         if t is None:
-            t = self._cache[name] = self._view(name)
+            with self._lock:
+                t = self._cache.get(name)
+                if t is None:
+                    t = self._cache[name] = self._view(name)
         return t
 
     def get(self, name: str, default: torch.Tensor | None = None) -> torch.Tensor | None:
         return self[name] if name in self._specs else default
 
-    def row(self, name: str, index: int) -> torch.Tensor:
-        """``self[name][index]``: one row, still a view of the map (read when used)."""
-        return self[name][index]
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    # -- positional reads (no map) --------------------------------------------------------------
+
+    def row(
+        self,
+        name: str,
+        index: int | tuple[int, ...],
+        out: torch.Tensor | None = None,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> torch.Tensor:
+        """``self[name][index]`` as a tensor of its own, read from the file (not the map).
+
+        ``index`` is an int (first axis) or a tuple of leading indices; negative indices count
+        from the end. ``start``/``stop`` select a contiguous range of the row's first axis, e.g.
+        ``row("W", t, start=v0, stop=v1)`` is ``W[t, v0:v1]``. With ``out`` (contiguous, of the
+        stored dtype and the result's shape) the bytes go there and ``out`` is returned, so a
+        scan can reuse one buffer per step.
+        """
+        spec = self.spec(name)
+        idx = tuple(index) if isinstance(index, (tuple, list)) else (index,)
+        if not idx or len(idx) > len(spec.shape):
+            raise ArtifactError(
+                f"{self.path}: tensor {name!r} of shape {spec.shape}: expected 1 to {len(spec.shape)} leading "
+                f"indices, got {index!r}."
+            )
+        elem = 0
+        for axis, i in enumerate(idx):
+            dim = spec.shape[axis]
+            try:
+                if isinstance(i, bool):
+                    raise TypeError
+                i = operator.index(i)  # int, numpy integer, integer scalar tensor
+            except TypeError:
+                raise ArtifactError(
+                    f"{self.path}: tensor {name!r} axis {axis}: expected an int index, got {i!r}."
+                ) from None
+            if not -dim <= i < dim:
+                raise IndexError(
+                    f"{self.path}: tensor {name!r}: index {i} is out of bounds for axis {axis} with size {dim}."
+                )
+            elem += (i % dim) * math.prod(spec.shape[axis + 1:])
+        rest = spec.shape[len(idx):]
+        if start != 0 or stop is not None:
+            if not rest:
+                raise ArtifactError(
+                    f"{self.path}: tensor {name!r}: {index!r} selects one element; start/stop do not apply."
+                )
+            stop = rest[0] if stop is None else stop
+            if not 0 <= start <= stop <= rest[0]:
+                raise ArtifactError(
+                    f"{self.path}: tensor {name!r}: expected 0 <= start <= stop <= {rest[0]}, "
+                    f"got start={start}, stop={stop}."
+                )
+            elem += start * math.prod(rest[1:])
+            rest = (stop - start, *rest[1:])
+        return self._read(name, spec, elem, rest, out)
+
+    def rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``self[name][start:stop]`` (first axis, 0 <= start <= stop <= len) read from the file,
+        into ``out`` if given."""
+        spec = self.spec(name)
+        if not spec.shape:
+            raise ArtifactError(f"{self.path}: tensor {name!r} is a scalar; it has no rows.")
+        n = spec.shape[0]
+        if not 0 <= start <= stop <= n:
+            raise ArtifactError(
+                f"{self.path}: tensor {name!r}: expected 0 <= start <= stop <= {n}, got {start}, {stop}."
+            )
+        return self._read(name, spec, start * math.prod(spec.shape[1:]), (stop - start, *spec.shape[1:]), out)
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole tensor ``name`` read from the file into a tensor of its own (or ``out``)."""
+        spec = self.spec(name)
+        return self._read(name, spec, 0, spec.shape, out)
+
+    def _read(
+        self, name: str, spec: TensorSpec, elem: int, shape: tuple[int, ...], out: torch.Tensor | None
+    ) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(shape, dtype=spec.dtype)
+        elif not isinstance(out, torch.Tensor):
+            raise ArtifactError(
+                f"{self.path}: tensor {name!r}: expected out= to be a torch.Tensor, got {type(out).__name__}."
+            )
+        elif (
+            out.dtype != spec.dtype
+            or tuple(out.shape) != tuple(shape)
+            or out.device.type != "cpu"
+            or not out.is_contiguous()
+        ):
+            raise ArtifactError(
+                f"{self.path}: tensor {name!r}: expected out= to be a contiguous CPU {spec.dtype} tensor of shape "
+                f"{tuple(shape)}, got {'' if out.is_contiguous() else 'non-contiguous '}{out.device.type} "
+                f"{out.dtype} {tuple(out.shape)}."
+            )
+        fd = self._fd
+        if fd is None:
+            raise ArtifactError(f"{self.path}: cannot read {name!r}: the reader is closed.")
+        if out.numel():
+            buf = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())
+            offset = self._data_start + self._offsets[name][0] + elem * spec.dtype.itemsize
+            try:
+                self._pread_into(fd, buf, offset, f"tensor {name!r}")
+            except OSError:
+                if self._fd is None:  # closed by another thread while reading
+                    raise ArtifactError(f"{self.path}: cannot read {name!r}: the reader is closed.") from None
+                raise
+        return out
+
+    @staticmethod
+    def _preadv(fd: int, buf: memoryview, offset: int) -> int:
+        if hasattr(os, "preadv"):
+            return os.preadv(fd, [buf], offset)  # straight into the caller's buffer
+        data = os.pread(fd, len(buf), offset)  # platforms without preadv: one extra copy
+        buf[: len(data)] = data
+        return len(data)
+
+    def _pread_into(self, fd: int, buf: memoryview, offset: int, what: str) -> None:
+        """Fill ``buf`` from the file at ``offset``; positional, so threads may share the descriptor."""
+        done, total = 0, len(buf)
+        while done < total:  # the kernel may return less than asked (large reads, signals)
+            got = self._preadv(fd, buf[done:], offset + done)
+            if got == 0:
+                raise ArtifactError(
+                    f"{self.path}: truncated: reading {what} expected {total} bytes at offset {offset}, "
+                    f"got {done} (the file shrank after it was opened?)."
+                )
+            done += got
+
+    # -- the map --------------------------------------------------------------------------------
 
     def _view(self, name: str) -> torch.Tensor:
         spec = self.spec(name)
-        if self._mm is None:
+        if self._fd is None:
             raise ArtifactError(f"{self.path}: cannot read {name!r}: the reader is closed.")
         if spec.nbytes == 0:
             return torch.empty(spec.shape, dtype=spec.dtype)
+        if self._mm is None:
+            # One private (copy-on-write) map of the whole file: views are writable as far as
+            # numpy/torch are concerned (no non-writable warning), but writes never reach the file.
+            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
         begin = self._data_start + self._offsets[name][0]
         raw = np.frombuffer(self._mm, dtype=np.uint8, count=spec.nbytes, offset=begin)
         if begin % spec.dtype.itemsize:
@@ -665,15 +828,35 @@ class TrajectoryReader:
         # Reinterpret bytes as the stored dtype (bf16 has no numpy dtype, so go through uint8).
         return torch.from_numpy(raw).view(spec.dtype).reshape(spec.shape)
 
+    def release_pages(self) -> None:
+        """Drop the map's resident pages (``madvise(MADV_DONTNEED)``): RSS falls back, tensors from
+        ``reader[name]`` stay valid and re-read the file when next touched. In-place changes made
+        to such tensors are discarded (they were private copies). No-op without a map."""
+        with self._lock:
+            if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+                self._mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
-        """Drop the map. Tensors handed out earlier stay valid (they keep the map alive)."""
-        self._cache.clear()
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:
-                pass  # views still exported: the map closes when the last one is freed
-            self._mm = None
+        """Close the file and drop the map. Tensors handed out earlier stay valid (views keep the
+        map alive; copies are the caller's). Reading afterwards raises ArtifactError."""
+        with self._lock:
+            self._cache.clear()
+            if self._mm is not None:
+                try:
+                    self._mm.close()
+                except BufferError:
+                    pass  # views still exported: the map closes when the last one is freed
+                self._mm = None
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            self._fd = None
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __enter__(self) -> "TrajectoryReader":
         return self

@@ -1,6 +1,10 @@
 """A lazy, read-only view of one recorded run: W per step, losses, digests and metadata.
 
-Nothing large is read until asked for: `traj.W[t]` touches one step of the memory-mapped file.
+Nothing large is read until asked for. `traj.W_at(t)` copies one step out of the file with a
+positional read, so nothing stays resident in this process after the copy is dropped: use it
+(or `flannel_repro.divergence`, which reads the same way) to walk over steps. `traj.W` is a view
+of a memory map of the file, for array-like access; every page it touches stays in this
+process's RSS while the trajectory is open (`release_pages()` drops them).
 """
 
 from __future__ import annotations
@@ -87,24 +91,33 @@ class Trajectory:
 
     @property
     def W(self) -> torch.Tensor:
-        """(steps + 1, V, H), memory-mapped; index it, do not copy it whole."""
-        if not self.has_W:
-            raise ArtifactError(f"{self.path}: W was not recorded (record_W = false); only digests are available.")
+        """(steps + 1, V, H), memory-mapped; index it, do not copy it whole. Pages touched stay
+        resident until `release_pages()` or `close()`; `W_at(t)` reads a step without that."""
+        self._require_W()
         return self.reader[artifacts.KEY_W]
 
-    def W_at(self, step: int) -> torch.Tensor:
+    def W_at(self, step: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """W after `step` as a (V, H) tensor of its own, read from the file (into `out` if given,
+        e.g. one buffer reused while scanning); no page of the file stays mapped."""
         if not 0 <= step <= self.steps:
             raise IndexError(f"step {step} outside 0..{self.steps} of {self.label}.")
-        return self.W[step]
+        self._require_W()
+        return self.reader.row(artifacts.KEY_W, step, out)
 
     @property
     def W_initial(self) -> torch.Tensor:
-        return self.W[0]
+        """W[0] as a tensor of its own (read from the file)."""
+        self._require_W()
+        return self.reader.row(artifacts.KEY_W, 0)
+
+    def _require_W(self) -> None:
+        if not self.has_W:
+            raise ArtifactError(f"{self.path}: W was not recorded (record_W = false); only digests are available.")
 
     @cached_property
     def losses(self) -> torch.Tensor:
         """(steps + 1,) float32; NaN at step 0 (no loss before the first step)."""
-        return self.reader[artifacts.KEY_LOSSES].clone()
+        return self.reader.read(artifacts.KEY_LOSSES)
 
     @property
     def final_loss(self) -> float:
@@ -113,7 +126,7 @@ class Trajectory:
     @cached_property
     def digests(self) -> torch.Tensor:
         """(steps + 1, 32) uint8: blake2b-256 of W's bytes after each step."""
-        return self.reader[artifacts.KEY_DIGESTS].clone()
+        return self.reader.read(artifacts.KEY_DIGESTS)
 
     def digest_hex(self, step: int) -> str:
         return bytes(self.digests[step].tolist()).hex()
@@ -125,7 +138,7 @@ class Trajectory:
 
     @cached_property
     def live_mask(self) -> torch.Tensor:
-        return self.reader[artifacts.KEY_LIVE_MASK].clone()
+        return self.reader.read(artifacts.KEY_LIVE_MASK)
 
     def optional(self, key: str) -> torch.Tensor:
         if key not in self.reader:
@@ -148,6 +161,11 @@ class Trajectory:
     @property
     def steps_per_s(self) -> float:
         return float(self.metadata.get("steps_per_s", "nan"))
+
+    def release_pages(self) -> None:
+        """Drop the resident pages of the memory map behind `W`, `batch_starts` and `optional()`
+        views (see `TrajectoryReader.release_pages`); the views stay usable."""
+        self.reader.release_pages()
 
     def close(self) -> None:
         self.reader.close()

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -380,6 +381,124 @@ def test_lazy_rows(tmp_path: Path) -> None:
         with open(p, "r+b") as f:
             os.pwrite(f.fileno(), row.view(torch.uint8).numpy().tobytes(), off)
         assert_same(r.row("W", 7), row)
+
+
+def test_positional_reads(tmp_path: Path) -> None:
+    """row/rows/read copy from the file without mapping it; out= buffers are filled and reused."""
+    paths, Ws, _ = make_runs(tmp_path, 1)
+    W = Ws[0]
+    with TrajectoryReader(paths[0]) as r:
+        assert_same(r.row(KEY_W, 3), W[3])
+        assert_same(r.row(KEY_W, -1), W[-1])  # negative indices count from the end, as W[-1]
+        assert_same(r.row(KEY_W, (2, 7)), W[2, 7])
+        assert_same(r.row(KEY_W, np.int64(2)), W[2])
+        assert_same(r.row(KEY_W, torch.tensor(2)), W[2])
+        with pytest.raises(ArtifactError, match="expected an int index"):
+            r.row(KEY_W, True)
+        assert_same(r.row(KEY_W, 4, start=10, stop=17), W[4, 10:17])
+        assert_same(r.row(KEY_W, 4, start=V - 1), W[4, V - 1:])
+        assert_same(r.row(KEY_W, 4, start=5, stop=5), W[4, 5:5])
+        assert_same(r.rows(KEY_W, 1, 4), W[1:4])
+        buf = torch.empty(V, H, dtype=torch.bfloat16)
+        for t in range(S + 1):
+            assert r.row(KEY_W, t, out=buf) is buf
+            assert_same(buf, W[t])
+        block = torch.empty(2, V, H, dtype=torch.bfloat16)
+        assert r.rows(KEY_W, 5, 7, out=block) is block
+        assert_same(block, W[5:7])
+        assert r.read(KEY_LIVE_MASK).dtype == torch.bool
+        assert r._mm is None  # nothing above made the map
+        copy = r.row(KEY_W, 0)
+        copy.add_(1.0)  # the caller's own tensor
+        assert_same(r.row(KEY_W, 0), W[0])
+        with pytest.raises(IndexError, match="out of bounds"):
+            r.row(KEY_W, S + 1)
+        with pytest.raises(IndexError, match="out of bounds"):
+            r.row(KEY_W, -(S + 2))
+        with pytest.raises(ArtifactError, match="leading indices"):
+            r.row(KEY_W, (0, 0, 0, 0))
+        with pytest.raises(ArtifactError, match="start <= stop"):
+            r.row(KEY_W, 0, start=3, stop=2)
+        with pytest.raises(ArtifactError, match="start <= stop"):
+            r.rows(KEY_W, 0, S + 2)
+        with pytest.raises(ArtifactError, match="out= to be a contiguous CPU torch.bfloat16 tensor of shape"):
+            r.row(KEY_W, 0, out=torch.empty(V, H))  # wrong dtype
+        with pytest.raises(ArtifactError, match="of shape"):
+            r.row(KEY_W, 0, out=torch.empty(V, H + 1, dtype=torch.bfloat16))
+        with pytest.raises(ArtifactError, match="non-contiguous"):
+            r.row(KEY_W, 0, out=torch.empty(H, V, dtype=torch.bfloat16).T)
+        with pytest.raises(ArtifactError, match="expected a tensor 'nope'"):
+            r.row("nope", 0)
+        view = r[KEY_W]  # the map still works, created on first use
+        assert r._mm is not None
+        assert_same(view[3], W[3])
+    for read in (lambda: r.row(KEY_W, 0), lambda: r.rows(KEY_W, 0, 1), lambda: r.read(KEY_LOSSES), lambda: r[KEY_W]):
+        with pytest.raises(ArtifactError, match="the reader is closed"):
+            read()
+    assert r.closed
+    assert_same(view[3], W[3])  # views handed out before close stay valid
+
+
+def test_positional_reads_from_threads(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths, Ws, _ = make_runs(tmp_path, 1)
+    with TrajectoryReader(paths[0]) as r:
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda t: r.row(KEY_W, t % (S + 1)), range(64)))
+        for t, row in enumerate(got):
+            assert_same(row, Ws[0][t % (S + 1)])
+
+
+def test_truncated_after_open(tmp_path: Path) -> None:
+    paths, _, _ = make_runs(tmp_path, 1)
+    with TrajectoryReader(paths[0]) as r:
+        os.truncate(paths[0], r.file_size - 1)  # replaced by something shorter under our feet
+        with pytest.raises(ArtifactError, match="truncated"):
+            r.read(KEY_LIVE_MASK)  # the last tensor in the file
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_release_pages_drops_the_map_from_rss(tmp_path: Path) -> None:
+    steps, vocab, hidden = 16, 1024, 1024  # 32 MiB of W
+    p = tmp_path / "big.safetensors"
+    with TrajectoryWriter(p, [TensorSpec("W", torch.bfloat16, (steps, vocab, hidden))], {}) as w:
+        for t in range(steps):
+            w.write_row("W", t, torch.full((vocab, hidden), float(t), dtype=torch.bfloat16))
+        w.finish()
+    with TrajectoryReader(p) as r:
+        buf = torch.zeros((vocab, hidden), dtype=torch.bfloat16)  # one buffer: allocator growth is not measured
+        before = _rss_bytes()
+        for t in range(steps):
+            assert r.row("W", t, buf)[7, 7].item() == t  # positional reads: nothing stays resident
+        assert _rss_bytes() - before < 8 << 20
+        W = r["W"]
+        assert float(W.float().sum()) > 0  # touches every page of the map
+        touched = _rss_bytes() - before
+        assert touched > 24 << 20, touched
+        r.release_pages()
+        assert _rss_bytes() - before < touched / 4
+        assert W[5, 3, 3].item() == 5.0  # the view still works: pages come back from the file
+
+
+def test_trajectory_reads_without_mapping(tmp_path: Path) -> None:
+    from flannel_repro.trajectory import Trajectory
+
+    paths, Ws, _ = make_runs(tmp_path, 1)
+    traj = Trajectory(paths[0])
+    try:
+        assert torch.isnan(traj.losses[0]) and traj.digests.shape == (S + 1, DIGEST_SIZE)
+        assert int(traj.live_mask.sum()) == 40
+        assert_same(traj.W_at(4), Ws[0][4])
+        buf = torch.empty(V, H, dtype=torch.bfloat16)
+        assert traj.W_at(5, out=buf) is buf and torch.equal(buf.view(torch.int16), Ws[0][5].view(torch.int16))
+        assert_same(traj.W_initial, Ws[0][0])
+        assert traj.reader._mm is None
+        assert_same(traj.W[6], Ws[0][6])  # the array-like view maps the file
+        traj.release_pages()
+        assert_same(traj.W[6], Ws[0][6])
+    finally:
+        traj.close()
 
 
 # --- notebook export --------------------------------------------------------------------------

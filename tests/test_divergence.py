@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections import Counter
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +181,9 @@ def test_frobenius_against_numpy(tmp_path: Path) -> None:
     assert pd.first_step == 1
     np.testing.assert_array_equal(pd.max_abs, ref["max_abs"])
     np.testing.assert_allclose(pd.frobenius, ref["frobenius"], rtol=1e-14, atol=0)
+    for t in range(S + 1):  # one pair: each step is one float64 torch reduction, bitwise as before
+        d = (Wa[t].float() - Wb[t].float()).double()
+        assert pd.frobenius[t] == math.sqrt(float(d.square().sum()))
     for f in ("rows_differ", "rows_differ_live", "rows_differ_dead"):
         np.testing.assert_array_equal(getattr(pd, f), ref[f])
     sub = pair_divergence(a, b, steps=[6, 0, 3])
@@ -206,15 +211,21 @@ def test_float32_runs(tmp_path: Path) -> None:
 
 
 class CountingReader(TrajectoryReader):
-    """Counts row reads per (key, step)."""
+    """Counts row reads per (key, step), in rows' worth: reading W[t, v0:v1] counts (v1-v0)/V, so
+    a step read in parts by several worker threads still counts 1 if its parts tile the row."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.reads: Counter[tuple[str, int]] = Counter()
+        self._count_lock = threading.Lock()
 
-    def row(self, name: str, index: int) -> torch.Tensor:
-        self.reads[(name, int(index))] += 1
-        return super().row(name, index)
+    def row(self, name: str, index: int, out: torch.Tensor | None = None, *, start: int = 0,
+            stop: int | None = None) -> torch.Tensor:
+        first_axis = self.spec(name).shape[1]
+        part = Fraction((first_axis if stop is None else stop) - start, first_axis)
+        with self._count_lock:
+            self.reads[(name, int(index))] += part
+        return super().row(name, index, out, start=start, stop=stop)
 
 
 def test_all_pairs_matches_pairs_and_reads_once(tmp_path: Path) -> None:
@@ -288,3 +299,90 @@ def test_update_fraction(tmp_path: Path) -> None:
     q = write_run(tmp_path / "q.safetensors", torch.stack([W[0], W[1], W[2], W[2], W[4], W[5], W[6]]))
     pd = pair_divergence(p, q)
     assert pd.first_step == 3 and pd.rows_differ[3] == 1 and pd.max_abs[3] == 0.0
+
+
+def f32_reference(Ws: list[torch.Tensor], live: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per pair (combinations order) and step, from float32 differences (exact upcast, then the
+    subtraction rounded to float32, as the module docstring specifies), in numpy float64."""
+    out: dict[str, list[np.ndarray]] = {f: [] for f in FIELDS}
+    bits = {2: torch.int16, 4: torch.int32}[Ws[0].dtype.itemsize]
+    for a, b in itertools.combinations(Ws, 2):
+        d = (b.float() - a.float()).double().numpy()
+        differ = (a.view(bits).numpy() != b.view(bits).numpy()).any(axis=2)
+        out["max_abs"].append(np.abs(d).max(axis=(1, 2)))
+        out["frobenius"].append(np.sqrt((d**2).sum(axis=(1, 2))))
+        out["rows_differ"].append(differ.sum(axis=1))
+        out["rows_differ_live"].append((differ & live.numpy()).sum(axis=1))
+        out["rows_differ_dead"].append((differ & ~live.numpy()).sum(axis=1))
+    return {f: np.stack(v) for f, v in out.items()}
+
+
+@pytest.mark.parametrize("R", [2, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_all_pairs_threads_chunks_and_special_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, R: int,
+                                                      dtype: torch.dtype) -> None:
+    """Two worker threads, chunks of 3 token rows (97 rows: a short last chunk in each thread's
+    part), odd and even run counts, NaN, ±0, inf and exponent gaps beyond float32's exact range:
+    everything equals the float32-difference reference; frobenius to 2 float64 ulps, since its
+    float64 additions happen in another order (per chunk, then over chunks and threads)."""
+    import flannel_repro.divergence as dv
+
+    vocab, hidden = 97, 8
+    live = torch.arange(vocab) % 4 != 0
+    monkeypatch.setattr(dv, "_PARALLEL_MIN_PAIR_ELEMS", 0)
+    monkeypatch.setattr(dv, "_CHUNK_PAIR_ELEMS", 3 * (R * (R - 1) // 2) * hidden)
+    g = torch.Generator().manual_seed(R)
+    w0 = 0.02 * torch.randn(vocab, hidden, generator=g)
+    Ws = []
+    for r in range(R):
+        W = torch.stack([(w0 + 1e-3 * t * torch.randn(vocab, hidden, generator=g)).to(dtype) for t in range(S + 1)])
+        W[1, 5] = 0.0
+        if r % 2:
+            W[1, 5, 3] = -0.0  # bitwise different, value-equal
+            W[2, 6, 1] = float("inf")
+        W[3, 7, 2] = float("nan")  # the same NaN in every run: not a bit difference
+        if r == 1:
+            W[4, 8, 0], W[4, 8, 1] = 1e-7, 3e4  # differences rounded in float32 (bf16: not exact)
+        if r == R - 1 and R > 2:
+            W[5:] = Ws[0][5:]  # identical to run 0 from step 5 on
+        Ws.append(W)
+    paths = [write_run(tmp_path / f"r{i}.safetensors", W, live_mask=live) for i, W in enumerate(Ws)]
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        readers = [CountingReader(p) for p in paths]
+        ap = all_pairs(readers)
+        assert torch.get_num_threads() == 2  # restored after the workers ran single-threaded
+    finally:
+        torch.set_num_threads(threads_before)
+    for r in readers:
+        assert r.reads == Counter({(KEY_W, t): 1 for t in range(S + 1)})  # the parts tile every row once
+        r.close()
+    ref = f32_reference(Ws, live)
+    for f in ("max_abs", "rows_differ", "rows_differ_live", "rows_differ_dead"):
+        np.testing.assert_array_equal(getattr(ap, f), ref[f], err_msg=f)
+    assert np.isnan(ap.max_abs[:, 3]).all() and np.isnan(ap.frobenius[:, 3]).all()
+    np.testing.assert_allclose(ap.frobenius, ref["frobenius"], rtol=4.5e-16, atol=0)
+    for p, (i, j) in enumerate(ap.pairs.tolist()):
+        pd = pair_divergence(paths[i], paths[j], live_mask=live)
+        for f in FIELDS:
+            np.testing.assert_allclose(getattr(pd, f), getattr(ap, f)[p], rtol=4.5e-16, atol=0, err_msg=f)
+        assert (None if ap.first_step[p] == NEVER else ap.first_step[p]) == pd.first_step == first_divergent_step(
+            paths[i], paths[j])
+
+
+def test_first_divergent_step_scans_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 2 steps (one buffer per run, reused); the difference in the middle of a block."""
+    import flannel_repro.divergence as dv
+
+    monkeypatch.setattr(dv, "_SCAN_BLOCK_BYTES", 2 * V * H * 2)
+    W = trajectory(7)
+    a = write_run(tmp_path / "a.safetensors", W)
+    for t in range(S + 1):
+        b = write_run(tmp_path / f"b{t}.safetensors", bump(W, t, 3, 3, persist=True))
+        assert first_divergent_step(a, b) == t
+        assert first_divergent_step(a, b, trust_digests=True) == t
+    entries, rows = update_counts(a)
+    changed = W[1:].view(torch.int16) != W[:-1].view(torch.int16)
+    assert entries.tolist() == [0] + changed.sum(dim=(1, 2)).tolist()
+    assert rows.tolist() == [0] + changed.any(dim=2).sum(dim=1).tolist()
