@@ -376,7 +376,7 @@ def _update_fraction_at(traj: "Trajectory", t: int) -> float:
     import torch
 
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    cur, prev = traj.W[t], traj.W[t - 1]
+    cur, prev = traj.W_at(t), traj.W_at(t - 1)
     view = bits[cur.element_size()]
     changed = int((cur.view(view) != prev.view(view)).sum())
     return changed / max(1, cur.numel())
@@ -406,7 +406,7 @@ def _run_tree(traj: "Trajectory", chosen: Sequence[int]) -> dict[str, Any]:
         if t >= 1:
             rec["loss"] = float(losses[t])
         if traj.has_W:
-            rec["W"] = _w_stats(traj.W[t])
+            rec["W"] = _w_stats(traj.W_at(t))
             if t >= 1:
                 rec["update_fraction"] = _update_fraction_at(traj, t)
         records.append(rec)
