@@ -41,11 +41,23 @@ def cache_dir() -> Path:
     return Path(base) / "flannel-repro"
 
 
+_FILE_HASHES: dict[str, tuple[tuple[int, int, int], str]] = {}
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes; remembered per process while its inode, size and mtime stay the same
+    (every run lookup hashes the data files, and a test session makes hundreds of lookups)."""
+    st = os.stat(path)
+    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+    key = os.path.abspath(path)
+    hit = _FILE_HASHES.get(key)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    _FILE_HASHES[key] = (sig, h.hexdigest())
     return h.hexdigest()
 
 

@@ -114,6 +114,13 @@ def seed_everything(seed: int) -> None:
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of the packages that can change a trajectory (a copy: callers may modify it)."""
+    return dict(_package_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> dict[str, str]:
+    """Read once per process: importlib.metadata scans every sys.path entry on each call."""
     out = {}
     for name in PACKAGES:
         try:

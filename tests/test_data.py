@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -171,3 +172,19 @@ def test_label_modes():
     assert len(ds) == 95
     assert ds[3]["labels"].tolist() == [4, 5, 6, 7, 8]
     assert ds.fetched == [3]
+
+
+def test_file_hash_is_remembered_until_the_file_changes(tmp_path):
+    from flannel_repro import data as data_mod
+
+    p = tmp_path / "corpus.txt"
+    p.write_text("abc")
+    first = data_mod.file_sha256(p)
+    assert data_mod.file_sha256(p) == first
+    p.write_text("abcd")  # another size
+    second = data_mod.file_sha256(p)
+    assert second != first
+    p.write_text("abce")  # same size: the new mtime tells
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert data_mod.file_sha256(p) not in (first, second)
