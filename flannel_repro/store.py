@@ -109,7 +109,6 @@ class RunStore:
         from filelock import FileLock
 
         from flannel_repro.data import load_data
-        from flannel_repro.harness import train
         from flannel_repro.trajectory import Trajectory
 
         if repeat < 0:
@@ -131,6 +130,8 @@ class RunStore:
                 return Obtained(hit, trained=False, waited_s=waited)
             if on_train_start is not None:
                 on_train_start(path)
+            from flannel_repro.harness import train  # transformers is imported only when something trains
+
             result = train(config, path, data=data, progress=progress,
                            metadata={"run_key": key, "run_key_material": material, "repeat": str(repeat),
                                      "session": self.session, "pid": str(os.getpid())})
