@@ -154,26 +154,24 @@ def _old_all_pairs(readers: Sequence[Any]) -> dict[str, np.ndarray]:
 # --- measurements --------------------------------------------------------------------------------
 
 
-def _status_bytes(key: str) -> int | None:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A 'Key:   N kB' field of a /proc file (status, meminfo), in bytes; None if absent."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def _status_bytes(key: str) -> int | None:
+    return _proc_bytes("/proc/self/status", key)
 
 
 def _meminfo(key: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_bytes("/proc/meminfo", key)
 
 
 def _cpu_jiffies() -> tuple[int, int] | None:
@@ -242,18 +240,7 @@ def warm_page_cache(paths: Sequence[Path]) -> float:
 def synthesize(workdir: Path, R: int, S: int, V: int, H: int, seed: int = 0) -> list[Path]:
     import torch
 
-    from flannel_repro.artifacts import (
-        KEY_BATCH_STARTS,
-        KEY_DIGESTS,
-        KEY_LIVE_MASK,
-        KEY_LOSSES,
-        KEY_W,
-        TrajectoryWriter,
-        digest_as_tensor,
-        digest_tensor,
-        run_artifact_specs,
-        run_metadata,
-    )
+    from flannel_repro.artifacts import write_run
 
     g = torch.Generator().manual_seed(seed)
     live = torch.rand(V, generator=g) < 0.8
@@ -267,14 +254,10 @@ def synthesize(workdir: Path, R: int, S: int, V: int, H: int, seed: int = 0) -> 
         part = r * S // (2 * R) if r else S + 1  # run r follows run 0 exactly up to this step
         shared = torch.Generator().manual_seed(seed + 1)
         own = torch.Generator().manual_seed(seed + 1000 + r)
-        specs = run_artifact_specs(steps=S, vocab_size=V, hidden_dim=H, batch_size=B)
         config = {"vocab_size": V, "hidden_dim": H, "steps": S, "synthetic": True, "run": r}
         path = workdir / f"run{r:02d}.safetensors"
-        meta = run_metadata(config, {"n_live": int(live.sum()), "n_dead": int((~live).sum())})
-        with TrajectoryWriter(path, specs, meta) as w:
-            w.write(KEY_LIVE_MASK, live)
-            w.write(KEY_LOSSES, torch.full((S + 1,), float("nan")))
-            w.write(KEY_BATCH_STARTS, torch.zeros(S, B, dtype=torch.int64))
+
+        def walk(part: int = part, shared: torch.Generator = shared, own: torch.Generator = own):
             cur = w0.clone()
             for t in range(S + 1):
                 if t:
@@ -282,9 +265,9 @@ def synthesize(workdir: Path, R: int, S: int, V: int, H: int, seed: int = 0) -> 
                     k = int(torch.randint(0, len(bank), (1,), generator=gen))
                     scale = float(torch.rand(1, generator=gen)) * (1 if torch.rand(1, generator=gen) < 0.5 else -1)
                     cur = (cur.float() + scale * bank[k]).to(torch.bfloat16)
-                w.write_row(KEY_W, t, cur)
-                w.write_row(KEY_DIGESTS, t, digest_as_tensor(digest_tensor(cur)))
-            w.finish()
+                yield cur
+
+        write_run(path, walk(), steps=S, live_mask=live, config=config, batch_size=B)
         paths.append(path)
         print(f"  wrote {path.name} ({path.stat().st_size / GB:.2f} GB, parts from run 0 after step {min(part, S)})",
               file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import json
 import math
 import mmap
@@ -37,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -910,6 +911,46 @@ def run_metadata(config: Mapping[str, Any], data: Mapping[str, Any], **extra: st
         META_DATA: json.dumps(dict(data), sort_keys=True),
         **extra,
     }
+
+
+def write_run(
+    path: str | os.PathLike[str],
+    W_steps: Iterable[torch.Tensor],
+    *,
+    steps: int,
+    live_mask: torch.Tensor,
+    config: Mapping[str, Any],
+    data: Mapping[str, Any] | None = None,
+    losses: torch.Tensor | None = None,
+    batch_starts: torch.Tensor | None = None,
+    batch_size: int = 4,
+    digests_of: Sequence[torch.Tensor] | None = None,
+) -> Path:
+    """A per-run artifact in the harness's layout from W after each step 0..steps, streamed one step
+    at a time: for trajectories made outside the harness (imports, synthetic runs in tests and
+    benchmarks). `data` defaults to the live/dead counts of `live_mask`; `losses` to NaN and
+    `batch_starts` to zeros; `digests_of[t]` replaces W_t as the tensor hashed for step t (to
+    record a wrong digest on purpose)."""
+    rows = iter(W_steps)
+    first = next(rows, None)
+    if first is None:
+        raise ArtifactError(f"{path}: expected W for steps 0..{steps}, got no step.")
+    vocab, hidden = first.shape
+    n_live = int(live_mask.sum())
+    specs = run_artifact_specs(steps=steps, vocab_size=vocab, hidden_dim=hidden, batch_size=batch_size,
+                               dtype=first.dtype)
+    meta = run_metadata(config, data if data is not None else {"n_live": n_live, "n_dead": vocab - n_live})
+    with TrajectoryWriter(Path(path), specs, meta) as w:
+        w.write(KEY_LIVE_MASK, live_mask)
+        w.write(KEY_LOSSES, losses if losses is not None else torch.full((steps + 1,), float("nan")))
+        w.write(KEY_BATCH_STARTS, batch_starts if batch_starts is not None
+                else torch.zeros(steps, batch_size, dtype=torch.int64))
+        for t, W in enumerate(itertools.chain([first], rows)):
+            if t > steps:
+                raise ArtifactError(f"{path}: expected W for steps 0..{steps}, got more.")
+            w.write_row(KEY_W, t, W)
+            w.write_row(KEY_DIGESTS, t, digest_as_tensor(digest_tensor(W if digests_of is None else digests_of[t])))
+        return w.finish()
 
 
 def _json_meta(reader: TrajectoryReader, key: str) -> dict[str, Any]:

@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from flannel_repro import artifacts
 from flannel_repro.artifacts import (
     DIGEST_SIZE,
-    KEY_BATCH_STARTS,
     KEY_DIGESTS,
     KEY_LIVE_MASK,
     KEY_LOSSES,
@@ -30,12 +30,9 @@ from flannel_repro.artifacts import (
     TrajectoryReader,
     TrajectoryWriter,
     cleanup_partials,
-    digest_as_tensor,
     digest_tensor,
     export_notebook,
-    run_artifact_specs,
     run_config,
-    run_metadata,
 )
 from flannel_repro.errors import ArtifactError
 
@@ -64,24 +61,17 @@ def make_trajectory(seed: int, w0: torch.Tensor, steps: int = S) -> torch.Tensor
 def write_run(path: Path, W: torch.Tensor, *, config: dict[str, Any], losses: torch.Tensor | None = None,
               live_mask: torch.Tensor | None = None) -> Path:
     """A per-run artifact in the harness layout, written row by row."""
-    steps = W.shape[0] - 1
-    vocab, hidden = W.shape[1], W.shape[2]
+    steps, vocab = W.shape[0] - 1, W.shape[1]
     if losses is None:
         losses = torch.linspace(5.0, 3.0, steps + 1)
         losses[0] = float("nan")
     if live_mask is None:
         live_mask = torch.arange(vocab) % 5 != 0
     n_live = int(live_mask.sum())
-    specs = run_artifact_specs(steps=steps, vocab_size=vocab, hidden_dim=hidden, batch_size=B, dtype=W.dtype)
-    meta = run_metadata(config, {"n_live": n_live, "n_dead": vocab - n_live, "corpus_sha256": "x"})
-    with TrajectoryWriter(path, specs, meta) as w:
-        w.write(KEY_LIVE_MASK, live_mask)
-        w.write(KEY_LOSSES, losses)
-        w.write(KEY_BATCH_STARTS, torch.arange(steps * B, dtype=torch.int64).reshape(steps, B))
-        for t in range(steps + 1):
-            w.write_row(KEY_W, t, W[t])
-            w.write_row(KEY_DIGESTS, t, digest_as_tensor(digest_tensor(W[t])))
-        return w.finish()
+    return artifacts.write_run(
+        path, W, steps=steps, live_mask=live_mask, config=config, losses=losses, batch_size=B,
+        data={"n_live": n_live, "n_dead": vocab - n_live, "corpus_sha256": "x"},
+        batch_starts=torch.arange(steps * B, dtype=torch.int64).reshape(steps, B))
 
 
 ALL_DTYPES = [torch.bfloat16, torch.float32, torch.int64, torch.uint8, torch.bool, torch.float16, torch.int32]
@@ -596,3 +586,18 @@ def test_export_refuses_mismatched_runs(tmp_path: Path) -> None:
         export_notebook([paths[0], lying], tmp_path / "nb.safetensors")
     assert not (tmp_path / "nb.safetensors").exists()
     assert not list(tmp_path.glob("*.partial-*"))
+
+
+def test_write_run_checks_the_number_of_steps(tmp_path: Path) -> None:
+    W = torch.zeros(4, 6, 3, dtype=torch.bfloat16)  # steps 0..3
+    live = torch.ones(6, dtype=torch.bool)
+    with pytest.raises(ArtifactError, match=r"expected W for steps 0\.\.2, got more"):
+        artifacts.write_run(tmp_path / "long.safetensors", W, steps=2, live_mask=live, config={})
+    with pytest.raises(ArtifactError, match=r"expected W for steps 0\.\.2, got no step"):
+        artifacts.write_run(tmp_path / "empty.safetensors", [], steps=2, live_mask=live, config={})
+    with pytest.raises(ArtifactError, match=r"rows never written: \{'W': 1, 'digests': 1\}"):
+        artifacts.write_run(tmp_path / "short.safetensors", W[:2], steps=2, live_mask=live, config={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing half-written may stay behind"
+    ok = artifacts.write_run(tmp_path / "ok.safetensors", W[:3], steps=2, live_mask=live, config={})
+    with TrajectoryReader(ok) as r:
+        assert r["W"].shape == (3, 6, 3) and torch.isnan(r["losses"]).all()

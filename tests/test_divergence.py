@@ -13,18 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from flannel_repro import artifacts
 from flannel_repro.artifacts import (
-    KEY_BATCH_STARTS,
-    KEY_DIGESTS,
-    KEY_LIVE_MASK,
-    KEY_LOSSES,
     KEY_W,
     TrajectoryReader,
-    TrajectoryWriter,
-    digest_as_tensor,
-    digest_tensor,
-    run_artifact_specs,
-    run_metadata,
 )
 from flannel_repro.divergence import (
     NEVER,
@@ -46,17 +38,8 @@ def write_run(path: Path, W: torch.Tensor, *, digests_of: torch.Tensor | None = 
     steps, vocab, hidden = W.shape[0] - 1, W.shape[1], W.shape[2]
     config = dict(vocab_size=vocab, hidden_dim=hidden, steps=steps, init_seed=42, init_scale=0.02, lr=1e-3,
                   weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, model_seed=1, data_seed=1, record_W=True)
-    n_live = int(live_mask.sum())
-    specs = run_artifact_specs(steps=steps, vocab_size=vocab, hidden_dim=hidden, batch_size=B, dtype=W.dtype)
-    D = W if digests_of is None else digests_of
-    with TrajectoryWriter(path, specs, run_metadata(config, {"n_live": n_live, "n_dead": vocab - n_live})) as w:
-        w.write(KEY_LIVE_MASK, live_mask)
-        w.write(KEY_LOSSES, torch.full((steps + 1,), float("nan")))
-        w.write(KEY_BATCH_STARTS, torch.zeros(steps, B, dtype=torch.int64))
-        for t in range(steps + 1):
-            w.write_row(KEY_W, t, W[t])
-            w.write_row(KEY_DIGESTS, t, digest_as_tensor(digest_tensor(D[t])))
-        return w.finish()
+    return artifacts.write_run(path, W, steps=steps, live_mask=live_mask, config=config, batch_size=B,
+                               digests_of=digests_of)
 
 
 def trajectory(seed: int, dtype: torch.dtype = torch.bfloat16, w0_seed: int = 0) -> torch.Tensor:

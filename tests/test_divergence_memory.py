@@ -19,18 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flannel_repro.artifacts import (
-    KEY_BATCH_STARTS,
-    KEY_DIGESTS,
-    KEY_LIVE_MASK,
-    KEY_LOSSES,
-    KEY_W,
-    TrajectoryWriter,
-    digest_as_tensor,
-    digest_tensor,
-    run_artifact_specs,
-    run_metadata,
-)
+from flannel_repro.artifacts import write_run
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc/self/status (Linux)")
 
@@ -42,20 +31,18 @@ MiB = 1 << 20
 def _write(path: Path, seed: int) -> Path:
     """A run whose rows differ from the other run's from step 60 on (cheap to generate)."""
     base = (0.02 * torch.randn(V, H, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
-    specs = run_artifact_specs(steps=S, vocab_size=V, hidden_dim=H, batch_size=B)
-    config = dict(vocab_size=V, hidden_dim=H, steps=S)
-    with TrajectoryWriter(path, specs, run_metadata(config, {"n_live": V, "n_dead": 0})) as w:
-        w.write(KEY_LIVE_MASK, torch.ones(V, dtype=torch.bool))
-        w.write(KEY_LOSSES, torch.zeros(S + 1))
-        w.write(KEY_BATCH_STARTS, torch.zeros(S, B, dtype=torch.int64))
+
+    def steps():
         for t in range(S + 1):
             row = base.clone()
             row[t % V] += 0.001 * (1 + t)  # every step changes
             if t >= 60:
                 row[(7 * t) % V, : 1 + seed] += 0.01  # the runs part at step 60
-            w.write_row(KEY_W, t, row)
-            w.write_row(KEY_DIGESTS, t, digest_as_tensor(digest_tensor(row)))
-        return w.finish()
+            yield row
+
+    return write_run(path, steps(), steps=S, live_mask=torch.ones(V, dtype=torch.bool), batch_size=B,
+                     config=dict(vocab_size=V, hidden_dim=H, steps=S), data={"n_live": V, "n_dead": 0},
+                     losses=torch.zeros(S + 1))
 
 
 @pytest.fixture(scope="module")
