@@ -60,7 +60,7 @@ def main() -> None:
             size_mb = (tmp / f"run{steps}.safetensors").stat().st_size / 1e6
             rows.append((steps, info, size_mb))
         if rows:
-            print(f"\n| steps | peak RSS (MB) | artifact (MB) | steps/s | wall (s) |\n|---:|---:|---:|---:|---:|")
+            print("\n| steps | peak RSS (MB) | artifact (MB) | steps/s | wall (s) |\n|---:|---:|---:|---:|---:|")
         for steps, info, size_mb in rows:
             print(f"| {steps} | {info['peak_rss_mb']:.0f} | {size_mb:.0f} | {info['steps_per_s']:.2f} | {info['wall_s']:.1f} |")
         if len(rows) > 1:

@@ -152,10 +152,6 @@ def same_trajectory(a: Path, b: Path) -> str:
         tb.close()
 
 
-def cpu_count_for(threads: int) -> int:
-    return threads or os.cpu_count() or 1
-
-
 def side_by_side(args: argparse.Namespace, work: Path, lines: list[str]) -> None:
     results: dict[str, dict] = {}
     for name in args.variants:

@@ -29,7 +29,7 @@ from flannel_repro.data import DataOrder, TokenDataset, load_data, make_batch
 from flannel_repro.determinism import deterministic_mode, environment_fingerprint, torch_threads
 from flannel_repro.errors import ConfigError, DeterminismError
 from flannel_repro.head import model_loss, verify_fused_head
-from flannel_repro.model import build_model, embedding, shared_init_W
+from flannel_repro.model import build_model, shared_init_W
 from flannel_repro.recorder import Recorder
 
 if TYPE_CHECKING:

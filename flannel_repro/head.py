@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from flannel_repro import artifacts
+
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
 
@@ -175,7 +177,5 @@ def verify_fused_head(model: "GPT2LMHeadModel", inputs: torch.Tensor, labels: to
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    """Same dtype, shape and bytes (so -0.0 != 0.0 and NaN payloads count)."""
+    return a.dtype == b.dtype and artifacts._same_bits(a, b)

@@ -373,11 +373,10 @@ def _w_stats(w: Any) -> dict[str, float]:
 
 def _update_fraction_at(traj: "Trajectory", t: int) -> float:
     """Share of W entries whose bits changed from step t-1 to t (as `divergence.update_fraction`)."""
-    import torch
+    from flannel_repro.divergence import _BITS
 
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     cur, prev = traj.W_at(t), traj.W_at(t - 1)
-    view = bits[cur.element_size()]
+    view = _BITS[cur.element_size()]
     changed = int((cur.view(view) != prev.view(view)).sum())
     return changed / max(1, cur.numel())
 

@@ -28,7 +28,6 @@ from flannel_repro.summary import (
     compare_run_to_chain,
     default_steps,
     device_class,
-    summarize,
     summarize_pair,
 )
 from flannel_repro.trajectory import Trajectory
