@@ -4,6 +4,9 @@
     flannel-repro export-notebook RUN.safetensors [RUN ...] -o OUT.safetensors
     flannel-repro divergence RUN.safetensors [RUN ...]
     flannel-repro digests RUN.safetensors [-o CHAIN.json | --compare CHAIN.json]
+    flannel-repro info RUN.safetensors
+    flannel-repro numerics
+    flannel-repro noise [--preset ci | --config FILE] [--seeds 42-45] [--variants PATH:THREADS,...] [-o FILE]
 """
 
 from __future__ import annotations
@@ -134,6 +137,49 @@ def cmd_digests(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_numerics(args: argparse.Namespace) -> int:
+    """This process's numerics class on CPU, native or portable, and what the probe saw."""
+    import json
+
+    from flannel_repro.numerics import apply, machine_line, numerics_info
+
+    apply(args.mode)
+    info = numerics_info("cpu", threads=args.threads, deterministic=False, mode=args.mode)
+    print(f"{info['class']}  ({args.mode}, {args.threads} thread(s), {machine_line()})")
+    for key, value in info.get("probe", {}).items():
+        print(f"  {key}: {value}")
+    if info.get("env"):
+        print(f"  environment: {json.dumps(info['env'], sort_keys=True)}")
+    return 0
+
+
+def cmd_noise(args: argparse.Namespace) -> int:
+    """Measure a noise band: train the seeds under arithmetic variants and write how far each summary
+    field moves (see flannel_repro.noise)."""
+    import json
+
+    from flannel_repro.noise import derive_from_training, parse_variants, write_bands
+    from flannel_repro.plugin import parse_seeds
+
+    exp = _experiment(args)
+    seeds = parse_seeds(args.seeds) if args.seeds else exp.train_seeds
+    reference = parse_variants(args.reference)[0]
+    variants = parse_variants(args.variants)
+    command = "flannel-repro noise " + " ".join(args.raw_argv)
+    print(f"noise band: {len(seeds)} seed(s) x {1 + len(variants)} arithmetic variants, {exp.run.steps} steps",
+          file=sys.stderr, flush=True)
+    band = derive_from_training(exp.run, seeds, variants, reference, Path(args.artifacts), margin=args.margin,
+                                command=command, log=sys.stderr)
+    print(f"scale {band.scale}: digest chains exact through step {band.exact_through}; "
+          f"{sum(len(v) for v in band.fields.values())} field(s) with a nonzero band", file=sys.stderr)
+    if args.output:
+        write_bands(args.output, [band])
+        print(f"{args.output}: band for scale {band.scale}")
+    else:
+        print(json.dumps(band.to_json(), indent=2, sort_keys=True))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flannel-repro", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,7 +210,24 @@ def main(argv: list[str] | None = None) -> int:
     out.add_argument("--compare", metavar="CHAIN", help="a chain written by -o on another machine or commit: report the "
                      "first step whose digests differ")
     g.set_defaults(func=cmd_digests)
-    args = parser.parse_args(argv)
+    n = sub.add_parser("numerics", help="this machine's numerics class on CPU (native or portable) and the probe behind it")
+    n.add_argument("--mode", choices=("native", "portable"), default="native")
+    n.add_argument("--threads", type=int, default=1)
+    n.set_defaults(func=cmd_numerics)
+    z = sub.add_parser("noise", help="measure a noise band for tolerant comparisons across numerics classes (JSON)")
+    z.add_argument("--preset", choices=sorted(PRESETS), default="ci")
+    z.add_argument("--config", help="TOML experiment config (instead of --preset)")
+    z.add_argument("--seeds", help="training seeds, e.g. '42-45' (default: the experiment's)")
+    z.add_argument("--reference", default="portable:1", help="the variant others are measured against (PATH:THREADS)")
+    z.add_argument("--variants", default="portable:2,avx512:1,avx2:1,avx2:2",
+                   help="arithmetic variants, PATH:THREADS with PATH one of native, portable, avx512, avx2")
+    z.add_argument("--margin", type=float, default=2.0, help="band = margin x the largest measured deviation")
+    z.add_argument("--artifacts", default=".flannel/noise-artifacts")
+    z.add_argument("-o", "--output", help="bands file to write (merged: the entry of the same scale is replaced)")
+    z.set_defaults(func=cmd_noise)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
+    args.raw_argv = raw
     try:
         return args.func(args)
     except FlannelError as exc:

@@ -34,6 +34,7 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 COMPILE_MODES = ("none", "default")
 HEADS = ("auto", "fused", "reference")
 DATASETS = ("default", "tiny")
+NUMERICS = ("native", "portable")  # flannel_repro.numerics.MODES (kept here: no torch import in config)
 
 
 def _doc(text: str, **extra: Any) -> dict[str, Any]:
@@ -85,6 +86,11 @@ class RunConfig:
     threads: int = field(default=0, metadata=_doc("torch intra-op threads; 0 keeps the process default. Recorded: results may depend on it."))
     deterministic: bool = field(default=False, metadata=_doc("torch.use_deterministic_algorithms and friends for the run."))
     compile: str = field(default="none", metadata=_doc("'none' (eager, bitwise equal to the Trainer) or 'default' (torch.compile; faster, not bitwise).", choices=COMPILE_MODES))
+    numerics: str = field(default="native", metadata=_doc(
+        "CPU arithmetic: 'native' (the fastest kernels this CPU has) or 'portable' (oneDNN pinned to AVX-512 BF16 and "
+        "MKL to its strict AVX2 branch, so Intel AMX and AMD Zen 4 machines compute the same bits). Not in the "
+        "fingerprint: the numerics class it yields is recorded and is part of the run key.", choices=NUMERICS,
+        fingerprint=False))
     head: str = field(default="auto", metadata=_doc(
         "LM head + loss of the torch engine: 'fused' (row chunks, half the memory; bitwise checked against the model's "
         "own loss before use), 'reference' (the model's forward), 'auto' (fused on CPU where the check passes). "

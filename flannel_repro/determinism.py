@@ -165,19 +165,48 @@ def device_description(device: str) -> dict[str, Any]:
         index = torch.device(device).index or 0
         props = torch.cuda.get_device_properties(index)
         info.update(name=props.name, capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                    cudnn=str(torch.backends.cudnn.version()))
+                    cublas=cublas_version(), cudnn=str(torch.backends.cudnn.version()))
     elif kind == "mps":
-        info["name"] = "Apple MPS"
+        info.update(name="Apple MPS", chip=_mac_chip(), macos=platform.mac_ver()[0] or None)
     return info
 
 
-def environment_fingerprint(device: str = "cpu") -> dict[str, Any]:
-    """Everything about this process that may change a trajectory's numbers (stored with every artifact)."""
+def cublas_version() -> str | None:
+    """The cuBLAS that torch loads, from its wheel's package (None when it is not a separate package)."""
+    for name in ("nvidia-cublas-cu12", "nvidia-cublas-cu13", "nvidia-cublas", "nvidia-cublas-cu11"):
+        try:
+            return importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _mac_chip() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment_fingerprint(device: str = "cpu", *, numerics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything about this process that may change a trajectory's numbers (stored with every artifact).
+
+    `numerics` is the run's numerics class with what it was derived from (`numerics.numerics_info`);
+    by default it is probed here for native mode at the current thread count.
+    """
     import torch
 
     from flannel_repro import __version__
     from flannel_repro.allocator import malloc_state
+    from flannel_repro.numerics import numerics_info
 
+    if numerics is None:
+        numerics = numerics_info(device, threads=torch.get_num_threads(),
+                                 deterministic=torch.are_deterministic_algorithms_enabled())
     return {
         "flannel_repro": __version__,
         "code_version": code_version(),
@@ -193,4 +222,5 @@ def environment_fingerprint(device: str = "cpu") -> dict[str, Any]:
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ},
         "malloc": malloc_state(),
+        "numerics": numerics,
     }

@@ -30,6 +30,7 @@ from flannel_repro.determinism import deterministic_mode, environment_fingerprin
 from flannel_repro.errors import ConfigError, DeterminismError
 from flannel_repro.head import model_loss, verify_fused_head
 from flannel_repro.model import build_model, shared_init_W
+from flannel_repro.numerics import apply as apply_numerics, numerics_info
 from flannel_repro.recorder import Recorder
 
 if TYPE_CHECKING:
@@ -62,13 +63,15 @@ def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None
     if config.head == "fused" and (config.engine != "torch" or config.compile != "none"):
         raise ConfigError("head = 'fused' needs engine = 'torch' and compile = 'none' (the Trainer and torch.compile run "
                           f"the model's own head); got engine={config.engine!r}, compile={config.compile!r}.")
+    apply_numerics(config.numerics, config.device)  # arranges portable mode, or refuses when it is too late
     tune_malloc()
     data = data if data is not None else load_data(config)
     W0 = W_initial if W_initial is not None else shared_init_W(config)
     with contextlib.ExitStack() as stack:
         threads = stack.enter_context(torch_threads(config.threads))
         stack.enter_context(deterministic_mode(config.deterministic))
-        env = environment_fingerprint(config.device)
+        env = environment_fingerprint(config.device, numerics=numerics_info(
+            config.device, threads=threads, deterministic=config.deterministic, mode=config.numerics))
         meta = {"env": env, "engine": config.engine, **(metadata or {})}
         recorder = stack.enter_context(Recorder(config, out_path, data, meta))
         start = time.perf_counter()

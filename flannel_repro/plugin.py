@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
-from flannel_repro.config import PRESETS, ExperimentConfig, RunConfig
+from flannel_repro.config import NUMERICS, PRESETS, ExperimentConfig, RunConfig
 from flannel_repro.errors import ConfigError
 
 pytest.register_assert_rewrite("flannel_repro.assertions")
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 GROUP = "flannel"
 MARKER = "flannel"
 DEVICE_KINDS = ("cpu", "cuda", "mps")
-TOLERANCE_KEYS = ("rtol", "atol")  # @pytest.mark.flannel kwargs for flannel_snapshot, not RunConfig fields
+TOLERANCE_KEYS = ("rtol", "atol")
+MISSING_CLASS_POLICIES = ("skip", "fail", "tolerant")  # @pytest.mark.flannel kwargs for flannel_snapshot, not RunConfig fields
 SNAPSHOT_SUFFIX = "flannel"  # file suffix of flannel_snapshot files (flannel_repro.snapshot)
 
 # option name (after --flannel-) -> (ini key, help, parser of the raw string)
@@ -50,6 +51,12 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "corpus": ("flannel_corpus", "your UTF-8 corpus (with --flannel-tokenizer)."),
     "token-mask": ("flannel_token_mask", "your live/dead token mask safetensors (default: computed from the corpus)."),
     "progress": ("flannel_progress", "seconds between training progress lines (0 = off; default 10)."),
+    "numerics": ("flannel_numerics", "CPU arithmetic: native (this CPU's fastest kernels; default) or portable (oneDNN "
+                 "pinned to AVX-512 BF16, MKL to strict AVX2: one class on Intel AMX and AMD Zen 4 machines)."),
+    "missing-class": ("flannel_missing_class", "when a snapshot exists only for other numerics classes: skip (default), "
+                      "fail, or tolerant (compare with the nearest class within its measured noise band)."),
+    "noise-bands": ("flannel_noise_bands", "JSON file of noise bands for tolerant comparisons across numerics classes "
+                    "(default: flannel_noise_bands.json beside the test file)."),
     "rtol": ("flannel_rtol", "relative tolerance of flannel_snapshot float comparisons (default 0: exact)."),
     "atol": ("flannel_atol", "absolute tolerance of flannel_snapshot float comparisons (default 0: exact)."),
 }
@@ -73,6 +80,7 @@ class RunRecord:
     threads: int
     path: str
     trained_here: bool
+    numerics_class: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -91,6 +99,8 @@ class FlannelSession:
     threads: int | None
     progress_interval: float
     tolerance: dict[str, float] = field(default_factory=dict)  # rtol / atol from options or ini
+    missing_class: str = "skip"  # what flannel_snapshot does when only other numerics classes have a snapshot
+    noise_bands: Path | None = None  # --flannel-noise-bands (None: flannel_noise_bands.json beside the test file)
     runs: dict[str, RunRecord] = field(default_factory=dict)
     _store: "RunStore | None" = None
     _threads_set: bool = False
@@ -113,16 +123,32 @@ class FlannelSession:
             self._store = RunStore(self.artifacts_dir, session=self.session_id, reuse_earlier=self.reuse_earlier)
         return self._store
 
+    def planned_threads(self) -> int:
+        """This process's share of the cores: --flannel-threads, else the cores divided among xdist workers."""
+        if self.threads is not None:
+            return self.threads
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+        return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+    def numerics_classes(self) -> frozenset[str]:
+        """The numerics classes this process's runs get on the selected, present devices (probes the CPU
+        libraries once; they are fixed for the process from their first call)."""
+        from flannel_repro.numerics import numerics_info
+
+        threads = self.planned_threads()
+        run = self.run_template
+        return frozenset(numerics_info(d, threads=run.threads or threads, deterministic=run.deterministic,
+                                       mode=run.numerics)["class"]
+                         for d in self.selected_devices() if _device_present(d)[0])
+
     def apply_threads(self) -> int:
         """Give this process its share of the cores (once): torch's default of all cores per xdist
         worker oversubscribes the machine."""
         import torch
 
         if not self._threads_set:
-            wanted = self.threads
+            wanted = self.planned_threads()
             workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
-            if wanted is None:
-                wanted = max(1, (os.cpu_count() or 1) // max(1, workers))
             torch.set_num_threads(wanted)
             pin_worker(os.environ.get("PYTEST_XDIST_WORKER"), workers, wanted)
             self._threads_set = True
@@ -232,7 +258,8 @@ def build_session(config: pytest.Config) -> FlannelSession:
     steps = _int_option(config, "steps", 1)
     if steps is not None:
         run_changes["steps"] = steps
-    for option, key, choices in (("engine", "engine", ("torch", "hf")), ("label-mode", "label_mode", ("next_token", "notebook"))):
+    for option, key, choices in (("engine", "engine", ("torch", "hf")), ("label-mode", "label_mode", ("next_token", "notebook")),
+                                 ("numerics", "numerics", NUMERICS)):
         raw = _get(config, _OPTIONS[option][0])
         if raw is not None:
             if raw not in choices:
@@ -300,6 +327,17 @@ def build_session(config: pytest.Config) -> FlannelSession:
             if value is None:
                 raise _usage(key, "a finite number >= 0", raw)
             tolerance[key] = value
+    missing_class = _get(config, "flannel_missing_class") or "skip"
+    if missing_class not in MISSING_CLASS_POLICIES:
+        raise _usage("missing-class", " or ".join(MISSING_CLASS_POLICIES), missing_class)
+    bands_raw = _get(config, "flannel_noise_bands")
+    noise_bands = None
+    if bands_raw is not None:
+        base = config.invocation_params.dir if config.getoption("flannel_noise_bands") else config.rootpath
+        noise_bands = Path(bands_raw) if Path(bands_raw).is_absolute() else Path(base) / bands_raw
+        if not noise_bands.is_file():
+            raise _usage("noise-bands", "the path of an existing noise-bands JSON file (flannel-repro noise -o FILE)",
+                         str(noise_bands))
     artifacts_raw = _get(config, "flannel_artifacts")
     artifacts_dir = Path(artifacts_raw) if artifacts_raw else Path(".flannel") / "artifacts"
     if not artifacts_dir.is_absolute():
@@ -313,7 +351,7 @@ def build_session(config: pytest.Config) -> FlannelSession:
     return FlannelSession(
         experiment=exp, devices=devices, devices_explicit=explicit, artifacts_dir=artifacts_dir,
         session_id=session_id or uuid.uuid4().hex, reuse_earlier=not fresh, threads=threads,
-        progress_interval=interval, tolerance=tolerance,
+        progress_interval=interval, tolerance=tolerance, missing_class=missing_class, noise_bands=noise_bands,
     )
 
 
@@ -336,6 +374,15 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     session = build_session(config)
     config.stash[SESSION_KEY] = session
+    # Portable numerics must be in the environment before oneDNN and MKL start (they read it once): set
+    # here, before any test runs; xdist workers inherit it. Whether it took effect is checked when a
+    # run trains (numerics.check), which refuses rather than train with other arithmetic.
+    from flannel_repro.numerics import NumericsError, arrange
+
+    try:
+        arrange(session.run_template.numerics)
+    except NumericsError as exc:
+        raise pytest.UsageError(f"--flannel-numerics: {exc}") from None
     # cuBLAS reads its workspace setting once, when CUDA starts; deterministic CUDA runs need it
     # fixed. Set here, before any test touches CUDA (xdist workers inherit it); a value already in
     # the environment wins. CPU runs ignore it. Every artifact records it (environment fingerprint).
@@ -611,7 +658,8 @@ def obtain(config: pytest.Config, cfg: RunConfig, *, repeat: int = 0) -> "Trajec
         state.runs[name] = RunRecord(
             name=name, seed=seed + (f" r{repeat}" if repeat else ""), device=c.device, engine=c.engine, steps=c.steps,
             final_loss=traj.final_loss, wall_time_s=traj.wall_time_s, steps_per_s=traj.steps_per_s,
-            threads=int(traj.metadata.get("threads", threads)), path=str(traj.path), trained_here=got.trained)
+            threads=int(traj.metadata.get("threads", threads)), path=str(traj.path), trained_here=got.trained,
+            numerics_class=str((traj.env.get("numerics") or {}).get("class", "")))
     return traj
 
 
@@ -689,12 +737,15 @@ class _ControllerReporter:
         self.config = config
         self.results: list[tuple[str, str, list[dict[str, Any]]]] = []
         self.metrics: dict[str, list[float]] = {}
+        self.cross_class: list[dict[str, Any]] = []  # snapshots compared against another numerics class
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen: dict[str, float] = {}
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when in ("call", "setup"):
+            self.cross_class.extend(json.loads(v) for k, v in report.user_properties if k == "flannel_cross_class")
         claims = [json.loads(v) for k, v in report.user_properties if k == "flannel_claim"]
         uses = any(k == "flannel_uses_trajectory" for k, _ in report.user_properties)
         if (report.when == "call" and (claims or uses)) or (report.when == "setup" and report.skipped and uses):
@@ -736,7 +787,7 @@ class _ControllerReporter:
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
         self._stop.set()
         state = config.stash[SESSION_KEY]
-        if not state.runs and not self.results:
+        if not state.runs and not self.results and not self.cross_class:
             return
         tr = terminalreporter
         tr.write_sep("=", "flannel-repro")
@@ -752,6 +803,15 @@ class _ControllerReporter:
                 note = "" if r.trained_here else " (reused)"
                 tr.write_line(f"{r.seed:<12} {r.device:<7} {r.engine:<6} {r.steps:>6} {r.final_loss:>11.5f} "
                               f"{r.wall_time_s:>8.1f} {r.steps_per_s:>8.2f} {r.threads:>3}  {Path(r.path).name}{note}")
+            classes = sorted({r.numerics_class for r in state.runs.values() if r.numerics_class})
+            if classes:
+                tr.write_line(f"numerics class{'es' if len(classes) > 1 else ''}: {', '.join(classes)} "
+                              f"(requested numerics: {exp.run.numerics})")
+        if self.cross_class:
+            tr.write_line("")
+            tr.write_line(f"snapshots stored only for other numerics classes (--flannel-missing-class={state.missing_class}):")
+            for c in self.cross_class:
+                tr.write_line(f"  {c['outcome'].upper():<7} {c['snapshot']}: this run {c['class']}, nearest stored {c['stored']}")
         if self.results:
             tr.write_line("")
             tr.write_line("claims:")

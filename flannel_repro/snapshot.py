@@ -27,6 +27,7 @@ The `flannel_snapshot` fixture (registered by `flannel_repro.plugin`) builds a
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,9 @@ from syrupy.assertion import DiffMode, SnapshotAssertion
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 from syrupy.location import PyTestLocation
 
-from flannel_repro.plugin import SESSION_KEY, SNAPSHOT_SUFFIX, _device_present
-from flannel_repro.summary import DEVICE_CLASSES, Comparison, Summary, Tolerance, display_path, compare, device_class
+from flannel_repro.plugin import SESSION_KEY, SNAPSHOT_SUFFIX
+from flannel_repro.numerics import device_kind
+from flannel_repro.summary import DEVICE_CLASSES, Comparison, Summary, Tolerance, display_path, compare
 
 if TYPE_CHECKING:
     from syrupy.data import SnapshotCollections
@@ -51,6 +53,7 @@ SNAPSHOT_EXTENSION = SNAPSHOT_SUFFIX  # "flannel": a suffix no other syrupy exte
 
 _LAST_BRACKETS = re.compile(r"\[([^\[\]]*)\]$")
 _VISIBLE_KEY = pytest.StashKey[frozenset]()
+MISSING_CLASS_POLICIES = ("skip", "fail", "tolerant")
 
 
 def as_summary(data: Any) -> Summary:
@@ -65,30 +68,42 @@ def as_summary(data: Any) -> Summary:
                     f"summarize_pair(a, b)) or a Trajectory, got {type(data).__name__}.")
 
 
-def snapshot_device_classes(filepath: str) -> frozenset[str] | None:
-    """Device classes named in a snapshot file name (`test_x[cpu.1].flannel` -> {'cpu'}); None when the
-    name carries no recognisable device tag."""
+def snapshot_tag(filepath: str) -> tuple[frozenset[str], str] | None:
+    """The numerics classes and the index suffix named in a snapshot file name:
+    `test_x[cpu-amx-mklamx-t1.1].flannel` -> ({'cpu-amx-mklamx-t1'}, '1'); a pair across classes
+    `[A+B]` -> ({A, B}, ''). None when the name carries no recognisable class tag."""
     stem = Path(filepath).name
     if stem.endswith("." + SNAPSHOT_EXTENSION):
         stem = stem[: -len(SNAPSHOT_EXTENSION) - 1]
     m = _LAST_BRACKETS.search(stem)
     if m is None:
         return None
-    classes = frozenset(m.group(1).split(".", 1)[0].split("+"))
-    return classes if classes and classes <= set(DEVICE_CLASSES) else None
+    head, _, suffix = m.group(1).partition(".")
+    classes = frozenset(head.split("+"))
+    if not classes or not all(device_kind(c) in DEVICE_CLASSES for c in classes):
+        return None
+    return classes, suffix
 
 
-def visible_device_classes(config: pytest.Config | None) -> frozenset[str]:
-    """Device classes this session runs and this machine has: snapshots of other classes are not
-    this session's to judge (or delete)."""
+def snapshot_device_classes(filepath: str) -> frozenset[str] | None:
+    """Device classes named in a snapshot file name (`test_x[cpu-amx-mklamx-t1.1].flannel` -> {'cpu'})."""
+    tag = snapshot_tag(filepath)
+    return None if tag is None else frozenset(device_kind(c) for c in tag[0])
+
+
+def visible_numerics_classes(config: pytest.Config | None) -> frozenset[str] | None:
+    """Numerics classes this session's runs get on the devices it runs and this machine has: snapshots
+    of other classes (another CPU, a GPU, the device-only names of older versions) are not this
+    session's to judge, report as unused, or delete. None outside a flannel session (own everything)."""
     if config is None:
-        return frozenset(DEVICE_CLASSES)
+        return None
     cached = config.stash.get(_VISIBLE_KEY, None)
     if cached is not None:
         return cached
     state = config.stash.get(SESSION_KEY, None)
-    devices = state.selected_devices() if state is not None else list(DEVICE_CLASSES)
-    visible = frozenset(device_class(d) for d in devices if _device_present(d)[0])
+    if state is None:
+        return None
+    visible = state.numerics_classes()
     config.stash[_VISIBLE_KEY] = visible
     return visible
 
@@ -134,10 +149,11 @@ class FlannelSnapshotExtension(SingleFileSnapshotExtension):
     def owns_snapshot_collection(self, *, filepath: str, test_location: "PyTestLocation") -> bool:
         if not super().owns_snapshot_collection(filepath=filepath, test_location=test_location):
             return False
-        classes = snapshot_device_classes(filepath)
-        if classes is None:
+        tag = snapshot_tag(filepath)
+        if tag is None:
             return True
-        return classes <= visible_device_classes(getattr(test_location.item, "config", None))
+        visible = visible_numerics_classes(getattr(test_location.item, "config", None))
+        return visible is None or tag[0] <= visible
 
 
 @dataclass(eq=False, order=False, repr=False)
@@ -150,7 +166,9 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
     """
 
     tolerance: Tolerance = field(default_factory=Tolerance)
-    names_used: dict[str, int] = field(default_factory=dict)  # device class -> assertions so far (shared when derived)
+    names_used: dict[str, int] = field(default_factory=dict)  # numerics class -> assertions so far (shared when derived)
+    missing_class: str = "skip"  # skip / fail / tolerant: when only other numerics classes have a snapshot
+    noise_bands: Path | None = None  # bands file for tolerant comparisons (None: beside the test file)
     _last_name: str | None = field(init=False, default=None)
 
     @property
@@ -181,7 +199,8 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
         return self.__class__(session=self.session, extension_class=FlannelSnapshotExtension,
                               test_location=self.test_location, update_snapshots=self.update_snapshots,
                               update_new_snapshots_only=self.update_new_snapshots_only, tolerance=tolerance,
-                              names_used=self.names_used)
+                              names_used=self.names_used, missing_class=self.missing_class,
+                              noise_bands=self.noise_bands)
 
     def _index_for(self, device_spec: str) -> str:
         """`cpu` for a test's first assertion on cpu, then `cpu.1`, `cpu.2`; `cpu.<name>` when named."""
@@ -200,12 +219,77 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
         """
         __tracebackhide__ = True
         summary = as_summary(other)
-        index = self._index_for(summary.device_class)
+        index = self._index_for(summary.numerics_class)
         self(name=index)  # restored after the assertion, as syrupy does for name=
         self._last_name = self.extension.get_snapshot_name(test_location=self.test_location, index=index)
+        if not self.update_snapshots:
+            others = self._other_classes(summary.numerics_class, index)
+            if others:
+                return self._missing_class(summary, others)
         if self._assert(summary):
             return True
         raise AssertionError("\n".join(self.get_assert_diff()))
+
+    # -- a snapshot stored for other numerics classes only --------------------------------------------
+
+    def _other_classes(self, klass: str, index: str) -> dict[str, Path]:
+        """{class: file} of this snapshot stored under other classes of the same device kind(s), when none
+        is stored under `klass` itself; {} when this class has its snapshot (or no class has one)."""
+        own = Path(self.extension.get_location(test_location=self.test_location, index=index))
+        if own.exists():
+            return {}
+        name = self._last_name or ""
+        base = name[: name.rfind("[")] if name.endswith("]") else name
+        suffix = index[len(klass):].lstrip(".")
+        kinds = sorted(device_kind(c) for c in klass.split("+"))
+        found: dict[str, Path] = {}
+        if not own.parent.is_dir():
+            return found
+        for path in own.parent.iterdir():
+            if not path.name.startswith(base + "[") or path.name.count("[") != base.count("[") + 1:
+                continue
+            tag = snapshot_tag(str(path))
+            if tag is None or tag[1] != suffix:
+                continue
+            head = path.name[len(base) + 1:].rsplit("]", 1)[0].partition(".")[0]
+            if head != klass and sorted(device_kind(c) for c in head.split("+")) == kinds:
+                found[head] = path
+        return found
+
+    def _missing_class(self, summary: Summary, others: dict[str, Path]) -> bool:
+        __tracebackhide__ = True
+        klass = summary.numerics_class
+        nearest = nearest_class(klass, others)
+        head = (f"flannel snapshot {self._last_name}: no snapshot for this run's numerics class {klass}; "
+                f"stored for: {', '.join(sorted(others))}")
+        choose = ("choose with --flannel-missing-class=skip|fail|tolerant (ini flannel_missing_class; this session: "
+                  f"{self.missing_class}), or record this class with --snapshot-update")
+        if self.missing_class == "skip":
+            _record(self, "skipped", klass, nearest)
+            pytest.skip(f"{head}. Trajectories of different classes part at step 1, so an exact comparison would "
+                        f"fail for no change of code; {choose}.")
+        if self.missing_class == "fail":
+            _record(self, "failed", klass, nearest)
+            raise AssertionError(f"{head}.\n  {choose}.")
+        from flannel_repro.noise import DEFAULT_FILE, read_bands, summary_scale, compare_within_band
+
+        bands_file = self.noise_bands or Path(self.test_location.filepath).parent / DEFAULT_FILE
+        scale = summary_scale(summary)
+        band = read_bands(bands_file).get(scale)
+        if band is None:
+            _record(self, "failed", klass, nearest)
+            raise AssertionError(
+                f"{head}.\n  A tolerant comparison (--flannel-missing-class=tolerant) needs a noise band for scale {scale}, "
+                f"and {display_path(str(bands_file))} has none. Measure one: flannel-repro noise --config FILE "
+                f"-o {display_path(str(bands_file))} (see README, 'Numerics classes').")
+        stored = others[nearest].read_text(encoding="utf-8")
+        cmp = compare_within_band(stored, summary, band)
+        _record(self, "passed" if cmp.ok else "failed", klass, nearest)
+        if cmp.ok:
+            return True
+        lines = cmp.report(name=self._last_name or "", location=str(others[nearest]))
+        lines.insert(1, f"  compared with the nearest stored class {nearest} ({choose})")
+        raise AssertionError("\n".join(lines))
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -229,6 +313,22 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
         return lines if diff_mode == DiffMode.DETAILED else lines[:1]
 
 
+def nearest_class(klass: str, candidates: "dict[str, Any] | list[str]") -> str:
+    """The stored class closest to `klass`: most '-'-separated parts in common (device kind, oneDNN ISA,
+    MKL path, threads), then the name; a pair compares part by part."""
+    mine = set(klass.replace("+", "-").split("-"))
+    return min(candidates, key=lambda c: (-len(mine & set(c.replace("+", "-").split("-"))), c))
+
+
+def _record(assertion: FlannelSnapshotAssertion, outcome: str, klass: str, stored: str) -> None:
+    """Note a cross-class comparison on the test's report, for the terminal summary (travels through xdist)."""
+    item = getattr(assertion.test_location, "item", None)
+    if item is not None:
+        item.user_properties.append(("flannel_cross_class", json.dumps(
+            {"snapshot": assertion._last_name, "policy": assertion.missing_class, "outcome": outcome,
+             "class": klass, "stored": stored})))
+
+
 def snapshot_assertion(request: pytest.FixtureRequest, tolerance: Tolerance) -> FlannelSnapshotAssertion:
     """The `flannel_snapshot` fixture's value for one test."""
     session = getattr(request.config, "_syrupy", None)
@@ -236,7 +336,9 @@ def snapshot_assertion(request: pytest.FixtureRequest, tolerance: Tolerance) -> 
         pytest.fail("flannel_snapshot needs the syrupy pytest plugin: expected an active syrupy session, got none "
                     "(is syrupy installed, and not disabled with -p no:syrupy?).", pytrace=False)
     option = request.config.option
+    state = request.config.stash[SESSION_KEY]
     return FlannelSnapshotAssertion(
         session=session, extension_class=FlannelSnapshotExtension, test_location=PyTestLocation(request.node),
         update_snapshots=bool(option.update_snapshots),
-        update_new_snapshots_only=bool(getattr(option, "update_new_snapshots_only", False)), tolerance=tolerance)
+        update_new_snapshots_only=bool(getattr(option, "update_new_snapshots_only", False)), tolerance=tolerance,
+        missing_class=state.missing_class, noise_bands=state.noise_bands)

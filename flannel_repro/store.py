@@ -36,8 +36,11 @@ def resolved_threads(config: "RunConfig") -> int:
 def run_key_material(config: "RunConfig", data_hashes: dict[str, str], repeat: int) -> dict[str, object]:
     """Everything the key is made of, as a readable dict (stored in the artifact's metadata)."""
     from flannel_repro.determinism import code_version, device_description, package_versions
+    from flannel_repro.numerics import numerics_info
 
     dev = device_description(config.device)
+    numerics = numerics_info(config.device, threads=resolved_threads(config), deterministic=config.deterministic,
+                             mode=config.numerics)
     return {
         "format": KEY_FORMAT,
         "config": config.fingerprint(),
@@ -46,6 +49,8 @@ def run_key_material(config: "RunConfig", data_hashes: dict[str, str], repeat: i
         "code": code_version(),
         "device": {k: dev.get(k) for k in ("device", "name", "cpu_capability", "capability", "cuda", "cudnn")},
         "threads": resolved_threads(config),
+        # the arithmetic the run gets: a run of another class is never reused as if it were equal
+        "numerics": {"class": numerics["class"], "probe": (numerics.get("probe") or {}).get("digest")},
         "repeat": repeat,
     }
 
@@ -113,6 +118,9 @@ class RunStore:
 
         if repeat < 0:
             raise ValueError(f"'repeat' must be >= 0 (got {repeat}).")
+        from flannel_repro.numerics import apply as apply_numerics
+
+        apply_numerics(config.numerics, config.device)  # before the key's probe starts oneDNN and MKL
         data = load_data(config)
         material = run_key_material(config, data.hashes, repeat)
         key = key_of(material)

@@ -76,7 +76,7 @@ DEVICE_CLASSES = ("cpu", "cuda", "mps")
 
 # The part of `Trajectory.env` worth keeping with a summary: what can move a trajectory's numbers.
 ENV_KEYS = ("flannel_repro", "code_version", "python", "packages", "device", "threads", "deterministic_algorithms",
-            "cudnn_deterministic", "cudnn_benchmark", "allow_tf32", "env")
+            "cudnn_deterministic", "cudnn_benchmark", "allow_tf32", "env", "numerics")
 # Data description fields that identify the data (the origin label and paths do not).
 DATA_KEYS = ("tokenizer_sha256", "corpus_sha256", "token_mask_sha256", "n_tokens", "n_live", "n_dead")
 
@@ -504,6 +504,22 @@ class Summary:
     def environment(self) -> dict[str, Any]:
         return dict(self.tree.get("environment") or {})
 
+    @property
+    def numerics_class(self) -> str:
+        """The numerics class the run(s) were trained in ('cpu-amx-mklamx-t1'; 'A+B' for a pair across
+        classes); the device class for a summary written before classes were recorded."""
+        def of(env: Any, fallback: str) -> str:
+            numerics = env.get("numerics") if isinstance(env, Mapping) else None
+            name = numerics.get("class") if isinstance(numerics, Mapping) else None
+            return str(name) if name else fallback
+
+        kinds = self.device_class.split("+")
+        first = of(self.tree.get("environment"), kinds[0])
+        if "environment_b" not in self.tree:
+            return first
+        second = of(self.tree.get("environment_b"), kinds[-1])
+        return first if second == first else f"{first}+{second}"
+
     def chains(self) -> dict[str, list[str]]:
         """The digest chain(s): {'': chain} for a run, {'a': ..., 'b': ...} for a pair."""
         out: dict[str, list[str]] = {}
@@ -642,6 +658,11 @@ class Comparison:
     stored_environment: dict[str, Any] = field(default_factory=dict)
     obtained_environment: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    kind: str = "run"  # of the stored summary: 'run' or 'pair'
+    band: Any = None  # a noise.NoiseBand when compared across numerics classes (noise.compare_within_band)
+    within_band: int = 0  # values that moved, but within the band
+    stored_class: str = ""  # numerics classes of the two sides (shown when they differ)
+    obtained_class: str = ""
 
     @property
     def ok(self) -> bool:
@@ -668,10 +689,18 @@ class Comparison:
             return lines
         if self.ok:
             return [f"{label} matches ({self.compared} values compared, tolerance: {self.tolerance})"]
-        lines = [f"{label} moved: {len(self.changes)} of {self.compared} compared values differ "
-                 f"(tolerance: {self.tolerance})"]
+        if self.band is not None:
+            lines = [f"{label} moved beyond the noise band: {len(self.changes)} of {self.compared} compared values "
+                     f"differ by more than arithmetic alone moves them ({self.within_band} moved within the band)"]
+        else:
+            lines = [f"{label} moved: {len(self.changes)} of {self.compared} compared values differ "
+                     f"(tolerance: {self.tolerance})"]
         if location:
             lines.append(f"  snapshot file: {display_path(location)}")
+        if self.stored_class != self.obtained_class:
+            lines.append(f"  numerics class: stored {self.stored_class}, this run {self.obtained_class}")
+        if self.band is not None:
+            lines.append(f"  compared within the {self.band.describe()}")
         for side, chain in self.chains.items():
             if not chain.identical:
                 lines.append(f"  {side + ': ' if side else ''}{chain.describe()}")
@@ -679,7 +708,8 @@ class Comparison:
         lines.append("")
         rows = [("field", "stored", "obtained", "difference", "allowed")]
         for ch in self.changes[:max_rows]:
-            rows.append(_row(ch, self.tolerance))
+            allowed = self.band.allowed(self.kind, ch.path) if self.band is not None else None
+            rows.append(_row(ch, self.tolerance, allowed))
         widths = [min(max(len(r[i]) for r in rows), cap) for i, cap in enumerate((44, 24, 24, 30, 14))]
         for r in rows:
             lines.append("  " + "  ".join(_fit(c, w).ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -715,13 +745,16 @@ def _show(value: Any, limit: int = 24) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _row(ch: FieldChange, tol: Tolerance) -> tuple[str, str, str, str, str]:
-    if ch.kind == "float":
+def _row(ch: FieldChange, tol: Tolerance, allowed: float | None = None) -> tuple[str, str, str, str, str]:
+    """One table row; `allowed` is a noise band's allowance for the field (None: the tolerance's)."""
+    if ch.kind == "float" or (allowed is not None and _is_number(ch.stored) and _is_number(ch.obtained)):
         s, o = float(ch.stored), float(ch.obtained)
         if math.isfinite(s) and math.isfinite(o):
             diff = f"{o - s:+.3e}" + (f" (rel {abs(o - s) / abs(s):.2e})" if s else "")
         else:
             diff = "non-finite"
+        if allowed is not None:
+            return ch.path, repr(ch.stored), repr(ch.obtained), diff, f"band {allowed:.3g}" if allowed else "exact (band 0)"
         return ch.path, repr(s), repr(o), diff, "exact" if tol.exact else f"{tol.allowed(s):.3g}"
     if ch.kind == "chain":
         return ch.path, _show(ch.stored, 22), _show(ch.obtained, 22), ch.detail, "exact"
@@ -823,6 +856,8 @@ def compare(stored: "Summary | str", obtained: "Summary | str", tolerance: Toler
                      "it has to be regenerated")
         return out
     _Walker(tol, out).walk(s.tree, o.tree, ())
+    out.kind = s.kind
+    out.stored_class, out.obtained_class = s.numerics_class, o.numerics_class
     out.stored_environment = s.environment
     out.obtained_environment = o.environment
     out.environment = environment_changes(out.stored_environment, out.obtained_environment)

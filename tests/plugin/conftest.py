@@ -29,6 +29,14 @@ base_train_seed = 42
 """
 
 
+def cpu_class(threads: int = 1) -> str:
+    """This process's numerics class on CPU at `threads` (inner runs, and their subprocesses, which
+    inherit this process's oneDNN/MKL environment, get the same)."""
+    from flannel_repro.numerics import numerics_info
+
+    return numerics_info("cpu", threads=threads, deterministic=False)["class"]
+
+
 @pytest.fixture(autouse=True)
 def _no_outer_xdist_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inner pytest runs must not see the outer run's xdist variables.

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from flannel_repro.summary import Summary
-from tests.plugin.conftest import TINY_TOML
+from tests.plugin.conftest import TINY_TOML, cpu_class
+
+K = cpu_class(threads=1)  # this machine's numerics class at one thread: the snapshots' names carry it
 
 CI_TESTS = """
 from flannel_repro.summary import summarize_pair
@@ -58,8 +60,8 @@ def test_five_step_workflow(tiny_experiment, mode):
     first.assert_outcomes(passed=3)
     assert first.ret == 0
     first.stdout.fnmatch_lines(["*2 snapshots generated.*"])
-    assert _names(snaps) == ["test_pair[cpu].flannel", "test_summary[cpu].flannel"]
-    stored = (snaps / "test_summary[cpu].flannel").read_text()
+    assert _names(snaps) == [f"test_pair[{K}].flannel", f"test_summary[{K}].flannel"]
+    stored = (snaps / f"test_summary[{K}].flannel").read_text()
     assert Summary.from_text(stored).tree["config"]["lr"] == 0.001
 
     # 2. the second run passes
@@ -75,31 +77,31 @@ def test_five_step_workflow(tiny_experiment, mode):
     moved.assert_outcomes(passed=1, failed=2)
     assert moved.ret == 1
     moved.stdout.fnmatch_lines([
-        "E*AssertionError: flannel snapshot test_summary[[]cpu[]] moved: * of * compared values differ (tolerance: exact)",
-        "E*snapshot file: __snapshots__/test_ci/test_summary[[]cpu[]].flannel",
+        f"E*AssertionError: flannel snapshot test_summary[[]{K}[]] moved: * of * compared values differ (tolerance: exact)",
+        f"E*snapshot file: __snapshots__/test_ci/test_summary[[]{K}[]].flannel",
         "E*the trajectories part at step 1 (steps 0..0 agree; at step 1 stored *, obtained *)",
         "E*environment: same as stored (torch *",
         "E*field*stored*obtained*difference*allowed",
         "E*config.lr*0.001*0.002*+0.001*exact",
         "E*digest_chain*@1*@1*parts at step 1*exact",
         "E*loss @ step 4 *rel*exact",
-        "E*if the change is intended: pytest --snapshot-update, then review and commit __snapshots__/test_ci/test_summary[[]cpu[]].flannel",
+        f"E*if the change is intended: pytest --snapshot-update, then review and commit __snapshots__/test_ci/test_summary[[]{K}[]].flannel",
     ])
     moved.stdout.fnmatch_lines([
-        "E*AssertionError: flannel snapshot test_pair[[]cpu[]] moved: *",
+        f"E*AssertionError: flannel snapshot test_pair[[]{K}[]] moved: *",
         "E*a: the trajectories part at step 1 *",
         "E*b: the trajectories part at step 1 *",
         "*2 snapshots failed.*",
     ])
     assert "unused" not in moved.stdout.str()
-    assert (snaps / "test_summary[cpu].flannel").read_text() == stored  # a failure never rewrites
+    assert (snaps / f"test_summary[{K}].flannel").read_text() == stored  # a failure never rewrites
 
     # 4. syrupy's --snapshot-update accepts the change
     update = run(p, mode, "--snapshot-update")
     update.assert_outcomes(passed=3)
     assert update.ret == 0
     update.stdout.fnmatch_lines(["*2 snapshots updated.*"])
-    assert Summary.from_text((snaps / "test_summary[cpu].flannel").read_text()).tree["config"]["lr"] == 0.002
+    assert Summary.from_text((snaps / f"test_summary[{K}].flannel").read_text()).tree["config"]["lr"] == 0.002
 
     # 5. the next run passes
     final = run(p, mode)
@@ -124,7 +126,7 @@ def test_plain(i):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_snapshots_are_named_per_device_class_and_other_classes_are_left_alone(tiny_experiment, mode):
+def test_snapshots_are_named_per_numerics_class_and_other_classes_are_left_alone(tiny_experiment, mode):
     import torch
 
     if torch.cuda.is_available() or torch.backends.mps.is_available():
@@ -135,17 +137,18 @@ def test_snapshots_are_named_per_device_class_and_other_classes_are_left_alone(t
     first = run(p, mode, "--snapshot-update")
     first.assert_outcomes(passed=7)
     first.stdout.fnmatch_lines(["*3 snapshots generated.*"])
-    own = ["test_per_device[cpu][cpu.1].flannel", "test_per_device[cpu][cpu.final].flannel",
-           "test_per_device[cpu][cpu].flannel"]
+    own = [f"test_per_device[cpu][{K}.1].flannel", f"test_per_device[cpu][{K}.final].flannel",
+           f"test_per_device[cpu][{K}].flannel"]
     assert _names(snaps) == own
-    assert Summary.from_text((snaps / "test_per_device[cpu][cpu.1].flannel").read_text()).tree["config"]["model_seed"] == 43
+    assert Summary.from_text((snaps / f"test_per_device[cpu][{K}.1].flannel").read_text()).tree["config"]["model_seed"] == 43
 
     # Snapshots committed from GPU machines, and one left behind by a removed test.
-    text = (snaps / "test_per_device[cpu][cpu].flannel").read_text()
-    foreign = ["test_per_device[cuda][cuda].flannel", "test_per_device[mps][mps].flannel", "test_x[cpu+cuda].flannel"]
+    text = (snaps / f"test_per_device[cpu][{K}].flannel").read_text()
+    foreign = ["test_per_device[cuda][cuda].flannel", "test_per_device[mps][mps].flannel", "test_x[cpu+cuda].flannel",
+               "test_per_device[cpu][cpu-otherisa-mklother-t9].flannel", f"test_x[{K}+cuda-gpu-sm90-det0].flannel"]
     for name in foreign:
         (snaps / name).write_text(text.replace('"device_class": "cpu"', '"device_class": "cuda"'))
-    (snaps / "test_removed[cpu].flannel").write_text(text)
+    (snaps / f"test_removed[{K}].flannel").write_text(text)
 
     # Under -n 2 one worker runs no snapshot test: syrupy's fallback discovery there must not count
     # the cuda/mps files as unused. The orphan cpu snapshot is unused, truly.
@@ -153,7 +156,7 @@ def test_snapshots_are_named_per_device_class_and_other_classes_are_left_alone(t
     check.assert_outcomes(passed=7)
     assert check.ret == 1
     check.stdout.fnmatch_lines(["*3 snapshots passed. 1 snapshot unused.*",
-                                "Unused test_removed[[]cpu[]] (__snapshots__/test_dev/test_removed[[]cpu[]].flannel)"])
+                                f"Unused test_removed[[]{K}[]] (__snapshots__/test_dev/test_removed[[]{K}[]].flannel)"])
     assert "cuda" not in check.stdout.str().split("snapshot report summary")[1]
 
     cleanup = run(p, mode, "--snapshot-update")
@@ -189,7 +192,7 @@ def test_tolerance_edges_from_options_ini_and_marker(tiny_experiment):
     p = tiny_experiment
     p.makepyfile(test_tol=SINGLE_TEST.format(marker=""))
     assert run(p, "no-xdist", "--snapshot-update").ret == 0
-    path = _snapshot_dir(p, "test_tol") / "test_loss[cpu].flannel"
+    path = _snapshot_dir(p, "test_tol") / f"test_loss[{K}].flannel"
     delta = 1e-3
     magnitude = _nudge_stored_loss(path, delta)
 
@@ -278,7 +281,7 @@ def test_missing_snapshot_and_foreign_data(tiny_experiment):
     result = run(tiny_experiment, "no-xdist")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines([
-        "E*AssertionError: no stored snapshot test_new[[]cpu[]] (__snapshots__/*/test_new[[]cpu[]].flannel): "
+        f"E*AssertionError: no stored snapshot test_new[[]{K}[]] (__snapshots__/*/test_new[[]{K}[]].flannel): "
         "run pytest --snapshot-update to write it, then review and commit it",
     ])
     result.stdout.fnmatch_lines(["E*TypeError: flannel_snapshot compares run summaries: expected a Summary *, got dict."])
@@ -288,11 +291,11 @@ def test_corrupt_snapshot_is_reported_and_can_be_rewritten(tiny_experiment):
     p = tiny_experiment
     p.makepyfile(test_c=SINGLE_TEST.format(marker=""))
     assert run(p, "no-xdist", "--snapshot-update").ret == 0
-    path = _snapshot_dir(p, "test_c") / "test_loss[cpu].flannel"
+    path = _snapshot_dir(p, "test_c") / f"test_loss[{K}].flannel"
     path.write_text("<<<<<<< HEAD\n")
     broken = run(p, "no-xdist")
     assert broken.ret == 1
-    broken.stdout.fnmatch_lines(["E*flannel snapshot test_loss[[]cpu[]]: the stored snapshot cannot be read: *",
+    broken.stdout.fnmatch_lines([f"E*flannel snapshot test_loss[[]{K}[]]: the stored snapshot cannot be read: *",
                                  "E*to rewrite it from this run: pytest --snapshot-update"])
     assert run(p, "no-xdist", "--snapshot-update").ret == 0
     assert json.loads(path.read_text())["kind"] == "run"
@@ -303,7 +306,7 @@ def test_snapshot_file_is_reviewable(tiny_experiment):
     p = tiny_experiment
     p.makepyfile(test_r=SINGLE_TEST.format(marker=""))
     assert run(p, "no-xdist", "--snapshot-update").ret == 0
-    text = (_snapshot_dir(p, "test_r") / "test_loss[cpu].flannel").read_text()
+    text = (_snapshot_dir(p, "test_r") / f"test_loss[{K}].flannel").read_text()
     assert text.endswith("}\n") and str(p.path) not in text and "wall" not in text
     lines = text.splitlines()
     assert '  "config_fingerprint": ' in text and '  "digest_chain": [' in lines

@@ -1,0 +1,337 @@
+"""Noise bands: how far a summary moves when only the arithmetic changes, measured rather than guessed.
+
+Two machines of different numerics classes train the same config to trajectories that part at step 1
+and then drift apart by rounding alone. A tolerant comparison between classes needs to know how far
+that drift goes at each recorded step, for each summary field. This module measures it the way the
+divergence bounds are measured from held-out seeds (`flannel_repro.bounds`): train the same seeds
+under several arithmetic variants (thread counts, oneDNN ISAs, MKL branches: `numerics.VARIANT_ENV`),
+summarize each, and take, per field and step, the largest deviation of any variant from a reference
+variant. The band is MARGIN times that: a comparison is between two arbitrary classes, each up to the
+measured deviation away from the reference, so by the triangle inequality twice the deviation covers
+any two of the measured classes.
+
+What the band says is also what it does not allow:
+
+* a field the variants never moved (W at step 0, the config, the data hashes) must match exactly;
+* the digest chains must agree through the last step on which every variant agreed
+  (`exact_through`, usually step 0: arithmetic cannot touch W_initial), so a one-ulp change of
+  W_initial fails however wide the later bands are.
+
+Bands are stored as JSON (`flannel_noise_bands.json` beside the tests, or `--flannel-noise-bands`),
+one entry per scale (`bounds.scale_key`: the config with seeds, device, engine and threads
+neutralised), with how they were measured. `flannel-repro noise` derives and writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from flannel_repro.errors import ArtifactError, ConfigError
+from flannel_repro.summary import Comparison, FieldChange, Summary, compare
+
+BANDS_FORMAT = "flannel-repro/noise-bands/1"
+MARGIN = 2.0
+DEFAULT_FILE = "flannel_noise_bands.json"
+
+
+@dataclass(frozen=True)
+class NoiseBand:
+    """Allowed |stored - obtained| per summary kind ('run', 'pair') and field path ('loss @ step 10')."""
+
+    scale: str
+    fields: Mapping[str, Mapping[str, float]]
+    exact_through: int | None  # chains must agree on steps 0..exact_through (None: on every step)
+    margin: float = MARGIN
+    measured: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""  # the file it was read from (set on reading)
+
+    def allowed(self, kind: str, path: str) -> float:
+        return float(self.fields.get(kind, {}).get(path, 0.0))
+
+    def describe(self) -> str:
+        m = self.measured
+        variants = ", ".join(m.get("variants", [])) or "?"
+        where = f" in {self.source}" if self.source else ""
+        chain = ("digest chains exact on every step" if self.exact_through is None else
+                 f"digest chains exact through step {self.exact_through}")
+        return (f"noise band for scale {self.scale}{where}: {self.margin:g} x the largest deviation of "
+                f"{variants} from {m.get('reference', '?')} (seeds {m.get('seeds', '?')}, measured on "
+                f"{m.get('machine', '?')}); {chain}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scale": self.scale, "margin": self.margin, "exact_through": self.exact_through,
+                "measured": dict(self.measured), "fields": {k: dict(sorted(v.items())) for k, v in self.fields.items()}}
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str) -> "NoiseBand":
+        try:
+            fields = {str(kind): {str(p): float(v) for p, v in paths.items()} for kind, paths in data["fields"].items()}
+            exact = data["exact_through"]
+            band = cls(scale=str(data["scale"]), fields=fields, exact_through=None if exact is None else int(exact),
+                       margin=float(data.get("margin", MARGIN)), measured=dict(data.get("measured", {})), source=source)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"{source}: expected a noise band with scale, fields and exact_through, got an entry "
+                                f"that cannot be read ({exc!r}).") from None
+        bad = [p for paths in band.fields.values() for p, v in paths.items() if not (math.isfinite(v) and v >= 0)]
+        if bad:
+            raise ArtifactError(f"{source}: noise band {band.scale}: expected finite allowances >= 0, got bad values "
+                                f"for {bad[:3]}.")
+        return band
+
+
+def read_bands(path: str | os.PathLike[str]) -> dict[str, NoiseBand]:
+    """The bands of a file, by scale; {} when the file does not exist."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{p}: expected a noise-bands JSON file, got unparsable text ({exc}).") from None
+    if not isinstance(data, dict) or data.get("format") != BANDS_FORMAT:
+        raise ArtifactError(f"{p}: expected format {BANDS_FORMAT!r}, got {data.get('format') if isinstance(data, dict) else data!r}.")
+    return {b.scale: b for b in (NoiseBand.from_json(e, source=str(p)) for e in data.get("bands", []))}
+
+
+def write_bands(path: str | os.PathLike[str], bands: Iterable[NoiseBand]) -> Path:
+    """Write bands (merged with the file's others: an entry of the same scale is replaced), atomically."""
+    p = Path(path)
+    merged = read_bands(p) if p.exists() else {}
+    for band in bands:
+        merged[band.scale] = band
+    text = json.dumps({"format": BANDS_FORMAT, "bands": [merged[k].to_json() for k in sorted(merged)]},
+                      indent=2, sort_keys=True) + "\n"
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, p)
+    return p
+
+
+def summary_scale(summary: Summary) -> str:
+    """The scale key of the config a summary was made from (a pair: of its first run)."""
+    from flannel_repro.bounds import scale_key
+    from flannel_repro.config import RunConfig
+
+    tree = summary.tree if summary.kind == "run" else summary.tree.get("a", {})
+    cfg = tree.get("config") if isinstance(tree, Mapping) else None
+    if not isinstance(cfg, Mapping):
+        raise ArtifactError("summary: expected a 'config' table to find its noise band, got none.")
+    return scale_key(RunConfig.from_dict(cfg, source="summary config"))
+
+
+# --- measuring -------------------------------------------------------------------------------------------
+
+
+def _numeric_delta(change: FieldChange) -> float | None:
+    s, o = change.stored, change.obtained
+    if isinstance(s, bool) or isinstance(o, bool) or not isinstance(s, (int, float)) or not isinstance(o, (int, float)):
+        return None
+    if not (math.isfinite(s) and math.isfinite(o)):
+        return None
+    return abs(float(o) - float(s))
+
+
+def deviations(reference: Summary, variant: Summary) -> tuple[dict[str, float], int | None]:
+    """|variant - reference| of every numeric field that moved, and the first step the chains part."""
+    cmp = compare(reference, variant)
+    if cmp.error:
+        raise ArtifactError(f"noise: cannot compare summaries: {cmp.error}")
+    out: dict[str, float] = {}
+    for ch in cmp.changes:
+        d = _numeric_delta(ch) if " @ step " in ch.path else None  # per-step measurements only
+        if d is not None:
+            out[ch.path] = max(out.get(ch.path, 0.0), d)
+        elif ch.kind not in ("chain",) and not _is_digest_path(ch.path):
+            raise ArtifactError(f"noise: the variants differ in {ch.path} ({ch.stored!r} vs {ch.obtained!r}), which "
+                                "arithmetic cannot change: they are not the same run.")
+    return out, cmp.first_divergent_step
+
+
+def derive_band(pairs: Iterable[tuple[Summary, Summary]], *, scale: str, margin: float = MARGIN,
+                measured: Mapping[str, Any] | None = None) -> NoiseBand:
+    """A band from (reference, variant) summary pairs of the same runs under different arithmetic."""
+    if not (math.isfinite(margin) and margin >= 1):
+        raise ConfigError(f"noise band margin: expected a finite number >= 1, got {margin!r}.")
+    fields: dict[str, dict[str, float]] = {}
+    first: int | None = None
+    n = 0
+    for ref, var in pairs:
+        n += 1
+        devs, part = deviations(ref, var)
+        kind = fields.setdefault(ref.kind, {})
+        for path, d in devs.items():
+            kind[path] = max(kind.get(path, 0.0), d)
+        if part is not None:
+            first = part if first is None else min(first, part)
+    if n == 0:
+        raise ConfigError("noise band: expected at least one (reference, variant) pair of summaries, got none.")
+    scaled = {k: {p: d * margin for p, d in v.items() if d > 0} for k, v in fields.items()}
+    observed = {k: {p: d for p, d in v.items() if d > 0} for k, v in fields.items()}
+    info = {**(measured or {}), "pairs": n, "max_deviation": observed}
+    return NoiseBand(scale=scale, fields=scaled, exact_through=None if first is None else first - 1, margin=margin,
+                     measured=info)
+
+
+# --- comparing within a band -----------------------------------------------------------------------------
+
+
+def _is_digest_path(path: str) -> bool:
+    parts = path.split(".")
+    return "digests" in parts or path.endswith("digest_chain")
+
+
+def _side(path: str) -> str:
+    """'a.digests.last' -> 'a'; 'digests.last' -> '' (the key of Comparison.chains)."""
+    head = path.split(".", 1)[0]
+    return head if head in ("a", "b") else ""
+
+
+def compare_within_band(stored: "Summary | str", obtained: "Summary | str", band: NoiseBand) -> Comparison:
+    """Compare an obtained summary with one stored in another numerics class, within `band`.
+
+    Numeric fields may move by the band's allowance (0 where the variants never moved them); the digest
+    chains must agree through `band.exact_through`; everything else compares exactly.
+    """
+    cmp = compare(stored, obtained)
+    if cmp.error:
+        return cmp
+    s = stored if isinstance(stored, Summary) else Summary.from_text(stored, source="stored snapshot")
+    kind = s.kind
+    kept: list[FieldChange] = []
+    within = 0
+    for ch in cmp.changes:
+        delta = _numeric_delta(ch)
+        if delta is not None:
+            ok = delta <= band.allowed(kind, ch.path)
+        elif ch.kind == "chain" or _is_digest_path(ch.path):
+            chain = cmp.chains.get(_side(ch.path))
+            part = chain.first_step if chain is not None else None
+            lengths_agree = chain is not None and chain.stored_steps == chain.obtained_steps
+            ok = (part is not None and lengths_agree and band.exact_through is not None and part > band.exact_through
+                  and not (ch.path.endswith("digests.first") and band.exact_through >= 0))
+        else:
+            ok = False
+        if ok:
+            within += 1
+        else:
+            kept.append(ch)
+    cmp.changes = kept
+    cmp.band = band
+    cmp.within_band = within
+    return cmp
+
+
+# --- deriving bands by training variants -----------------------------------------------------------------
+
+
+def parse_variants(text: str) -> list[tuple[str, int]]:
+    """'portable:1,portable:2,avx2:1' -> [('portable', 1), ('portable', 2), ('avx2', 1)]."""
+    from flannel_repro.numerics import VARIANT_ENV
+
+    out: list[tuple[str, int]] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, threads = part.partition(":")
+        if name not in VARIANT_ENV or not threads.isdigit() or int(threads) < 1:
+            raise ConfigError(f"noise variant {part!r}: expected PATH:THREADS with PATH one of "
+                              f"{', '.join(VARIANT_ENV)} and THREADS >= 1, e.g. 'portable:2'.")
+        out.append((name, int(threads)))
+    if not out:
+        raise ConfigError(f"noise variants: expected at least one PATH:THREADS, got {text!r}.")
+    return out
+
+
+def variant_environment(name: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a fresh process that runs arithmetic variant `name`."""
+    from flannel_repro.numerics import VARIANT_ENV
+
+    env = dict(os.environ if base is None else base)
+    for key, value in VARIANT_ENV[name].items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def train_variant(config_json: str, name: str, threads: int, seeds: Sequence[int], artifacts: Path) -> list[Path]:
+    """Train (or reuse) `seeds` under variant `name` at `threads` in a fresh process; their artifact paths."""
+    spec = json.dumps({"config": json.loads(config_json), "variant": name, "threads": threads, "seeds": list(seeds),
+                       "artifacts": str(artifacts)})
+    proc = subprocess.run([sys.executable, "-m", "flannel_repro.noise", spec], env=variant_environment(name),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ArtifactError(f"noise variant {name}:{threads}: the training process failed (exit {proc.returncode}):\n"
+                            f"{proc.stderr.strip()[-2000:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise ArtifactError(f"noise variant {name}:{threads}: expected a JSON line of artifact paths, got "
+                            f"{proc.stdout.strip()[-500:]!r}.")
+    return [Path(p) for p in json.loads(lines[-1])["paths"]]
+
+
+def derive_from_training(config: Any, seeds: Sequence[int], variants: Sequence[tuple[str, int]],
+                         reference: tuple[str, int], artifacts: Path, *, margin: float = MARGIN,
+                         command: str = "", log: Any = None) -> NoiseBand:
+    """Train `seeds` under the reference and every variant, and derive the band of their summaries:
+    run summaries of every seed, and the pair summary of the first two seeds."""
+    from flannel_repro.bounds import scale_key
+    from flannel_repro.numerics import machine_line
+    from flannel_repro.summary import summarize, summarize_pair
+
+    if reference in variants:
+        variants = [v for v in variants if v != reference]
+    if not variants:
+        raise ConfigError("noise: expected at least one variant besides the reference.")
+    config_json = json.dumps(config.to_dict())
+    summaries: dict[tuple[str, int], list[Summary]] = {}
+    classes: dict[str, str] = {}
+    for variant in (reference, *variants):
+        t0 = time.perf_counter()
+        paths = train_variant(config_json, variant[0], variant[1], seeds, artifacts)
+        runs = [summarize(p) for p in paths]
+        if len(paths) >= 2:
+            runs.append(summarize_pair(paths[0], paths[1]))
+        summaries[variant] = runs
+        label = f"{variant[0]}:{variant[1]}"
+        classes[label] = runs[0].numerics_class
+        if log is not None:
+            print(f"  {label}: class {classes[label]}, {len(paths)} run(s) in {time.perf_counter() - t0:.1f} s",
+                  file=log, flush=True)
+    ref = summaries[reference]
+    pairs = [(r, v) for variant in variants for r, v in zip(ref, summaries[variant])]
+    measured = {"reference": f"{reference[0]}:{reference[1]}", "variants": [f"{n}:{t}" for n, t in variants],
+                "classes": classes, "seeds": f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0]),
+                "steps": config.steps, "machine": machine_line(), "command": command,
+                "date": time.strftime("%Y-%m-%d")}
+    return derive_band(pairs, scale=scale_key(config), margin=margin, measured=measured)
+
+
+def _train_main(spec_text: str) -> int:
+    """Child process of `train_variant`: train the seeds with the variant's environment already in place."""
+    from flannel_repro.config import RunConfig
+    from flannel_repro.store import RunStore
+
+    import torch
+
+    spec = json.loads(spec_text)
+    # The thread count is set on the process, as the pytest plugin does, not in the config: the config
+    # (and its fingerprint, which summaries compare exactly) stays the same across variants.
+    config = RunConfig.from_dict(spec["config"], source="noise variant").replace(
+        threads=0, numerics="portable" if spec["variant"] == "portable" else "native")
+    torch.set_num_threads(int(spec["threads"]))
+    store = RunStore(spec["artifacts"])
+    paths = [str(store.obtain(config.with_train_seed(int(s))).trajectory.path) for s in spec["seeds"]]
+    print(json.dumps({"paths": paths}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_train_main(sys.argv[1]))
