@@ -102,9 +102,19 @@ def parse_probe_log(text: str, digest: str = "") -> CpuProbe:
     max_isa = _MAX_ISA.search(text)
     header = _MKL_HEADER.search(text)
     cnr = _MKL_CNR.search(text)
-    return CpuProbe(onednn_isa=isa, onednn_max_isa=max_isa.group(1).strip() if max_isa else "",
-                    mkl_arch=header.group(1).strip() if header else "", mkl_cnr=cnr.group(1) if cnr else "",
+    return CpuProbe(onednn_isa=isa, onednn_max_isa=max_isa.group(1).strip().replace("Intel ", "") if max_isa else "",
+                    mkl_arch=_compact_mkl_arch(header.group(1)) if header else "", mkl_cnr=cnr.group(1) if cnr else "",
                     digest=digest)
+
+
+def _compact_mkl_arch(text: str) -> str:
+    """'Intel(R) 64 architecture Intel(R) Advanced Vector Extensions 512 (Intel(R) AVX-512) with ... Intel(R)
+    Advanced Matrix Extensions (Intel(R) AMX) ..., Lnx 2.60GHz lp64 gnu_thread' -> 'AVX-512, AMX': the
+    instruction sets MKL names in parentheses (the whole text, shortened, when it names none)."""
+    names = re.findall(r"\((?:Intel\(R\) )?([A-Z][A-Z0-9.-]+)\)", text)
+    if names:
+        return ", ".join(dict.fromkeys(names))
+    return text.split(", Lnx", 1)[0].replace("Intel(R) ", "")[:80]
 
 
 def _probe_compute() -> bytes:

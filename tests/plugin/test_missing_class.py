@@ -137,3 +137,29 @@ def test_bad_policy_and_bands_options_are_usage_errors(tiny_experiment):
     numerics = tiny_experiment.runpytest("--flannel-numerics=fast")
     assert numerics.ret == pytest.ExitCode.USAGE_ERROR
     numerics.stderr.fnmatch_lines(["*--flannel-numerics (ini: flannel_numerics) accepts native or portable; got 'fast'.*"])
+
+
+PORTABLE_CHECK = """
+import os
+
+def test_worker_runs_portable(trajectory):
+    env = trajectory(42).env["numerics"]
+    assert env["mode"] == "portable"
+    assert env["env"] == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "MKL_CBWR": "AVX2,STRICT"}
+    assert env["class"].startswith("cpu-avx512bf16-mkl"), env["class"]
+    assert os.environ["MKL_CBWR"] == "AVX2,STRICT"
+"""
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_portable_mode_is_arranged_at_start_for_every_worker(tiny_experiment, monkeypatch, mode):
+    from flannel_repro.numerics import PORTABLE_ENV, cpu_has
+
+    if cpu_has("avx512_bf16") is False:
+        pytest.skip("this CPU lacks AVX-512 BF16: portable mode refuses here (tested in tests/test_numerics.py)")
+    for key in PORTABLE_ENV:  # a fresh process with nothing pinned: the plugin must arrange it
+        monkeypatch.delenv(key, raising=False)
+    tiny_experiment.makepyfile(test_p=PORTABLE_CHECK)
+    result = tiny_experiment.runpytest_subprocess(*MODES[mode], "--flannel-numerics=portable", "--flannel-threads=1")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["numerics class: cpu-avx512bf16-mkl*-t1 (requested numerics: portable)"])
