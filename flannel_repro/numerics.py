@@ -298,28 +298,29 @@ def numerics_info(device: str, *, threads: int, deterministic: bool, mode: str =
     return info
 
 
-def cpu_vendor() -> str | None:
-    """/proc/cpuinfo's vendor_id ('GenuineIntel', 'AuthenticAMD'), None where there is none."""
+@functools.lru_cache(maxsize=None)
+def _cpuinfo(field: str) -> str | None:
+    """The first value of `field` in /proc/cpuinfo (None where there is no such file or field)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith("vendor_id"):
-            return line.split(":", 1)[1].strip()
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == field:
+            return value.strip()
     return None
+
+
+def cpu_vendor() -> str | None:
+    """/proc/cpuinfo's vendor_id ('GenuineIntel', 'AuthenticAMD'), None where there is none."""
+    return _cpuinfo("vendor_id")
 
 
 def cpu_has(flag: str) -> bool | None:
     """Whether /proc/cpuinfo lists `flag` (None where there is no /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return flag in line.split(":", 1)[1].split()
-    return None
+    flags = _cpuinfo("flags")
+    return None if flags is None else flag in flags.split()
 
 
 def arrange(mode: str) -> None:

@@ -1,18 +1,22 @@
-"""A syrupy extension for run summaries: reviewable snapshot files, tolerant comparison, one file per device class.
+"""A syrupy extension for run summaries: reviewable snapshot files, tolerant comparison, one file per numerics class.
 
     def test_training_did_not_move(trajectory, flannel_snapshot):
         assert flannel_snapshot == trajectory(42).summary()
 
 * **Files.** One text file per snapshot, next to syrupy's own:
-  ``__snapshots__/<test file>/<test name>[<device class>].flannel``. The content is the summary's
+  ``__snapshots__/<test file>/<test name>[<numerics class>].flannel``. The content is the summary's
   canonical JSON (`flannel_repro.summary`): sorted keys, one value per line, floats written with
-  repr (round-trip exact). A second assertion in the same test gets ``[cpu.1]``, a named one
-  (``flannel_snapshot(name="final") == ...``) gets ``[cpu.final]``; a pair across device classes
-  ``[cpu+cuda]``.
-* **Device classes.** The class (cpu, cuda, mps) comes from the summary, so the same test keeps
-  one snapshot per class: trajectories legitimately differ between them. Snapshots of classes this
-  session does not run (a cuda snapshot on a CPU-only CI machine) are left alone: never reported
-  as unused, never deleted by ``--snapshot-update``.
+  repr (round-trip exact). A second assertion in the same test gets ``[<class>.1]``, a named one
+  (``flannel_snapshot(name="final") == ...``) gets ``[<class>.final]``; a pair across classes
+  ``[<class a>+<class b>]``.
+* **Numerics classes** (`flannel_repro.numerics`: ``cpu-amx-mklamx-t1``, ``cuda-...``) come from the
+  summary's environment, so the same test keeps one snapshot per class: trajectories of different
+  classes legitimately part at step 1. Snapshots of classes this session does not run (another
+  CPU's, a cuda snapshot on a CPU-only CI machine) are left alone: never reported as unused, never
+  deleted by ``--snapshot-update``.
+* **A class with no snapshot** while other classes have one follows ``--flannel-missing-class``:
+  skip (default), fail, or tolerant: compare with the nearest stored class within the noise band
+  measured for the config's scale (`flannel_repro.noise`).
 * **Comparison.** Floats within ``|obtained - stored| <= max(atol, rtol * |stored|)``; ints,
   strings, digests and the config exactly; the environment is stored but not compared. The
   tolerance comes from ``@pytest.mark.flannel(rtol=..., atol=...)``, ``--flannel-rtol`` /
@@ -22,7 +26,7 @@
 * **Updating** is syrupy's: ``pytest --snapshot-update``.
 
 The `flannel_snapshot` fixture (registered by `flannel_repro.plugin`) builds a
-`FlannelSnapshotAssertion` with the test's tolerance.
+`FlannelSnapshotAssertion` with the test's tolerance and missing-class policy.
 """
 
 from __future__ import annotations
@@ -47,13 +51,12 @@ if TYPE_CHECKING:
     from syrupy.types import PropertyFilter, PropertyMatcher, SerializableData, SerializedData
 
 __all__ = ["SNAPSHOT_EXTENSION", "FlannelSnapshotExtension", "FlannelSnapshotAssertion", "as_summary",
-           "snapshot_assertion", "snapshot_device_classes"]
+           "nearest_class", "snapshot_assertion", "snapshot_tag"]
 
 SNAPSHOT_EXTENSION = SNAPSHOT_SUFFIX  # "flannel": a suffix no other syrupy extension claims
 
 _LAST_BRACKETS = re.compile(r"\[([^\[\]]*)\]$")
 _VISIBLE_KEY = pytest.StashKey[frozenset]()
-MISSING_CLASS_POLICIES = ("skip", "fail", "tolerant")
 
 
 def as_summary(data: Any) -> Summary:
@@ -83,12 +86,6 @@ def snapshot_tag(filepath: str) -> tuple[frozenset[str], str] | None:
     if not classes or not all(device_kind(c) in DEVICE_CLASSES for c in classes):
         return None
     return classes, suffix
-
-
-def snapshot_device_classes(filepath: str) -> frozenset[str] | None:
-    """Device classes named in a snapshot file name (`test_x[cpu-amx-mklamx-t1.1].flannel` -> {'cpu'})."""
-    tag = snapshot_tag(filepath)
-    return None if tag is None else frozenset(device_kind(c) for c in tag[0])
 
 
 def visible_numerics_classes(config: pytest.Config | None) -> frozenset[str] | None:
@@ -203,7 +200,8 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
                               noise_bands=self.noise_bands)
 
     def _index_for(self, device_spec: str) -> str:
-        """`cpu` for a test's first assertion on cpu, then `cpu.1`, `cpu.2`; `cpu.<name>` when named."""
+        """The numerics class for a test's first assertion in that class, then `<class>.1`, `<class>.2`;
+        `<class>.<name>` when named."""
         custom = self._custom_index
         if custom:
             return f"{device_spec}.{custom}"

@@ -102,13 +102,15 @@ def test_tolerant_within_the_band_passes_and_beyond_it_fails(other_class_only, m
     ])
 
 
-def test_fail_policy_and_a_missing_band(other_class_only):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_fail_policy_and_a_missing_band(other_class_only, mode):
     p, other = other_class_only
-    failed = run(p, "no-xdist", "--flannel-missing-class=fail")
+    failed = run(p, mode, "--flannel-missing-class=fail")
     failed.assert_outcomes(passed=1, failed=1)
     failed.stdout.fnmatch_lines([f"E*no snapshot for this run's numerics class {K}; stored for: {OTHER}.",
                                  "E*choose with --flannel-missing-class=skip|fail|tolerant*"])
-    no_band = run(p, "no-xdist", "--flannel-missing-class=tolerant")
+    assert "unused" not in failed.stdout.str()
+    no_band = run(p, mode, "--flannel-missing-class=tolerant")
     no_band.assert_outcomes(passed=1, failed=1)
     no_band.stdout.fnmatch_lines(["E*needs a noise band for scale *, and flannel_noise_bands.json has none. "
                                   "Measure one: flannel-repro noise*"])
