@@ -316,11 +316,6 @@ class TrajectoryWriter:
         if not self._finished:
             self._discard()
 
-    def abort(self) -> None:
-        """Delete the temporary file; nothing is published."""
-        if not self._finished:
-            self._discard()
-
     def _discard(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):

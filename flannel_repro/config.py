@@ -153,8 +153,6 @@ class RunConfig:
         dev = self.device.split(":")[0]
         if dev not in ("cpu", "cuda", "mps") or (":" in self.device and not self.device.split(":", 1)[1].isdigit()):
             raise ConfigError(f"'device' must be 'cpu', 'cuda', 'cuda:N' or 'mps' (got {self.device!r}).")
-        if self.amp == "none" and self.dtype == "bfloat16":
-            pass  # pure bf16 without autocast is allowed: the matmuls simply run in bf16.
 
     # -- derived views -------------------------------------------------------------------------
 
@@ -192,10 +190,6 @@ class RunConfig:
         _check_keys(cls, data, source)
         start = base if base is not None else cls()
         return dataclasses.replace(start, **dict(data))
-
-    @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
 
 
 def notebook_config(train_seed: int = 42) -> RunConfig:

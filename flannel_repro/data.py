@@ -12,7 +12,6 @@ import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -351,10 +350,6 @@ class DataOrder:
     def batches(self, steps: int) -> Iterator[torch.Tensor]:
         for step in range(1, steps + 1):
             yield self.batch(step)
-
-    @cached_property
-    def first_epoch_digest(self) -> str:
-        return hashlib.sha256(self.permutation(0).numpy().tobytes()).hexdigest()[:16]
 
 
 def make_batch(ids: torch.Tensor, starts: torch.Tensor, seq_len: int, label_mode: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -101,18 +101,6 @@ def torch_threads(n: int) -> Iterator[int]:
             torch.set_num_threads(before)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) as transformers' set_seed does."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def package_versions() -> dict[str, str]:
     """Versions of the packages that can change a trajectory (a copy: callers may modify it)."""
     return dict(_package_versions())

@@ -23,9 +23,6 @@ if TYPE_CHECKING:
     from flannel_repro.config import RunConfig
     from flannel_repro.data import CorpusData
 
-DIGEST_BYTES = 32
-
-
 def probe_starts(n_examples: int, n_probe: int) -> torch.Tensor:
     """A fixed probe batch: `n_probe` examples spread evenly over the corpus (independent of seeds)."""
     return torch.linspace(0, n_examples - 1, n_probe).round().to(torch.long)

@@ -70,7 +70,6 @@ def run_name(config: "RunConfig", repeat: int, key: str) -> str:
 class Obtained:
     trajectory: "Trajectory"
     trained: bool  # True if this process trained it; False if it was read from the store
-    waited_s: float  # time spent waiting for another process's lock
 
 
 class RunStore:
@@ -127,15 +126,13 @@ class RunStore:
         path = self.path_for(config, repeat, key)
         hit = self._usable(path, key)
         if hit is not None:
-            return Obtained(hit, trained=False, waited_s=0.0)
+            return Obtained(hit, trained=False)
         self.root.mkdir(parents=True, exist_ok=True)
         artifacts.cleanup_partials(self.root)
-        t0 = time.perf_counter()
         with FileLock(str(path) + ".lock", timeout=self.lock_timeout_s):
-            waited = time.perf_counter() - t0
             hit = self._usable(path, key)  # another worker may have finished it while we waited
             if hit is not None:
-                return Obtained(hit, trained=False, waited_s=waited)
+                return Obtained(hit, trained=False)
             if on_train_start is not None:
                 on_train_start(path)
             from flannel_repro.harness import train  # transformers is imported only when something trains
@@ -144,7 +141,7 @@ class RunStore:
                            metadata={"run_key": key, "run_key_material": material, "repeat": str(repeat),
                                      "session": self.session, "pid": str(os.getpid())})
             self._log_training(path, key, result.wall_time_s)
-        return Obtained(Trajectory(path), trained=True, waited_s=waited)
+        return Obtained(Trajectory(path), trained=True)
 
     def _log_training(self, path: Path, key: str, wall: float) -> None:
         """One line per training in `training.log`: an audit trail of what was trained, by whom, when."""

@@ -130,3 +130,14 @@ def test_interrupted_run_by_exception_cleans_up(tiny_config, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config, out, progress=progress)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shared_W_initial_matches_the_notebook_print():
+    """The notebook printed W_initial's statistics (seed 42, randn(10000, 64) * 0.02 -> bf16):
+    'Mean:  -0.000041', 'Std:   0.020019'. Our W_initial must print the same."""
+    from flannel_repro.config import RunConfig
+
+    w = shared_init_W(RunConfig())
+    assert tuple(w.shape) == (10000, 64) and w.dtype == torch.bfloat16
+    assert f"{w.float().mean():.6f}" == "-0.000041"
+    assert f"{w.float().std():.6f}" == "0.020019"

@@ -13,7 +13,7 @@ import pytest
 
 from flannel_repro import numerics
 from flannel_repro.config import RunConfig
-from flannel_repro.numerics import (CpuProbe, NumericsError, cpu_class, cuda_class, mps_class, mkl_short, onednn_short,
+from flannel_repro.numerics import (NumericsError, cpu_class, cuda_class, mps_class, mkl_short, onednn_short,
                                     parse_probe_log)
 
 # Verbose lines as oneDNN 3.12 and oneMKL 2024.0 print them (abridged to the parts the parser reads).

@@ -57,8 +57,10 @@ def test_data_order_alone_accounts_for_the_divergence(trajectory, train_seed, de
     """The notebook's question: with model_seed fixed, how much of the divergence is data order?
 
     Three runs: the reference (seed s0), data order changed only (model_seed s0, data_seed s), and
-    both changed (seed s). The share ‖ΔW(order only)‖ / ‖ΔW(both)‖ at the last step must lie in the
-    band derived from held-out runs; data order alone must also part the runs at step 1.
+    both changed (seed s). Checked: data order alone parts the runs at step 1, and the share
+    ‖ΔW(order only)‖ / ‖ΔW(both)‖ at the last step lies in the band derived from held-out seeds
+    (bounds.toml; at CI scale [0.15, 0.89]: data order is a real part of the divergence, neither
+    none of it nor all of it). The measured shares are recorded and printed in the terminal summary.
     """
     base = partner_seed(train_seed, flannel_config.train_seeds)
     ref = trajectory(base)

@@ -16,14 +16,16 @@ def test_fixtures_are_documented(pytester):
 def test_data_fixtures_on_embedded_data(tiny_experiment):
     tiny_experiment.makepyfile("""
         import torch
-        from flannel_repro.model import shared_init_W as make
 
         def test_data(tokenizer, corpus, token_mask, shared_init_W, flannel_config):
             assert tokenizer.get_vocab_size() == 512
             assert corpus.n_tokens == 40000
             assert token_mask.n_live + token_mask.n_dead == 512
             assert shared_init_W.shape == (512, 64) and shared_init_W.dtype == torch.bfloat16
-            assert torch.equal(shared_init_W, make(flannel_config.run))
+            # the notebook's recipe, written out: global seed, randn in float32, scale, cast to bf16
+            torch.manual_seed(flannel_config.run.init_seed)
+            notebook = (torch.randn(512, 64, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+            assert torch.equal(shared_init_W, notebook)
     """)
     tiny_experiment.runpytest().assert_outcomes(passed=1)
 
