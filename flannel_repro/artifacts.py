@@ -486,16 +486,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def cleanup_partials(directory: str | os.PathLike[str], *, older_than_s: float = 60.0) -> list[Path]:
-    """Remove stale ``*.partial-<pid>-*`` files left by killed writers; returns the removed paths.
+def stale_partials(directory: str | os.PathLike[str], *, older_than_s: float = 60.0) -> list[Path]:
+    """The ``*.partial-<pid>-*`` files of `directory` left by killed writers.
 
     A partial file is stale when its writer pid is not running on this machine AND it was last
     modified at least ``older_than_s`` seconds ago (a live writer on another machine sharing the
-    directory keeps its mtime fresh). Files of this process are never removed.
+    directory keeps its mtime fresh). Files of this process are never stale.
     """
-    removed: list[Path] = []
+    stale: list[Path] = []
     now = time.time()
-    for p in Path(directory).glob("*.partial-*"):
+    for p in sorted(Path(directory).glob("*.partial-*")):
         m = _PARTIAL_RE.search(p.name)
         if m is None or not p.is_file():
             continue
@@ -505,6 +505,17 @@ def cleanup_partials(directory: str | os.PathLike[str], *, older_than_s: float =
         try:
             if now - p.stat().st_mtime < older_than_s:
                 continue
+        except FileNotFoundError:
+            continue
+        stale.append(p)
+    return stale
+
+
+def cleanup_partials(directory: str | os.PathLike[str], *, older_than_s: float = 60.0) -> list[Path]:
+    """Remove the stale partial files of `directory` (`stale_partials`); returns the removed paths."""
+    removed: list[Path] = []
+    for p in stale_partials(directory, older_than_s=older_than_s):
+        try:
             p.unlink()
         except FileNotFoundError:
             continue

@@ -7,6 +7,8 @@
     flannel-repro info RUN.safetensors
     flannel-repro numerics
     flannel-repro noise [--preset ci | --config FILE] [--seeds 42-45] [--variants PATH:THREADS,...] [-o FILE]
+    flannel-repro prune [--artifacts DIR] [--dry-run]
+    flannel-repro --version
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from flannel_repro.config import PRESETS, ExperimentConfig
+from flannel_repro import __version__
+from flannel_repro.config import NUMERICS, PRESETS, ExperimentConfig
 from flannel_repro.errors import FlannelError
 
 
@@ -180,51 +183,73 @@ def cmd_noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Delete (or, with --dry-run, list) what no run of this installation can reuse, with sizes."""
+    from flannel_repro.store import prune
+
+    orphans = prune(args.artifacts, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for o in orphans:
+        print(f"{o.size / 1e6:>10.1f} MB  {o.path.name}: {o.reason}")
+    total = sum(o.size for o in orphans)
+    print(f"{verb} {len(orphans)} file(s), {total / 1e6:.1f} MB, in {args.artifacts}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flannel-repro", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"flannel-repro {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bounds", help="derive divergence bounds from measured runs (prints TOML)")
-    b.add_argument("--preset", choices=sorted(PRESETS), default="ci")
+    b.add_argument("--preset", choices=sorted(PRESETS), default="ci", help="the experiment's starting point (default: ci)")
     b.add_argument("--config", help="TOML experiment config (instead of --preset)")
-    b.add_argument("--artifacts", default=".flannel/artifacts")
-    b.add_argument("--name", default="bound")
+    b.add_argument("--artifacts", default=".flannel/artifacts", help="run artifacts directory, shared with pytest "
+                   "(default: .flannel/artifacts)")
+    b.add_argument("--name", default="bound", help="name of the printed TOML table (default: bound)")
     b.add_argument("--compare-seeds", help="seeds compared with the base seed, e.g. '46-61' (default: the experiment's "
                    "other seeds). Held-out seeds make the bound a prediction rather than a restatement.")
     b.add_argument("--threads", type=int, default=0, help="torch threads (0 = default); pin it like the suite does")
     b.set_defaults(func=cmd_bounds)
     e = sub.add_parser("export-notebook", help="write the notebook's single-file layout from run artifacts")
-    e.add_argument("runs", nargs="+")
-    e.add_argument("-o", "--output", required=True)
+    e.add_argument("runs", nargs="+", help="run artifacts (.safetensors), one per notebook run, in order")
+    e.add_argument("-o", "--output", required=True, help="the notebook-layout file to write")
     e.set_defaults(func=cmd_export)
     i = sub.add_parser("info", help="one run: losses and fraction of W entries updated per step")
-    i.add_argument("run")
+    i.add_argument("run", help="a run artifact (.safetensors)")
     i.set_defaults(func=cmd_info)
     d = sub.add_parser("divergence", help="all-pairs divergence summary of run artifacts")
-    d.add_argument("runs", nargs="+")
+    d.add_argument("runs", nargs="+", help="run artifacts (.safetensors) of the same length")
     d.set_defaults(func=cmd_divergence)
     g = sub.add_parser("digests", help="write a run's per-step digest chain, or find where a run parts from one "
                        "(exit 1 when it does)")
-    g.add_argument("run")
+    g.add_argument("run", help="a run artifact (.safetensors)")
     out = g.add_mutually_exclusive_group()
     out.add_argument("-o", "--output", help="write the chain (JSON, a few kB) here instead of printing it")
     out.add_argument("--compare", metavar="CHAIN", help="a chain written by -o on another machine or commit: report the "
                      "first step whose digests differ")
     g.set_defaults(func=cmd_digests)
     n = sub.add_parser("numerics", help="this machine's numerics class on CPU (native or portable) and the probe behind it")
-    n.add_argument("--mode", choices=("native", "portable"), default="native")
-    n.add_argument("--threads", type=int, default=1)
+    n.add_argument("--mode", choices=NUMERICS, default="native", help="CPU numerics to probe (default: native)")
+    n.add_argument("--threads", type=int, default=1, help="thread count the class is named for (default: 1)")
     n.set_defaults(func=cmd_numerics)
     z = sub.add_parser("noise", help="measure a noise band for tolerant comparisons across numerics classes (JSON)")
-    z.add_argument("--preset", choices=sorted(PRESETS), default="ci")
+    z.add_argument("--preset", choices=sorted(PRESETS), default="ci", help="the experiment's starting point (default: ci)")
     z.add_argument("--config", help="TOML experiment config (instead of --preset)")
     z.add_argument("--seeds", help="training seeds, e.g. '42-45' (default: the experiment's)")
     z.add_argument("--reference", default="portable:1", help="the variant others are measured against (PATH:THREADS)")
     z.add_argument("--variants", default="portable:2,avx512:1,avx2:1,avx2:2",
                    help="arithmetic variants, PATH:THREADS with PATH one of native, portable, avx512, avx2")
     z.add_argument("--margin", type=float, default=2.0, help="band = margin x the largest measured deviation")
-    z.add_argument("--artifacts", default=".flannel/noise-artifacts")
+    z.add_argument("--artifacts", default=".flannel/noise-artifacts", help="where the variants' runs are kept "
+                   "(default: .flannel/noise-artifacts)")
     z.add_argument("-o", "--output", help="bands file to write (merged: the entry of the same scale is replaced)")
     z.set_defaults(func=cmd_noise)
+    r = sub.add_parser("prune", help="delete artifacts no run can reuse any more (other code or package versions, "
+                       "unreadable, partial), with sizes")
+    r.add_argument("--artifacts", default=".flannel/artifacts", help="the artifacts directory (default: "
+                   ".flannel/artifacts)")
+    r.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    r.set_defaults(func=cmd_prune)
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(raw)
     args.raw_argv = raw

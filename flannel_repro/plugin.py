@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
-from flannel_repro.config import NUMERICS, PRESETS, ExperimentConfig, RunConfig
+from flannel_repro.config import ENGINES, LABEL_MODES, NUMERICS, PRESETS, ExperimentConfig, RunConfig
 from flannel_repro.errors import ConfigError
 
 pytest.register_assert_rewrite("flannel_repro.assertions")
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 GROUP = "flannel"
 MARKER = "flannel"
 DEVICE_KINDS = ("cpu", "cuda", "mps")
-TOLERANCE_KEYS = ("rtol", "atol")
-MISSING_CLASS_POLICIES = ("skip", "fail", "tolerant")  # @pytest.mark.flannel kwargs for flannel_snapshot, not RunConfig fields
+TOLERANCE_KEYS = ("rtol", "atol")  # @pytest.mark.flannel kwargs for flannel_snapshot, not RunConfig fields
+MISSING_CLASS_POLICIES = ("skip", "fail", "tolerant")  # --flannel-missing-class
 SNAPSHOT_SUFFIX = "flannel"  # file suffix of flannel_snapshot files (flannel_repro.snapshot)
 
 # option name (after --flannel-) -> (ini key, help, parser of the raw string)
@@ -43,18 +43,22 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "runs": ("flannel_runs", "number of training seeds (overrides the config)."),
     "seeds": ("flannel_seeds", "training seeds: '42-51' or '42,43,47' (overrides runs and base seed)."),
     "devices": ("flannel_devices", "comma-separated devices to run claims on: cpu, cuda, mps (default: cpu plus any present)."),
-    "engine": ("flannel_engine", "training engine: torch (lean loop) or hf (transformers Trainer)."),
-    "label-mode": ("flannel_label_mode", "next_token (correct) or notebook (the notebook's two-ahead labels)."),
+    "engine": ("flannel_engine", f"training engine: {' or '.join(ENGINES)} (torch: the lean loop; hf: the transformers "
+               "Trainer; bitwise equal on CPU)."),
+    "label-mode": ("flannel_label_mode", f"labels: {' or '.join(LABEL_MODES)} (next_token: correct; notebook: the "
+                   "notebook's two-ahead labels)."),
     "artifacts": ("flannel_artifacts", "directory of run artifacts shared by workers and sessions (default: .flannel/artifacts)."),
     "threads": ("flannel_threads", "torch threads per process; default: the machine's cores divided among xdist workers."),
     "tokenizer": ("flannel_tokenizer", "your tokenizers JSON file (with --flannel-corpus)."),
     "corpus": ("flannel_corpus", "your UTF-8 corpus (with --flannel-tokenizer)."),
     "token-mask": ("flannel_token_mask", "your live/dead token mask safetensors (default: computed from the corpus)."),
     "progress": ("flannel_progress", "seconds between training progress lines (0 = off; default 10)."),
-    "numerics": ("flannel_numerics", "CPU arithmetic: native (this CPU's fastest kernels; default) or portable (oneDNN "
-                 "pinned to AVX-512 BF16, MKL to strict AVX2: one class on Intel AMX and AMD Zen 4 machines)."),
-    "missing-class": ("flannel_missing_class", "when a snapshot exists only for other numerics classes: skip (default), "
-                      "fail, or tolerant (compare with the nearest class within its measured noise band)."),
+    "numerics": ("flannel_numerics", f"CPU arithmetic: {' or '.join(NUMERICS)} (native: this CPU's fastest kernels, the "
+                 "default; portable: oneDNN pinned to AVX-512 BF16, MKL to strict AVX2, one class on Intel AMX and AMD "
+                 "Zen 4 machines)."),
+    "missing-class": ("flannel_missing_class", f"when a snapshot exists only for other numerics classes: "
+                      f"{', '.join(MISSING_CLASS_POLICIES)} (skip: the default; tolerant: compare with the nearest class "
+                      "within its measured noise band)."),
     "noise-bands": ("flannel_noise_bands", "JSON file of noise bands for tolerant comparisons across numerics classes "
                     "(default: flannel_noise_bands.json beside the test file)."),
     "rtol": ("flannel_rtol", "relative tolerance of flannel_snapshot float comparisons (default 0: exact)."),
@@ -258,7 +262,7 @@ def build_session(config: pytest.Config) -> FlannelSession:
     steps = _int_option(config, "steps", 1)
     if steps is not None:
         run_changes["steps"] = steps
-    for option, key, choices in (("engine", "engine", ("torch", "hf")), ("label-mode", "label_mode", ("next_token", "notebook")),
+    for option, key, choices in (("engine", "engine", ENGINES), ("label-mode", "label_mode", LABEL_MODES),
                                  ("numerics", "numerics", NUMERICS)):
         raw = _get(config, _OPTIONS[option][0])
         if raw is not None:
@@ -383,10 +387,6 @@ def pytest_configure(config: pytest.Config) -> None:
         arrange(session.run_template.numerics)
     except NumericsError as exc:
         raise pytest.UsageError(f"--flannel-numerics: {exc}") from None
-    # cuBLAS reads its workspace setting once, when CUDA starts; deterministic CUDA runs need it
-    # fixed. Set here, before any test touches CUDA (xdist workers inherit it); a value already in
-    # the environment wins. CPU runs ignore it. Every artifact records it (environment fingerprint).
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "flannel-xdist")
     if not hasattr(config, "workerinput"):
@@ -465,6 +465,12 @@ def _marker_tolerance(item: pytest.Item) -> dict[str, float]:
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     state = config.stash[SESSION_KEY]
+    if any("trajectory" in getattr(item, "fixturenames", ()) for item in items):
+        # cuBLAS reads its workspace setting once, when CUDA starts; deterministic CUDA runs need it
+        # fixed. Set after collection, before any test runs (in each xdist worker, which collects
+        # too), and only in sessions that train runs: a suite that does not use the plugin keeps its
+        # environment. A value already set wins. Every artifact records it (environment fingerprint).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     for item in items:
         if "trajectory" in getattr(item, "fixturenames", ()):
             item.user_properties.append(("flannel_uses_trajectory", "1"))  # travels with every report
@@ -499,12 +505,24 @@ def _device_present(device: str) -> tuple[bool, str]:
     return False, f"unknown device kind {kind!r}"
 
 
+def _resolves_to_ours(metafunc: pytest.Metafunc, name: str) -> bool:
+    """Whether fixture `name` is, for this test, the one this plugin defines. A suite's own `device` or
+    `train_seed` (any conftest or module fixture wins over a plugin's) is never parametrized by us."""
+    if name not in metafunc.fixturenames:
+        return False
+    defs = getattr(metafunc, "_arg2fixturedefs", None)  # pytest's own resolution (stable since pytest 3)
+    if not isinstance(defs, dict):
+        return "trajectory" in metafunc.fixturenames  # unknown internals: only tests that train runs
+    chain = defs.get(name) or ()
+    return bool(chain) and getattr(chain[-1].func, "__module__", None) == __name__
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     state = metafunc.config.stash[SESSION_KEY]
-    if "device" in metafunc.fixturenames and not _already_parametrized(metafunc, "device"):
+    if _resolves_to_ours(metafunc, "device") and not _already_parametrized(metafunc, "device"):
         devices = state.selected_devices()
         metafunc.parametrize("device", devices, indirect=True, ids=devices)
-    if "train_seed" in metafunc.fixturenames and not _already_parametrized(metafunc, "train_seed"):
+    if _resolves_to_ours(metafunc, "train_seed") and not _already_parametrized(metafunc, "train_seed"):
         seeds = list(state.experiment.train_seeds)
         metafunc.parametrize("train_seed", seeds, indirect=True, ids=[f"seed{s}" for s in seeds])
 

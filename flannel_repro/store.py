@@ -60,6 +60,25 @@ def key_of(material: dict[str, object]) -> str:
 
 
 
+CACHEDIR_TAG = ("Signature: 8a477f597d28d172789f06886806bc55\n"
+                "# This file is a cache directory tag created by flannel-repro: run artifacts, retrained on demand.\n"
+                "# For information about cache directory tags, see: https://bford.info/cachedir/\n")
+
+
+def mark_cache_dir(root: Path) -> None:
+    """Create `root` as a cache directory: a CACHEDIR.TAG (backup tools skip it) and a .gitignore that
+    ignores everything in it, as pytest does for its own cache. Existing files are left as they are."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in (("CACHEDIR.TAG", CACHEDIR_TAG), (".gitignore", "# created by flannel-repro\n*\n")):
+        path = root / name
+        if not path.exists():
+            try:
+                with open(path, "x", encoding="utf-8") as f:  # exclusive: concurrent workers write it once
+                    f.write(text)
+            except FileExistsError:
+                pass
+
+
 def run_name(config: "RunConfig", repeat: int, key: str) -> str:
     seeds = f"seed{config.model_seed}" if config.train_seed is not None else f"m{config.model_seed}-d{config.data_seed}"
     dev = config.device.replace(":", "")
@@ -127,7 +146,7 @@ class RunStore:
         hit = self._usable(path, key)
         if hit is not None:
             return Obtained(hit, trained=False)
-        self.root.mkdir(parents=True, exist_ok=True)
+        mark_cache_dir(self.root)
         artifacts.cleanup_partials(self.root)
         with FileLock(str(path) + ".lock", timeout=self.lock_timeout_s):
             hit = self._usable(path, key)  # another worker may have finished it while we waited
@@ -150,3 +169,96 @@ class RunStore:
                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         with open(self.root / "training.log", "a", encoding="utf-8") as f:
             f.write(line + "\n")  # one short append per line: atomic on POSIX under O_APPEND
+
+
+# --- pruning -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A file in an artifacts directory that no run of this installation can reuse."""
+
+    path: Path
+    size: int  # bytes
+    reason: str
+
+
+def find_orphans(root: str | Path) -> list[Orphan]:
+    """Artifacts whose run key can no longer match: trained by other code of this package or other
+    package versions (every edit of the code changes every key), unreadable or incomplete files,
+    partial files of killed writers, and lock files of runs that are gone.
+
+    Runs of other numerics classes or thread counts are *not* orphans: another machine sharing the
+    directory, or another setting, still reuses them.
+    """
+    from flannel_repro.determinism import code_version, package_versions
+    from flannel_repro.trajectory import Trajectory
+
+    directory = Path(root)
+    if not directory.is_dir():
+        raise ArtifactError(f"prune: expected an artifacts directory, got {str(directory)!r} (no such directory).")
+    code, packages = code_version(), package_versions()
+    found: list[Orphan] = []
+
+    def add(path: Path, reason: str) -> None:
+        try:
+            found.append(Orphan(path, path.stat().st_size, reason))
+        except FileNotFoundError:
+            pass  # removed meanwhile by another process
+
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            traj = Trajectory(path)
+        except ArtifactError as exc:
+            add(path, f"unreadable or incomplete ({str(exc).split(': ', 1)[-1][:80]})")
+            continue
+        try:
+            material = json.loads(traj.metadata.get("run_key_material", "{}"))
+        except ValueError:
+            material = {}
+        finally:
+            traj.close()
+        reasons = []
+        if material.get("format") != KEY_FORMAT:
+            reasons.append(f"run-key format {material.get('format')!r} (now {KEY_FORMAT!r})")
+        if material.get("code") not in (None, code):
+            reasons.append(f"flannel-repro code {material.get('code')} (now {code})")
+        for name, version in sorted((material.get("packages") or {}).items()):
+            if packages.get(name) != version:
+                reasons.append(f"{name} {version} (now {packages.get(name, 'absent')})")
+        if reasons:
+            add(path, "; ".join(reasons))
+    for path in artifacts.stale_partials(directory):
+        add(path, "partial file of a writer that is gone")
+    going = {o.path for o in found}
+    for path in sorted(directory.glob("*.safetensors.lock")):
+        run = Path(str(path)[: -len(".lock")])
+        if (run in going or not run.exists()) and _lock_is_free(path):
+            add(path, "lock of a run that is gone" if run not in going else "lock of a run pruned with it")
+    for path in sorted(directory.glob("*.safetensors.progress")):
+        if not Path(str(path)[: -len(".progress")]).exists() and not any(
+                p.name.startswith(path.name[: -len(".progress")] + ".partial-") for p in directory.iterdir()):
+            add(path, "progress file of a run that is gone")
+    return found
+
+
+def _lock_is_free(path: Path) -> bool:
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(str(path), timeout=0):
+            return True
+    except Timeout:
+        return False
+
+
+def prune(root: str | Path, *, dry_run: bool = False) -> list[Orphan]:
+    """Delete what `find_orphans` finds (nothing with `dry_run`); returns what was (or would be) deleted."""
+    orphans = find_orphans(root)
+    if not dry_run:
+        for orphan in orphans:
+            try:
+                orphan.path.unlink()
+            except FileNotFoundError:
+                pass
+    return orphans

@@ -123,3 +123,15 @@ def test_results_identical_with_and_without_xdist(pytester):
             line = next(l for l in out.stdout.lines if "DIGEST" in l)
             digests.append(line.split("DIGEST ")[1].split()[0])
     assert digests[0] == digests[1]
+
+
+def test_artifacts_directory_is_marked_as_a_cache(tiny_experiment):
+    """Like pytest's own cache: backup tools skip it (CACHEDIR.TAG), git ignores it (.gitignore)."""
+    tiny_experiment.makepyfile("def test_run(trajectory):\n    trajectory(42)\n")
+    tiny_experiment.runpytest().assert_outcomes(passed=1)
+    root = tiny_experiment.path / ".flannel" / "artifacts"
+    assert (root / "CACHEDIR.TAG").read_text().startswith("Signature: 8a477f597d28d172789f06886806bc55\n")
+    assert (root / ".gitignore").read_text().splitlines()[-1] == "*"
+    (root / ".gitignore").write_text("# mine\n")
+    tiny_experiment.runpytest("--flannel-fresh").assert_outcomes(passed=1)
+    assert (root / ".gitignore").read_text() == "# mine\n"  # never overwritten

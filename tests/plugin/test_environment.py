@@ -7,7 +7,7 @@ import pytest
 CHECK = """
 import os
 
-def test_env():
+def test_env(trajectory):  # a session that trains runs (this test asks for the factory, trains nothing)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == {expected!r}
 """
 
