@@ -15,7 +15,7 @@ _t: dict[str, float] = {"start": time.perf_counter(), "collect": 0.0, "setup": 0
 
 def pytest_configure(config) -> None:  # noqa: ANN001
     """Time the plugin's run lookup (run key, lock, store, open), which tests call from their bodies."""
-    import flannel_repro.plugin as plugin
+    import flannel_repro.plugin.hooks as plugin
 
     real = plugin.obtain
 

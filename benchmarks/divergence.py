@@ -64,8 +64,8 @@ def _old_all_pairs(readers: Sequence[Any]) -> dict[str, np.ndarray]:
     chunks, copy-to-float64 + square + sum); returns the arrays in combinations order."""
     import torch
 
-    from flannel_repro.artifacts import KEY_LIVE_MASK, KEY_W
-    from flannel_repro.divergence import NEVER
+    from flannel_repro.storage.layout import KEY_LIVE_MASK, KEY_W
+    from flannel_repro.analysis.divergence import NEVER
 
     bits_of = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -240,7 +240,7 @@ def warm_page_cache(paths: Sequence[Path]) -> float:
 def synthesize(workdir: Path, R: int, S: int, V: int, H: int, seed: int = 0) -> list[Path]:
     import torch
 
-    from flannel_repro.artifacts import write_run
+    from flannel_repro.storage.layout import write_run
 
     g = torch.Generator().manual_seed(seed)
     live = torch.rand(V, generator=g) < 0.8
@@ -280,8 +280,8 @@ def synthesize(workdir: Path, R: int, S: int, V: int, H: int, seed: int = 0) -> 
 def child(impl: str, paths: list[str], out: str) -> None:
     import torch
 
-    from flannel_repro.artifacts import TrajectoryReader
-    from flannel_repro.divergence import all_pairs
+    from flannel_repro.storage.stream import TrajectoryReader
+    from flannel_repro.analysis.divergence import all_pairs
 
     readers = [TrajectoryReader(p) for p in paths]
     rss0 = _status_bytes("VmRSS")
@@ -363,7 +363,8 @@ def main() -> None:
         paths = synthesize(workdir, args.runs, args.steps, args.vocab, args.hidden)
         print(f"  synthesis took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     try:
-        from flannel_repro.artifacts import KEY_W, TrajectoryReader
+        from flannel_repro.storage.layout import KEY_W
+        from flannel_repro.storage.stream import TrajectoryReader
 
         with TrajectoryReader(paths[0]) as r:
             n, V, H = r.spec(KEY_W).shape

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from flannel_repro.allocator import tune_malloc
+from flannel_repro.training.allocator import tune_malloc
 
 N, V, H, B, T, HEADS = 4096, 10_000, 64, 32, 128, 2
 

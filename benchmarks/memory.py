@@ -24,7 +24,7 @@ from pathlib import Path
 CHILD = """
 import json, resource, sys, time
 from flannel_repro.config import notebook_config
-from flannel_repro.harness import train
+from flannel_repro.training.harness import train
 cfg = notebook_config(int(sys.argv[3])).replace(steps=int(sys.argv[1]), engine=sys.argv[4])
 t0 = time.perf_counter()
 r = train(cfg, sys.argv[2])
@@ -49,7 +49,7 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file
 
-    from flannel_repro.artifacts import NOTEBOOK_KEYS, export_notebook
+    from flannel_repro.storage.export import NOTEBOOK_KEYS, export_notebook
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; engine {args.engine}")
     with tempfile.TemporaryDirectory(dir=os.environ.get("FLANNEL_BENCH_TMP")) as tmp:

@@ -21,8 +21,8 @@ import tempfile
 CHILD = """
 import json, sys, time
 from flannel_repro.config import PRESETS
-from flannel_repro.harness import train
-from flannel_repro.trajectory import Trajectory
+from flannel_repro.training.harness import train
+from flannel_repro.analysis.trajectory import Trajectory
 mode, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cfg = PRESETS["ci"]().run.replace(steps=steps, threads=1, numerics=mode)
 result = train(cfg, out)
@@ -46,7 +46,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    from flannel_repro.numerics import machine_line
+    from flannel_repro.training.numerics import machine_line
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -58,7 +58,7 @@ DEFAULT_VARIANTS = list(VARIANTS)
 CHILD = r"""
 import json, sys, time
 from flannel_repro.config import RunConfig
-from flannel_repro.harness import train
+from flannel_repro.training.harness import train
 spec = json.loads(sys.argv[1])
 cfg = RunConfig.from_dict(spec["config"])
 stamps = []
@@ -133,7 +133,7 @@ def same_trajectory(a: Path, b: Path) -> str:
     """'yes' when every step's W digest and every loss are bitwise equal, else where they part."""
     import torch
 
-    from flannel_repro.trajectory import Trajectory
+    from flannel_repro.analysis.trajectory import Trajectory
 
     ta, tb = Trajectory(a), Trajectory(b)
     try:
@@ -241,7 +241,7 @@ def experiment(args: argparse.Namespace, work: Path, lines: list[str]) -> None:
     seed_run = next((p for p in runs if p.name.startswith(f"seed{args.seed}-")), None)
     if seed_run is not None and args.experiment_reference:
         ref = work / "experiment-reference-hf.safetensors"
-        from flannel_repro.trajectory import Trajectory
+        from flannel_repro.analysis.trajectory import Trajectory
 
         cfg = Trajectory(seed_run).config.replace(engine="hf", threads=1, head="auto").to_dict()
         proc_ref, t_ref = spawn(child_argv(cfg, ref), child_env({"FLANNEL_REPRO_MALLOC": "0"}))
@@ -250,7 +250,7 @@ def experiment(args: argparse.Namespace, work: Path, lines: list[str]) -> None:
                   f"1 thread like each worker) trained at the same scale: bitwise equal: **{same_trajectory(seed_run, ref)}** "
                   f"(the Trainer took {r['train_s']:.0f} s, {r['steps_per_s']:.2f} steps/s, peak RSS {r['peak_rss_mb']:.0f} MB).", ""]
     if len(runs) >= 2:
-        from flannel_repro.divergence import all_pairs
+        from flannel_repro.analysis.divergence import all_pairs
 
         t0 = time.perf_counter()
         res = all_pairs(runs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from flannel_repro.version import __version__
 
 from flannel_repro.config import ExperimentConfig, RunConfig, notebook_config
 from flannel_repro.errors import ArtifactError, ConfigError, DataError, DeterminismError, FlannelError
@@ -10,21 +10,21 @@ from flannel_repro.errors import ArtifactError, ConfigError, DataError, Determin
 # Heavy names (they import torch) load on first use, so `import flannel_repro` and the pytest plugin
 # stay light.
 _LAZY = {
-    "assert_identical": "flannel_repro.assertions",
-    "assert_diverged": "flannel_repro.assertions",
-    "assert_divergence_below": "flannel_repro.assertions",
-    "assert_same_start": "flannel_repro.assertions",
-    "measure_divergence": "flannel_repro.assertions",
-    "relative_divergence": "flannel_repro.assertions",
-    "Trajectory": "flannel_repro.trajectory",
-    "summarize": "flannel_repro.summary",
-    "summarize_pair": "flannel_repro.summary",
-    "train": "flannel_repro.harness",
-    "RunStore": "flannel_repro.store",
-    "export_notebook": "flannel_repro.artifacts",
-    "all_pairs": "flannel_repro.divergence",
-    "pair_divergence": "flannel_repro.divergence",
-    "update_fraction": "flannel_repro.divergence",
+    "assert_identical": "flannel_repro.analysis.assertions",
+    "assert_diverged": "flannel_repro.analysis.assertions",
+    "assert_divergence_below": "flannel_repro.analysis.assertions",
+    "assert_same_start": "flannel_repro.analysis.assertions",
+    "measure_divergence": "flannel_repro.analysis.assertions",
+    "relative_divergence": "flannel_repro.analysis.assertions",
+    "Trajectory": "flannel_repro.analysis.trajectory",
+    "summarize": "flannel_repro.analysis.summary",
+    "summarize_pair": "flannel_repro.analysis.summary",
+    "train": "flannel_repro.training.harness",
+    "RunStore": "flannel_repro.training.store",
+    "export_notebook": "flannel_repro.storage.export",
+    "all_pairs": "flannel_repro.analysis.divergence",
+    "pair_divergence": "flannel_repro.analysis.divergence",
+    "update_fraction": "flannel_repro.analysis.divergence",
 }
 
 

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from flannel_repro import __version__
+from flannel_repro.version import __version__
 from flannel_repro.config import NUMERICS, PRESETS, ExperimentConfig
 from flannel_repro.errors import FlannelError
 
@@ -30,9 +30,9 @@ def _experiment(args: argparse.Namespace) -> ExperimentConfig:
 
 def cmd_bounds(args: argparse.Namespace) -> int:
     """Train (or reuse) the runs the Flannel 6 claims compare and print a bounds.toml table."""
-    from flannel_repro.assertions import measure_divergence as divergence, relative_divergence
-    from flannel_repro.bounds import derive, scale_key, to_toml
-    from flannel_repro.store import RunStore
+    from flannel_repro.analysis.assertions import measure_divergence as divergence, relative_divergence
+    from flannel_repro.analysis.bounds import derive, scale_key, to_toml
+    from flannel_repro.training.store import RunStore
 
     exp = _experiment(args)
     if args.threads:
@@ -52,7 +52,7 @@ def cmd_bounds(args: argparse.Namespace) -> int:
     base = seeds[0]
     others = seeds[1:]
     if args.compare_seeds:
-        from flannel_repro.plugin import parse_seeds
+        from flannel_repro.config import parse_seeds
 
         others = tuple(s for s in parse_seeds(args.compare_seeds) if s != base)
     ref = get(model_seed=base, data_seed=base)
@@ -80,8 +80,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     """
     import numpy as np
 
-    from flannel_repro.divergence import update_fraction
-    from flannel_repro.trajectory import Trajectory
+    from flannel_repro.analysis.divergence import update_fraction
+    from flannel_repro.analysis.trajectory import Trajectory
 
     traj = Trajectory(args.run)
     c = traj.config
@@ -101,7 +101,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from flannel_repro.artifacts import export_notebook
+    from flannel_repro.storage.export import export_notebook
 
     out = export_notebook([Path(p) for p in args.runs], Path(args.output))
     print(out)
@@ -109,7 +109,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_divergence(args: argparse.Namespace) -> int:
-    from flannel_repro.divergence import all_pairs
+    from flannel_repro.analysis.divergence import all_pairs
 
     result = all_pairs([Path(p) for p in args.runs])
     for key, value in result.summary().items():
@@ -121,8 +121,8 @@ def cmd_digests(args: argparse.Namespace) -> int:
     """Write a run's per-step digest chain, or report where the run parts from a stored chain (exit 1)."""
     import json
 
-    from flannel_repro.summary import DigestChain, compare_run_to_chain
-    from flannel_repro.trajectory import Trajectory
+    from flannel_repro.analysis.summary import DigestChain, compare_run_to_chain
+    from flannel_repro.analysis.trajectory import Trajectory
 
     traj = Trajectory(args.run)
     if args.compare:
@@ -144,7 +144,7 @@ def cmd_numerics(args: argparse.Namespace) -> int:
     """This process's numerics class on CPU, native or portable, and what the probe saw."""
     import json
 
-    from flannel_repro.numerics import apply, machine_line, numerics_info
+    from flannel_repro.training.numerics import apply, machine_line, numerics_info
 
     apply(args.mode)
     info = numerics_info("cpu", threads=args.threads, deterministic=False, mode=args.mode)
@@ -158,11 +158,12 @@ def cmd_numerics(args: argparse.Namespace) -> int:
 
 def cmd_noise(args: argparse.Namespace) -> int:
     """Measure a noise band: train the seeds under arithmetic variants and write how far each summary
-    field moves (see flannel_repro.noise)."""
+    field moves (see flannel_repro.analysis.noise and flannel_repro.training.variants)."""
     import json
 
-    from flannel_repro.noise import derive_from_training, parse_variants, write_bands
-    from flannel_repro.plugin import parse_seeds
+    from flannel_repro.analysis.noise import write_bands
+    from flannel_repro.training.variants import derive_from_training, parse_variants
+    from flannel_repro.config import parse_seeds
 
     exp = _experiment(args)
     seeds = parse_seeds(args.seeds) if args.seeds else exp.train_seeds
@@ -185,7 +186,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete (or, with --dry-run, list) what no run of this installation can reuse, with sizes."""
-    from flannel_repro.store import prune
+    from flannel_repro.training.store import prune
 
     orphans = prune(args.artifacts, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"

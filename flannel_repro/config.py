@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from flannel_repro.devices import parse_device
 from flannel_repro.errors import ConfigError
 
 # Choices for the enumerated fields; the messages of ConfigError list them.
@@ -34,7 +35,7 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 COMPILE_MODES = ("none", "default")
 HEADS = ("auto", "fused", "reference")
 DATASETS = ("default", "tiny")
-NUMERICS = ("native", "portable")  # flannel_repro.numerics.MODES (kept here: no torch import in config)
+NUMERICS = ("native", "portable")  # CPU numerics modes (training.numerics)
 
 
 def _doc(text: str, **extra: Any) -> dict[str, Any]:
@@ -150,9 +151,7 @@ class RunConfig:
                 "'token_mask_path' needs 'tokenizer_path' and 'corpus_path' (the embedded data computes its own mask); "
                 f"got token_mask_path={self.token_mask_path!r} alone."
             )
-        dev = self.device.split(":")[0]
-        if dev not in ("cpu", "cuda", "mps") or (":" in self.device and not self.device.split(":", 1)[1].isdigit()):
-            raise ConfigError(f"'device' must be 'cpu', 'cuda', 'cuda:N' or 'mps' (got {self.device!r}).")
+        parse_device(self.device)  # ConfigError naming the expected forms
 
     # -- derived views -------------------------------------------------------------------------
 
@@ -192,6 +191,26 @@ class RunConfig:
         return dataclasses.replace(start, **dict(data))
 
 
+def parse_seeds(raw: str) -> tuple[int, ...]:
+    """'42-51' -> 42..51; '42,43,47' -> those; both forms may be mixed: '42-44,50'."""
+    seeds: list[int] = []
+    for part in str(raw).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part.lstrip("-"):
+            lo, hi = part.split("-", 1)
+            lo_i, hi_i = int(lo), int(hi)
+            if hi_i < lo_i:
+                raise ValueError(part)
+            seeds.extend(range(lo_i, hi_i + 1))
+        else:
+            seeds.append(int(part))
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(raw)
+    return tuple(seeds)
+
+
 def notebook_config(train_seed: int = 42) -> RunConfig:
     """The notebook, parameter for parameter: its label defect, the transformers Trainer, 1000 steps."""
     return RunConfig(label_mode="notebook", engine="hf").with_train_seed(train_seed)
@@ -205,17 +224,19 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig, metadata=_doc("Template run; its seeds are replaced per run."))
     n_runs: int = field(default=10, metadata=_doc("Number of training seeds."))
     base_train_seed: int = field(default=42, metadata=_doc("First training seed; the others follow consecutively."))
-    devices: tuple[str, ...] = field(default=("cpu",), metadata=_doc("Devices the claims run on: cpu, cuda, mps."))
+    devices: tuple[str, ...] | None = field(default=None, metadata=_doc(
+        "Devices the claims run on ('cpu', 'cuda', 'cuda:N', 'mps'); a requested device that is absent is a skip "
+        "with the reason. None: cpu, plus cuda and mps where present."))
 
     def __post_init__(self) -> None:
         _check_types(self)
         _require("n_runs", self.n_runs >= 1, "an integer >= 1", self.n_runs)
         _require("base_train_seed", self.base_train_seed >= 0, "an integer >= 0", self.base_train_seed)
-        _require("devices", len(self.devices) >= 1, "at least one device", list(self.devices))
-        for dev in self.devices:
-            RunConfig(device=dev)  # validates the device string with the same message
-        if len(set(self.devices)) != len(self.devices):
-            raise ConfigError(f"'devices' must not repeat a device (got {list(self.devices)}).")
+        if self.devices is not None:
+            _require("devices", len(self.devices) >= 1, "at least one device", list(self.devices))
+            names = [str(parse_device(d)) for d in self.devices]  # the one device parser's message
+            if len(set(names)) != len(names):
+                raise ConfigError(f"'devices' must not repeat a device (got {list(self.devices)}).")
 
     @property
     def train_seeds(self) -> tuple[int, ...]:
@@ -227,7 +248,8 @@ class ExperimentConfig:
 
     def fingerprint(self) -> str:
         return _digest({"run": self.run.fingerprint(), "n_runs": self.n_runs,
-                        "base_train_seed": self.base_train_seed, "devices": list(self.devices)})
+                        "base_train_seed": self.base_train_seed,
+                        "devices": None if self.devices is None else list(self.devices)})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "ExperimentConfig":

@@ -7,12 +7,12 @@ import subprocess
 import sys
 import textwrap
 
-from flannel_repro.trajectory import Trajectory
+from flannel_repro.analysis.trajectory import Trajectory
 
 SCRIPT = textwrap.dedent("""
     import sys
     from flannel_repro.config import RunConfig
-    from flannel_repro.harness import train
+    from flannel_repro.training.harness import train
     cfg = RunConfig(dataset="tiny", vocab_size=512, steps=8, batch_size=8, seq_len=32)
     train(cfg, sys.argv[1])
 """)

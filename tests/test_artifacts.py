@@ -16,24 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from flannel_repro import artifacts
-from flannel_repro.artifacts import (
-    DIGEST_SIZE,
-    KEY_DIGESTS,
-    KEY_LIVE_MASK,
-    KEY_LOSSES,
-    KEY_W,
-    META_FORMAT,
-    NOTEBOOK_KEYS,
-    RUN_FORMAT,
-    TensorSpec,
-    TrajectoryReader,
-    TrajectoryWriter,
-    cleanup_partials,
-    digest_tensor,
-    export_notebook,
-    run_config,
-)
+from flannel_repro.storage import layout
+from flannel_repro.storage.stream import DIGEST_SIZE, TensorSpec, TrajectoryReader, TrajectoryWriter, cleanup_partials, digest_tensor
+from flannel_repro.storage.layout import KEY_DIGESTS, KEY_LIVE_MASK, KEY_LOSSES, KEY_W, META_FORMAT, RUN_FORMAT, run_config
+from flannel_repro.storage.export import NOTEBOOK_KEYS, export_notebook
 from flannel_repro.errors import ArtifactError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +54,7 @@ def write_run(path: Path, W: torch.Tensor, *, config: dict[str, Any], losses: to
     if live_mask is None:
         live_mask = torch.arange(vocab) % 5 != 0
     n_live = int(live_mask.sum())
-    return artifacts.write_run(
+    return layout.write_run(
         path, W, steps=steps, live_mask=live_mask, config=config, losses=losses, batch_size=B,
         data={"n_live": n_live, "n_dead": vocab - n_live, "corpus_sha256": "x"},
         batch_starts=torch.arange(steps * B, dtype=torch.int64).reshape(steps, B))
@@ -241,7 +227,7 @@ def test_killed_writer_leaves_only_partial(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os, signal, torch
-        from flannel_repro.artifacts import TensorSpec, TrajectoryWriter
+        from flannel_repro.storage.stream import TensorSpec, TrajectoryWriter
         w = TrajectoryWriter({str(final)!r}, [TensorSpec("W", torch.bfloat16, (10, 50, 8))], {{"a": "b"}})
         w.__enter__()
         for t in range(3):
@@ -483,7 +469,7 @@ def test_release_pages_drops_the_map_from_rss(tmp_path: Path) -> None:
 
 
 def test_trajectory_reads_without_mapping(tmp_path: Path) -> None:
-    from flannel_repro.trajectory import Trajectory
+    from flannel_repro.analysis.trajectory import Trajectory
 
     paths, Ws, _ = make_runs(tmp_path, 1)
     traj = Trajectory(paths[0])
@@ -592,12 +578,12 @@ def test_write_run_checks_the_number_of_steps(tmp_path: Path) -> None:
     W = torch.zeros(4, 6, 3, dtype=torch.bfloat16)  # steps 0..3
     live = torch.ones(6, dtype=torch.bool)
     with pytest.raises(ArtifactError, match=r"expected W for steps 0\.\.2, got more"):
-        artifacts.write_run(tmp_path / "long.safetensors", W, steps=2, live_mask=live, config={})
+        layout.write_run(tmp_path / "long.safetensors", W, steps=2, live_mask=live, config={})
     with pytest.raises(ArtifactError, match=r"expected W for steps 0\.\.2, got no step"):
-        artifacts.write_run(tmp_path / "empty.safetensors", [], steps=2, live_mask=live, config={})
+        layout.write_run(tmp_path / "empty.safetensors", [], steps=2, live_mask=live, config={})
     with pytest.raises(ArtifactError, match=r"rows never written: \{'W': 1, 'digests': 1\}"):
-        artifacts.write_run(tmp_path / "short.safetensors", W[:2], steps=2, live_mask=live, config={})
+        layout.write_run(tmp_path / "short.safetensors", W[:2], steps=2, live_mask=live, config={})
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing half-written may stay behind"
-    ok = artifacts.write_run(tmp_path / "ok.safetensors", W[:3], steps=2, live_mask=live, config={})
+    ok = layout.write_run(tmp_path / "ok.safetensors", W[:3], steps=2, live_mask=live, config={})
     with TrajectoryReader(ok) as r:
         assert r["W"].shape == (3, 6, 3) and torch.isnan(r["losses"]).all()

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from flannel_repro.cli import main
-from flannel_repro.harness import train
+from flannel_repro.training.harness import train
 
 TOML = """
 dataset = "tiny"

@@ -11,18 +11,9 @@ import pytest
 import torch
 
 from flannel_repro.config import RunConfig
-from flannel_repro.data import (
-    DataOrder,
-    TokenDataset,
-    compute_token_mask,
-    load_corpus_text,
-    load_data,
-    load_token_mask,
-    load_tokenizer,
-    make_batch,
-    save_token_mask,
-)
-from flannel_repro.datagen import embedded_paths
+from flannel_repro.data.corpus import DataOrder, TokenDataset, load_data, make_batch
+from flannel_repro.data.files import compute_token_mask, load_corpus_text, load_token_mask, load_tokenizer, save_token_mask
+from flannel_repro.data.embedded import embedded_paths
 from flannel_repro.errors import DataError
 
 TINY = RunConfig(dataset="tiny", vocab_size=512, steps=5, batch_size=4, seq_len=16)
@@ -81,7 +72,7 @@ def test_out_of_range_ids(tmp_path):
     # A tokenizer whose ids exceed the config's vocabulary: shrink the vocab list but keep a high id.
     paths = embedded_paths("tiny")
     spec = json.loads(paths.tokenizer.read_text(encoding="utf-8"))
-    from flannel_repro.data import tokenize
+    from flannel_repro.data.files import tokenize
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(json.dumps(spec))
@@ -175,16 +166,16 @@ def test_label_modes():
 
 
 def test_file_hash_is_remembered_until_the_file_changes(tmp_path):
-    from flannel_repro import data as data_mod
+    from flannel_repro.data import files
 
     p = tmp_path / "corpus.txt"
     p.write_text("abc")
-    first = data_mod.file_sha256(p)
-    assert data_mod.file_sha256(p) == first
+    first = files.file_sha256(p)
+    assert files.file_sha256(p) == first
     p.write_text("abcd")  # another size
-    second = data_mod.file_sha256(p)
+    second = files.file_sha256(p)
     assert second != first
     p.write_text("abce")  # same size: the new mtime tells
     st = p.stat()
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    assert data_mod.file_sha256(p) not in (first, second)
+    assert files.file_sha256(p) not in (first, second)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flannel_repro import data, datagen
+from flannel_repro.data import embedded as datagen
+from flannel_repro.data import files as data
 from flannel_repro.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,7 +119,7 @@ def test_tiny_corpus_and_mask() -> None:
 
 
 def test_tiny_hashes_do_not_depend_on_the_hash_seed() -> None:
-    code = ("import hashlib, json; from flannel_repro import datagen; "
+    code = ("import hashlib, json; from flannel_repro.data import embedded as datagen; "
             "print(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in datagen.render('tiny').items()}))")
     env = {**os.environ, "PYTHONHASHSEED": "271828", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,

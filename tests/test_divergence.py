@@ -13,19 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from flannel_repro import artifacts
-from flannel_repro.artifacts import (
-    KEY_W,
-    TrajectoryReader,
-)
-from flannel_repro.divergence import (
-    NEVER,
-    all_pairs,
-    first_divergent_step,
-    pair_divergence,
-    update_counts,
-    update_fraction,
-)
+from flannel_repro.storage import layout
+from flannel_repro.storage.layout import KEY_W
+from flannel_repro.storage.stream import TrajectoryReader
+from flannel_repro.analysis.divergence import NEVER, all_pairs, first_divergent_step, pair_divergence, update_counts, update_fraction
 from flannel_repro.errors import ArtifactError
 
 V, H, S, B = 50, 8, 6, 4
@@ -38,7 +29,7 @@ def write_run(path: Path, W: torch.Tensor, *, digests_of: torch.Tensor | None = 
     steps, vocab, hidden = W.shape[0] - 1, W.shape[1], W.shape[2]
     config = dict(vocab_size=vocab, hidden_dim=hidden, steps=steps, init_seed=42, init_scale=0.02, lr=1e-3,
                   weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, model_seed=1, data_seed=1, record_W=True)
-    return artifacts.write_run(path, W, steps=steps, live_mask=live_mask, config=config, batch_size=B,
+    return layout.write_run(path, W, steps=steps, live_mask=live_mask, config=config, batch_size=B,
                                digests_of=digests_of)
 
 
@@ -308,7 +299,7 @@ def test_all_pairs_threads_chunks_and_special_values(tmp_path: Path, monkeypatch
     part), odd and even run counts, NaN, ±0, inf and exponent gaps beyond float32's exact range:
     everything equals the float32-difference reference; frobenius to 2 float64 ulps, since its
     float64 additions happen in another order (per chunk, then over chunks and threads)."""
-    import flannel_repro.divergence as dv
+    import flannel_repro.analysis.divergence as dv
 
     vocab, hidden = 97, 8
     live = torch.arange(vocab) % 4 != 0
@@ -356,7 +347,7 @@ def test_all_pairs_threads_chunks_and_special_values(tmp_path: Path, monkeypatch
 
 def test_first_divergent_step_scans_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 2 steps (one buffer per run, reused); the difference in the middle of a block."""
-    import flannel_repro.divergence as dv
+    import flannel_repro.analysis.divergence as dv
 
     monkeypatch.setattr(dv, "_SCAN_BLOCK_BYTES", 2 * V * H * 2)
     W = trajectory(7)

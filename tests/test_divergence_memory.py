@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flannel_repro.artifacts import write_run
+from flannel_repro.storage.layout import write_run
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc/self/status (Linux)")
 
@@ -55,8 +55,8 @@ _PROBE = textwrap.dedent(
     """
     import json, sys
     import torch
-    from flannel_repro.artifacts import TrajectoryReader
-    from flannel_repro import divergence as dv
+    from flannel_repro.storage.stream import TrajectoryReader
+    from flannel_repro.analysis import divergence as dv
 
     def status(key):
         with open("/proc/self/status") as f:

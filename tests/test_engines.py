@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from flannel_repro.config import RunConfig, notebook_config
-from flannel_repro.harness import train
-from flannel_repro.trajectory import Trajectory
+from flannel_repro.training.harness import train
+from flannel_repro.analysis.trajectory import Trajectory
 
 STEPS = 20
 

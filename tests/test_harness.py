@@ -12,12 +12,12 @@ import textwrap
 import pytest
 import torch
 
-from flannel_repro.artifacts import digest_tensor
-from flannel_repro.data import DataOrder, load_data
+from flannel_repro.storage.stream import digest_tensor
+from flannel_repro.data.corpus import DataOrder, load_data
 from flannel_repro.errors import ConfigError
-from flannel_repro.harness import train
-from flannel_repro.model import shared_init_W
-from flannel_repro.trajectory import Trajectory
+from flannel_repro.training.harness import train
+from flannel_repro.training.model import shared_init_W
+from flannel_repro.analysis.trajectory import Trajectory
 
 
 def test_artifact_contents(tiny_config, tmp_path):
@@ -90,7 +90,7 @@ def test_not_recording_W_keeps_digests(tiny_config, tmp_path):
 def test_absent_device_is_a_clear_error(tiny_config, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is present; this checks the message when it is absent")
-    with pytest.raises(ConfigError, match=r"device 'cuda' was asked for but torch.cuda.is_available\(\) is False"):
+    with pytest.raises(ConfigError, match=r"device 'cuda' was asked for but is not available: CUDA is not available \(torch.cuda.is_available\(\) is False\)"):
         train(tiny_config.replace(device="cuda"), tmp_path / "x.safetensors")
     assert not list(tmp_path.iterdir())
 
@@ -101,7 +101,7 @@ def test_killed_run_leaves_no_complete_artifact(tiny_config, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         from flannel_repro.config import RunConfig
-        from flannel_repro.harness import train
+        from flannel_repro.training.harness import train
         cfg = RunConfig(dataset="tiny", vocab_size=512, steps=50, batch_size=8, seq_len=32)
         def progress(step, steps, loss):
             if step == 5:

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from flannel_repro import head
+from flannel_repro.training import head
 from flannel_repro.config import notebook_config
-from flannel_repro.data import DataOrder, load_data, make_batch
+from flannel_repro.data.corpus import DataOrder, load_data, make_batch
 from flannel_repro.errors import ConfigError, DeterminismError
-from flannel_repro.harness import train, trainer_counts_shifted_labels, trainer_num_items
-from flannel_repro.model import build_model, shared_init_W
-from flannel_repro.trajectory import Trajectory
+from flannel_repro.training.harness import train, trainer_counts_shifted_labels, trainer_num_items
+from flannel_repro.training.model import build_model, shared_init_W
+from flannel_repro.analysis.trajectory import Trajectory
 
 
 def _setup(cfg, step=1):
@@ -118,7 +118,7 @@ def test_engine_uses_the_fused_head_and_records_it(tiny_config, tmp_path):
 
 
 def test_engine_falls_back_or_refuses_when_the_check_fails(tiny_config, tmp_path, monkeypatch):
-    import flannel_repro.harness as harness
+    import flannel_repro.training.harness as harness
 
     monkeypatch.setattr(harness, "verify_fused_head", lambda *a, **k: "gradient of x differs from the model's")
     result = train(tiny_config, tmp_path / "auto.safetensors")  # auto: falls back, says why

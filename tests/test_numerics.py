@@ -11,10 +11,9 @@ import textwrap
 
 import pytest
 
-from flannel_repro import numerics
+from flannel_repro.training import numerics
 from flannel_repro.config import RunConfig
-from flannel_repro.numerics import (NumericsError, cpu_class, cuda_class, mps_class, mkl_short, onednn_short,
-                                    parse_probe_log)
+from flannel_repro.training.numerics import NumericsError, cpu_class, cuda_class, mps_class, mkl_short, onednn_short, parse_probe_log
 
 # Verbose lines as oneDNN 3.12 and oneMKL 2024.0 print them (abridged to the parts the parser reads).
 INTEL_NATIVE = """\
@@ -144,7 +143,7 @@ def test_config_field_is_validated_and_not_in_the_fingerprint():
 
 
 def test_run_key_changes_with_the_numerics_class(monkeypatch):
-    from flannel_repro import store
+    from flannel_repro.training import store
 
     def fake(name):
         return lambda device, **kw: {"class": name, "mode": "native", "probe": {"digest": "0"}}
@@ -165,8 +164,8 @@ import json, sys
 from pathlib import Path
 {before}
 from flannel_repro.config import RunConfig
-from flannel_repro.harness import train
-from flannel_repro.trajectory import Trajectory
+from flannel_repro.training.harness import train
+from flannel_repro.analysis.trajectory import Trajectory
 cfg = RunConfig(dataset="tiny", vocab_size=512, steps=2, batch_size=4, seq_len=32, threads=1, numerics="portable")
 out = Path(sys.argv[1]) / "run.safetensors"
 try:

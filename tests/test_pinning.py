@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no
 
 PROBE = """
 import json, os, sys
-from flannel_repro.plugin import pin_worker
+from flannel_repro.plugin.session import pin_worker
 worker, workers, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 print(json.dumps({"pinned": pin_worker(worker or None, workers, threads), "now": sorted(os.sched_getaffinity(0))}))
 """

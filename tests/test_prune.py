@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from flannel_repro import cli, determinism
+from flannel_repro import cli
+from flannel_repro.training import determinism
 from flannel_repro.errors import ArtifactError
-from flannel_repro.store import RunStore, find_orphans, prune
+from flannel_repro.training.store import RunStore, find_orphans, prune
 from tests.conftest import TINY
 
 

@@ -15,22 +15,10 @@ import torch
 
 from flannel_repro import cli
 from flannel_repro.config import RunConfig
-from flannel_repro.divergence import update_fraction
+from flannel_repro.analysis.divergence import update_fraction
 from flannel_repro.errors import ArtifactError, ConfigError
-from flannel_repro.summary import (
-    ENV_KEYS,
-    PREFIX_HEX,
-    SUMMARY_FORMAT,
-    DigestChain,
-    Summary,
-    Tolerance,
-    compare,
-    compare_run_to_chain,
-    default_steps,
-    device_class,
-    summarize_pair,
-)
-from flannel_repro.trajectory import Trajectory
+from flannel_repro.analysis.summary import ENV_KEYS, PREFIX_HEX, SUMMARY_FORMAT, DigestChain, Summary, Tolerance, compare, compare_run_to_chain, default_steps, device_class, summarize_pair
+from flannel_repro.analysis.trajectory import Trajectory
 
 # 12 steps: the default summary steps are then 0, 1, 10 and 12.
 BASE = RunConfig(dataset="tiny", vocab_size=512, steps=12, batch_size=8, seq_len=32, threads=1)
@@ -39,7 +27,7 @@ BASE = RunConfig(dataset="tiny", vocab_size=512, steps=12, batch_size=8, seq_len
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Trajectory]:
     """Three tiny trainings: the base run, the same with lr doubled, and seed 43."""
-    from flannel_repro.harness import train
+    from flannel_repro.training.harness import train
 
     out = tmp_path_factory.mktemp("summary-runs")
     with pytest.MonkeyPatch.context() as mp:  # the autouse cache fixture is function-scoped: set it here too
@@ -62,7 +50,7 @@ def test_default_steps_and_device_class():
     assert default_steps(20) == [0, 1, 10, 20]
     assert default_steps(1000) == [0, 1, 10, 100, 1000]
     assert [device_class(d) for d in ("cpu", "cuda", "cuda:1", "mps")] == ["cpu", "cuda", "cuda", "mps"]
-    with pytest.raises(ConfigError, match="device: expected one of cpu, cuda, mps.*got 'tpu'"):
+    with pytest.raises(ConfigError, match="device: expected 'cpu', 'cuda', 'cuda:N' .* or 'mps', got 'tpu'"):
         device_class("tpu")
 
 
@@ -130,7 +118,7 @@ def test_summary_is_identical_in_other_processes_and_thread_counts(runs):
     script = textwrap.dedent(f"""
         import sys, torch
         torch.set_num_threads(int(sys.argv[1]))
-        from flannel_repro.summary import summarize
+        from flannel_repro.analysis.summary import summarize
         sys.stdout.write(summarize({str(path)!r}).to_text())
     """)
     for threads in ("1", "2"):
@@ -306,7 +294,7 @@ def test_cli_digests_writes_and_compares(runs, tmp_path, capsys):
 _FLAGS_SCRIPT = """
 import json, warnings
 import torch
-from flannel_repro.determinism import deterministic_mode
+from flannel_repro.training.determinism import deterministic_mode
 
 def flags():
     return {
@@ -374,7 +362,7 @@ def test_deterministic_mode_disabled_changes_nothing(flag_states):
 
 
 def test_cuda_determinism_warnings(monkeypatch):
-    from flannel_repro import determinism
+    from flannel_repro.training import determinism
 
     if not torch.cuda.is_available():
         assert determinism.cuda_determinism_warnings() == []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flannel_repro.bounds import Bound, bound_for, scale_key
+from flannel_repro.analysis.bounds import Bound, bound_for, scale_key
 
 BOUNDS = Path(__file__).with_name("bounds.toml")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from flannel_repro.config import PRESETS
-from flannel_repro.summary import summarize_pair
+from flannel_repro.analysis.summary import summarize_pair
 
 GATE_SCALE = PRESETS["ci"]().run.fingerprint()
 

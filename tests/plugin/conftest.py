@@ -11,9 +11,9 @@ import pytest
 import torch  # noqa: F401  (see module docstring)
 from transformers import GPT2LMHeadModel, Trainer  # noqa: F401
 
-import flannel_repro.assertions  # noqa: F401
-import flannel_repro.harness  # noqa: F401
-import flannel_repro.store  # noqa: F401
+import flannel_repro.analysis.assertions  # noqa: F401
+import flannel_repro.training.harness  # noqa: F401
+import flannel_repro.training.store  # noqa: F401
 
 # A tiny experiment: 512-token vocabulary, 4 steps, 2 seeds. One run trains in about a second.
 TINY_TOML = """
@@ -32,7 +32,7 @@ base_train_seed = 42
 def cpu_class(threads: int = 1) -> str:
     """This process's numerics class on CPU at `threads` (inner runs, and their subprocesses, which
     inherit this process's oneDNN/MKL environment, get the same)."""
-    from flannel_repro.numerics import numerics_info
+    from flannel_repro.training.numerics import numerics_info
 
     return numerics_info("cpu", threads=threads, deterministic=False)["class"]
 

@@ -115,7 +115,7 @@ def test_results_identical_with_and_without_xdist(pytester):
         out.assert_outcomes(passed=5)
         if args:
             # under xdist, worker output is not shown; read the digest from the artifact instead
-            from flannel_repro.trajectory import Trajectory
+            from flannel_repro.analysis.trajectory import Trajectory
 
             path = next((pytester.path / "art1").glob("seed43-cpu-torch-r0-*.safetensors"))
             digests.append(Trajectory(path).digest_hex(4))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.plugin.conftest import TINY_TOML
+
 
 def test_fixtures_are_documented(pytester):
     result = pytester.runpytest("--fixtures")
@@ -31,7 +33,7 @@ def test_data_fixtures_on_embedded_data(tiny_experiment):
 
 
 def test_user_data_options(tiny_experiment):
-    from flannel_repro.datagen import embedded_paths
+    from flannel_repro.data.embedded import embedded_paths
 
     p = embedded_paths("tiny")
     tiny_experiment.makepyfile("""
@@ -59,6 +61,23 @@ def test_device_parametrization_default_and_requested_absent(tiny_experiment):
     result = tiny_experiment.runpytest("-rs", "--flannel-devices", "cpu,cuda")
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["*device 'cuda' requested but absent: CUDA is not available*"])
+
+
+def test_requested_devices_are_what_flannel_config_says(tiny_experiment):
+    tiny_experiment.makepyfile("""
+        import json, os
+
+        def test_devices(flannel_config):
+            print("DEVICES", json.dumps(flannel_config.devices))
+    """)
+    default = tiny_experiment.runpytest("-s")
+    default.stdout.fnmatch_lines(["*DEVICES null*"])  # none requested: cpu, plus cuda and mps where present
+    option = tiny_experiment.runpytest("-s", "--flannel-devices=cpu")
+    option.stdout.fnmatch_lines(['*DEVICES [[]"cpu"[]]*'])
+    # A config file that asks for cpu alone is a request like the option (it used to mean "cpu plus GPUs").
+    tiny_experiment.makefile(".toml", flannel=TINY_TOML + 'devices = ["cpu"]\n')
+    from_file = tiny_experiment.runpytest("-s")
+    from_file.stdout.fnmatch_lines(['*DEVICES [[]"cpu"[]]*'])
 
 
 def test_marker_overrides_config_for_one_test(tiny_experiment):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flannel_repro.numerics import PORTABLE_ENV
+from flannel_repro.training.numerics import PORTABLE_ENV
 from tests.plugin.test_gate_catches_one_ulp import ONE_ULP
 
 GATE = Path(__file__).resolve().parents[1] / "gate"

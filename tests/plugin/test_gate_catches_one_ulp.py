@@ -4,8 +4,8 @@ from __future__ import annotations
 
 ONE_ULP = """
 import torch
-import flannel_repro.harness as harness
-import flannel_repro.model as model
+import flannel_repro.training.harness as harness
+import flannel_repro.training.model as model
 
 _original = model.shared_init_W
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flannel_repro.summary import Summary
+from flannel_repro.analysis.summary import Summary
 from tests.plugin.conftest import cpu_class
 
 K = cpu_class(threads=1)
@@ -47,7 +47,7 @@ def other_class_only(tiny_experiment) -> tuple[pytest.Pytester, Path]:
 
 def _band(p: pytest.Pytester, stored: Path, allowance: float) -> Path:
     """A bands file for the tiny scale: `allowance` on the last loss, chains exact through step 0."""
-    from flannel_repro.noise import BANDS_FORMAT, summary_scale
+    from flannel_repro.analysis.noise import BANDS_FORMAT, summary_scale
 
     scale = summary_scale(Summary.from_text(stored.read_text()))
     path = p.path / "flannel_noise_bands.json"
@@ -155,7 +155,7 @@ def test_worker_runs_portable(trajectory):
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_portable_mode_is_arranged_at_start_for_every_worker(tiny_experiment, monkeypatch, mode):
-    from flannel_repro.numerics import PORTABLE_ENV, cpu_has
+    from flannel_repro.training.numerics import PORTABLE_ENV, cpu_has
 
     if cpu_has("avx512_bf16") is False:
         pytest.skip("this CPU lacks AVX-512 BF16: portable mode refuses here (tested in tests/test_numerics.py)")

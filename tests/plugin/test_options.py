@@ -22,6 +22,9 @@ def test_show(flannel_config):
         (["--flannel-seeds", "42,47"], "accepts consecutive seeds"),
         (["--flannel-runs", "3", "--flannel-seeds", "42-43"], "--flannel-runs=3 disagrees with --flannel-seeds='42-43'"),
         (["--flannel-devices", "tpu"], "--flannel-devices (ini: flannel_devices) accepts a comma-separated list"),
+        (["--flannel-devices", "cuda:x"], "accepts a comma-separated list of distinct devices: cpu, cuda, cuda:N, mps; got 'cuda:x'."),
+        (["--flannel-devices", "cpu:1"], "accepts a comma-separated list of distinct devices: cpu, cuda, cuda:N, mps; got 'cpu:1'."),
+        (["--flannel-devices", "cpu,cpu"], "accepts a comma-separated list of distinct devices: cpu, cuda, cuda:N, mps; got 'cpu,cpu'."),
         (["--flannel-preset", "huge"], "--flannel-preset (ini: flannel_preset) accepts default or ci or full or notebook; got 'huge'."),
         (["--flannel-config", "missing.toml"], "--flannel-config: config file"),
         (["--flannel-tokenizer", "tok.json"], "--flannel-tokenizer (ini: flannel_tokenizer) accepts the path of an existing file"),
@@ -88,5 +91,5 @@ def test_help_lists_the_group_and_does_not_import_torch(pytester):
     result = pytester.runpytest_subprocess("--help", "-p", "no:xdist")
     result.stdout.fnmatch_lines(["flannel-repro: training-determinism claims:", "*--flannel-config=CONFIG*"])
     check = pytester.run(__import__("sys").executable, "-c",
-                         "import sys, flannel_repro.plugin; print('TORCH', 'torch' in sys.modules)")
+                         "import sys, flannel_repro.plugin.hooks; print('TORCH', 'torch' in sys.modules)")
     check.stdout.fnmatch_lines(["TORCH False"])

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from flannel_repro.summary import Summary
+from flannel_repro.analysis.summary import Summary
 from tests.plugin.conftest import TINY_TOML, cpu_class
 
 K = cpu_class(threads=1)  # this machine's numerics class at one thread: the snapshots' names carry it
 
 CI_TESTS = """
-from flannel_repro.summary import summarize_pair
+from flannel_repro.analysis.summary import summarize_pair
 
 def test_summary(trajectory, flannel_snapshot):
     assert flannel_snapshot == trajectory(42).summary()

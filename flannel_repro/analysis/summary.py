@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 
+from flannel_repro.devices import DEVICE_KINDS, device_kind
 from flannel_repro.errors import ArtifactError, ConfigError
 
 if TYPE_CHECKING:
-    from flannel_repro.trajectory import Trajectory
+    from flannel_repro.storage.run import RunFile
 
 __all__ = [
     "SUMMARY_FORMAT",
@@ -72,7 +73,7 @@ CHAIN_FORMAT = "flannel-repro/digest-chain/1"
 DIGEST_ALGO = "blake2b-256"  # what artifacts.DIGEST_ALGO records (kept here to avoid importing torch)
 PREFIX_HEX = 16  # hex characters kept per step in a digest chain (64 bits: collisions are not a concern)
 CHAIN_ROW = 8  # prefixes per line of a chain as written: keeps a 1000-step chain at ~126 short lines
-DEVICE_CLASSES = ("cpu", "cuda", "mps")
+DEVICE_CLASSES = DEVICE_KINDS
 
 # The part of `Trajectory.env` worth keeping with a summary: what can move a trajectory's numbers.
 ENV_KEYS = ("flannel_repro", "code_version", "python", "packages", "device", "threads", "deterministic_algorithms",
@@ -80,7 +81,7 @@ ENV_KEYS = ("flannel_repro", "code_version", "python", "packages", "device", "th
 # Data description fields that identify the data (the origin label and paths do not).
 DATA_KEYS = ("tokenizer_sha256", "corpus_sha256", "token_mask_sha256", "n_tokens", "n_live", "n_dead")
 
-RunLike = Union["Trajectory", str, "os.PathLike[str]"]
+RunLike = Union["RunFile", str, "os.PathLike[str]"]
 
 
 # --- small helpers --------------------------------------------------------------------------------
@@ -99,11 +100,8 @@ def default_steps(total: int) -> list[int]:
 
 
 def device_class(device: str) -> str:
-    """'cuda:1' -> 'cuda'; 'cpu' -> 'cpu'. Snapshots are kept per device class."""
-    kind = str(device).split(":", 1)[0]
-    if kind not in DEVICE_CLASSES:
-        raise ConfigError(f"device: expected one of {', '.join(DEVICE_CLASSES)} (optionally ':N'), got {device!r}.")
-    return kind
+    """'cuda:1' -> 'cuda'; 'cpu' -> 'cpu' (ConfigError for anything that is not a device string)."""
+    return device_kind(device)
 
 
 def environment_subset(env: Mapping[str, Any]) -> dict[str, Any]:
@@ -323,13 +321,13 @@ def environment_lines(changes: Sequence[tuple[str, Any, Any]], obtained: Mapping
 # --- building summaries ---------------------------------------------------------------------------
 
 
-def _trajectory(run: RunLike) -> "Trajectory":
-    from flannel_repro.trajectory import Trajectory
+def _trajectory(run: RunLike) -> "RunFile":
+    from flannel_repro.storage.run import RunFile  # here, not at the top: importing this module stays light
 
-    return run if isinstance(run, Trajectory) else Trajectory(run)
+    return run if isinstance(run, RunFile) else RunFile(run)
 
 
-def _digest_hex(traj: "Trajectory") -> list[str]:
+def _digest_hex(traj: "RunFile") -> list[str]:
     return [bytes(row).hex() for row in traj.digests.numpy().tolist()]
 
 
@@ -340,7 +338,7 @@ def _chain_sha256(full_hex: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _config_dict(traj: "Trajectory") -> dict[str, Any]:
+def _config_dict(traj: "RunFile") -> dict[str, Any]:
     import dataclasses
 
     cfg = traj.config
@@ -349,7 +347,7 @@ def _config_dict(traj: "Trajectory") -> dict[str, Any]:
     return out
 
 
-def _config_fingerprint(traj: "Trajectory") -> str:
+def _config_fingerprint(traj: "RunFile") -> str:
     cfg = traj.config
     return cfg.replace(device=device_class(cfg.device)).fingerprint()
 
@@ -371,17 +369,16 @@ def _w_stats(w: Any) -> dict[str, float]:
     return {"frobenius": math.sqrt(sumsq), "mean": mean, "std": math.sqrt(var), "max_abs": float(np.abs(x).max())}
 
 
-def _update_fraction_at(traj: "Trajectory", t: int) -> float:
+def _update_fraction_at(traj: "RunFile", t: int) -> float:
     """Share of W entries whose bits changed from step t-1 to t (as `divergence.update_fraction`)."""
-    from flannel_repro.divergence import _BITS
+    from flannel_repro.bits import bits_view
 
     cur, prev = traj.W_at(t), traj.W_at(t - 1)
-    view = _BITS[cur.element_size()]
-    changed = int((cur.view(view) != prev.view(view)).sum())
+    changed = int((bits_view(cur) != bits_view(prev)).sum())
     return changed / max(1, cur.numel())
 
 
-def _chosen_steps(traj: "Trajectory", steps: Iterable[int] | None) -> list[int]:
+def _chosen_steps(traj: "RunFile", steps: Iterable[int] | None) -> list[int]:
     total = traj.steps
     if steps is None:
         return default_steps(total)
@@ -394,7 +391,7 @@ def _chosen_steps(traj: "Trajectory", steps: Iterable[int] | None) -> list[int]:
     return chosen
 
 
-def _run_tree(traj: "Trajectory", chosen: Sequence[int]) -> dict[str, Any]:
+def _run_tree(traj: "RunFile", chosen: Sequence[int]) -> dict[str, Any]:
     full = _digest_hex(traj)
     if len(full) != traj.steps + 1:
         raise ArtifactError(f"{traj.path}: expected {traj.steps + 1} digests (steps 0..{traj.steps}), got {len(full)}.")
@@ -441,7 +438,7 @@ def summarize(run: RunLike, steps: Iterable[int] | None = None) -> "Summary":
 def summarize_pair(a: RunLike, b: RunLike, steps: Iterable[int] | None = None) -> "Summary":
     """The summary of two runs and of their divergence (max|ΔW|, ‖ΔW‖_F, rows differing) at the
     summary steps, with the first step at which they part (None when they never do)."""
-    from flannel_repro.divergence import pair_divergence
+    from flannel_repro.analysis.divergence import pair_divergence
 
     ta, tb = _trajectory(a), _trajectory(b)
     if ta.steps != tb.steps:

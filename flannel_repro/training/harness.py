@@ -24,18 +24,19 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from flannel_repro.allocator import tune_malloc
-from flannel_repro.data import DataOrder, TokenDataset, load_data, make_batch
-from flannel_repro.determinism import deterministic_mode, environment_fingerprint, torch_threads
+from flannel_repro.training.allocator import tune_malloc
+from flannel_repro.data.corpus import DataOrder, TokenDataset, load_data, make_batch
+from flannel_repro.training.determinism import deterministic_mode, environment_fingerprint, torch_threads
+from flannel_repro.devices import device_present, parse_device
 from flannel_repro.errors import ConfigError, DeterminismError
-from flannel_repro.head import model_loss, verify_fused_head
-from flannel_repro.model import build_model, shared_init_W
-from flannel_repro.numerics import apply as apply_numerics, numerics_info
-from flannel_repro.recorder import Recorder
+from flannel_repro.training.head import model_loss, verify_fused_head
+from flannel_repro.training.model import build_model, shared_init_W
+from flannel_repro.training.numerics import apply as apply_numerics, numerics_info
+from flannel_repro.training.recorder import Recorder
 
 if TYPE_CHECKING:
     from flannel_repro.config import RunConfig
-    from flannel_repro.data import CorpusData
+    from flannel_repro.data.corpus import CorpusData
 
 Progress = Callable[[int, int, float], None]  # (step, steps, loss)
 
@@ -86,11 +87,10 @@ def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None
 
 
 def check_device(device: str) -> None:
-    kind = device.split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} was asked for but torch.cuda.is_available() is False.")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {device!r} was asked for but torch.backends.mps.is_available() is False.")
+    """ConfigError when the device is malformed or absent here, with the reason."""
+    present, why = device_present(device)
+    if not present:
+        raise ConfigError(f"device {device!r} was asked for but is not available: {why}.")
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -148,6 +148,24 @@ def trainer_counts_shifted_labels(model: torch.nn.Module) -> bool:
         model.config, "is_encoder_decoder", False)
 
 
+def trainer_passes_num_items(model: torch.nn.Module) -> bool:
+    """Whether the installed Trainer hands `num_items_in_batch` to this model's forward (its
+    `model_accepts_loss_kwargs`). transformers 5.x does when the forward takes **kwargs (GPT-2's does)
+    or the model says `accepts_loss_kwargs`; 4.46 only when the forward has a `**loss_kwargs`, which its
+    GPT-2 lacks, so that Trainer trains on the model's own mean loss. We read the installed rule."""
+    import inspect
+
+    from transformers import Trainer
+
+    source = inspect.getsource(Trainer.__init__)
+    if "accepts_loss_kwargs" in source.replace("model_accepts_loss_kwargs", "") and hasattr(model, "accepts_loss_kwargs"):
+        return bool(model.accepts_loss_kwargs)
+    params = inspect.signature(model.forward).parameters
+    if '"loss_kwargs" in forward_params' in source:  # transformers 4.46 .. 4.5x
+        return "loss_kwargs" in params and params["loss_kwargs"].kind is inspect.Parameter.VAR_KEYWORD
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def trainer_num_items(labels: torch.Tensor, shifts_labels: bool) -> torch.Tensor:
     counted = labels[..., 1:] if shifts_labels else labels
     return counted.ne(IGNORE_INDEX).sum() / 1  # the Trainer divides by tp*cp*sp sizes (1): a float32 tensor
@@ -177,17 +195,27 @@ def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, rec
     use_amp = config.amp == "bfloat16"
     ids = data.ids
     shifts_labels = trainer_counts_shifted_labels(model)
+    passes_num_items = trainer_passes_num_items(model)
 
     fused = _use_fused_head(config, device)
+    if not passes_num_items and fused:
+        # transformers 4.x trains GPT-2 on the model's own mean loss. The fused head's gradients equal the
+        # model's, but its mean can differ by an ulp in the recorded loss (measured under 4.46.3): use the
+        # model's head, which is the Trainer's arithmetic by construction.
+        if config.head == "fused":
+            raise ConfigError("head = 'fused' computes the loss as sum / num_items_in_batch, which the installed "
+                              "Trainer (transformers 4.x) does not use for this model; use head = 'auto' or 'reference'.")
+        fused = False
     checked: dict[tuple[int, ...], str | None] = {}  # batch shape -> None (bitwise equal) or the difference
     recorder.record(0, model)
     for step in range(1, config.steps + 1):
         starts = order.batch(step)  # (B,)
         inputs, labels = make_batch(ids, starts, config.seq_len, config.label_mode)  # (B, T), (B, T)
         inputs, labels = inputs.to(device), labels.to(device)
-        # The Trainer has the model divide the summed cross-entropy by its own count of labels
-        # (num_items_in_batch): sum / n, not mean. See trainer_num_items for which labels it counts.
-        n_targets = trainer_num_items(labels, shifts_labels)  # float32 scalar, as the Trainer makes it
+        # transformers 5.x: the Trainer has the model divide the summed cross-entropy by its own count of
+        # labels (num_items_in_batch): sum / n, not mean. See trainer_num_items for which labels it
+        # counts. transformers 4.x passes nothing for GPT-2, which then returns its mean (None here).
+        n_targets = trainer_num_items(labels, shifts_labels) if passes_num_items else None
         if fused and tuple(inputs.shape) not in checked:  # once per batch shape (the last batch of an epoch may be short)
             problem = verify_fused_head(model, inputs, labels, n_targets, amp_dtype=torch.bfloat16 if use_amp else None)
             checked[tuple(inputs.shape)] = problem
@@ -219,7 +247,7 @@ def _hf_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, record
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    kind = config.device.split(":")[0]
+    kind = parse_device(config.device).kind
     if config.device not in ("cpu", "cuda", "cuda:0", "mps"):
         raise ConfigError(f"engine 'hf' runs on 'cpu', 'cuda' (device 0) or 'mps' (got device={config.device!r}); "
                           "use engine = 'torch' for other devices.")

@@ -17,6 +17,8 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from flannel_repro.devices import parse_device
+
 PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "safetensors", "numpy")
 ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                  "MALLOC_TOP_PAD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY", "CUBLAS_WORKSPACE_CONFIG")
@@ -122,7 +124,7 @@ def _package_versions() -> dict[str, str]:
 def code_version() -> str:
     """Hash of the package's own source files: any edit to the code changes every run key."""
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]  # the flannel_repro package, every subpackage included
     for path in sorted(root.rglob("*.py")):
         h.update(path.relative_to(root).as_posix().encode())
         h.update(b"\0")
@@ -144,13 +146,14 @@ def cpu_name() -> str:
 def device_description(device: str) -> dict[str, Any]:
     import torch
 
-    kind = device.split(":")[0]
+    parsed = parse_device(device)
+    kind = parsed.kind
     info: dict[str, Any] = {"device": device, "kind": kind}
     if kind == "cpu":
         info["name"] = cpu_name()
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     elif kind == "cuda" and torch.cuda.is_available():
-        index = torch.device(device).index or 0
+        index = parsed.index or 0
         props = torch.cuda.get_device_properties(index)
         info.update(name=props.name, capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
                     cublas=cublas_version(), cudnn=str(torch.backends.cudnn.version()))
@@ -180,21 +183,15 @@ def _mac_chip() -> str | None:
     return out.stdout.strip() or None
 
 
-def environment_fingerprint(device: str = "cpu", *, numerics: dict[str, Any] | None = None) -> dict[str, Any]:
+def environment_fingerprint(device: str, *, numerics: dict[str, Any]) -> dict[str, Any]:
     """Everything about this process that may change a trajectory's numbers (stored with every artifact).
 
-    `numerics` is the run's numerics class with what it was derived from (`numerics.numerics_info`);
-    by default it is probed here for native mode at the current thread count.
+    `numerics` is the run's numerics class with what it was derived from (`numerics.numerics_info`).
     """
     import torch
 
-    from flannel_repro import __version__
-    from flannel_repro.allocator import malloc_state
-    from flannel_repro.numerics import numerics_info
-
-    if numerics is None:
-        numerics = numerics_info(device, threads=torch.get_num_threads(),
-                                 deterministic=torch.are_deterministic_algorithms_enabled())
+    from flannel_repro.version import __version__
+    from flannel_repro.training.allocator import malloc_state
     return {
         "flannel_repro": __version__,
         "code_version": code_version(),

@@ -42,9 +42,9 @@ from syrupy.assertion import DiffMode, SnapshotAssertion
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 from syrupy.location import PyTestLocation
 
-from flannel_repro.plugin import SESSION_KEY, SNAPSHOT_SUFFIX
-from flannel_repro.numerics import device_kind
-from flannel_repro.summary import DEVICE_CLASSES, Comparison, Summary, Tolerance, display_path, compare
+from flannel_repro.plugin.session import SESSION_KEY, SNAPSHOT_SUFFIX
+from flannel_repro.training.numerics import class_kind
+from flannel_repro.analysis.summary import DEVICE_CLASSES, Comparison, Summary, Tolerance, display_path, compare
 
 if TYPE_CHECKING:
     from syrupy.data import SnapshotCollections
@@ -63,10 +63,11 @@ def as_summary(data: Any) -> Summary:
     """A Summary from a Summary or a Trajectory (its default summary); TypeError for anything else."""
     if isinstance(data, Summary):
         return data
-    from flannel_repro.trajectory import Trajectory
+    from flannel_repro.analysis.summary import summarize
+    from flannel_repro.storage.run import RunFile
 
-    if isinstance(data, Trajectory):
-        return data.summary()
+    if isinstance(data, RunFile):
+        return summarize(data)
     raise TypeError(f"flannel_snapshot compares run summaries: expected a Summary (trajectory(...).summary(), "
                     f"summarize_pair(a, b)) or a Trajectory, got {type(data).__name__}.")
 
@@ -83,7 +84,7 @@ def snapshot_tag(filepath: str) -> tuple[frozenset[str], str] | None:
         return None
     head, _, suffix = m.group(1).partition(".")
     classes = frozenset(head.split("+"))
-    if not classes or not all(device_kind(c) in DEVICE_CLASSES for c in classes):
+    if not classes or not all(class_kind(c) in DEVICE_CLASSES for c in classes):
         return None
     return classes, suffix
 
@@ -210,7 +211,7 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
         return device_spec if n == 0 else f"{device_spec}.{n}"
 
     def __eq__(self, other: Any) -> bool:
-        """Compare a summary (or a Trajectory) with the stored snapshot of its device class.
+        """Compare a summary (or a Trajectory) with the stored snapshot of its numerics class.
 
         True when it matches (or was written by --snapshot-update); otherwise raises AssertionError
         with the full explanation (pytest would truncate a long assert explanation outside CI).
@@ -239,7 +240,7 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
         name = self._last_name or ""
         base = name[: name.rfind("[")] if name.endswith("]") else name
         suffix = index[len(klass):].lstrip(".")
-        kinds = sorted(device_kind(c) for c in klass.split("+"))
+        kinds = sorted(class_kind(c) for c in klass.split("+"))
         found: dict[str, Path] = {}
         if not own.parent.is_dir():
             return found
@@ -250,7 +251,7 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
             if tag is None or tag[1] != suffix:
                 continue
             head = path.name[len(base) + 1:].rsplit("]", 1)[0].partition(".")[0]
-            if head != klass and sorted(device_kind(c) for c in head.split("+")) == kinds:
+            if head != klass and sorted(class_kind(c) for c in head.split("+")) == kinds:
                 found[head] = path
         return found
 
@@ -269,7 +270,7 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
         if self.missing_class == "fail":
             _record(self, "failed", klass, nearest)
             raise AssertionError(f"{head}.\n  {choose}.")
-        from flannel_repro.noise import DEFAULT_FILE, read_bands, summary_scale, compare_within_band
+        from flannel_repro.analysis.noise import DEFAULT_FILE, read_bands, summary_scale, compare_within_band
 
         bands_file = self.noise_bands or Path(self.test_location.filepath).parent / DEFAULT_FILE
         scale = summary_scale(summary)

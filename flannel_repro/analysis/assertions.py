@@ -6,20 +6,32 @@ table and the artifact paths. Each helper sets `__tracebackhide__`, so pytest sh
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, Union
 
 import torch
 
-from flannel_repro.divergence import PairDivergence, first_divergent_step, pair_divergence
-from flannel_repro.trajectory import Trajectory
+from flannel_repro.analysis.divergence import PairDivergence, first_divergent_step, pair_divergence
+from flannel_repro.analysis.trajectory import Trajectory
 
 TrajectoryLike = Union[Trajectory, str, Path]
 
-# Observers get (claim, a, b, stats) after every check; the pytest plugin uses this to collect
-# divergence figures for its terminal summary. Kept as a plain list: no pytest import here.
-_observers: list[Callable[[str, Trajectory, Trajectory, dict[str, Any]], None]] = []
+Observer = Callable[[str, Trajectory, Trajectory, dict[str, Any]], None]
+_observers: list[Observer] = []
+
+
+@contextlib.contextmanager
+def observe(observer: Observer) -> Iterator[None]:
+    """Call `observer(claim, a, b, stats)` after every check made inside the block (the pytest plugin
+    collects divergence figures for its terminal summary this way)."""
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+
 
 TABLE_ROWS = 8
 

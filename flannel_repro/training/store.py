@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from flannel_repro import artifacts
+from flannel_repro.storage import stream
 from flannel_repro.errors import ArtifactError
 
 if TYPE_CHECKING:
     from flannel_repro.config import RunConfig
-    from flannel_repro.trajectory import Trajectory
+    from flannel_repro.analysis.trajectory import Trajectory
 
 KEY_FORMAT = "flannel-repro/run-key/1"
 
@@ -35,8 +35,8 @@ def resolved_threads(config: "RunConfig") -> int:
 
 def run_key_material(config: "RunConfig", data_hashes: dict[str, str], repeat: int) -> dict[str, object]:
     """Everything the key is made of, as a readable dict (stored in the artifact's metadata)."""
-    from flannel_repro.determinism import code_version, device_description, package_versions
-    from flannel_repro.numerics import numerics_info
+    from flannel_repro.training.determinism import code_version, device_description, package_versions
+    from flannel_repro.training.numerics import numerics_info
 
     dev = device_description(config.device)
     numerics = numerics_info(config.device, threads=resolved_threads(config), deterministic=config.deterministic,
@@ -109,7 +109,7 @@ class RunStore:
         return self.root / f"{run_name(config, repeat, key)}.safetensors"
 
     def _usable(self, path: Path, key: str) -> "Trajectory | None":
-        from flannel_repro.trajectory import Trajectory
+        from flannel_repro.analysis.trajectory import Trajectory
 
         if not path.exists():
             return None
@@ -131,12 +131,12 @@ class RunStore:
         """The trajectory for (config, repeat): from the store if complete and matching, else trained now."""
         from filelock import FileLock
 
-        from flannel_repro.data import load_data
-        from flannel_repro.trajectory import Trajectory
+        from flannel_repro.data.corpus import load_data
+        from flannel_repro.analysis.trajectory import Trajectory
 
         if repeat < 0:
             raise ValueError(f"'repeat' must be >= 0 (got {repeat}).")
-        from flannel_repro.numerics import apply as apply_numerics
+        from flannel_repro.training.numerics import apply as apply_numerics
 
         apply_numerics(config.numerics, config.device)  # before the key's probe starts oneDNN and MKL
         data = load_data(config)
@@ -147,14 +147,14 @@ class RunStore:
         if hit is not None:
             return Obtained(hit, trained=False)
         mark_cache_dir(self.root)
-        artifacts.cleanup_partials(self.root)
+        stream.cleanup_partials(self.root)
         with FileLock(str(path) + ".lock", timeout=self.lock_timeout_s):
             hit = self._usable(path, key)  # another worker may have finished it while we waited
             if hit is not None:
                 return Obtained(hit, trained=False)
             if on_train_start is not None:
                 on_train_start(path)
-            from flannel_repro.harness import train  # transformers is imported only when something trains
+            from flannel_repro.training.harness import train  # transformers is imported only when something trains
 
             result = train(config, path, data=data, progress=progress,
                            metadata={"run_key": key, "run_key_material": material, "repeat": str(repeat),
@@ -191,8 +191,8 @@ def find_orphans(root: str | Path) -> list[Orphan]:
     Runs of other numerics classes or thread counts are *not* orphans: another machine sharing the
     directory, or another setting, still reuses them.
     """
-    from flannel_repro.determinism import code_version, package_versions
-    from flannel_repro.trajectory import Trajectory
+    from flannel_repro.training.determinism import code_version, package_versions
+    from flannel_repro.storage.run import RunFile
 
     directory = Path(root)
     if not directory.is_dir():
@@ -208,7 +208,7 @@ def find_orphans(root: str | Path) -> list[Orphan]:
 
     for path in sorted(directory.glob("*.safetensors")):
         try:
-            traj = Trajectory(path)
+            traj = RunFile(path)
         except ArtifactError as exc:
             add(path, f"unreadable or incomplete ({str(exc).split(': ', 1)[-1][:80]})")
             continue
@@ -228,7 +228,7 @@ def find_orphans(root: str | Path) -> list[Orphan]:
                 reasons.append(f"{name} {version} (now {packages.get(name, 'absent')})")
         if reasons:
             add(path, "; ".join(reasons))
-    for path in artifacts.stale_partials(directory):
+    for path in stream.stale_partials(directory):
         add(path, "partial file of a writer that is gone")
     going = {o.path for o in found}
     for path in sorted(directory.glob("*.safetensors.lock")):

@@ -45,7 +45,7 @@ from typing import Sequence
 
 import numpy as np
 
-from flannel_repro import data
+from flannel_repro.data import files as data
 from flannel_repro.errors import DataError
 
 __all__ = [
@@ -721,7 +721,7 @@ def write_embedded(variant: str, out_dir: Path) -> EmbeddedPaths:
 
 def fixtures_root() -> Path:
     """The repository's ``fixtures/`` folder (present in a source checkout, absent when installed)."""
-    return Path(__file__).resolve().parent.parent / "fixtures"
+    return Path(__file__).resolve().parents[2] / "fixtures"
 
 
 # (path, expected sha256) -> (stat signature, actual sha256): files are re-hashed only when their stat changes.

@@ -42,9 +42,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from flannel_repro.config import NUMERICS
+from flannel_repro.devices import parse_device
 from flannel_repro.errors import FlannelError
+from flannel_repro.training.determinism import cpu_name, device_description, torch_threads
 
-MODES = ("native", "portable")
+MODES = NUMERICS  # the config field's choices: one source
 # What portable mode pins. oneDNN: the bf16 kernels of AVX-512 BF16, which both Intel Xeons (Cooper
 # Lake and later) and AMD Zen 4 run; AMX would otherwise win on Intel. MKL: its AVX2 branch, strict CNR
 # (the AVX2 branch without STRICT still parted from the AMD trajectory at step 5 on an AMX Xeon).
@@ -160,8 +163,6 @@ def probe_cpu() -> CpuProbe:
     """
     import torch
 
-    from flannel_repro.determinism import torch_threads
-
     mkldnn_verbose = torch.backends.mkldnn.verbose if torch.backends.mkldnn.is_available() else None
     mkl_verbose = torch.backends.mkl.verbose if torch.backends.mkl.is_available() else None
     with tempfile.TemporaryFile() as log:
@@ -270,7 +271,7 @@ def mps_class(info: Mapping[str, Any]) -> str:
     return "-".join(parts)
 
 
-def device_kind(numerics_class: str) -> str:
+def class_kind(numerics_class: str) -> str:
     """'cpu-amx-mklamx-t1' -> 'cpu'; a bare device class ('cuda') is its own kind."""
     return numerics_class.split("-", 1)[0]
 
@@ -283,9 +284,7 @@ def numerics_info(device: str, *, threads: int, deterministic: bool, mode: str =
 
     Recorded in every artifact's environment (`env["numerics"]`) and part of the run key.
     """
-    from flannel_repro.determinism import device_description
-
-    kind = device.split(":", 1)[0]
+    kind = parse_device(device).kind
     info: dict[str, Any] = {"mode": mode}
     if kind == "cpu":
         probe = probe_cpu()
@@ -346,7 +345,7 @@ def check(mode: str, device: str = "cpu") -> None:
     Otherwise either this CPU lacks AVX-512 BF16, or the libraries started before the settings were
     in place (they read them once); both are errors, never a silent change of arithmetic.
     """
-    if mode != "portable" or device.split(":", 1)[0] != "cpu":
+    if mode != "portable" or parse_device(device).kind != "cpu":
         return
     probe = probe_cpu()
     got_dnn, got_mkl = onednn_short(probe.onednn_isa, probe.onednn_max_isa), mkl_short(probe.mkl_arch, probe.mkl_cnr)
@@ -355,8 +354,6 @@ def check(mode: str, device: str = "cpu") -> None:
     mkl_ok = got_mkl.endswith("strict") or got_mkl == "nomkl" or cpu_vendor() not in ("GenuineIntel", None)
     if got_dnn == PORTABLE_ONEDNN and mkl_ok:
         return
-    from flannel_repro.determinism import cpu_name
-
     if cpu_has("avx512_bf16") is False:
         raise NumericsError(
             f"portable numerics pins oneDNN's bf16 kernels to AVX-512 BF16, which this CPU ({cpu_name()}) lacks "
@@ -381,7 +378,5 @@ def apply(mode: str, device: str = "cpu") -> None:
 
 def machine_line() -> str:
     """One line naming the CPU and whether it has AMX, for results and notes."""
-    from flannel_repro.determinism import cpu_name
-
     amx = cpu_has("amx_bf16")
     return f"{cpu_name()} ({'with' if amx else 'without'} AMX{'' if amx is not None else '?'}, {platform.machine()})"

@@ -43,7 +43,9 @@ from typing import Any, Callable, Iterator, Sequence, Union
 import numpy as np
 import torch
 
-from flannel_repro.artifacts import KEY_DIGESTS, KEY_LIVE_MASK, KEY_W, DIGEST_SIZE, TrajectoryReader
+from flannel_repro.storage.layout import KEY_DIGESTS, KEY_LIVE_MASK, KEY_W
+from flannel_repro.storage.stream import DIGEST_SIZE, TrajectoryReader
+from flannel_repro.bits import BITS
 from flannel_repro.errors import ArtifactError
 
 __all__ = [
@@ -62,7 +64,6 @@ RunLike = Union[TrajectoryReader, str, "os.PathLike[str]"]  # a reader, or a pat
 
 NEVER = -1  # first_step entry of PairwiseDivergence for a pair that never diverged
 
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SCAN_BLOCK_BYTES = 8 << 20  # bytes per run per block (one reused buffer each) when scanning many steps
 # Pair kernel: elements of all pairs' differences per chunk (float64: 4 MiB, a few L2s' worth,
 # which measured best on a 2-core Zen 4 with 1 MiB L2 per core: fewer, larger torch calls win
@@ -160,7 +161,7 @@ def _word_dtype(nbytes: int) -> torch.dtype:
     than as bf16 bit patterns, with the same answer (a row differs iff any of its bytes does)."""
     for size in (8, 4, 2):
         if nbytes % size == 0:
-            return _BITS[size]
+            return BITS[size]
     return torch.uint8
 
 
@@ -517,7 +518,7 @@ class _PairStepper:
     count), e.g. in stored snapshots; ``all_pairs`` sums in chunks instead (within float64 ulps)."""
 
     def __init__(self, vocab: int, hidden: int, dtype: torch.dtype, live: torch.Tensor) -> None:
-        self.work, self.bits = _work_dtype(dtype), _BITS[dtype.itemsize]
+        self.work, self.bits = _work_dtype(dtype), BITS[dtype.itemsize]
         self.live = live
         self.w = [torch.empty((vocab, hidden), dtype=dtype) for _ in range(2)]
         self.x = torch.empty((vocab, hidden), dtype=self.work)
@@ -736,7 +737,7 @@ def update_counts(run: RunLike) -> tuple[np.ndarray, np.ndarray]:
     """
     with _opened([run]) as (r,):
         (n, vocab, hidden), dtype = _w_layout([r])
-        bits = _BITS[dtype.itemsize]
+        bits = BITS[dtype.itemsize]
         entries = np.zeros(n, dtype=np.int64)
         rows = np.zeros(n, dtype=np.int64)
         if n < 2:

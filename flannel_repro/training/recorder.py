@@ -2,7 +2,7 @@
 
 One `Recorder` serves both engines: the lean loop calls it directly, the HF engine through a
 `TrainerCallback`. Memory does not grow with the number of steps: each step's tensors go to disk
-as soon as they exist (see `artifacts.TrajectoryWriter`).
+as soon as they exist (see `stream.TrajectoryWriter`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flannel_repro import artifacts
-from flannel_repro.artifacts import TensorSpec, TrajectoryWriter, digest_tensor
-from flannel_repro.data import make_batch
-from flannel_repro.model import embedding, torch_dtype
+from flannel_repro.storage import layout, stream
+from flannel_repro.storage.stream import TensorSpec, TrajectoryWriter, digest_tensor
+from flannel_repro.data.corpus import make_batch
+from flannel_repro.training.model import embedding, torch_dtype
 
 if TYPE_CHECKING:
     from flannel_repro.config import RunConfig
-    from flannel_repro.data import CorpusData
+    from flannel_repro.data.corpus import CorpusData
 
 def probe_starts(n_examples: int, n_probe: int) -> torch.Tensor:
     """A fixed probe batch: `n_probe` examples spread evenly over the corpus (independent of seeds)."""
@@ -30,7 +30,7 @@ def probe_starts(n_examples: int, n_probe: int) -> torch.Tensor:
 
 def artifact_specs(config: "RunConfig") -> list[TensorSpec]:
     """The tensors of one run's artifact for this config (layout defined in `artifacts`)."""
-    return artifacts.run_artifact_specs(
+    return layout.run_artifact_specs(
         steps=config.steps, vocab_size=config.vocab_size, hidden_dim=config.hidden_dim,
         batch_size=config.batch_size, dtype=torch_dtype(config.dtype), record_W=config.record_W,
         grads=config.record_grads, exp_avg=config.record_momentum, exp_avg_sq=config.record_variance,
@@ -47,8 +47,8 @@ class Recorder:
         self._steps_written = 0
         self._pending_grad: torch.Tensor | None = None
         self._last_loss = math.nan
-        meta = artifacts.run_metadata(
-            config.to_dict(), data.describe(), digest_algo=artifacts.DIGEST_ALGO,
+        meta = layout.run_metadata(
+            config.to_dict(), data.describe(), digest_algo=stream.DIGEST_ALGO,
             **{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()})
         self.writer = TrajectoryWriter(Path(path), artifact_specs(config), meta)
         self._probe = None
@@ -60,7 +60,7 @@ class Recorder:
 
     def __enter__(self) -> "Recorder":
         self.writer.__enter__()
-        self.writer.write(artifacts.KEY_LIVE_MASK, self.data.mask.live_mask.contiguous())
+        self.writer.write(layout.KEY_LIVE_MASK, self.data.mask.live_mask.contiguous())
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -88,29 +88,29 @@ class Recorder:
         cfg = self.config
         W = embedding(model).detach()
         W_cpu = W.to("cpu")  # (V, H); a view on CPU, one device->host copy on GPUs
-        self.writer.write_row(artifacts.KEY_DIGESTS, step, artifacts.digest_as_tensor(digest_tensor(W_cpu)))
+        self.writer.write_row(layout.KEY_DIGESTS, step, stream.digest_as_tensor(digest_tensor(W_cpu)))
         if cfg.record_W:
-            self.writer.write_row(artifacts.KEY_W, step, W_cpu)
+            self.writer.write_row(layout.KEY_W, step, W_cpu)
         loss_value = math.nan if loss is None else float(loss)
-        self.writer.write_row(artifacts.KEY_LOSSES, step, torch.tensor(loss_value, dtype=torch.float32))
+        self.writer.write_row(layout.KEY_LOSSES, step, torch.tensor(loss_value, dtype=torch.float32))
         if step > 0:
             if batch_starts is None:
                 raise RuntimeError(f"step {step}: batch start indices are required after step 0.")
-            self.writer.write_row(artifacts.KEY_BATCH_STARTS, step - 1, batch_starts.to(torch.int64))
+            self.writer.write_row(layout.KEY_BATCH_STARTS, step - 1, batch_starts.to(torch.int64))
         if cfg.record_grads:
             grad = self._pending_grad if step > 0 else None
-            self.writer.write_row(artifacts.KEY_GRADS, step, grad if grad is not None else torch.zeros_like(W_cpu))
+            self.writer.write_row(layout.KEY_GRADS, step, grad if grad is not None else torch.zeros_like(W_cpu))
             self._pending_grad = None
         if cfg.record_momentum or cfg.record_variance:
             state = optimizer.state.get(embedding(model), {}) if optimizer is not None else {}
-            for flag, key, name in ((cfg.record_momentum, artifacts.KEY_EXP_AVG, "exp_avg"),
-                                    (cfg.record_variance, artifacts.KEY_EXP_AVG_SQ, "exp_avg_sq")):
+            for flag, key, name in ((cfg.record_momentum, layout.KEY_EXP_AVG, "exp_avg"),
+                                    (cfg.record_variance, layout.KEY_EXP_AVG_SQ, "exp_avg_sq")):
                 if flag:
                     value = state.get(name)
                     self.writer.write_row(key, step, value.detach().to("cpu") if value is not None
                                           else torch.zeros_like(W_cpu))
         if self._probe is not None:
-            self.writer.write_row(artifacts.KEY_PROBE_LOGITS, step, self._probe_logits(model))
+            self.writer.write_row(layout.KEY_PROBE_LOGITS, step, self._probe_logits(model))
         self._last_loss = loss_value
         self._steps_written += 1
 

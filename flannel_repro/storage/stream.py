@@ -1,4 +1,4 @@
-"""Trajectory artifacts: a streaming safetensors writer, a lazy memory-mapped reader, notebook export.
+"""The safetensors stream: a pre-sized, in-place writer and a lazy reader with positional reads.
 
 File format (safetensors): 8-byte little-endian u64 header length N, N bytes of JSON header
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`` padded
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import itertools
 import json
 import math
 import mmap
@@ -38,90 +37,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from flannel_repro.errors import ArtifactError
 
-__all__ = [
-    "DIGEST_ALGO",
-    "DIGEST_SIZE",
-    "RUN_FORMAT",
-    "NOTEBOOK_FORMAT",
-    "META_FORMAT",
-    "META_CONFIG",
-    "META_DATA",
-    "KEY_W",
-    "KEY_LOSSES",
-    "KEY_DIGESTS",
-    "KEY_BATCH_STARTS",
-    "KEY_LIVE_MASK",
-    "KEY_GRADS",
-    "KEY_EXP_AVG",
-    "KEY_EXP_AVG_SQ",
-    "KEY_PROBE_LOGITS",
-    "NOTEBOOK_KEYS",
-    "TensorSpec",
-    "TrajectoryWriter",
-    "TrajectoryReader",
-    "digest_tensor",
-    "digest_as_tensor",
-    "run_artifact_specs",
-    "run_metadata",
-    "run_config",
-    "run_data",
-    "cleanup_partials",
-    "export_notebook",
-]
 
 # --- digests ------------------------------------------------------------------------------------
 
 DIGEST_ALGO = "blake2b-256"
 DIGEST_SIZE = 32
 
-# --- per-run artifact layout (written by the harness, read by divergence and export) -----------
-
-RUN_FORMAT = "flannel-repro/trajectory/1"
-NOTEBOOK_FORMAT = "flannel-repro/notebook/1"
-
-META_FORMAT = "format"  # RUN_FORMAT
-META_CONFIG = "config"  # JSON of the RunConfig dict
-META_DATA = "data"  # JSON with n_live, n_dead (and data hashes)
-
-KEY_W = "W"  # (S+1, V, H), the run's parameter dtype; W[0] is W_initial
-KEY_LOSSES = "losses"  # (S+1,) float32, NaN at step 0 (no loss before the first step)
-KEY_DIGESTS = "digests"  # (S+1, 32) uint8, digest_tensor(W[t]) in the run's dtype
-KEY_BATCH_STARTS = "batch_starts"  # (S, B) int64, example start offsets of each step's batch
-KEY_LIVE_MASK = "live_mask"  # (V,) bool, True for tokens that occur in the corpus
-KEY_GRADS = "grads"  # optional (S+1, V, H)
-KEY_EXP_AVG = "exp_avg"  # optional (S+1, V, H)
-KEY_EXP_AVG_SQ = "exp_avg_sq"  # optional (S+1, V, H)
-KEY_PROBE_LOGITS = "probe_logits"  # optional, (S+1, ...) logits on a fixed probe batch
-
-# The original notebook's export: key -> dtype. Shapes: W (R, S+1, V, H), losses (R, S+1),
-# W_initial (V, H), everything else a scalar of shape ().
-NOTEBOOK_KEYS: dict[str, torch.dtype] = {
-    "W": torch.bfloat16,
-    "losses": torch.bfloat16,
-    "W_initial": torch.bfloat16,
-    "n_runs": torch.int64,
-    "init_seed": torch.int64,
-    "base_train_seed": torch.int64,
-    "n_steps": torch.int64,
-    "n_live": torch.int64,
-    "n_dead": torch.int64,
-    "vocab_size": torch.int64,
-    "hidden_dim": torch.int64,
-    "init_scale": torch.float32,
-    "learning_rate": torch.float32,
-    "weight_decay": torch.float32,
-    "adam_beta1": torch.float32,
-    "adam_beta2": torch.float32,
-    "recorded_W": torch.bool,
-    "recorded_losses": torch.bool,
-}
 
 # --- safetensors dtype names --------------------------------------------------------------------
 
@@ -873,231 +801,3 @@ class TrajectoryReader:
 
     def __repr__(self) -> str:
         return f"TrajectoryReader({str(self.path)!r}, keys={self.keys()})"
-
-
-# --- per-run artifact helpers -------------------------------------------------------------------
-
-
-def run_artifact_specs(
-    *,
-    steps: int,
-    vocab_size: int,
-    hidden_dim: int,
-    batch_size: int,
-    dtype: torch.dtype = torch.bfloat16,
-    grads: bool = False,
-    exp_avg: bool = False,
-    exp_avg_sq: bool = False,
-    probe_logits_shape: tuple[int, ...] | None = None,
-    record_W: bool = True,
-) -> list[TensorSpec]:
-    """The specs of one run's artifact (see the KEY_* constants for meanings)."""
-    rows = (steps + 1, vocab_size, hidden_dim)
-    specs = [
-        TensorSpec(KEY_LOSSES, torch.float32, (steps + 1,)),
-        TensorSpec(KEY_DIGESTS, torch.uint8, (steps + 1, DIGEST_SIZE)),
-        TensorSpec(KEY_BATCH_STARTS, torch.int64, (steps, batch_size)),
-        TensorSpec(KEY_LIVE_MASK, torch.bool, (vocab_size,)),
-    ]
-    if record_W:
-        specs.insert(0, TensorSpec(KEY_W, dtype, rows))
-    for key, wanted in ((KEY_GRADS, grads), (KEY_EXP_AVG, exp_avg), (KEY_EXP_AVG_SQ, exp_avg_sq)):
-        if wanted:
-            specs.append(TensorSpec(key, dtype, rows))
-    if probe_logits_shape is not None:
-        specs.append(TensorSpec(KEY_PROBE_LOGITS, dtype, (steps + 1, *probe_logits_shape)))
-    return specs
-
-
-def run_metadata(config: Mapping[str, Any], data: Mapping[str, Any], **extra: str) -> dict[str, str]:
-    """Metadata of a run artifact: format tag, config JSON, data JSON (+ extra str entries)."""
-    return {
-        META_FORMAT: RUN_FORMAT,
-        META_CONFIG: json.dumps(dict(config), sort_keys=True),
-        META_DATA: json.dumps(dict(data), sort_keys=True),
-        **extra,
-    }
-
-
-def write_run(
-    path: str | os.PathLike[str],
-    W_steps: Iterable[torch.Tensor],
-    *,
-    steps: int,
-    live_mask: torch.Tensor,
-    config: Mapping[str, Any],
-    data: Mapping[str, Any] | None = None,
-    losses: torch.Tensor | None = None,
-    batch_starts: torch.Tensor | None = None,
-    batch_size: int = 4,
-    digests_of: Sequence[torch.Tensor] | None = None,
-) -> Path:
-    """A per-run artifact in the harness's layout from W after each step 0..steps, streamed one step
-    at a time: for trajectories made outside the harness (imports, synthetic runs in tests and
-    benchmarks). `data` defaults to the live/dead counts of `live_mask`; `losses` to NaN and
-    `batch_starts` to zeros; `digests_of[t]` replaces W_t as the tensor hashed for step t (to
-    record a wrong digest on purpose)."""
-    rows = iter(W_steps)
-    first = next(rows, None)
-    if first is None:
-        raise ArtifactError(f"{path}: expected W for steps 0..{steps}, got no step.")
-    vocab, hidden = first.shape
-    n_live = int(live_mask.sum())
-    specs = run_artifact_specs(steps=steps, vocab_size=vocab, hidden_dim=hidden, batch_size=batch_size,
-                               dtype=first.dtype)
-    meta = run_metadata(config, data if data is not None else {"n_live": n_live, "n_dead": vocab - n_live})
-    with TrajectoryWriter(Path(path), specs, meta) as w:
-        w.write(KEY_LIVE_MASK, live_mask)
-        w.write(KEY_LOSSES, losses if losses is not None else torch.full((steps + 1,), float("nan")))
-        w.write(KEY_BATCH_STARTS, batch_starts if batch_starts is not None
-                else torch.zeros(steps, batch_size, dtype=torch.int64))
-        for t, W in enumerate(itertools.chain([first], rows)):
-            if t > steps:
-                raise ArtifactError(f"{path}: expected W for steps 0..{steps}, got more.")
-            w.write_row(KEY_W, t, W)
-            w.write_row(KEY_DIGESTS, t, digest_as_tensor(digest_tensor(W if digests_of is None else digests_of[t])))
-        return w.finish()
-
-
-def _json_meta(reader: TrajectoryReader, key: str) -> dict[str, Any]:
-    fmt = reader.metadata.get(META_FORMAT)
-    if fmt != RUN_FORMAT:
-        raise ArtifactError(f"{reader.path}: expected metadata format={RUN_FORMAT!r}, got {fmt!r}.")
-    text = reader.metadata.get(key)
-    if text is None:
-        raise ArtifactError(f"{reader.path}: expected a {key!r} entry in the metadata, got none.")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{reader.path}: metadata {key!r}: expected JSON, got unparsable text ({e}).") from None
-    if not isinstance(value, dict):
-        raise ArtifactError(f"{reader.path}: metadata {key!r}: expected a JSON object, got {type(value).__name__}.")
-    return value
-
-
-def run_config(reader: TrajectoryReader) -> dict[str, Any]:
-    """The run's config dict from the metadata (ArtifactError if missing or not a run artifact)."""
-    return _json_meta(reader, META_CONFIG)
-
-
-def run_data(reader: TrajectoryReader) -> dict[str, Any]:
-    """The run's data dict (n_live, n_dead, hashes) from the metadata."""
-    return _json_meta(reader, META_DATA)
-
-
-# --- notebook export ----------------------------------------------------------------------------
-
-# config key -> notebook scalar key, for the values every run must share.
-_SHARED_INT = {"init_seed": "init_seed", "steps": "n_steps", "vocab_size": "vocab_size", "hidden_dim": "hidden_dim"}
-_SHARED_FLOAT = {
-    "init_scale": "init_scale",
-    "lr": "learning_rate",
-    "weight_decay": "weight_decay",
-    "adam_beta1": "adam_beta1",
-    "adam_beta2": "adam_beta2",
-}
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype == b.dtype:
-        return a.shape == b.shape and bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
-    # Different storage dtypes: equal iff the float32 values are bitwise equal (bf16 -> f32 is exact).
-    return bool(torch.equal(a.float().view(torch.int32), b.float().view(torch.int32)))
-
-
-def export_notebook(run_paths: Sequence[str | os.PathLike[str]], out_path: str | os.PathLike[str]) -> Path:
-    """Write the original notebook's single safetensors file from per-run artifacts, streaming.
-
-    Holds at most one step of one run in memory; publishes atomically. All runs must agree on
-    shapes, seeds of W_initial, steps, hyperparameters and live/dead counts, and start from a
-    bitwise-identical W[0]. W and losses are rounded to bfloat16 (round-to-nearest-even).
-    """
-    paths = [Path(p) for p in run_paths]
-    if not paths:
-        raise ArtifactError(f"{out_path}: expected at least one run artifact to export, got none.")
-    readers: list[TrajectoryReader] = []
-    try:
-        for p in paths:
-            readers.append(TrajectoryReader(p))
-        configs = [run_config(r) for r in readers]
-        datas = [run_data(r) for r in readers]
-        first, cfg0, data0 = readers[0], configs[0], datas[0]
-
-        def field(cfg: dict[str, Any], r: TrajectoryReader, key: str) -> Any:
-            if key not in cfg:
-                raise ArtifactError(f"{r.path}: config: expected a {key!r} entry, got none.")
-            return cfg[key]
-
-        # Every run must share what the notebook stores once.
-        for key in (*_SHARED_INT, *_SHARED_FLOAT):
-            v0 = field(cfg0, first, key)
-            for r, cfg in zip(readers[1:], configs[1:]):
-                if field(cfg, r, key) != v0:
-                    raise ArtifactError(
-                        f"{r.path}: config {key!r} must match {first.path}: expected {v0!r}, got {cfg[key]!r}."
-                    )
-        for key in ("n_live", "n_dead"):
-            if key not in data0:
-                raise ArtifactError(f"{first.path}: data metadata: expected a {key!r} entry, got none.")
-            for r, d in zip(readers[1:], datas[1:]):
-                if d.get(key) != data0[key]:
-                    raise ArtifactError(
-                        f"{r.path}: data {key!r} must match {first.path}: expected {data0[key]!r}, got {d.get(key)!r}."
-                    )
-        steps, vocab, hidden = int(cfg0["steps"]), int(cfg0["vocab_size"]), int(cfg0["hidden_dim"])
-        w_shape = (steps + 1, vocab, hidden)
-        for r in readers:
-            for key, shape in ((KEY_W, w_shape), (KEY_LOSSES, (steps + 1,))):
-                got = r.spec(key).shape
-                if got != shape:
-                    raise ArtifactError(f"{r.path}: tensor {key!r}: expected shape {shape} (from the config), got {got}.")
-            if not r.spec(KEY_W).dtype.is_floating_point:
-                raise ArtifactError(f"{r.path}: tensor 'W': expected a floating dtype, got {r.spec(KEY_W).dtype}.")
-        w0 = first.row(KEY_W, 0)
-        for r in readers[1:]:
-            if not _same_bits(w0, r.row(KEY_W, 0)):
-                raise ArtifactError(
-                    f"{r.path}: W[0] (W_initial) must be bitwise identical to {first.path}'s, got different values."
-                )
-
-        n_runs = len(readers)
-        specs = [
-            TensorSpec("W", torch.bfloat16, (n_runs, *w_shape)),
-            TensorSpec("losses", torch.bfloat16, (n_runs, steps + 1)),
-            TensorSpec("W_initial", torch.bfloat16, (vocab, hidden)),
-        ] + [TensorSpec(k, dt, ()) for k, dt in NOTEBOOK_KEYS.items() if k not in ("W", "losses", "W_initial")]
-        metadata = {
-            META_FORMAT: NOTEBOOK_FORMAT,
-            "runs": json.dumps([p.name for p in paths]),
-            "run_configs": json.dumps(configs, sort_keys=True),
-        }
-        scalars: dict[str, Any] = {
-            "n_runs": n_runs,
-            "init_seed": int(cfg0["init_seed"]),
-            "base_train_seed": int(field(cfg0, first, "model_seed")),
-            "n_steps": steps,
-            "n_live": int(data0["n_live"]),
-            "n_dead": int(data0["n_dead"]),
-            "vocab_size": vocab,
-            "hidden_dim": hidden,
-            "init_scale": float(cfg0["init_scale"]),
-            "learning_rate": float(cfg0["lr"]),
-            "weight_decay": float(cfg0["weight_decay"]),
-            "adam_beta1": float(cfg0["adam_beta1"]),
-            "adam_beta2": float(cfg0["adam_beta2"]),
-            "recorded_W": True,
-            "recorded_losses": True,
-        }
-        with TrajectoryWriter(out_path, specs, metadata, reserve_metadata_bytes=4096) as w:
-            w.write("W_initial", w0.to(torch.bfloat16))
-            for name, value in scalars.items():
-                w.write(name, torch.tensor(value, dtype=NOTEBOOK_KEYS[name]))
-            for i, r in enumerate(readers):
-                # float32 -> bf16 rounds to nearest even; NaN at step 0 stays NaN.
-                w.write_row("losses", i, r[KEY_LOSSES].to(torch.bfloat16))
-                for t in range(steps + 1):
-                    w.write_row("W", (i, t), r.row(KEY_W, t).to(torch.bfloat16))
-            return w.finish()
-    finally:
-        for r in readers:
-            r.close()

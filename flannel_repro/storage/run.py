@@ -1,4 +1,7 @@
-"""A lazy, read-only view of one recorded run: W per step, losses, digests and metadata.
+"""A lazy, read-only view of one recorded run's artifact: W per step, losses, digests and metadata.
+
+`flannel_repro.analysis.trajectory.Trajectory` adds what analysis offers on top (its summary); this
+view is what storage alone can say.
 
 Nothing large is read until asked for. `traj.W_at(t)` copies one step out of the file with a
 positional read, so nothing stays resident in this process after the copy is dropped: use it
@@ -9,31 +12,27 @@ process's RSS while the trajectory is open (`release_pages()` drops them).
 
 from __future__ import annotations
 
-import json
 import math
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any
 
 import torch
 
-from flannel_repro import artifacts
-from flannel_repro.artifacts import TrajectoryReader
+from flannel_repro.storage import layout
+from flannel_repro.storage.stream import TrajectoryReader
 from flannel_repro.config import RunConfig
 from flannel_repro.errors import ArtifactError
 
-if TYPE_CHECKING:
-    from flannel_repro.summary import Summary
-
-
-class Trajectory:
-    """One run's artifact. Open with `Trajectory(path)`; the harness and the `trajectory` fixture return these."""
+class RunFile:
+    """One run's artifact, read lazily. The harness and the `trajectory` fixture return its analysis
+    subclass, `flannel_repro.Trajectory`."""
 
     def __init__(self, path: str | Path) -> None:
         self.reader = TrajectoryReader(Path(path))
-        fmt = self.reader.metadata.get(artifacts.META_FORMAT)
-        if fmt != artifacts.RUN_FORMAT:
-            raise ArtifactError(f"{self.reader.path}: format {fmt!r} is not {artifacts.RUN_FORMAT!r}; "
+        fmt = self.reader.metadata.get(layout.META_FORMAT)
+        if fmt != layout.RUN_FORMAT:
+            raise ArtifactError(f"{self.reader.path}: format {fmt!r} is not {layout.RUN_FORMAT!r}; "
                                 "it was not written by this version of flannel-repro.")
 
     # -- identity --------------------------------------------------------------------------
@@ -46,21 +45,19 @@ class Trajectory:
     def metadata(self) -> dict[str, str]:
         return self.reader.metadata
 
-    def _json(self, key: str, default: Any = None) -> Any:
-        raw = self.metadata.get(key)
-        return default if raw is None else json.loads(raw)
-
     @cached_property
     def config(self) -> RunConfig:
-        return RunConfig.from_dict(self._json(artifacts.META_CONFIG, {}), source=str(self.path))
+        """The run's config (ArtifactError when the artifact has none or it is not a config: never a default)."""
+        return RunConfig.from_dict(layout.run_config(self.reader), source=f"{self.path}: metadata 'config'")
 
     @cached_property
     def env(self) -> dict[str, Any]:
-        return self._json("env", {})
+        """The environment fingerprint the run was trained in ({} for artifacts written without one)."""
+        return layout.run_env(self.reader)
 
     @cached_property
     def data_info(self) -> dict[str, Any]:
-        return self._json(artifacts.META_DATA, {})
+        return layout.run_data(self.reader)
 
     @property
     def repeat(self) -> int:
@@ -81,20 +78,20 @@ class Trajectory:
         return f"{seeds} {c.device} {c.engine} repeat={self.repeat}"
 
     def __repr__(self) -> str:
-        return f"Trajectory({self.label}, steps={self.steps}, path={str(self.path)!r})"
+        return f"{type(self).__name__}({self.label}, steps={self.steps}, path={str(self.path)!r})"
 
     # -- recorded tensors (lazy) -------------------------------------------------------------
 
     @property
     def has_W(self) -> bool:
-        return artifacts.KEY_W in self.reader
+        return layout.KEY_W in self.reader
 
     @property
     def W(self) -> torch.Tensor:
         """(steps + 1, V, H), memory-mapped; index it, do not copy it whole. Pages touched stay
         resident until `release_pages()` or `close()`; `W_at(t)` reads a step without that."""
         self._require_W()
-        return self.reader[artifacts.KEY_W]
+        return self.reader[layout.KEY_W]
 
     def W_at(self, step: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """W after `step` as a (V, H) tensor of its own, read from the file (into `out` if given,
@@ -102,13 +99,13 @@ class Trajectory:
         if not 0 <= step <= self.steps:
             raise IndexError(f"step {step} outside 0..{self.steps} of {self.label}.")
         self._require_W()
-        return self.reader.row(artifacts.KEY_W, step, out)
+        return self.reader.row(layout.KEY_W, step, out)
 
     @property
     def W_initial(self) -> torch.Tensor:
         """W[0] as a tensor of its own (read from the file)."""
         self._require_W()
-        return self.reader.row(artifacts.KEY_W, 0)
+        return self.reader.row(layout.KEY_W, 0)
 
     def _require_W(self) -> None:
         if not self.has_W:
@@ -117,7 +114,7 @@ class Trajectory:
     @cached_property
     def losses(self) -> torch.Tensor:
         """(steps + 1,) float32; NaN at step 0 (no loss before the first step)."""
-        return self.reader.read(artifacts.KEY_LOSSES)
+        return self.reader.read(layout.KEY_LOSSES)
 
     @property
     def final_loss(self) -> float:
@@ -126,7 +123,7 @@ class Trajectory:
     @cached_property
     def digests(self) -> torch.Tensor:
         """(steps + 1, 32) uint8: blake2b-256 of W's bytes after each step."""
-        return self.reader.read(artifacts.KEY_DIGESTS)
+        return self.reader.read(layout.KEY_DIGESTS)
 
     def digest_hex(self, step: int) -> str:
         return bytes(self.digests[step].tolist()).hex()
@@ -134,25 +131,17 @@ class Trajectory:
     @property
     def batch_starts(self) -> torch.Tensor:
         """(steps, B) int64: start index of every example of every batch (row t-1 is step t)."""
-        return self.reader[artifacts.KEY_BATCH_STARTS]
+        return self.reader[layout.KEY_BATCH_STARTS]
 
     @cached_property
     def live_mask(self) -> torch.Tensor:
-        return self.reader.read(artifacts.KEY_LIVE_MASK)
+        return self.reader.read(layout.KEY_LIVE_MASK)
 
     def optional(self, key: str) -> torch.Tensor:
         if key not in self.reader:
             raise ArtifactError(f"{self.path}: {key!r} was not recorded; enable it in the config "
                                 f"(record_grads / record_momentum / record_variance / record_logits).")
         return self.reader[key]
-
-    def summary(self, steps: "Iterable[int] | None" = None) -> "Summary":
-        """Small, stable statistics of this run for snapshots (`flannel_repro.summary.summarize`):
-        config fingerprint, loss and W statistics at steps 0, 1, 10, 100, ... and the last (or
-        `steps`), update fractions, and the per-step digest chain."""
-        from flannel_repro.summary import summarize
-
-        return summarize(self, steps)
 
     @property
     def wall_time_s(self) -> float:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from flannel_repro import artifacts
+from flannel_repro.bits import same_bits
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
@@ -142,9 +142,17 @@ def fused_head_loss(hidden: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
     return _FusedHeadLoss.apply(hidden, W, targets, num_items, chunk, _autocast_dtype(hidden.device.type))
 
 
-def model_loss(model: "GPT2LMHeadModel", inputs: torch.Tensor, labels: torch.Tensor, num_items: torch.Tensor,
+def model_loss(model: "GPT2LMHeadModel", inputs: torch.Tensor, labels: torch.Tensor, num_items: torch.Tensor | None,
                fused: bool, chunk: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
-    """The training loss of `model` on one batch, through the model's own head or the fused one."""
+    """The training loss of `model` on one batch, through the model's own head or the fused one.
+
+    `num_items` is the divisor the Trainer hands the model (transformers 5.x); None where it hands none
+    (4.x, whose GPT-2 forward takes no loss kwargs): the model's own mean, which only its head computes.
+    """
+    if num_items is None:
+        if fused:
+            raise ValueError("the fused head computes sum / num_items; the model's mean needs fused=False.")
+        return model(input_ids=inputs, labels=labels).loss
     if not fused:
         return model(input_ids=inputs, labels=labels, num_items_in_batch=num_items).loss
     hidden = model.transformer(input_ids=inputs).last_hidden_state
@@ -178,4 +186,4 @@ def verify_fused_head(model: "GPT2LMHeadModel", inputs: torch.Tensor, labels: to
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (so -0.0 != 0.0 and NaN payloads count)."""
-    return a.dtype == b.dtype and artifacts._same_bits(a, b)
+    return a.dtype == b.dtype and same_bits(a, b)

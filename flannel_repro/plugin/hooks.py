@@ -1,0 +1,320 @@
+"""The pytest plugin's hooks and fixtures (the `pytest11` entry point): each hands off to the session
+(`plugin.session`), the reporter (`plugin.report`) or the snapshot extension (`plugin.snapshot`).
+
+Registered through the entry point, so it is active after `pip install`, and inert in a suite that
+does not use it: it parametrizes only tests whose `device` / `train_seed` are its own fixtures, and
+changes the environment only in sessions that train runs. Importing this module imports neither torch
+nor transformers: `pytest --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any, Iterator
+
+import pytest
+
+from flannel_repro.config import ExperimentConfig, RunConfig
+from flannel_repro.devices import device_present
+from flannel_repro.errors import ConfigError
+from flannel_repro.plugin.report import ControllerReporter, ProgressWriter
+from flannel_repro.plugin.session import (MARKER, SESSION_KEY, SNAPSHOT_SUFFIX, FlannelSession, RunRecord, add_options,
+                                          build_session, marker_overrides, marker_tolerance)
+
+pytest.register_assert_rewrite("flannel_repro.analysis.assertions")
+
+if TYPE_CHECKING:
+    from flannel_repro.analysis.trajectory import Trajectory
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(**overrides): override RunConfig fields (steps=, lr=, engine=, ...) for the trajectories of one test; "
+        "rtol= / atol= set the float tolerance of its flannel_snapshot comparisons.",
+    )
+    session = build_session(config)
+    config.stash[SESSION_KEY] = session
+    # Portable numerics must be in the environment before oneDNN and MKL start (they read it once): set
+    # here, before any test runs; xdist workers inherit it. Whether it took effect is checked when a
+    # run trains (numerics.check), which refuses rather than train with other arithmetic.
+    from flannel_repro.training.numerics import NumericsError, arrange
+
+    try:
+        arrange(session.run_template.numerics)
+    except NumericsError as exc:
+        raise pytest.UsageError(f"--flannel-numerics: {exc}") from None
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(), "flannel-xdist")
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(ControllerReporter(config), "flannel-reporter")
+    _hide_summary_snapshots_from_other_extensions(config)
+
+
+def _hide_summary_snapshots_from_other_extensions(config: pytest.Config) -> None:
+    """Add the `.flannel` suffix to syrupy's --snapshot-ignore-file-extensions.
+
+    syrupy's default (amber) discovery walks `__snapshots__` recursively and counts every file no
+    test used as unused; summaries of a device class this session does not run (a cuda snapshot on
+    a CPU-only machine) would be reported, and deleted by --snapshot-update. Our extension discovers
+    its own files, filtered by device class (flannel_repro.snapshot)."""
+    if not hasattr(config.option, "ignore_file_extensions"):
+        return  # syrupy not loaded
+    current = list(config.option.ignore_file_extensions or [])
+    if SNAPSHOT_SUFFIX not in current:
+        config.option.ignore_file_extensions = [*current, SNAPSHOT_SUFFIX]
+
+
+class _XdistHooks:
+    """Registered only when pytest-xdist is loaded (its hooks do not exist otherwise)."""
+
+    @pytest.hookimpl
+    def pytest_configure_node(self, node: Any) -> None:
+        # All workers share the controller's session id: "fresh" means fresh for this session.
+        node.workerinput["flannel_session"] = node.config.stash[SESSION_KEY].session_id
+
+    @pytest.hookimpl
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        session = node.config.stash[SESSION_KEY]
+        for row in json.loads(getattr(node, "workeroutput", {}).get("flannel_runs", "[]")):
+            rec = RunRecord(**row)
+            known = session.runs.get(rec.name)
+            if known is None or (rec.trained_here and not known.trained_here):
+                session.runs[rec.name] = rec
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        state = session.config.stash[SESSION_KEY]
+        workeroutput["flannel_runs"] = json.dumps([r.to_json() for r in state.runs.values()])
+
+
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    state = config.stash[SESSION_KEY]
+    if any("trajectory" in getattr(item, "fixturenames", ()) for item in items):
+        # cuBLAS reads its workspace setting once, when CUDA starts; deterministic CUDA runs need it
+        # fixed. Set after collection, before any test runs (in each xdist worker, which collects
+        # too), and only in sessions that train runs: a suite that does not use the plugin keeps its
+        # environment. A value already set wins. Every artifact records it (environment fingerprint).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    for item in items:
+        if "trajectory" in getattr(item, "fixturenames", ()):
+            item.user_properties.append(("flannel_uses_trajectory", "1"))  # travels with every report
+        marker_tolerance(item)
+        overrides = marker_overrides(item)
+        if overrides:
+            try:
+                state.run_template.replace(**overrides)
+            except ConfigError as exc:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{MARKER}: {exc}") from None
+
+
+
+
+def _resolves_to_ours(metafunc: pytest.Metafunc, name: str) -> bool:
+    """Whether fixture `name` is, for this test, the one this plugin defines. A suite's own `device` or
+    `train_seed` (any conftest or module fixture wins over a plugin's) is never parametrized by us."""
+    if name not in metafunc.fixturenames:
+        return False
+    defs = getattr(metafunc, "_arg2fixturedefs", None)  # pytest's own resolution (stable since pytest 3)
+    if not isinstance(defs, dict):
+        return "trajectory" in metafunc.fixturenames  # unknown internals: only tests that train runs
+    chain = defs.get(name) or ()
+    return bool(chain) and getattr(chain[-1].func, "__module__", None) == __name__
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    state = metafunc.config.stash[SESSION_KEY]
+    if _resolves_to_ours(metafunc, "device") and not _already_parametrized(metafunc, "device"):
+        devices = state.selected_devices()
+        metafunc.parametrize("device", devices, indirect=True, ids=devices)
+    if _resolves_to_ours(metafunc, "train_seed") and not _already_parametrized(metafunc, "train_seed"):
+        seeds = list(state.experiment.train_seeds)
+        metafunc.parametrize("train_seed", seeds, indirect=True, ids=[f"seed{s}" for s in seeds])
+
+
+def _already_parametrized(metafunc: pytest.Metafunc, name: str) -> bool:
+    """True when the test parametrizes `name` itself (its own values win over the session's)."""
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        argnames = mark.args[0] if mark.args else mark.kwargs.get("argnames", ())
+        if isinstance(argnames, str):
+            argnames = [a.strip() for a in argnames.split(",")]
+        if name in argnames:
+            return True
+    return False
+
+
+
+
+# --- fixtures ------------------------------------------------------------------------------------------------
+
+def _state(request: pytest.FixtureRequest) -> FlannelSession:
+    return request.config.stash[SESSION_KEY]
+
+
+@pytest.fixture(scope="session")
+def flannel_config(request: pytest.FixtureRequest) -> ExperimentConfig:
+    """The session's experiment config (ExperimentConfig): the template RunConfig in `.run`,
+    `.train_seeds`, `.devices`; built from --flannel-* options, ini keys and --flannel-config."""
+    return _state(request).experiment
+
+
+@pytest.fixture(scope="session")
+def _flannel_data(request: pytest.FixtureRequest):  # noqa: ANN202
+    from flannel_repro.data.corpus import load_data
+
+    return load_data(_state(request).run_template)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(request: pytest.FixtureRequest):  # noqa: ANN201
+    """The `tokenizers.Tokenizer` of the session's data (embedded default, or --flannel-tokenizer)."""
+    from flannel_repro.data.corpus import data_files
+    from flannel_repro.data.files import load_tokenizer
+
+    cfg = _state(request).run_template
+    return load_tokenizer(data_files(cfg).tokenizer, cfg.vocab_size)
+
+
+@pytest.fixture(scope="session")
+def corpus(_flannel_data):  # noqa: ANN001, ANN201
+    """The tokenised corpus (`CorpusData`: `.ids` int64 tensor, `.mask`, `.hashes`, `.n_tokens`)."""
+    return _flannel_data
+
+
+@pytest.fixture(scope="session")
+def token_mask(_flannel_data):  # noqa: ANN001, ANN201
+    """The live/dead token mask (`TokenMask`: live_mask, dead_mask, dead_indices, n_live, n_dead)."""
+    return _flannel_data.mask
+
+
+@pytest.fixture(scope="session")
+def shared_init_W(request: pytest.FixtureRequest):  # noqa: N802, ANN201
+    """W_initial (V, H) from `init_seed`, on CPU in the run dtype: identical on every worker and device."""
+    from flannel_repro.training.model import shared_init_W as make
+
+    return make(_state(request).run_template)
+
+
+@pytest.fixture(scope="session")
+def train_seed(request: pytest.FixtureRequest) -> int:
+    """Parametrized over the session's training seeds (--flannel-seeds / --flannel-runs)."""
+    return int(getattr(request, "param", _state(request).experiment.base_train_seed))
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> str:
+    """Parametrized over the selected devices: cpu always, cuda and mps where present. A device
+    asked for with --flannel-devices that is absent is a skip with the reason."""
+    state = _state(request)
+    name = getattr(request, "param", state.devices[0])
+    present, why = device_present(name)
+    if not present:
+        if state.devices_explicit:
+            pytest.skip(f"device {name!r} requested but absent: {why}")
+        pytest.skip(f"{name} not present on this machine: {why}")
+    return name
+
+
+@pytest.fixture
+def trajectory(request: pytest.FixtureRequest):  # noqa: ANN201
+    """Factory: `trajectory(train_seed=None, *, device=None, repeat=0, **overrides) -> Trajectory`.
+
+    Trains the run (or reads it from the artifacts directory when an identical run was already made
+    by this or another xdist worker) and returns a lazy, memory-mapped Trajectory. `train_seed` sets
+    model_seed and data_seed together (the notebook's seed); pass model_seed= / data_seed= to set
+    them apart. `repeat` > 0 trains the same run again, separately: use it to test repeatability.
+    `device` defaults to the test's `device` parameter, else the first selected device. Other
+    keyword arguments override RunConfig fields, after any @pytest.mark.flannel(...) overrides.
+    """
+    state = _state(request)
+    marker = marker_overrides(request.node)
+    callspec = getattr(request.node, "callspec", None)
+    default_device = callspec.params.get("device") if callspec is not None and "device" in callspec.params else None
+
+    def make(train_seed: int | None = None, *, device: str | None = None, repeat: int = 0,
+             **overrides: Any) -> "Trajectory":
+        __tracebackhide__ = True
+        dev = device or default_device or state.devices[0]
+        present, why = device_present(dev)
+        if not present:
+            pytest.skip(f"device {dev!r} requested but absent: {why}")
+        cfg = state.run_template
+        changes = {**marker, **overrides, "device": dev}
+        if train_seed is not None:
+            if "model_seed" in overrides or "data_seed" in overrides:
+                raise TypeError("give train_seed or model_seed/data_seed, not both.")
+            changes.update(model_seed=train_seed, data_seed=train_seed)
+        try:
+            cfg = cfg.replace(**changes)
+        except ConfigError as exc:
+            raise pytest.UsageError(f"{request.node.nodeid}: trajectory(...): {exc}") from None
+        return obtain(request.config, cfg, repeat=repeat)
+
+    return make
+
+
+@pytest.fixture
+def flannel_snapshot(request: pytest.FixtureRequest):  # noqa: ANN201
+    """syrupy snapshot of run summaries: `assert flannel_snapshot == trajectory(42).summary()`.
+
+    One reviewable text file per test and device class (`__snapshots__/<file>/<test>[cpu].flannel`).
+    Floats compare within rtol/atol (@pytest.mark.flannel(rtol=, atol=) > --flannel-rtol/--flannel-atol
+    > ini flannel_rtol/flannel_atol; default exact); digests, ints and strings exactly. A mismatch
+    lists the moved fields and the step where the digest chains part. Accept changes with
+    `pytest --snapshot-update`.
+    """
+    from flannel_repro.plugin.snapshot import snapshot_assertion
+    from flannel_repro.analysis.summary import Tolerance
+
+    tolerance = {**_state(request).tolerance, **marker_tolerance(request.node)}
+    return snapshot_assertion(request, Tolerance(**tolerance))
+
+
+
+
+# --- claims and the terminal summary (controller only) ------------------------------------------------------
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Collect what the assertion helpers measured, as user_properties (they travel through xdist)."""
+    if "trajectory" not in getattr(item, "fixturenames", ()):
+        return (yield)
+    from flannel_repro.analysis.assertions import observe, pair_class
+
+    def record(claim: str, a: Any, b: Any, stats: dict[str, Any]) -> None:
+        keep = {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))}
+        item.user_properties.append(("flannel_claim", json.dumps(
+            {"claim": claim, "pair_class": pair_class(a, b), "a": a.label, "b": b.label, **keep})))
+
+    with observe(record):
+        return (yield)
+
+
+def obtain(config: pytest.Config, cfg: RunConfig, *, repeat: int = 0) -> "Trajectory":
+    """Get a run through the session's store, showing progress while it trains."""
+    state = config.stash[SESSION_KEY]
+    threads = state.apply_threads()
+    reporter = ProgressWriter(config, state.progress_interval)
+    got = state.store().obtain(cfg, repeat=repeat, progress=reporter.step, on_train_start=reporter.start)
+    traj = got.trajectory
+    c = traj.config
+    name = traj.path.stem
+    seed = str(c.train_seed) if c.train_seed is not None else f"m{c.model_seed}/d{c.data_seed}"
+    if got.trained or name not in state.runs:
+        state.runs[name] = RunRecord(
+            name=name, seed=seed + (f" r{repeat}" if repeat else ""), device=c.device, engine=c.engine, steps=c.steps,
+            final_loss=traj.final_loss, wall_time_s=traj.wall_time_s, steps_per_s=traj.steps_per_s,
+            threads=int(traj.metadata.get("threads", threads)), path=str(traj.path), trained_here=got.trained,
+            numerics_class=str((traj.env.get("numerics") or {}).get("class", "")))
+    return traj
+
+

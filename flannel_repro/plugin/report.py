@@ -1,0 +1,186 @@
+"""What the plugin prints: progress lines while runs train, and the terminal summary on the controller."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flannel_repro.plugin.session import SESSION_KEY
+
+class ProgressWriter:
+    """Progress of a training run: a line on the terminal every `interval` seconds (no xdist), and a
+    small JSON file beside the artifact that the xdist controller polls."""
+
+    def __init__(self, config: pytest.Config, interval: float) -> None:
+        self.config = config
+        self.interval = interval
+        self.path: Path | None = None
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        self.is_worker = hasattr(config, "workerinput")
+
+    def start(self, path: Path) -> None:
+        self.path = path
+        self.t0 = self.last = time.perf_counter()
+        self._line(f"flannel: training {path.stem} ...")
+
+    def step(self, step: int, steps: int, loss: float) -> None:
+        now = time.perf_counter()
+        if self.interval <= 0 or (now - self.last < self.interval and step != steps):
+            return
+        self.last = now
+        rate = step / max(now - self.t0, 1e-9)
+        line = f"flannel: {self.path.stem if self.path else 'run'}: step {step}/{steps}, loss {loss:.4f}, {rate:.2f} steps/s"
+        if self.is_worker and self.path is not None:
+            progress_file = Path(str(self.path) + ".progress")
+            tmp = progress_file.with_suffix(".progress.tmp")
+            tmp.write_text(json.dumps({"line": line, "time": time.time(), "step": step, "steps": steps}))
+            os.replace(tmp, progress_file)
+            if step == steps:
+                progress_file.unlink(missing_ok=True)
+        else:
+            self._line(line)
+
+    def _line(self, line: str) -> None:
+        if self.is_worker or self.interval <= 0:
+            return
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        capman = self.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None:
+            return
+        ctx = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+        with ctx:
+            reporter.write_line(line)
+
+
+
+
+class ControllerReporter:
+    """Lives on the controller (or the single process): polls worker progress, prints the summary."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.results: list[tuple[str, str, list[dict[str, Any]]]] = []
+        self.metrics: dict[str, list[float]] = {}
+        self.cross_class: list[dict[str, Any]] = []  # snapshots compared against another numerics class
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seen: dict[str, float] = {}
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when in ("call", "setup"):
+            self.cross_class.extend(json.loads(v) for k, v in report.user_properties if k == "flannel_cross_class")
+        claims = [json.loads(v) for k, v in report.user_properties if k == "flannel_claim"]
+        uses = any(k == "flannel_uses_trajectory" for k, _ in report.user_properties)
+        if (report.when == "call" and (claims or uses)) or (report.when == "setup" and report.skipped and uses):
+            self.results.append((report.nodeid, report.outcome, claims))
+        if uses and report.when == "call":
+            for key, value in report.user_properties:
+                if not key.startswith("flannel_") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.metrics.setdefault(key, []).append(float(value))
+
+    @pytest.hookimpl
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        state = self.config.stash[SESSION_KEY]
+        if self.config.pluginmanager.hasplugin("dsession") and state.progress_interval > 0:
+            self._thread = threading.Thread(target=self._poll, name="flannel-progress", daemon=True)
+            self._thread.start()
+
+    def _poll(self) -> None:
+        state = self.config.stash[SESSION_KEY]
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        while not self._stop.wait(state.progress_interval):
+            try:
+                files = list(state.artifacts_dir.glob("*.progress"))
+            except OSError:
+                continue
+            for f in files:
+                try:
+                    info = json.loads(f.read_text())
+                except (OSError, ValueError):
+                    continue
+                if info.get("time", 0) > self._seen.get(f.name, 0) and reporter is not None:
+                    self._seen[f.name] = info["time"]
+                    reporter.write_line(info["line"])
+
+    @pytest.hookimpl
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self._stop.set()
+
+    @pytest.hookimpl
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+        self._stop.set()
+        state = config.stash[SESSION_KEY]
+        if not state.runs and not self.results and not self.cross_class:
+            return
+        tr = terminalreporter
+        tr.write_sep("=", "flannel-repro")
+        exp = state.experiment
+        tr.write_line(f"config {exp.run.fingerprint()}: {exp.n_runs} runs x {exp.run.steps} steps, seeds "
+                      f"{exp.train_seeds[0]}-{exp.train_seeds[-1]}, engine {exp.run.engine}, labels {exp.run.label_mode}, "
+                      f"artifacts {state.artifacts_dir}")
+        if state.runs:
+            tr.write_line("")
+            head = f"{'seed':<12} {'device':<7} {'engine':<6} {'steps':>6} {'final loss':>11} {'wall s':>8} {'steps/s':>8} {'thr':>3}  artifact"
+            tr.write_line(head)
+            for r in sorted(state.runs.values(), key=lambda r: (r.device, r.seed)):
+                note = "" if r.trained_here else " (reused)"
+                tr.write_line(f"{r.seed:<12} {r.device:<7} {r.engine:<6} {r.steps:>6} {r.final_loss:>11.5f} "
+                              f"{r.wall_time_s:>8.1f} {r.steps_per_s:>8.2f} {r.threads:>3}  {Path(r.path).name}{note}")
+            classes = sorted({r.numerics_class for r in state.runs.values() if r.numerics_class})
+            if classes:
+                tr.write_line(f"numerics class{'es' if len(classes) > 1 else ''}: {', '.join(classes)} "
+                              f"(requested numerics: {exp.run.numerics})")
+        if self.cross_class:
+            tr.write_line("")
+            tr.write_line(f"snapshots stored only for other numerics classes (--flannel-missing-class={state.missing_class}):")
+            for c in self.cross_class:
+                tr.write_line(f"  {c['outcome'].upper():<7} {c['snapshot']}: this run {c['class']}, nearest stored {c['stored']}")
+        if self.results:
+            tr.write_line("")
+            tr.write_line("claims:")
+            skipped = [r for r in self.results if r[1] == "skipped"]
+            for nodeid, outcome, _ in self.results:
+                if outcome != "skipped":
+                    tr.write_line(f"  {outcome.upper():<7} {nodeid}")
+            if skipped:
+                tr.write_line(f"  SKIPPED {len(skipped)} claim(s) (see -rs for the reasons)")
+            by_class: dict[str, list[dict[str, Any]]] = {}
+            for _, _, claims in self.results:
+                for c in claims:
+                    by_class.setdefault(c["pair_class"], []).append(c)
+            if by_class:
+                tr.write_line("")
+                tr.write_line("divergence by pair class:")
+                for cls, claims in sorted(by_class.items()):
+                    tr.write_line("  " + _class_line(cls, claims))
+            if self.metrics:
+                tr.write_line("")
+                tr.write_line("measured by the claims (record_property):")
+                for name, values in sorted(self.metrics.items()):
+                    tr.write_line(f"  {name}: n={len(values)}, min {min(values):.4g}, max {max(values):.4g}")
+
+
+def _class_line(cls: str, claims: list[dict[str, Any]]) -> str:
+    firsts = sorted({c["first_step"] for c in claims if c.get("first_step") is not None})
+    frobs = [c["frobenius"] for c in claims if isinstance(c.get("frobenius"), float)]
+    identical = sum(1 for c in claims if c.get("identical") is True)
+    parts = [f"{cls}: {len(claims)} check(s)"]
+    if identical:
+        parts.append(f"{identical} bitwise identical")
+    if firsts:
+        parts.append("first divergent step " + (str(firsts[0]) if len(firsts) == 1 else f"{firsts[0]}..{firsts[-1]}"))
+    elif any("first_step" in c for c in claims):
+        parts.append("never diverged")
+    if frobs:
+        parts.append(f"final ‖ΔW‖_F min {min(frobs):.4g} / max {max(frobs):.4g}")
+    return ", ".join(parts)
+

@@ -1,0 +1,381 @@
+"""The plugin's session: options, ini keys and the config file resolved into one `FlannelSession`
+(kept in `config.stash`, never in module globals), which the hooks and fixtures hand off to.
+
+Importing this module imports neither torch nor transformers: `pytest --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from flannel_repro.config import ENGINES, LABEL_MODES, NUMERICS, PRESETS, ExperimentConfig, RunConfig, parse_seeds
+from flannel_repro.devices import DEVICE_KINDS, device_present, parse_device
+from flannel_repro.errors import ConfigError
+
+if TYPE_CHECKING:
+    from flannel_repro.training.store import RunStore
+
+GROUP = "flannel"
+MARKER = "flannel"
+TOLERANCE_KEYS = ("rtol", "atol")  # @pytest.mark.flannel kwargs for flannel_snapshot, not RunConfig fields
+MISSING_CLASS_POLICIES = ("skip", "fail", "tolerant")  # --flannel-missing-class
+SNAPSHOT_SUFFIX = "flannel"  # file suffix of flannel_snapshot files (flannel_repro.snapshot)
+
+# option name (after --flannel-) -> (ini key, help, parser of the raw string)
+_OPTIONS: dict[str, tuple[str, str]] = {
+    "config": ("flannel_config", "TOML experiment config (core config keys; [experiment] table for runs/seeds/devices)."),
+    "preset": ("flannel_preset", f"starting point: {', '.join(PRESETS)} (default: ci = the CI scale)."),
+    "steps": ("flannel_steps", "optimizer steps per run (overrides the config)."),
+    "runs": ("flannel_runs", "number of training seeds (overrides the config)."),
+    "seeds": ("flannel_seeds", "training seeds: '42-51' or '42,43,47' (overrides runs and base seed)."),
+    "devices": ("flannel_devices", "comma-separated devices to run claims on: cpu, cuda, mps (default: cpu plus any present)."),
+    "engine": ("flannel_engine", f"training engine: {' or '.join(ENGINES)} (torch: the lean loop; hf: the transformers "
+               "Trainer; bitwise equal on CPU)."),
+    "label-mode": ("flannel_label_mode", f"labels: {' or '.join(LABEL_MODES)} (next_token: correct; notebook: the "
+                   "notebook's two-ahead labels)."),
+    "artifacts": ("flannel_artifacts", "directory of run artifacts shared by workers and sessions (default: .flannel/artifacts)."),
+    "threads": ("flannel_threads", "torch threads per process; default: the machine's cores divided among xdist workers."),
+    "tokenizer": ("flannel_tokenizer", "your tokenizers JSON file (with --flannel-corpus)."),
+    "corpus": ("flannel_corpus", "your UTF-8 corpus (with --flannel-tokenizer)."),
+    "token-mask": ("flannel_token_mask", "your live/dead token mask safetensors (default: computed from the corpus)."),
+    "progress": ("flannel_progress", "seconds between training progress lines (0 = off; default 10)."),
+    "numerics": ("flannel_numerics", f"CPU arithmetic: {' or '.join(NUMERICS)} (native: this CPU's fastest kernels, the "
+                 "default; portable: oneDNN pinned to AVX-512 BF16, MKL to strict AVX2, one class on Intel AMX and AMD "
+                 "Zen 4 machines)."),
+    "missing-class": ("flannel_missing_class", f"when a snapshot exists only for other numerics classes: "
+                      f"{', '.join(MISSING_CLASS_POLICIES)} (skip: the default; tolerant: compare with the nearest class "
+                      "within its measured noise band)."),
+    "noise-bands": ("flannel_noise_bands", "JSON file of noise bands for tolerant comparisons across numerics classes "
+                    "(default: flannel_noise_bands.json beside the test file)."),
+    "rtol": ("flannel_rtol", "relative tolerance of flannel_snapshot float comparisons (default 0: exact)."),
+    "atol": ("flannel_atol", "absolute tolerance of flannel_snapshot float comparisons (default 0: exact)."),
+}
+_FLAGS: dict[str, tuple[str, str]] = {
+    "fresh": ("flannel_fresh", "ignore artifacts from earlier sessions (runs are still shared between this session's workers)."),
+}
+
+
+@dataclass
+class RunRecord:
+    """One row of the terminal summary."""
+
+    name: str
+    seed: str
+    device: str
+    engine: str
+    steps: int
+    final_loss: float
+    wall_time_s: float
+    steps_per_s: float
+    threads: int
+    path: str
+    trained_here: bool
+    numerics_class: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FlannelSession:
+    """Per-process state, kept in `config.stash`."""
+
+    experiment: ExperimentConfig
+    artifacts_dir: Path
+    session_id: str
+    reuse_earlier: bool
+    threads: int | None
+    progress_interval: float
+    tolerance: dict[str, float] = field(default_factory=dict)  # rtol / atol from options or ini
+    missing_class: str = "skip"  # what flannel_snapshot does when only other numerics classes have a snapshot
+    noise_bands: Path | None = None  # --flannel-noise-bands (None: flannel_noise_bands.json beside the test file)
+    runs: dict[str, RunRecord] = field(default_factory=dict)
+    _store: "RunStore | None" = None
+    _threads_set: bool = False
+
+    @property
+    def devices_explicit(self) -> bool:
+        """Whether devices were asked for (--flannel-devices, ini, or the config file's [experiment] devices)."""
+        return self.experiment.devices is not None
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The requested devices, or cpu, cuda and mps when none were requested."""
+        return self.experiment.devices if self.experiment.devices is not None else DEVICE_KINDS
+
+    def selected_devices(self) -> list[str]:
+        """Devices to parametrize over: the requested ones (absent ones skip with the reason), or by
+        default cpu plus whichever of cuda / mps is present."""
+        if self.devices_explicit:
+            return list(self.devices)
+        return [d for d in self.devices if d == "cpu" or device_present(d)[0]]
+
+    @property
+    def run_template(self) -> RunConfig:
+        return self.experiment.run
+
+    def store(self) -> "RunStore":
+        if self._store is None:
+            from flannel_repro.training.store import RunStore
+
+            self._store = RunStore(self.artifacts_dir, session=self.session_id, reuse_earlier=self.reuse_earlier)
+        return self._store
+
+    def planned_threads(self) -> int:
+        """This process's share of the cores: --flannel-threads, else the cores divided among xdist workers."""
+        if self.threads is not None:
+            return self.threads
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+        return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+    def numerics_classes(self) -> frozenset[str]:
+        """The numerics classes this process's runs get on the selected, present devices (probes the CPU
+        libraries once; they are fixed for the process from their first call)."""
+        from flannel_repro.training.numerics import numerics_info
+
+        threads = self.planned_threads()
+        run = self.run_template
+        return frozenset(numerics_info(d, threads=run.threads or threads, deterministic=run.deterministic,
+                                       mode=run.numerics)["class"]
+                         for d in self.selected_devices() if device_present(d)[0])
+
+    def apply_threads(self) -> int:
+        """Give this process its share of the cores (once): torch's default of all cores per xdist
+        worker oversubscribes the machine."""
+        import torch
+
+        if not self._threads_set:
+            wanted = self.planned_threads()
+            workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+            torch.set_num_threads(wanted)
+            pin_worker(os.environ.get("PYTEST_XDIST_WORKER"), workers, wanted)
+            self._threads_set = True
+        return torch.get_num_threads()
+
+
+def pin_worker(worker: str | None, workers: int, threads: int) -> list[int] | None:
+    """Pin xdist worker gwN to its own `threads` CPUs, so the workers' threads never share a core
+    or migrate between cores. Only where the allowed CPUs suffice for every worker; placement
+    changes no arithmetic. FLANNEL_REPRO_PIN=0 turns it off. Returns the CPUs pinned to, or None."""
+    if os.environ.get("FLANNEL_REPRO_PIN", "1") == "0" or not worker or not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        index = int(worker.removeprefix("gw"))
+        allowed = sorted(os.sched_getaffinity(0))
+    except (ValueError, OSError):
+        return None
+    if workers * threads > len(allowed) or index >= workers:
+        return None
+    cpus = allowed[index * threads:(index + 1) * threads]
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError:
+        return None
+    return cpus
+
+
+SESSION_KEY = pytest.StashKey[FlannelSession]()
+
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register every --flannel-* option and its ini key (pytest_addoption hands off here)."""
+    group = parser.getgroup(GROUP, "flannel-repro: training-determinism claims")
+    for name, (ini, help_text) in _OPTIONS.items():
+        group.addoption(f"--flannel-{name}", dest=ini, default=None, metavar=name.split("-")[0].upper(), help=help_text)
+        parser.addini(ini, help_text, type="string", default=None)
+    for name, (ini, help_text) in _FLAGS.items():
+        group.addoption(f"--flannel-{name}", dest=ini, action="store_true", default=None, help=help_text)
+        parser.addini(ini, help_text, type="bool", default=False)
+
+
+
+def _get(config: pytest.Config, ini: str) -> Any:
+    value = config.getoption(ini)
+    if value is None:
+        value = config.getini(ini)
+    return value if value not in ("", None) else None
+
+
+def _usage(option: str, accepts: str, got: Any) -> pytest.UsageError:
+    return pytest.UsageError(f"--flannel-{option} (ini: flannel_{option.replace('-', '_')}) accepts {accepts}; got {got!r}.")
+
+
+def _int_option(config: pytest.Config, option: str, minimum: int) -> int | None:
+    raw = _get(config, _OPTIONS[option][0])
+    if raw is None:
+        return None
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise _usage(option, f"an integer >= {minimum}", raw) from None
+    if value < minimum:
+        raise _usage(option, f"an integer >= {minimum}", raw)
+    return value
+
+
+def build_session(config: pytest.Config) -> FlannelSession:
+    """Read options, ini keys and the config file into one validated experiment (CLI > ini > file > preset)."""
+    preset = _get(config, "flannel_preset")
+    if preset is not None and preset not in PRESETS:
+        raise _usage("preset", " or ".join(PRESETS), preset)
+    cfg_path = _get(config, "flannel_config")
+    try:
+        if cfg_path is not None:
+            path = Path(cfg_path)
+            if not path.is_absolute():
+                path = Path(config.rootpath if config.getoption("flannel_config") is None else config.invocation_params.dir) / path
+            exp = ExperimentConfig.from_toml(path)
+            if preset is not None:
+                raise _usage("preset", "no value when --flannel-config is given (put 'preset = ...' in the file)", preset)
+        else:
+            exp = PRESETS[preset or "ci"]()
+    except ConfigError as exc:
+        raise pytest.UsageError(f"--flannel-config: {exc}") from None
+
+    run_changes: dict[str, Any] = {}
+    steps = _int_option(config, "steps", 1)
+    if steps is not None:
+        run_changes["steps"] = steps
+    for option, key, choices in (("engine", "engine", ENGINES), ("label-mode", "label_mode", LABEL_MODES),
+                                 ("numerics", "numerics", NUMERICS)):
+        raw = _get(config, _OPTIONS[option][0])
+        if raw is not None:
+            if raw not in choices:
+                raise _usage(option, " or ".join(choices), raw)
+            run_changes[key] = raw
+    tok, corpus, mask = (_get(config, _OPTIONS[o][0]) for o in ("tokenizer", "corpus", "token-mask"))
+    for option, value in (("tokenizer", tok), ("corpus", corpus), ("token-mask", mask)):
+        if value is not None and not Path(value).is_file():
+            raise _usage(option, "the path of an existing file", value)
+    if (tok is None) != (corpus is None):
+        raise pytest.UsageError("--flannel-tokenizer and --flannel-corpus go together: give both to use your own data "
+                                f"(got tokenizer={tok!r}, corpus={corpus!r}).")
+    if tok is not None:
+        run_changes.update(tokenizer_path=str(Path(tok).resolve()), corpus_path=str(Path(corpus).resolve()),
+                           token_mask_path=str(Path(mask).resolve()) if mask else None)
+    elif mask is not None:
+        raise pytest.UsageError("--flannel-token-mask needs --flannel-tokenizer and --flannel-corpus.")
+    exp_changes: dict[str, Any] = {}
+    runs = _int_option(config, "runs", 1)
+    seeds_raw = _get(config, "flannel_seeds")
+    if seeds_raw is not None:
+        try:
+            seeds = parse_seeds(seeds_raw)
+        except ValueError:
+            raise _usage("seeds", "a range '42-51' or a list '42,43,47' of distinct seeds >= 0", seeds_raw) from None
+        if seeds != tuple(range(seeds[0], seeds[0] + len(seeds))):
+            raise _usage("seeds", "consecutive seeds (the experiment trains base, base+1, ...)", seeds_raw)
+        if runs is not None and runs != len(seeds):
+            raise pytest.UsageError(f"--flannel-runs={runs} disagrees with --flannel-seeds={seeds_raw!r} ({len(seeds)} seeds).")
+        exp_changes.update(base_train_seed=seeds[0], n_runs=len(seeds))
+    elif runs is not None:
+        exp_changes["n_runs"] = runs
+    try:
+        exp = exp.replace(run=exp.run.replace(**run_changes), **exp_changes)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"flannel options: {exc}") from None
+
+    devices_raw = _get(config, "flannel_devices")
+    if devices_raw is not None:
+        accepts = "a comma-separated list of distinct devices: cpu, cuda, cuda:N, mps"
+        try:
+            devices = tuple(str(parse_device(d.strip())) for d in str(devices_raw).split(",") if d.strip())
+        except ConfigError:
+            raise _usage("devices", accepts, devices_raw) from None
+        if not devices or len(set(devices)) != len(devices):
+            raise _usage("devices", accepts, devices_raw)
+        exp = exp.replace(devices=devices)  # what flannel_config.devices then says
+
+    threads = _int_option(config, "threads", 1)
+    interval_raw = _get(config, "flannel_progress")
+    try:
+        interval = 10.0 if interval_raw is None else float(interval_raw)
+        if interval < 0:
+            raise ValueError
+    except ValueError:
+        raise _usage("progress", "a number of seconds >= 0", interval_raw) from None
+    tolerance: dict[str, float] = {}
+    for key in TOLERANCE_KEYS:
+        raw = _get(config, f"flannel_{key}")
+        if raw is not None:
+            value = _tolerance_value(raw)
+            if value is None:
+                raise _usage(key, "a finite number >= 0", raw)
+            tolerance[key] = value
+    missing_class = _get(config, "flannel_missing_class") or "skip"
+    if missing_class not in MISSING_CLASS_POLICIES:
+        raise _usage("missing-class", " or ".join(MISSING_CLASS_POLICIES), missing_class)
+    bands_raw = _get(config, "flannel_noise_bands")
+    noise_bands = None
+    if bands_raw is not None:
+        base = config.invocation_params.dir if config.getoption("flannel_noise_bands") else config.rootpath
+        noise_bands = Path(bands_raw) if Path(bands_raw).is_absolute() else Path(base) / bands_raw
+        if not noise_bands.is_file():
+            raise _usage("noise-bands", "the path of an existing noise-bands JSON file (flannel-repro noise -o FILE)",
+                         str(noise_bands))
+    artifacts_raw = _get(config, "flannel_artifacts")
+    artifacts_dir = Path(artifacts_raw) if artifacts_raw else Path(".flannel") / "artifacts"
+    if not artifacts_dir.is_absolute():
+        base = config.invocation_params.dir if config.getoption("flannel_artifacts") else config.rootpath
+        artifacts_dir = Path(base) / artifacts_dir
+    if artifacts_dir.exists() and not artifacts_dir.is_dir():
+        raise _usage("artifacts", "a directory (it is created if missing)", str(artifacts_dir))
+    fresh = bool(config.getoption("flannel_fresh") or config.getini("flannel_fresh"))
+    workerinput = getattr(config, "workerinput", None)
+    session_id = workerinput.get("flannel_session") if workerinput else None
+    return FlannelSession(
+        experiment=exp, artifacts_dir=artifacts_dir,
+        session_id=session_id or uuid.uuid4().hex, reuse_earlier=not fresh, threads=threads,
+        progress_interval=interval, tolerance=tolerance, missing_class=missing_class, noise_bands=noise_bands,
+    )
+
+
+def _tolerance_value(raw: Any) -> float | None:
+    """A tolerance as a float, or None when it is not a finite number >= 0."""
+    if isinstance(raw, bool):
+        return None
+    try:
+        value = float(str(raw).strip()) if isinstance(raw, str) else float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if value >= 0 and value != float("inf") else None
+
+
+
+# --- marker validation ---------------------------------------------------------------------------------
+
+def _marker_kwargs(item: pytest.Item) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for mark in reversed(list(item.iter_markers(MARKER))):  # closest marker wins
+        if mark.args:
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{MARKER} takes keyword arguments only "
+                                    f"(RunConfig fields, rtol=, atol=), got positional {mark.args!r}.")
+        kwargs.update(mark.kwargs)
+    return kwargs
+
+
+def marker_overrides(item: pytest.Item) -> dict[str, Any]:
+    """The marker's RunConfig overrides (its rtol= / atol= are for flannel_snapshot, see _marker_tolerance)."""
+    return {k: v for k, v in _marker_kwargs(item).items() if k not in TOLERANCE_KEYS}
+
+
+def marker_tolerance(item: pytest.Item) -> dict[str, float]:
+    """rtol= / atol= of the test's @pytest.mark.flannel, validated (pytest.UsageError naming the test)."""
+    out: dict[str, float] = {}
+    for key, raw in _marker_kwargs(item).items():
+        if key in TOLERANCE_KEYS:
+            value = _tolerance_value(raw) if isinstance(raw, (int, float)) else None
+            if value is None:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{MARKER}({key}=...) must be a finite number >= 0 "
+                                        f"(got {raw!r}).")
+            out[key] = value
+    return out
+
+
