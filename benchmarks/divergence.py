@@ -18,7 +18,7 @@ Each implementation runs in its own subprocess, so peak RSS (`ru_maxrss`) is its
 * old-1t: the same with `torch.set_num_threads(1)` (its many small ops stall on the per-op
   barrier of the intra-op threads when another process holds a core: this is the baseline
   without that effect);
-* new: `flannel_repro.divergence.all_pairs` (default threads).
+* new: `flannel_repro.analysis.divergence.all_pairs` (default threads).
 
 Reported per implementation: wall seconds, seconds per step, CPU seconds of the process (user +
 system: > wall means both cores were used), peak RSS, the share of the run files in the page

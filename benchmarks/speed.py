@@ -276,7 +276,7 @@ def overhead(args: argparse.Namespace, work: Path, lines: list[str]) -> None:
             raise RuntimeError(f"overhead run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         phases.append((label, json.loads(report.read_text())))
     imports = subprocess.run([sys.executable, "-c", "import time; t=time.perf_counter(); import torch, transformers, "
-                              "flannel_repro.harness; from transformers import GPT2LMHeadModel, Trainer; print(time.perf_counter()-t)"],
+                              "flannel_repro.training.harness; from transformers import GPT2LMHeadModel, Trainer; print(time.perf_counter()-t)"],
                              cwd=REPO, env=env, capture_output=True, text=True, check=True)
     lines += [f"Command: `{shlex.join(base[2:-1])}` twice, timed by `benchmarks/_phase_timer.py` (the CI-scale suite: "
               "4 seeds x 20 steps).", "",

@@ -1,4 +1,4 @@
-"""Tests of flannel_repro.artifacts: streaming writer, lazy reader, safetensors interop, export."""
+"""Tests of flannel_repro.storage (stream, layout, export): streaming writer, lazy reader, safetensors interop, export."""
 
 from __future__ import annotations
 

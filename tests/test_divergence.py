@@ -1,4 +1,4 @@
-"""Tests of flannel_repro.divergence on small synthetic run artifacts."""
+"""Tests of flannel_repro.analysis.divergence on small synthetic run artifacts."""
 
 from __future__ import annotations
 

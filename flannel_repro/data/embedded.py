@@ -25,7 +25,7 @@ The files are committed under ``fixtures/<variant>/`` and their sha256 recorded 
 `embedded_paths` returns verified paths to them, or, where the fixtures are absent or altered,
 regenerates them into the cache and verifies the result against the same hashes.
 
-CLI: ``python -m flannel_repro.datagen [--variant default|tiny|all] [--out DIR] [--check]``.
+CLI: ``python -m flannel_repro.data.embedded [--variant default|tiny|all] [--out DIR] [--check]``.
 """
 
 from __future__ import annotations
@@ -786,9 +786,9 @@ def embedded_paths(variant: str) -> EmbeddedPaths:
         if got != expected[name]:
             raise DataError(
                 f"the generated embedded data {spec.name!r} differs from the recorded hashes: {name} has sha256 "
-                f"{got}, expected {expected[name]} (flannel_repro.datagen.EMBEDDED_SHA256). The generator or one of "
+                f"{got}, expected {expected[name]} (flannel_repro.data.embedded.EMBEDDED_SHA256). The generator or one of "
                 f"its dependencies (numpy, tokenizers, safetensors, torch) changed; run "
-                f"`python -m flannel_repro.datagen --check` and restore the committed fixtures/{spec.name}/ files."
+                f"`python -m flannel_repro.data.embedded --check` and restore the committed fixtures/{spec.name}/ files."
             )
     _write_files(files, cache)
     bad = _mismatches(paths, expected)
@@ -840,8 +840,8 @@ def _resolve_variants(arg: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flannel_repro.datagen``: write (or with --check, verify) the embedded data files."""
-    parser = argparse.ArgumentParser(prog="python -m flannel_repro.datagen",
+    """``python -m flannel_repro.data.embedded``: write (or with --check, verify) the embedded data files."""
+    parser = argparse.ArgumentParser(prog="python -m flannel_repro.data.embedded",
                                      description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--variant", default="all", choices=[*VARIANTS, "all"], help="which variant (default: all)")
     parser.add_argument("--out", type=Path, default=None,

@@ -44,7 +44,7 @@ def test_failing_claim_prints_summary_table_and_paths(tiny_experiment):
         "E*artifact a: *seed42-cpu-torch-r0-*.safetensors",
         "E*artifact b: *seed43-cpu-torch-r0-*.safetensors",
     ])
-    # __tracebackhide__: no frames from inside flannel_repro.assertions
+    # __tracebackhide__: no frames from inside flannel_repro.analysis.assertions
     assert "flannel_repro/assertions.py" not in result.stdout.str()
 
 
