@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flannel_repro.version import __version__
 from flannel_repro.config import NUMERICS, PRESETS, ExperimentConfig
-from flannel_repro.errors import FlannelError
+from flannel_repro.errors import ArtifactError, FlannelError
 
 
 def _experiment(args: argparse.Namespace) -> ExperimentConfig:
@@ -125,6 +125,9 @@ def cmd_digests(args: argparse.Namespace) -> int:
     from flannel_repro.analysis.trajectory import Trajectory
 
     traj = Trajectory(args.run)
+    problems = traj.verify()  # the stored digests are checked against W before anyone trusts them
+    if problems:
+        raise ArtifactError(f"{args.run}: failed verification: {'; '.join(problems)}")
     if args.compare:
         result, lines = compare_run_to_chain(traj, args.compare)
         print(f"{args.run} vs {args.compare}: {lines[0]}")

@@ -35,6 +35,9 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 COMPILE_MODES = ("none", "default")
 HEADS = ("auto", "fused", "reference")
 DATASETS = ("default", "tiny")
+MAX_THREADS = 256  # torch.set_num_threads(100000) crashes the process (inside randperm): refuse it up front
+MAX_SEED = 2**63 - 1  # torch generators take int64 seeds
+MAX_SEEDS = 100_000  # training seeds in one experiment (a typo like '42-4200000000' is refused, not expanded)
 NUMERICS = ("native", "portable")  # CPU numerics modes (training.numerics)
 
 
@@ -121,8 +124,8 @@ class RunConfig:
                 )
         for name in ("vocab_size", "hidden_dim", "n_layer", "n_head", "seq_len", "batch_size", "steps", "probe_examples"):
             _require(name, getattr(self, name) >= 1, "an integer >= 1", getattr(self, name))
-        for name in ("threads", "warmup_steps"):
-            _require(name, getattr(self, name) >= 0, "an integer >= 0", getattr(self, name))
+        _require("warmup_steps", self.warmup_steps >= 0, "an integer >= 0", self.warmup_steps)
+        _require("threads", 0 <= self.threads <= MAX_THREADS, f"an integer in 0..{MAX_THREADS}", self.threads)
         for name in ("lr", "init_scale", "adam_eps"):
             value = getattr(self, name)
             _require(name, math.isfinite(value) and value > 0, "a finite number > 0", value)
@@ -201,12 +204,14 @@ def parse_seeds(raw: str) -> tuple[int, ...]:
         if "-" in part.lstrip("-"):
             lo, hi = part.split("-", 1)
             lo_i, hi_i = int(lo), int(hi)
-            if hi_i < lo_i:
+            if hi_i < lo_i or hi_i - lo_i >= MAX_SEEDS:
                 raise ValueError(part)
             seeds.extend(range(lo_i, hi_i + 1))
         else:
             seeds.append(int(part))
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        if len(seeds) > MAX_SEEDS:
+            raise ValueError(raw)
+    if not seeds or any(not 0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(raw)
     return tuple(seeds)
 
@@ -231,7 +236,9 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _require("n_runs", self.n_runs >= 1, "an integer >= 1", self.n_runs)
-        _require("base_train_seed", self.base_train_seed >= 0, "an integer >= 0", self.base_train_seed)
+        _require("base_train_seed", 0 <= self.base_train_seed <= MAX_SEED - self.n_runs + 1,
+                 f"an integer in 0..{MAX_SEED - self.n_runs + 1} (the last of {self.n_runs} seeds must fit in int64)",
+                 self.base_train_seed)
         if self.devices is not None:
             _require("devices", len(self.devices) >= 1, "at least one device", list(self.devices))
             names = [str(parse_device(d)) for d in self.devices]  # the one device parser's message

@@ -25,3 +25,7 @@ class ArtifactError(FlannelError):
 
 class DeterminismError(FlannelError):
     """A run did not behave as the determinism settings promise (e.g. the data order drifted)."""
+
+
+class ArtifactWarning(UserWarning):
+    """An artifact was set aside (it failed verification) and its run is trained again."""

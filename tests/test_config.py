@@ -44,6 +44,7 @@ def test_three_seeds_are_separate():
         ({"device": "tpu"}, "device: expected 'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...) or 'mps', got 'tpu'."),
         ({"device": "cuda:x"}, "device: expected 'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...) or 'mps', got 'cuda:x'."),
         ({"device": "cpu:1"}, "device: expected 'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...) or 'mps', got 'cpu:1'."),
+        ({"threads": 257}, "'threads' must be an integer in 0..256 (got 257)"),
         ({"tokenizer_path": "t.json"}, "'tokenizer_path' and 'corpus_path' go together"),
         ({"warmup_steps": 5, "steps": 2}, "'warmup_steps' must be <= 'steps'"),
     ],
@@ -127,3 +128,11 @@ def test_presets():
     assert (full.n_runs, full.run.steps) == (10, 1000)
     ci = PRESETS["ci"]()
     assert ci.run.steps < 100
+
+
+def test_experiment_seeds_must_fit_in_int64():
+    from flannel_repro.config import ExperimentConfig
+
+    ExperimentConfig(base_train_seed=2**63 - 10, n_runs=10)  # the last seed is 2**63 - 1: fine
+    with pytest.raises(ConfigError, match=r"'base_train_seed' must be an integer in 0\.\.9223372036854775798"):
+        ExperimentConfig(base_train_seed=2**63 - 9, n_runs=10)

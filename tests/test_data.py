@@ -179,3 +179,33 @@ def test_file_hash_is_remembered_until_the_file_changes(tmp_path):
     st = p.stat()
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert files.file_sha256(p) not in (first, second)
+
+
+def test_characters_the_tokenizer_lacks_are_an_error_not_unk(tmp_path):
+    paths = embedded_paths("tiny")
+    text = paths.corpus.read_text(encoding="utf-8")
+    odd = tmp_path / "odd.txt"
+    odd.write_text(text[:500] + "\u2603" + text[500:], encoding="utf-8")  # a snowman the tokenizer has no token for
+    cfg = TINY.replace(tokenizer_path=str(paths.tokenizer), corpus_path=str(odd))
+    with pytest.raises(DataError, match=r"1 of \d+ tokens are the unknown token '\[UNK\]': the tokenizer has no token "
+                                        r"for '\u2603' \(first at character 500\)"):
+        load_data(cfg)
+
+
+def test_a_mask_that_does_not_match_the_corpus_is_an_error(tmp_path):
+    paths = embedded_paths("tiny")
+    mask = load_token_mask(paths.token_mask, 512)
+    live = mask.live_mask.clone()
+    first_live = int(live.nonzero()[0])
+    live[first_live] = False  # self-consistent file, wrong for this corpus
+    wrong = compute_token_mask(live.nonzero().flatten(), 512)
+    save_token_mask(wrong, tmp_path / "wrong.safetensors")
+    cfg = TINY.replace(tokenizer_path=str(paths.tokenizer), corpus_path=str(paths.corpus),
+                       token_mask_path=str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(DataError, match=rf"does not match corpus .*: it marks {mask.n_live - 1} tokens live, the corpus "
+                                        rf"uses {mask.n_live}; 1 token id\(s\) differ, e.g. id {first_live} \(dead in "
+                                        r"the mask, present in the corpus\)"):
+        load_data(cfg)
+    right = TINY.replace(tokenizer_path=str(paths.tokenizer), corpus_path=str(paths.corpus),
+                         token_mask_path=str(paths.token_mask))
+    assert load_data(right).mask.n_live == mask.n_live

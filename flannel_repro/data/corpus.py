@@ -87,8 +87,19 @@ def load_data(config: "RunConfig") -> CorpusData:
         load_tokenizer(files.tokenizer, config.vocab_size)  # vocabulary check even when the ids are cached
         ids = cached_token_ids(files.tokenizer, files.corpus, vocab_size=config.vocab_size,
                                tokenizer_sha256=tok_hash, corpus_sha256=corpus_hash)  # type: ignore[arg-type]
-        mask = (load_token_mask(files.token_mask, config.vocab_size) if files.token_mask is not None
-                else compute_token_mask(ids, config.vocab_size))
+        mask = compute_token_mask(ids, config.vocab_size)
+        if files.token_mask is not None:
+            given = load_token_mask(files.token_mask, config.vocab_size)
+            if not torch.equal(given.live_mask, mask.live_mask):
+                differ = torch.nonzero(given.live_mask != mask.live_mask).flatten()
+                first = int(differ[0])
+                raise DataError(
+                    f"token mask {str(files.token_mask)!r} does not match corpus {str(files.corpus)!r}: it marks "
+                    f"{given.n_live} tokens live, the corpus uses {mask.n_live}; {differ.numel()} token id(s) differ, "
+                    f"e.g. id {first} ({'live' if bool(given.live_mask[first]) else 'dead'} in the mask, "
+                    f"{'present' if bool(mask.live_mask[first]) else 'absent'} in the corpus). Recompute the mask from "
+                    "this corpus, or leave --flannel-token-mask out to have it computed.")
+            mask = given
         hashes = {"tokenizer": tok_hash, "corpus": corpus_hash}
         if mask_hash is not None:
             hashes["token_mask"] = mask_hash

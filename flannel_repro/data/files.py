@@ -117,11 +117,22 @@ def load_corpus_text(path: str | os.PathLike[str]) -> str:
 
 
 def tokenize(tokenizer: "Tokenizer", text: str, *, vocab_size: int, source: str = "corpus") -> np.ndarray:
-    """Encode `text` to int32 ids and check every id is in [0, vocab_size)."""
-    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    """Encode `text` to int32 ids and check every id is in [0, vocab_size) and none is the unknown token
+    (text the tokenizer cannot represent would otherwise train silently as '[UNK]')."""
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    ids = np.asarray(encoding.ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
         raise DataError(f"{source}: the tokenizer produced id {bad}, outside [0, {vocab_size}) = the config's vocab_size.")
+    unk = getattr(tokenizer.model, "unk_token", None)
+    unk_id = tokenizer.token_to_id(unk) if unk else None
+    if unk_id is not None and ids.size:
+        hits = np.flatnonzero(ids == unk_id)
+        if hits.size:
+            start, end = encoding.offsets[int(hits[0])]
+            raise DataError(f"{source}: {hits.size} of {ids.size} tokens are the unknown token {unk!r}: the tokenizer "
+                            f"has no token for {text[start:end]!r} (first at character {start}). Add it to the "
+                            "tokenizer's vocabulary or remove it from the corpus.")
     return ids.astype(np.int32)
 
 

@@ -6,6 +6,7 @@ Importing this module imports neither torch nor transformers: `pytest --help` st
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from flannel_repro.config import ENGINES, LABEL_MODES, NUMERICS, PRESETS, ExperimentConfig, RunConfig, parse_seeds
+from flannel_repro.config import (ENGINES, LABEL_MODES, MAX_THREADS, NUMERICS, PRESETS, ExperimentConfig, RunConfig,
+                                  parse_seeds)
 from flannel_repro.devices import DEVICE_KINDS, device_present, parse_device
 from flannel_repro.errors import ConfigError
 
@@ -207,16 +209,17 @@ def _usage(option: str, accepts: str, got: Any) -> pytest.UsageError:
     return pytest.UsageError(f"--flannel-{option} (ini: flannel_{option.replace('-', '_')}) accepts {accepts}; got {got!r}.")
 
 
-def _int_option(config: pytest.Config, option: str, minimum: int) -> int | None:
+def _int_option(config: pytest.Config, option: str, minimum: int, maximum: int | None = None) -> int | None:
     raw = _get(config, _OPTIONS[option][0])
     if raw is None:
         return None
+    accepts = f"an integer >= {minimum}" if maximum is None else f"an integer in {minimum}..{maximum}"
     try:
         value = int(str(raw).strip())
     except ValueError:
-        raise _usage(option, f"an integer >= {minimum}", raw) from None
-    if value < minimum:
-        raise _usage(option, f"an integer >= {minimum}", raw)
+        raise _usage(option, accepts, raw) from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise _usage(option, accepts, raw)
     return value
 
 
@@ -269,7 +272,7 @@ def build_session(config: pytest.Config) -> FlannelSession:
         try:
             seeds = parse_seeds(seeds_raw)
         except ValueError:
-            raise _usage("seeds", "a range '42-51' or a list '42,43,47' of distinct seeds >= 0", seeds_raw) from None
+            raise _usage("seeds", "a range '42-51' or a list '42,43,47' of distinct seeds in 0..2**63-1", seeds_raw) from None
         if seeds != tuple(range(seeds[0], seeds[0] + len(seeds))):
             raise _usage("seeds", "consecutive seeds (the experiment trains base, base+1, ...)", seeds_raw)
         if runs is not None and runs != len(seeds):
@@ -293,11 +296,11 @@ def build_session(config: pytest.Config) -> FlannelSession:
             raise _usage("devices", accepts, devices_raw)
         exp = exp.replace(devices=devices)  # what flannel_config.devices then says
 
-    threads = _int_option(config, "threads", 1)
+    threads = _int_option(config, "threads", 1, MAX_THREADS)
     interval_raw = _get(config, "flannel_progress")
     try:
         interval = 10.0 if interval_raw is None else float(interval_raw)
-        if interval < 0:
+        if not (interval >= 0 and math.isfinite(interval)):  # NaN fails here too
             raise ValueError
     except ValueError:
         raise _usage("progress", "a number of seconds >= 0", interval_raw) from None

@@ -12,6 +12,7 @@ process's RSS while the trajectory is open (`release_pages()` drops them).
 
 from __future__ import annotations
 
+import json
 import math
 from functools import cached_property
 from pathlib import Path
@@ -20,9 +21,9 @@ from typing import Any
 import torch
 
 from flannel_repro.storage import layout
-from flannel_repro.storage.stream import TrajectoryReader
+from flannel_repro.storage.stream import TrajectoryReader, digest_tensor
 from flannel_repro.config import RunConfig
-from flannel_repro.errors import ArtifactError
+from flannel_repro.errors import ArtifactError, ConfigError
 
 class RunFile:
     """One run's artifact, read lazily. The harness and the `trajectory` fixture return its analysis
@@ -150,6 +151,61 @@ class RunFile:
     @property
     def steps_per_s(self) -> float:
         return float(self.metadata.get("steps_per_s", "nan"))
+
+    # -- integrity ---------------------------------------------------------------------------
+
+    def verify(self) -> list[str]:
+        """What is wrong with this artifact's contents (empty when nothing is). Checked:
+
+        - the config and the data description are readable, and the config is the one the run key
+          was made from (an edited `lr` in the metadata no longer passes as the trained run);
+        - every recorded tensor has the dtype and shape the config implies (W, losses, digests,
+          batch_starts, live_mask), and the live mask agrees with the recorded live count;
+        - every step's W hashes to its stored digest (recomputed, never trusted).
+
+        A full-scale run (1001 steps of a 10,000 x 64 bf16 W) rehashes 1.28 GB: a few seconds.
+        """
+        try:
+            config = self.config
+            data = self.data_info
+        except (ArtifactError, ConfigError) as exc:
+            return [str(exc)]
+        problems: list[str] = []
+        material = self.metadata.get("run_key_material")
+        if material is not None:
+            try:
+                keyed = json.loads(material).get("config")
+            except (ValueError, AttributeError):
+                keyed = None
+            if keyed != config.fingerprint():
+                problems.append(f"the metadata's config (fingerprint {config.fingerprint()}) is not the one its run key "
+                                f"was made from ({keyed}): the config was edited after training")
+        specs = layout.run_artifact_specs(steps=config.steps, vocab_size=config.vocab_size, hidden_dim=config.hidden_dim,
+                                          batch_size=config.batch_size, dtype=getattr(torch, config.dtype),
+                                          record_W=config.record_W)
+        for want in specs:
+            if want.name not in self.reader:
+                problems.append(f"{want.name}: expected a tensor, got none")
+                continue
+            got = self.reader.spec(want.name)
+            if (got.dtype, got.shape) != (want.dtype, want.shape):
+                problems.append(f"{want.name}: expected {str(want.dtype).removeprefix('torch.')} of shape "
+                                f"{list(want.shape)} (from the config), got {str(got.dtype).removeprefix('torch.')} "
+                                f"of shape {list(got.shape)}")
+        if problems:
+            return problems  # the reads below assume the layout
+        n_live = int(self.live_mask.sum())
+        if "n_live" in data and data["n_live"] != n_live:
+            problems.append(f"live_mask marks {n_live} live tokens, the data description says {data['n_live']}")
+        if self.has_W:
+            buf = None
+            for t in range(config.steps + 1):
+                buf = self.reader.row(layout.KEY_W, t, buf)
+                if digest_tensor(buf) != bytes(self.digests[t].tolist()):
+                    problems.append(f"W at step {t} does not hash to its stored digest (the file changed after it "
+                                    "was written)")
+                    break
+        return problems
 
     def release_pages(self) -> None:
         """Drop the resident pages of the memory map behind `W`, `batch_starts` and `optional()`

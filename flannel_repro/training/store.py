@@ -13,14 +13,16 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from flannel_repro.storage import stream
-from flannel_repro.errors import ArtifactError
+from flannel_repro.errors import ArtifactError, ArtifactWarning
 
 if TYPE_CHECKING:
+    from flannel_repro.storage.run import RunFile
     from flannel_repro.config import RunConfig
     from flannel_repro.analysis.trajectory import Trajectory
 
@@ -79,6 +81,19 @@ def mark_cache_dir(root: Path) -> None:
                 pass
 
 
+# (path, inode, size, mtime) -> problems found: a file is verified once per process until it changes.
+_VERIFIED: dict[tuple[str, int, int, int], list[str]] = {}
+
+
+def _verified(traj: "RunFile") -> list[str]:
+    """`traj.verify()`, remembered per process by the file's stat signature."""
+    st = traj.path.stat()
+    key = (str(traj.path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = traj.verify()
+    return _VERIFIED[key]
+
+
 def run_name(config: "RunConfig", repeat: int, key: str) -> str:
     seeds = f"seed{config.model_seed}" if config.train_seed is not None else f"m{config.model_seed}-d{config.data_seed}"
     dev = config.device.replace(":", "")
@@ -121,6 +136,12 @@ class RunStore:
             traj.close()
             return None
         if not self.reuse_earlier and traj.metadata.get("session") != self.session:
+            traj.close()
+            return None
+        problems = _verified(traj)
+        if problems:
+            warnings.warn(f"{path.name}: the artifact failed verification ({'; '.join(problems)}); it is trained "
+                          "again", ArtifactWarning, stacklevel=4)
             traj.close()
             return None
         return traj

@@ -28,7 +28,12 @@ def test_show(flannel_config):
         (["--flannel-preset", "huge"], "--flannel-preset (ini: flannel_preset) accepts default or ci or full or notebook; got 'huge'."),
         (["--flannel-config", "missing.toml"], "--flannel-config: config file"),
         (["--flannel-tokenizer", "tok.json"], "--flannel-tokenizer (ini: flannel_tokenizer) accepts the path of an existing file"),
-        (["--flannel-threads", "-1"], "--flannel-threads (ini: flannel_threads) accepts an integer >= 1; got '-1'."),
+        (["--flannel-threads", "-1"], "--flannel-threads (ini: flannel_threads) accepts an integer in 1..256; got '-1'."),
+        (["--flannel-threads", "100000"], "--flannel-threads (ini: flannel_threads) accepts an integer in 1..256; got '100000'."),
+        (["--flannel-progress", "nan"], "--flannel-progress (ini: flannel_progress) accepts a number of seconds >= 0"),
+        (["--flannel-progress", "inf"], "--flannel-progress (ini: flannel_progress) accepts a number of seconds >= 0"),
+        (["--flannel-seeds", "9223372036854775808"], "--flannel-seeds (ini: flannel_seeds) accepts a range '42-51' or a list"),
+        (["--flannel-seeds", "42-4200000000"], "--flannel-seeds (ini: flannel_seeds) accepts a range '42-51' or a list"),
         (["--flannel-progress", "soon"], "--flannel-progress (ini: flannel_progress) accepts a number of seconds >= 0"),
     ],
 )
