@@ -328,8 +328,10 @@ def build_session(config: pytest.Config) -> FlannelSession:
     if not artifacts_dir.is_absolute():
         base = config.invocation_params.dir if config.getoption("flannel_artifacts") else config.rootpath
         artifacts_dir = Path(base) / artifacts_dir
-    if artifacts_dir.exists() and not artifacts_dir.is_dir():
-        raise _usage("artifacts", "a directory (it is created if missing)", str(artifacts_dir))
+    blocker = next((p for p in (artifacts_dir, *artifacts_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        what = "is a file" if blocker == artifacts_dir else f"lies under a file ({blocker})"
+        raise _usage("artifacts", f"a directory (it is created if missing); this path {what}", str(artifacts_dir))
     fresh = bool(config.getoption("flannel_fresh") or config.getini("flannel_fresh"))
     workerinput = getattr(config, "workerinput", None)
     session_id = workerinput.get("flannel_session") if workerinput else None

@@ -30,6 +30,7 @@ import operator
 import os
 import re
 import secrets
+import shutil
 import stat
 import sys
 import threading
@@ -92,6 +93,10 @@ def _raw_bytes(t: torch.Tensor) -> np.ndarray:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     # view(uint8) reinterprets bits (bf16 has no numpy dtype); bool is already one byte per element.
     return flat.view(torch.uint8).numpy()
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def digest_tensor(t: torch.Tensor) -> bytes:
@@ -221,6 +226,12 @@ class TrajectoryWriter:
         directory = self.path.parent if str(self.path.parent) else Path(".")
         if not directory.is_dir():
             raise ArtifactError(f"{self.path}: expected an existing directory {directory}, found none.")
+        size = 8 + n + self._data_len
+        free = shutil.disk_usage(directory).free
+        if free < size:  # refuse up front rather than fail halfway through training
+            raise ArtifactError(f"{self.path}: the artifact needs {_mb(size)}, and the file system of {directory} has "
+                                f"{_mb(free)} free. Free some space (flannel-repro prune) or point the artifacts "
+                                "elsewhere (--flannel-artifacts).")
         self.temp_path = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
         self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -257,7 +268,16 @@ class TrajectoryWriter:
         assert self._fd is not None
         view = memoryview(data).cast("B")
         while view:  # pwrite may write less than asked (signals, huge buffers)
-            written = os.pwrite(self._fd, view, offset)
+            try:
+                written = os.pwrite(self._fd, view, offset)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                where = self.temp_path.parent if self.temp_path is not None else self.path.parent
+                raise ArtifactError(f"{self.path}: the disk filled while writing ({exc.strerror}): the artifact needs "
+                                    f"{_mb(8 + self._header_len + self._data_len)} and {where} has "
+                                    f"{_mb(shutil.disk_usage(where).free)} free. Nothing was published; free some "
+                                    "space (flannel-repro prune) or point the artifacts elsewhere.") from None
             view = view[written:]
             offset += written
 

@@ -188,8 +188,13 @@ class RunStore:
         line = json.dumps({"run": path.name, "key": key, "session": self.session, "pid": os.getpid(),
                            "worker": os.environ.get("PYTEST_XDIST_WORKER", ""), "wall_time_s": round(wall, 3),
                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        with open(self.root / "training.log", "a", encoding="utf-8") as f:
-            f.write(line + "\n")  # one short append per line: atomic on POSIX under O_APPEND
+        log = self.root / "training.log"
+        try:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(line + "\n")  # one short append per line: atomic on POSIX under O_APPEND
+        except OSError as exc:  # the run itself is published: an audit line must not fail it
+            warnings.warn(f"{log}: could not append the training record ({exc.strerror or exc}); the run "
+                          f"{path.name} is complete and is used", ArtifactWarning, stacklevel=3)
 
 
 # --- pruning -----------------------------------------------------------------------------------------

@@ -98,3 +98,12 @@ def test_help_lists_the_group_and_does_not_import_torch(pytester):
     check = pytester.run(__import__("sys").executable, "-c",
                          "import sys, flannel_repro.plugin.hooks; print('TORCH', 'torch' in sys.modules)")
     check.stdout.fnmatch_lines(["TORCH False"])
+
+
+def test_artifacts_path_under_a_file_is_a_usage_error_at_start(pytester):
+    pytester.makepyfile(SHOW_CONFIG)
+    pytester.makefile(".txt", afile="not a directory")
+    result = pytester.runpytest("--flannel-artifacts=afile.txt/runs")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert ("--flannel-artifacts (ini: flannel_artifacts) accepts a directory (it is created if missing); this path "
+            "lies under a file") in result.stderr.str()
