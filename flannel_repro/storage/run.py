@@ -60,6 +60,19 @@ class RunFile:
     def data_info(self) -> dict[str, Any]:
         return layout.run_data(self.reader)
 
+    @cached_property
+    def key_material(self) -> dict[str, Any] | None:
+        """What the run key was made of (config fingerprint, data hashes, code and package versions, numerics
+        class, ...): None when the artifact has none, {} when it cannot be read as a JSON object."""
+        raw = self.metadata.get("run_key_material")
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
     @property
     def repeat(self) -> int:
         return int(self.metadata.get("repeat", "0"))
@@ -171,12 +184,9 @@ class RunFile:
         except (ArtifactError, ConfigError) as exc:
             return [str(exc)]
         problems: list[str] = []
-        material = self.metadata.get("run_key_material")
+        material = self.key_material
         if material is not None:
-            try:
-                keyed = json.loads(material).get("config")
-            except (ValueError, AttributeError):
-                keyed = None
+            keyed = material.get("config")
             if keyed != config.fingerprint():
                 problems.append(f"the metadata's config (fingerprint {config.fingerprint()}) is not the one its run key "
                                 f"was made from ({keyed}): the config was edited after training")

@@ -132,15 +132,22 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_name() -> str:
+@functools.lru_cache(maxsize=None)
+def cpuinfo_field(field: str) -> str | None:
+    """The first value of `field` in /proc/cpuinfo (None where there is no such file or field)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == field:
+            return value.strip()
+    return None
+
+
+def cpu_name() -> str:
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def device_description(device: str) -> dict[str, Any]:

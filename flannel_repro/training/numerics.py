@@ -39,13 +39,12 @@ import re
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from flannel_repro.config import NUMERICS
 from flannel_repro.devices import parse_device
 from flannel_repro.errors import FlannelError
-from flannel_repro.training.determinism import cpu_name, device_description, torch_threads
+from flannel_repro.training.determinism import cpu_name, cpuinfo_field, device_description, torch_threads
 
 MODES = NUMERICS  # the config field's choices: one source
 # What portable mode pins. oneDNN: the bf16 kernels of AVX-512 BF16, which both Intel Xeons (Cooper
@@ -297,28 +296,14 @@ def numerics_info(device: str, *, threads: int, deterministic: bool, mode: str =
     return info
 
 
-@functools.lru_cache(maxsize=None)
-def _cpuinfo(field: str) -> str | None:
-    """The first value of `field` in /proc/cpuinfo (None where there is no such file or field)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == field:
-            return value.strip()
-    return None
-
-
 def cpu_vendor() -> str | None:
     """/proc/cpuinfo's vendor_id ('GenuineIntel', 'AuthenticAMD'), None where there is none."""
-    return _cpuinfo("vendor_id")
+    return cpuinfo_field("vendor_id")
 
 
 def cpu_has(flag: str) -> bool | None:
     """Whether /proc/cpuinfo lists `flag` (None where there is no /proc/cpuinfo)."""
-    flags = _cpuinfo("flags")
+    flags = cpuinfo_field("flags")
     return None if flags is None else flag in flags.split()
 
 

@@ -239,9 +239,7 @@ def find_orphans(root: str | Path) -> list[Orphan]:
             add(path, f"unreadable or incomplete ({str(exc).split(': ', 1)[-1][:80]})")
             continue
         try:
-            material = json.loads(traj.metadata.get("run_key_material", "{}"))
-        except ValueError:
-            material = {}
+            material = traj.key_material or {}
         finally:
             traj.close()
         reasons = []
