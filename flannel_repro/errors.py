@@ -29,3 +29,7 @@ class DeterminismError(FlannelError):
 
 class ArtifactWarning(UserWarning):
     """An artifact was set aside (it failed verification) and its run is trained again."""
+
+
+class DataCacheWarning(UserWarning):
+    """A derived-data cache entry (tokenised corpus) could not be written; the data is used all the same."""

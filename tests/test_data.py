@@ -14,7 +14,8 @@ from flannel_repro.config import RunConfig
 from flannel_repro.data.corpus import DataOrder, TokenDataset, load_data, make_batch
 from flannel_repro.data.files import compute_token_mask, load_corpus_text, load_token_mask, load_tokenizer, save_token_mask
 from flannel_repro.data.embedded import embedded_paths
-from flannel_repro.errors import DataError
+from flannel_repro.errors import DataCacheWarning, DataError
+from tests.conftest import TINY
 
 TINY = RunConfig(dataset="tiny", vocab_size=512, steps=5, batch_size=4, seq_len=16)
 
@@ -124,8 +125,30 @@ def test_token_ids_are_cached(tmp_path):
     second = load_data(cfg)
     warm = time.perf_counter() - t0
     assert torch.equal(first.ids, second.ids)
-    assert list((tmp_path / "cache" / "tokens").glob("*.npy"))
+    assert list((tmp_path / "cache" / "tokens").glob("*.ids"))
     assert warm < 1.0, f"second load took {warm:.2f}s (cold {cold:.2f}s)"
+
+
+def test_a_damaged_token_cache_is_rebuilt_not_trusted(tmp_path):
+    """A flipped bit in the cached ids is a valid .npy with other tokens: its digest catches it."""
+    cfg = TINY
+    first = load_data(cfg)
+    (entry,) = (tmp_path / "cache" / "tokens").glob("*.ids")
+    raw = bytearray(entry.read_bytes())
+    raw[-5] ^= 0x01  # a token id in the payload, not the header
+    entry.write_bytes(bytes(raw))
+    load_data.__globals__["_LOADED"].clear()
+    second = load_data(cfg)
+    assert torch.equal(first.ids, second.ids)
+    assert entry.read_bytes() != bytes(raw)  # rewritten
+
+
+def test_a_token_cache_that_cannot_be_written_warns_and_loads(tmp_path, monkeypatch):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "tokens").write_text("a file where the cache folder should be")
+    with pytest.warns(DataCacheWarning, match="could not cache the corpus's token ids"):
+        data = load_data(TINY)
+    assert data.ids.numel() > 0
 
 
 def test_data_order_matches_seedable_sampler():

@@ -5,8 +5,10 @@ training record that cannot be appended does not fail a published run."""
 from __future__ import annotations
 
 import errno
+import re
 import os
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +51,7 @@ def test_a_disk_that_fills_while_writing_names_the_path_and_leaves_nothing(tmp_p
         return real(fd, data, offset)
 
     monkeypatch.setattr(stream.os, "pwrite", filling)
-    with pytest.raises(ArtifactError, match=r"run\.safetensors: the disk filled while writing \(No space left on "
+    with pytest.raises(ArtifactError, match=r"run\.safetensors: out of space while writing \(No space left on "
                                             r"device\): the artifact needs 0\.\d MB and .* free\. Nothing was published"):
         with _writer(tmp_path / "run.safetensors") as w:
             for t in range(3):
@@ -64,3 +66,40 @@ def test_a_training_record_that_cannot_be_appended_does_not_fail_the_run(tmp_pat
     with pytest.warns(ArtifactWarning, match="could not append the training record"):
         got = RunStore(root).obtain(TINY.replace(steps=2))
     assert got.trained and got.trajectory.verify() == []
+
+
+_FSIZE_CHILD = """
+import resource, sys
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+from flannel_repro.errors import ArtifactError
+from flannel_repro.training.store import RunStore
+sys.path.insert(0, sys.argv[3])
+from tests.conftest import TINY
+try:
+    RunStore(Path(sys.argv[1])).obtain(TINY.replace(steps=4))
+except ArtifactError as exc:
+    print("ArtifactError:", exc)
+    raise SystemExit(3)
+"""
+
+
+def test_a_real_file_size_limit_refuses_the_run_before_training(tmp_path):
+    """Not simulated: the kernel's per-process file-size limit (ulimit -f) stands in for a too-small
+    disk (this machine cannot mount one). The artifact's space is reserved before training, so the
+    run is refused at once with the path, the size and the limit, and nothing is left behind."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "artifacts"
+    limit = 64 * 1024  # the tiny run's artifact is ~1.6 MB; its token cache and small files fit under this
+    done = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, str(root), str(limit), str(Path(__file__).parents[1])],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "FLANNEL_REPRO_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert re.search(r"\.safetensors: out of space while reserving its space \(File too large\): the artifact needs "
+                     r"\d+\.\d MB .* this process may write files of at most 0\.1 MB \(ulimit -f\)", done.stdout), done.stdout
+    left = [p.name for p in root.iterdir()]
+    assert not [n for n in left if n.endswith(".safetensors") or ".partial-" in n], left
+    assert "training.log" not in left  # refused before anything trained

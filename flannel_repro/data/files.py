@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from flannel_repro.errors import DataError
+from flannel_repro.errors import DataCacheWarning, DataError
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -140,24 +140,49 @@ def cached_token_ids(tokenizer_path: Path, corpus_path: Path, *, vocab_size: int
                      tokenizer_sha256: str, corpus_sha256: str) -> np.ndarray:
     """Token ids of the corpus, cached under the hashes of tokenizer and corpus.
 
-    The first load tokenises (about a second for 1.4 M characters); later loads read a .npy file.
+    The first load tokenises (about a second for 1.4 M characters); later loads read the cache file,
+    which is a blake2b-256 digest followed by a .npy payload. An entry whose payload does not hash to
+    its digest (a flipped bit would otherwise train on other tokens under the same run key) is rebuilt.
+    A cache that cannot be written (full or read-only disk) costs the next load a tokenisation, no
+    more: the ids are returned all the same, with a warning.
     """
-    path = cache_dir() / "tokens" / f"{tokenizer_sha256[:24]}-{corpus_sha256[:24]}.npy"
-    if path.exists():
-        try:
-            ids = np.load(path, allow_pickle=False)
-            if ids.dtype == np.int32 and ids.ndim == 1:
-                return ids
-        except (OSError, ValueError):
-            pass  # a damaged cache entry is rebuilt below
+    path = cache_dir() / "tokens" / f"{tokenizer_sha256[:24]}-{corpus_sha256[:24]}.ids"
+    ids = _read_token_cache(path)
+    if ids is not None:
+        return ids
     tok = load_tokenizer(tokenizer_path, vocab_size)
     ids = tokenize(tok, load_corpus_text(corpus_path), vocab_size=vocab_size, source=str(corpus_path))
     import io
 
     buf = io.BytesIO()
     np.save(buf, ids, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    payload = buf.getvalue()
+    try:
+        atomic_write_bytes(path, hashlib.blake2b(payload, digest_size=32).digest() + payload)
+    except OSError as exc:
+        import warnings
+
+        warnings.warn(f"{path}: could not cache the corpus's token ids ({exc.strerror or exc}); they are "
+                      "tokenised again next time", DataCacheWarning, stacklevel=2)
     return ids
+
+
+def _read_token_cache(path: Path) -> np.ndarray | None:
+    """The cached ids, or None when the entry is missing, damaged or not what a cache entry holds."""
+    import io
+
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    digest, payload = raw[:32], raw[32:]
+    if len(raw) <= 32 or hashlib.blake2b(payload, digest_size=32).digest() != digest:
+        return None
+    try:
+        ids = np.load(io.BytesIO(payload), allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return ids if ids.dtype == np.int32 and ids.ndim == 1 else None
 
 
 # --- live / dead token mask ----------------------------------------------------------------------

@@ -80,6 +80,8 @@ _TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in _ST_DTYPES.items()}
 _METADATA_KEY = "__metadata__"
 _MAX_HEADER = 100_000_000  # safetensors refuses larger headers
 _PARTIAL_RE = re.compile(r"\.partial-(\d+)-[0-9a-f]+$")
+# A disk (or quota, or the process's file-size limit) that cannot take the artifact.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _require_little_endian() -> None:
@@ -235,10 +237,10 @@ class TrajectoryWriter:
         self.temp_path = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
         self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
+            self._reserve(8 + n + self._data_len)  # the whole file's space first: a disk that cannot hold it fails now
             # Length field stays 0 until finish(): a partial file never parses as a complete one.
             self._pwrite(b"\0" * 8, 0)
             self._pwrite(self._padded(body), 8)
-            os.ftruncate(self._fd, 8 + n + self._data_len)  # pre-size; sparse until written
         except BaseException:
             self._discard()
             raise
@@ -264,6 +266,40 @@ class TrajectoryWriter:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.temp_path)
 
+    def _reserve(self, size: int) -> None:
+        """Give the file its final size with its blocks allocated, so a disk that cannot hold the whole
+        artifact fails here, before training, not at step k. Where the file system cannot allocate
+        ahead (EOPNOTSUPP, EINVAL), the file is pre-sized sparse instead."""
+        assert self._fd is not None
+        try:
+            os.posix_fallocate(self._fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise self._disk_error(exc, "reserving its space") from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise self._disk_error(exc, "pre-sizing it") from None
+            raise
+
+    def _disk_error(self, exc: OSError, doing: str) -> ArtifactError:
+        where = self.temp_path.parent if self.temp_path is not None else self.path.parent
+        limit = ""
+        if exc.errno == errno.EFBIG:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if soft != resource.RLIM_INFINITY:
+                limit = f"; this process may write files of at most {_mb(soft)} (ulimit -f)"
+        return ArtifactError(f"{self.path}: out of space while {doing} ({exc.strerror}): the artifact needs "
+                             f"{_mb(8 + self._header_len + self._data_len)} and {where} has "
+                             f"{_mb(shutil.disk_usage(where).free)} free{limit}. Nothing was published; free some "
+                             "space (flannel-repro prune) or point the artifacts elsewhere (--flannel-artifacts).")
+
     def _pwrite(self, data: bytes | memoryview | np.ndarray, offset: int) -> None:
         assert self._fd is not None
         view = memoryview(data).cast("B")
@@ -271,13 +307,9 @@ class TrajectoryWriter:
             try:
                 written = os.pwrite(self._fd, view, offset)
             except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                if exc.errno not in _DISK_FULL:
                     raise
-                where = self.temp_path.parent if self.temp_path is not None else self.path.parent
-                raise ArtifactError(f"{self.path}: the disk filled while writing ({exc.strerror}): the artifact needs "
-                                    f"{_mb(8 + self._header_len + self._data_len)} and {where} has "
-                                    f"{_mb(shutil.disk_usage(where).free)} free. Nothing was published; free some "
-                                    "space (flannel-repro prune) or point the artifacts elsewhere.") from None
+                raise self._disk_error(exc, "writing") from None
             view = view[written:]
             offset += written
 
