@@ -105,6 +105,10 @@ class RunConfig:
     tokenizer_path: str | None = field(default=None, metadata=_doc("tokenizers JSON file; None uses the embedded data.", fingerprint=False))
     corpus_path: str | None = field(default=None, metadata=_doc("UTF-8 corpus; None uses the embedded data.", fingerprint=False))
     token_mask_path: str | None = field(default=None, metadata=_doc("live/dead mask safetensors; None computes it from the corpus.", fingerprint=False))
+    allow_unknown_tokens: bool = field(default=False, metadata=_doc(
+        "Train corpus text the tokenizer has no token for as its unknown token (with a warning) instead of refusing "
+        "the corpus. Not in the fingerprint: it decides whether a corpus is accepted, never what an accepted one "
+        "trains on (the data files' hashes are in the run key).", fingerprint=False))
 
     # --- recording (the notebook's RECORD_CONFIG) ---
     record_W: bool = field(default=True, metadata=_doc("Record W after every step (steps + 1, V, H)."))

@@ -33,3 +33,7 @@ class ArtifactWarning(UserWarning):
 
 class DataCacheWarning(UserWarning):
     """A derived-data cache entry (tokenised corpus) could not be written; the data is used all the same."""
+
+
+class DataWarning(UserWarning):
+    """The data is usable but not as clean as it should be (e.g. unknown tokens accepted by the config)."""

@@ -14,7 +14,7 @@ from flannel_repro.config import RunConfig
 from flannel_repro.data.corpus import DataOrder, TokenDataset, load_data, make_batch
 from flannel_repro.data.files import compute_token_mask, load_corpus_text, load_token_mask, load_tokenizer, save_token_mask
 from flannel_repro.data.embedded import embedded_paths
-from flannel_repro.errors import DataCacheWarning, DataError
+from flannel_repro.errors import DataCacheWarning, DataError, DataWarning
 from tests.conftest import TINY
 
 TINY = RunConfig(dataset="tiny", vocab_size=512, steps=5, batch_size=4, seq_len=16)
@@ -211,7 +211,15 @@ def test_characters_the_tokenizer_lacks_are_an_error_not_unk(tmp_path):
     odd.write_text(text[:500] + "\u2603" + text[500:], encoding="utf-8")  # a snowman the tokenizer has no token for
     cfg = TINY.replace(tokenizer_path=str(paths.tokenizer), corpus_path=str(odd))
     with pytest.raises(DataError, match=r"1 of \d+ tokens are the unknown token '\[UNK\]': the tokenizer has no token "
-                                        r"for '\u2603' \(first at character 500\)"):
+                                        r"for '\u2603' \(first at character 500\)\. .* allow_unknown_tokens = true"):
+        load_data(cfg)
+    # opting in trains it as [UNK], with a warning, and asks again on the next load (nothing cached hides it)
+    with pytest.warns(DataWarning, match=r"1 of \d+ tokens are the unknown token .* \(allow_unknown_tokens\)"):
+        data = load_data(cfg.replace(allow_unknown_tokens=True))
+    assert int((data.ids == 0).sum()) == 1  # [UNK] is id 0 of the embedded tokenizers
+    assert cfg.replace(allow_unknown_tokens=True).fingerprint() == cfg.fingerprint()
+    load_data.__globals__["_LOADED"].clear()
+    with pytest.raises(DataError, match="allow_unknown_tokens"):
         load_data(cfg)
 
 

@@ -81,12 +81,13 @@ def load_data(config: "RunConfig") -> CorpusData:
     if files.token_mask is not None and mask_hash is None:
         read_bytes(files.token_mask, "token mask")
     # The paths are part of the key: the same bytes under another name are another origin to report.
-    key = (files, tok_hash, corpus_hash, mask_hash, config.vocab_size)
+    key = (files, tok_hash, corpus_hash, mask_hash, config.vocab_size, config.allow_unknown_tokens)
     hit = _LOADED.get(key)
     if hit is None:
         load_tokenizer(files.tokenizer, config.vocab_size)  # vocabulary check even when the ids are cached
         ids = cached_token_ids(files.tokenizer, files.corpus, vocab_size=config.vocab_size,
-                               tokenizer_sha256=tok_hash, corpus_sha256=corpus_hash)  # type: ignore[arg-type]
+                               tokenizer_sha256=tok_hash, corpus_sha256=corpus_hash,  # type: ignore[arg-type]
+                               allow_unknown=config.allow_unknown_tokens)
         mask = compute_token_mask(ids, config.vocab_size)
         if files.token_mask is not None:
             given = load_token_mask(files.token_mask, config.vocab_size)

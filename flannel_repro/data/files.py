@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from flannel_repro.errors import DataCacheWarning, DataError
+from flannel_repro.errors import DataCacheWarning, DataError, DataWarning
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -116,9 +116,28 @@ def load_corpus_text(path: str | os.PathLike[str]) -> str:
         ) from None
 
 
-def tokenize(tokenizer: "Tokenizer", text: str, *, vocab_size: int, source: str = "corpus") -> np.ndarray:
+def tokenize(tokenizer: "Tokenizer", text: str, *, vocab_size: int, source: str = "corpus",
+             allow_unknown: bool = False) -> np.ndarray:
     """Encode `text` to int32 ids and check every id is in [0, vocab_size) and none is the unknown token
-    (text the tokenizer cannot represent would otherwise train silently as '[UNK]')."""
+    (text the tokenizer cannot represent would otherwise train silently as '[UNK]'). With
+    `allow_unknown` the unknown tokens are kept, with a warning giving their count."""
+    ids, unknown = _encode(tokenizer, text, vocab_size=vocab_size, source=source)
+    if unknown is not None:
+        count, total, what, start, unk = unknown
+        said = (f"{source}: {count} of {total} tokens are the unknown token {unk!r}: the tokenizer has no token for "
+                f"{what!r} (first at character {start})")
+        if not allow_unknown:
+            raise DataError(f"{said}. Add it to the tokenizer's vocabulary, remove it from the corpus, or accept it "
+                            "with allow_unknown_tokens = true in the run config.")
+        import warnings
+
+        warnings.warn(f"{said}; they are trained as {unk!r} (allow_unknown_tokens)", DataWarning, stacklevel=2)
+    return ids
+
+
+def _encode(tokenizer: "Tokenizer", text: str, *, vocab_size: int,
+            source: str) -> tuple[np.ndarray, tuple[int, int, str, int, str] | None]:
+    """(int32 ids, None or (unknown count, token count, first unknown text, its character offset, unk token))."""
     encoding = tokenizer.encode(text, add_special_tokens=False)
     ids = np.asarray(encoding.ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
@@ -126,32 +145,35 @@ def tokenize(tokenizer: "Tokenizer", text: str, *, vocab_size: int, source: str 
         raise DataError(f"{source}: the tokenizer produced id {bad}, outside [0, {vocab_size}) = the config's vocab_size.")
     unk = getattr(tokenizer.model, "unk_token", None)
     unk_id = tokenizer.token_to_id(unk) if unk else None
+    unknown = None
     if unk_id is not None and ids.size:
         hits = np.flatnonzero(ids == unk_id)
         if hits.size:
             start, end = encoding.offsets[int(hits[0])]
-            raise DataError(f"{source}: {hits.size} of {ids.size} tokens are the unknown token {unk!r}: the tokenizer "
-                            f"has no token for {text[start:end]!r} (first at character {start}). Add it to the "
-                            "tokenizer's vocabulary or remove it from the corpus.")
-    return ids.astype(np.int32)
+            unknown = (int(hits.size), int(ids.size), text[start:end], int(start), str(unk))
+    return ids.astype(np.int32), unknown
 
 
 def cached_token_ids(tokenizer_path: Path, corpus_path: Path, *, vocab_size: int,
-                     tokenizer_sha256: str, corpus_sha256: str) -> np.ndarray:
+                     tokenizer_sha256: str, corpus_sha256: str, allow_unknown: bool = False) -> np.ndarray:
     """Token ids of the corpus, cached under the hashes of tokenizer and corpus.
 
     The first load tokenises (about a second for 1.4 M characters); later loads read the cache file,
     which is a blake2b-256 digest followed by a .npy payload. An entry whose payload does not hash to
     its digest (a flipped bit would otherwise train on other tokens under the same run key) is rebuilt.
     A cache that cannot be written (full or read-only disk) costs the next load a tokenisation, no
-    more: the ids are returned all the same, with a warning.
+    more: the ids are returned all the same, with a warning. Only corpora without unknown tokens are
+    cached, so a cache hit never skips the unknown-token check.
     """
     path = cache_dir() / "tokens" / f"{tokenizer_sha256[:24]}-{corpus_sha256[:24]}.ids"
     ids = _read_token_cache(path)
     if ids is not None:
         return ids
     tok = load_tokenizer(tokenizer_path, vocab_size)
-    ids = tokenize(tok, load_corpus_text(corpus_path), vocab_size=vocab_size, source=str(corpus_path))
+    text = load_corpus_text(corpus_path)
+    ids, unknown = _encode(tok, text, vocab_size=vocab_size, source=str(corpus_path))
+    if unknown is not None:  # raises, or warns and trains them as the unknown token; either way, not cached
+        return tokenize(tok, text, vocab_size=vocab_size, source=str(corpus_path), allow_unknown=allow_unknown)
     import io
 
     buf = io.BytesIO()
