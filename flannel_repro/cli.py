@@ -8,18 +8,50 @@
     flannel-repro numerics
     flannel-repro noise [--preset ci | --config FILE] [--seeds 42-45] [--variants PATH:THREADS,...] [-o FILE]
     flannel-repro prune [--artifacts DIR] [--dry-run]
+    flannel-repro verify RUN.safetensors [RUN ...]
     flannel-repro --version
+
+Exit codes: 0 done (or: identical, all verified); 1 the result is negative (`digests --compare`: the
+run parts from the chain; `verify`: an artifact failed); 2 usage error (an option or argument);
+3 input error (a file that is missing, unreadable, corrupt or inconsistent: the message names it, what
+was expected and what was got); 4 internal error (a bug: set FLANNEL_REPRO_TRACEBACK=1 to see the
+traceback, and please report it); 130 interrupted. Every error is one line on stderr, never a traceback.
+
+Commands that read run artifacts verify them first (`RunFile.verify`: tensor dtypes and shapes against
+the config, the config against the run key, every step's W rehashed against its digest) and refuse one
+that fails; `--no-verify` skips that (a notebook-scale run rehashes 1.28 GB: see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from flannel_repro.version import __version__
-from flannel_repro.config import NUMERICS, PRESETS, ExperimentConfig
-from flannel_repro.errors import ArtifactError, FlannelError
+from flannel_repro.config import MAX_THREADS, NUMERICS, PRESETS, ExperimentConfig
+from flannel_repro.errors import FlannelError
+
+EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+
+def _runs(args: argparse.Namespace, paths: list[str]) -> list[Path]:
+    """The run artifacts named on the command line, verified unless --no-verify (ArtifactError on the first
+    that fails)."""
+    from flannel_repro.storage.run import RunFile
+
+    out = [Path(p) for p in paths]
+    if not getattr(args, "no_verify", False):
+        for path in out:
+            run = RunFile(path)
+            try:
+                run.require_verified()
+            finally:
+                run.close()
+    return out
 
 
 def _experiment(args: argparse.Namespace) -> ExperimentConfig:
@@ -84,6 +116,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from flannel_repro.analysis.trajectory import Trajectory
 
     traj = Trajectory(args.run)
+    if not args.no_verify:
+        traj.require_verified()
     c = traj.config
     print(f"{traj.path.name}: {traj.label}, {c.steps} steps, dtype {c.dtype}, labels {c.label_mode}")
     print(f"  config {c.fingerprint()}, threads {traj.metadata.get('threads', '?')}, "
@@ -103,7 +137,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from flannel_repro.storage.export import export_notebook
 
-    out = export_notebook([Path(p) for p in args.runs], Path(args.output))
+    out = export_notebook(_runs(args, args.runs), Path(args.output))
     print(out)
     return 0
 
@@ -111,7 +145,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_divergence(args: argparse.Namespace) -> int:
     from flannel_repro.analysis.divergence import all_pairs
 
-    result = all_pairs([Path(p) for p in args.runs])
+    result = all_pairs(_runs(args, args.runs))
     for key, value in result.summary().items():
         print(f"{key}: {value}")
     return 0
@@ -125,9 +159,7 @@ def cmd_digests(args: argparse.Namespace) -> int:
     from flannel_repro.analysis.trajectory import Trajectory
 
     traj = Trajectory(args.run)
-    problems = traj.verify()  # the stored digests are checked against W before anyone trusts them
-    if problems:
-        raise ArtifactError(f"{args.run}: failed verification: {'; '.join(problems)}")
+    traj.require_verified()  # the stored digests are checked against W before anyone trusts them
     if args.compare:
         result, lines = compare_run_to_chain(traj, args.compare)
         print(f"{args.run} vs {args.compare}: {lines[0]}")
@@ -187,6 +219,28 @@ def cmd_noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify run artifacts from their bytes; one line per run, exit 1 when any fails."""
+    from flannel_repro.errors import ArtifactError
+    from flannel_repro.storage.run import RunFile
+
+    failed = 0
+    for path in args.runs:
+        try:
+            run = RunFile(path)
+        except ArtifactError as exc:
+            problems = [str(exc).removeprefix(f"{path}: ")]
+        else:
+            try:
+                problems = run.verify()
+            finally:
+                run.close()
+        failed += bool(problems)
+        print(f"{path}: {'FAILED: ' + '; '.join(problems) if problems else 'ok'}")
+    print(f"{len(args.runs) - failed} of {len(args.runs)} verified")
+    return EXIT_NEGATIVE if failed else EXIT_OK
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete (or, with --dry-run, list) what no run of this installation can reuse, with sizes."""
     from flannel_repro.training.store import prune
@@ -212,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--name", default="bound", help="name of the printed TOML table (default: bound)")
     b.add_argument("--compare-seeds", help="seeds compared with the base seed, e.g. '46-61' (default: the experiment's "
                    "other seeds). Held-out seeds make the bound a prediction rather than a restatement.")
-    b.add_argument("--threads", type=int, default=0, help="torch threads (0 = default); pin it like the suite does")
+    b.add_argument("--threads", type=_bounded_int(0, MAX_THREADS), default=0,
+                   help="torch threads (0 = default); pin it like the suite does")
     b.set_defaults(func=cmd_bounds)
     e = sub.add_parser("export-notebook", help="write the notebook's single-file layout from run artifacts")
     e.add_argument("runs", nargs="+", help="run artifacts (.safetensors), one per notebook run, in order")
@@ -224,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("divergence", help="all-pairs divergence summary of run artifacts")
     d.add_argument("runs", nargs="+", help="run artifacts (.safetensors) of the same length")
     d.set_defaults(func=cmd_divergence)
+    v = sub.add_parser("verify", help="check run artifacts from their bytes (exit 1 when one fails)")
+    v.add_argument("runs", nargs="+", help="run artifacts (.safetensors)")
+    v.set_defaults(func=cmd_verify)
+    for command in (e, i, d):
+        command.add_argument("--no-verify", action="store_true", help="trust the artifacts without rehashing them "
+                             "(they are verified by default)")
     g = sub.add_parser("digests", help="write a run's per-step digest chain, or find where a run parts from one "
                        "(exit 1 when it does)")
     g.add_argument("run", help="a run artifact (.safetensors)")
@@ -234,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     g.set_defaults(func=cmd_digests)
     n = sub.add_parser("numerics", help="this machine's numerics class on CPU (native or portable) and the probe behind it")
     n.add_argument("--mode", choices=NUMERICS, default="native", help="CPU numerics to probe (default: native)")
-    n.add_argument("--threads", type=int, default=1, help="thread count the class is named for (default: 1)")
+    n.add_argument("--threads", type=_bounded_int(1, MAX_THREADS), default=1,
+                   help="thread count the class is named for (default: 1)")
     n.set_defaults(func=cmd_numerics)
     z = sub.add_parser("noise", help="measure a noise band for tolerant comparisons across numerics classes (JSON)")
     z.add_argument("--preset", choices=sorted(PRESETS), default="ci", help="the experiment's starting point (default: ci)")
@@ -243,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     z.add_argument("--reference", default="portable:1", help="the variant others are measured against (PATH:THREADS)")
     z.add_argument("--variants", default="portable:2,avx512:1,avx2:1,avx2:2",
                    help="arithmetic variants, PATH:THREADS with PATH one of native, portable, avx512, avx2")
-    z.add_argument("--margin", type=float, default=2.0, help="band = margin x the largest measured deviation")
+    z.add_argument("--margin", type=_finite_float(1.0), default=2.0,
+                   help="band = margin x the largest measured deviation (>= 1)")
     z.add_argument("--artifacts", default=".flannel/noise-artifacts", help="where the variants' runs are kept "
                    "(default: .flannel/noise-artifacts)")
     z.add_argument("-o", "--output", help="bands file to write (merged: the entry of the same scale is replaced)")
@@ -255,13 +318,52 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     r.set_defaults(func=cmd_prune)
     raw = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(raw)
+    args = parser.parse_args(raw)  # exits 2 on a usage error
     args.raw_argv = raw
     try:
         return args.func(args)
     except FlannelError as exc:
         print(f"flannel-repro: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except OSError as exc:  # a path given on the command line that cannot be read or written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"flannel-repro: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("flannel-repro: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 -- a bug: one line, the traceback on request
+        if os.environ.get("FLANNEL_REPRO_TRACEBACK"):
+            raise
+        print(f"flannel-repro: internal error: {type(exc).__name__}: {exc} (a bug in flannel-repro {__version__}; set "
+              "FLANNEL_REPRO_TRACEBACK=1 to see the traceback, and please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high}, got {raw!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_float(low: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= low):
+            raise argparse.ArgumentTypeError(f"expected a finite number >= {low:g}, got {raw!r}")
+        return value
+
+    return parse
 
 
 if __name__ == "__main__":

@@ -57,5 +57,30 @@ def test_export_notebook(tiny_runs, tmp_path, capsys):
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 16)
-    assert main(["info", str(bad)]) == 2
+    assert main(["info", str(bad)]) == 3
     assert "ArtifactError" in capsys.readouterr().err
+
+
+def test_exit_codes_are_the_documented_ones_and_never_a_traceback(tiny_runs, tmp_path, capsys, monkeypatch):
+    from flannel_repro import cli
+
+    with pytest.raises(SystemExit) as usage:
+        main(["numerics", "--threads", "100000"])
+    assert usage.value.code == cli.EXIT_USAGE == 2
+    assert "expected an integer in 1..256, got 100000" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "absent.safetensors")]) == cli.EXIT_INPUT == 3
+    err = capsys.readouterr().err
+    assert "absent.safetensors" in err and "Traceback" not in err
+    assert main(["verify", *map(str, tiny_runs)]) == cli.EXIT_OK
+    assert "3 of 3 verified" in capsys.readouterr().out
+
+    def broken(args):  # a bug in a command: one line and exit 4, the traceback only on request
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    assert main(["info", str(tiny_runs[0])]) == cli.EXIT_INTERNAL == 4
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: boom" in err and "FLANNEL_REPRO_TRACEBACK=1" in err
+    monkeypatch.setenv("FLANNEL_REPRO_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["info", str(tiny_runs[0])])

@@ -55,5 +55,31 @@ def test_runs_of_other_code_broken_files_and_leftovers_are_found(store_dir, monk
 def test_missing_directory_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(ArtifactError, match="expected an artifacts directory"):
         find_orphans(tmp_path / "nope")
-    assert cli.main(["prune", "--artifacts", str(tmp_path / "nope")]) == 2
+    assert cli.main(["prune", "--artifacts", str(tmp_path / "nope")]) == 3
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_session_start_cleans_what_killed_runs_left_but_not_a_run_in_training(tmp_path):
+    """Partials of dead writers and progress files of runs no one trains are removed; a progress file
+    whose run lock is held (a training in another session) stays."""
+    from filelock import FileLock
+
+    from flannel_repro.training.store import clean_leftovers
+
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    dead = root / "a.safetensors.partial-999999999-0a1b2c3d"  # no such pid
+    dead.write_bytes(b"x" * 100)
+    old = time.time() - 3600
+    os.utime(dead, (old, old))
+    fresh = root / "b.safetensors.partial-999999999-0a1b2c3e"  # dead pid but touched a moment ago: maybe another machine
+    fresh.write_bytes(b"x")
+    orphan = root / "c.safetensors.progress"
+    orphan.write_text("{}")
+    busy = root / "d.safetensors.progress"
+    busy.write_text("{}")
+    with FileLock(str(root / "d.safetensors.lock")):
+        removed = clean_leftovers(root)
+    assert sorted(p.name for p in removed) == [dead.name, orphan.name]
+    assert fresh.exists() and busy.exists()
+    assert clean_leftovers(tmp_path / "absent") == []

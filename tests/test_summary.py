@@ -283,7 +283,7 @@ def test_cli_digests_writes_and_compares(runs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{lr} vs {chain}: the trajectories part at step 1 (steps 0..0 agree; " in out
     assert "environment: same as stored" in out
-    assert cli.main(["digests", lr, "--compare", str(tmp_path / "absent.json")]) == 2
+    assert cli.main(["digests", lr, "--compare", str(tmp_path / "absent.json")]) == 3
     assert "ArtifactError" in capsys.readouterr().err
     assert cli.main(["digests", base]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "flannel-repro/digest-chain/1"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -61,8 +62,13 @@ def test_a_flipped_bit_in_W_is_found_and_the_run_is_trained_again(trained, capsy
     _flip_bit_of_W(path, step=2)
     assert RunFile(path).verify() == ["W at step 2 does not hash to its stored digest (the file changed after it "
                                       "was written)"]
-    assert cli.main(["digests", str(path)]) == 2
-    assert "failed verification: W at step 2 does not hash" in capsys.readouterr().err
+    for command in (["digests"], ["info"], ["divergence", str(path)], ["export-notebook", "-o", str(path) + ".nb"]):
+        assert cli.main([*command, str(path)]) == 3, command  # computed from the bytes, not from what the file claims
+        assert "failed verification: W at step 2 does not hash" in capsys.readouterr().err
+    assert not Path(str(path) + ".nb").exists()
+    assert cli.main(["verify", str(path)]) == 1
+    assert "FAILED: W at step 2 does not hash" in capsys.readouterr().out
+    assert cli.main(["info", "--no-verify", str(path)]) == 0  # asked to trust it
     with pytest.warns(ArtifactWarning, match="failed verification .*W at step 2"):
         again = store.obtain(CFG)
     assert again.trained  # not reused

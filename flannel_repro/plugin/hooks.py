@@ -52,6 +52,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "flannel-xdist")
     if not hasattr(config, "workerinput"):
+        # what killed sessions left (partial artifacts, progress files) goes before anything trains
+        from flannel_repro.training.store import clean_leftovers
+
+        session.leftovers_removed = [p.name for p in clean_leftovers(session.artifacts_dir)]
         config.pluginmanager.register(ControllerReporter(config), "flannel-reporter")
     _hide_summary_snapshots_from_other_extensions(config)
 
@@ -314,7 +318,7 @@ def obtain(config: pytest.Config, cfg: RunConfig, *, repeat: int = 0) -> "Trajec
             name=name, seed=seed + (f" r{repeat}" if repeat else ""), device=c.device, engine=c.engine, steps=c.steps,
             final_loss=traj.final_loss, wall_time_s=traj.wall_time_s, steps_per_s=traj.steps_per_s,
             threads=int(traj.metadata.get("threads", threads)), path=str(traj.path), trained_here=got.trained,
-            numerics_class=str((traj.env.get("numerics") or {}).get("class", "")))
+            numerics_class=str((traj.env.get("numerics") or {}).get("class", "")), replaced=got.replaced)
     return traj
 
 

@@ -123,6 +123,9 @@ class ControllerReporter:
             return
         tr = terminalreporter
         tr.write_sep("=", "flannel-repro")
+        if state.leftovers_removed:
+            shown = ", ".join(state.leftovers_removed[:3]) + (" ..." if len(state.leftovers_removed) > 3 else "")
+            tr.write_line(f"removed {len(state.leftovers_removed)} file(s) left by killed runs at session start: {shown}")
         exp = state.experiment
         tr.write_line(f"config {exp.run.fingerprint()}: {exp.n_runs} runs x {exp.run.steps} steps, seeds "
                       f"{exp.train_seeds[0]}-{exp.train_seeds[-1]}, engine {exp.run.engine}, labels {exp.run.label_mode}, "
@@ -133,8 +136,13 @@ class ControllerReporter:
             tr.write_line(head)
             for r in sorted(state.runs.values(), key=lambda r: (r.device, r.seed)):
                 note = "" if r.trained_here else " (reused)"
+                if r.replaced:
+                    note = " (retrained: the stored artifact failed verification)"
                 tr.write_line(f"{r.seed:<12} {r.device:<7} {r.engine:<6} {r.steps:>6} {r.final_loss:>11.5f} "
                               f"{r.wall_time_s:>8.1f} {r.steps_per_s:>8.2f} {r.threads:>3}  {Path(r.path).name}{note}")
+            for r in sorted(state.runs.values(), key=lambda r: r.name):
+                if r.replaced:
+                    tr.write_line(f"set aside and retrained {r.name}: {r.replaced}")
             classes = sorted({r.numerics_class for r in state.runs.values() if r.numerics_class})
             if classes:
                 tr.write_line(f"numerics class{'es' if len(classes) > 1 else ''}: {', '.join(classes)} "

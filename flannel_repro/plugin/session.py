@@ -79,6 +79,7 @@ class RunRecord:
     path: str
     trained_here: bool
     numerics_class: str = ""
+    replaced: str = ""  # why a stored artifact of this run was set aside (failed verification) and retrained
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -98,6 +99,7 @@ class FlannelSession:
     missing_class: str = "skip"  # what flannel_snapshot does when only other numerics classes have a snapshot
     noise_bands: Path | None = None  # --flannel-noise-bands (None: flannel_noise_bands.json beside the test file)
     runs: dict[str, RunRecord] = field(default_factory=dict)
+    leftovers_removed: list[str] = field(default_factory=list)  # partial/progress files of killed runs, cleaned at start
     _store: "RunStore | None" = None
     _threads_set: bool = False
 
@@ -332,8 +334,17 @@ def build_session(config: pytest.Config) -> FlannelSession:
     if blocker is not None and not blocker.is_dir():
         what = "is a file" if blocker == artifacts_dir else f"lies under a file ({blocker})"
         raise _usage("artifacts", f"a directory (it is created if missing); this path {what}", str(artifacts_dir))
-    fresh = bool(config.getoption("flannel_fresh") or config.getini("flannel_fresh"))
     workerinput = getattr(config, "workerinput", None)
+    given = artifacts_raw is not None
+    if workerinput is None and (given or artifacts_dir.exists()):
+        # Checked by a real write before any test runs. The default directory is created only by a session
+        # that trains, so a suite that does not use the plugin never writes into its project for it.
+        from flannel_repro.training.store import writable_problem
+
+        problem = writable_problem(artifacts_dir)
+        if problem is not None:
+            raise _usage("artifacts", f"a directory run artifacts can be written to; {problem}", str(artifacts_dir))
+    fresh = bool(config.getoption("flannel_fresh") or config.getini("flannel_fresh"))
     session_id = workerinput.get("flannel_session") if workerinput else None
     return FlannelSession(
         experiment=exp, artifacts_dir=artifacts_dir,

@@ -217,6 +217,13 @@ class RunFile:
                     break
         return problems
 
+    def require_verified(self) -> "RunFile":
+        """This run, after `verify()` found nothing wrong; otherwise an ArtifactError listing what it found."""
+        problems = self.verify()
+        if problems:
+            raise ArtifactError(f"{self.path}: failed verification: {'; '.join(problems)}")
+        return self
+
     def release_pages(self) -> None:
         """Drop the resident pages of the memory map behind `W`, `batch_starts` and `optional()`
         views (see `TrajectoryReader.release_pages`); the views stay usable."""

@@ -104,6 +104,7 @@ def run_name(config: "RunConfig", repeat: int, key: str) -> str:
 class Obtained:
     trajectory: "Trajectory"
     trained: bool  # True if this process trained it; False if it was read from the store
+    replaced: str = ""  # why the artifact found under its key was set aside and trained again ("" if none was)
 
 
 class RunStore:
@@ -119,6 +120,7 @@ class RunStore:
         self.session = session
         self.reuse_earlier = reuse_earlier
         self.lock_timeout_s = lock_timeout_s
+        self._rejected: dict[Path, str] = {}  # artifacts that failed verification -> what was wrong
 
     def path_for(self, config: "RunConfig", repeat: int, key: str) -> Path:
         return self.root / f"{run_name(config, repeat, key)}.safetensors"
@@ -140,6 +142,7 @@ class RunStore:
             return None
         problems = _verified(traj)
         if problems:
+            self._rejected[path] = "; ".join(problems)
             warnings.warn(f"{path.name}: the artifact failed verification ({'; '.join(problems)}); it is trained "
                           "again", ArtifactWarning, stacklevel=4)
             traj.close()
@@ -181,7 +184,7 @@ class RunStore:
                            metadata={"run_key": key, "run_key_material": material, "repeat": str(repeat),
                                      "session": self.session, "pid": str(os.getpid())})
             self._log_training(path, key, result.wall_time_s)
-        return Obtained(Trajectory(path), trained=True)
+        return Obtained(Trajectory(path), trained=True, replaced=self._rejected.pop(path, ""))
 
     def _log_training(self, path: Path, key: str, wall: float) -> None:
         """One line per training in `training.log`: an audit trail of what was trained, by whom, when."""
@@ -195,6 +198,57 @@ class RunStore:
         except OSError as exc:  # the run itself is published: an audit line must not fail it
             warnings.warn(f"{log}: could not append the training record ({exc.strerror or exc}); the run "
                           f"{path.name} is complete and is used", ArtifactWarning, stacklevel=3)
+
+
+# --- session start: fail early, clean what killed processes left -------------------------------------
+
+
+def writable_problem(root: str | Path) -> str | None:
+    """Why run artifacts could not be written under `root` (None when they can), found by creating and
+    removing a file in `root` or, when it does not exist yet, in its nearest existing ancestor (which
+    is where `root` would be created). A real write, not `os.access`: root passes every permission
+    check and a read-only file system answers only to a write."""
+    import tempfile
+
+    path = Path(root)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return f"none of {path} and its parents exists"
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".flannel-write-probe-")
+    except OSError as exc:
+        where = "it" if existing == path else f"{existing}, where it would be created,"
+        return f"{where} is not writable ({exc.strerror or exc})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def clean_leftovers(root: str | Path) -> list[Path]:
+    """Remove what killed processes left in an artifacts directory: partial artifacts of writers that
+    are gone (`stream.stale_partials`) and progress files of runs no one is training. Safe while
+    other sessions use the directory: a progress file is removed only while this process holds its
+    run's lock (a trainer holds it for the whole training), a partial only when its writer's pid is
+    not running and the file has not changed for a minute. Returns the removed paths."""
+    from filelock import FileLock, Timeout
+
+    directory = Path(root)
+    if not directory.is_dir():
+        return []
+    removed = stream.cleanup_partials(directory)
+    for progress in sorted(directory.glob("*.safetensors.progress")):
+        run = str(progress)[: -len(".progress")]
+        try:
+            with FileLock(run + ".lock", timeout=0):
+                progress.unlink()
+        except (Timeout, FileNotFoundError):
+            continue  # being trained now, or removed by another session
+        except OSError:
+            continue  # a directory we cannot write: the writable check reports it
+        removed.append(progress)
+    return removed
 
 
 # --- pruning -----------------------------------------------------------------------------------------

@@ -107,3 +107,12 @@ def test_artifacts_path_under_a_file_is_a_usage_error_at_start(pytester):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert ("--flannel-artifacts (ini: flannel_artifacts) accepts a directory (it is created if missing); this path "
             "lies under a file") in result.stderr.str()
+
+
+def test_an_artifacts_directory_that_cannot_be_written_is_a_usage_error_at_start(pytester):
+    """/sys refuses new entries even to root (the test machine runs as root, so a chmod would prove nothing)."""
+    pytester.makepyfile(SHOW_CONFIG)
+    result = pytester.runpytest("--flannel-artifacts=/sys/flannel-artifacts")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert ("--flannel-artifacts (ini: flannel_artifacts) accepts a directory run artifacts can be written to; /sys, "
+            "where it would be created, is not writable (Permission denied)") in result.stderr.str()
