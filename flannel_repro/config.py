@@ -308,7 +308,12 @@ class ExperimentConfig:
             data = tomllib.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}.") from None
-        cfg = cls.from_dict(data, source=str(p))
+        try:
+            cfg = cls.from_dict(data, source=str(p))
+        except ConfigError as exc:
+            if str(p) in str(exc):
+                raise
+            raise ConfigError(f"{p}: {exc}") from None  # every error from a file names the file
         return cfg.replace(run=_resolve_paths(cfg.run, p.parent))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -125,10 +126,14 @@ def test_metadata_round_trip_and_finish_extra(tmp_path: Path) -> None:
     with TrajectoryWriter(p, [spec], meta) as w:
         w.write("x", torch.ones(2))
         w.finish({"status": "complete", "format": "x/2"})
+    final = {**meta, "status": "complete", "format": "x/2"}
+    checksums = {"x": hashlib.blake2b(torch.ones(2).numpy().tobytes(), digest_size=32).hexdigest(),
+                 "__metadata__": hashlib.blake2b(json.dumps(final, sort_keys=True).encode(), digest_size=32).hexdigest()}
     with TrajectoryReader(p) as r:
-        assert r.metadata == {**meta, "status": "complete", "format": "x/2"}
+        assert r.metadata == {**final, "checksums": json.dumps(checksums, sort_keys=True)}
+        assert r.checksum_problems() == []
     with safe_open(str(p), framework="pt") as f:
-        assert f.metadata() == {**meta, "status": "complete", "format": "x/2"}
+        assert f.metadata() == {**final, "checksums": json.dumps(checksums, sort_keys=True)}
 
 
 def test_metadata_must_be_str(tmp_path: Path) -> None:
@@ -147,7 +152,8 @@ def test_safetensors_reads_our_files(tmp_path: Path) -> None:
     for k, v in tensors.items():
         assert_same(loaded[k], v)
     with safe_open(str(p), framework="pt") as f:
-        assert f.metadata() == {"who": "us"}
+        assert json.loads(f.metadata().pop("checksums")).keys() == {*tensors, "__metadata__"}
+        assert {k: v for k, v in f.metadata().items() if k != "checksums"} == {"who": "us"}
         for k, v in tensors.items():
             assert_same(f.get_tensor(k), v)
             if v.dim() and v.shape[0] > 2:

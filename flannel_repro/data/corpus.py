@@ -88,6 +88,8 @@ def load_data(config: "RunConfig") -> CorpusData:
         ids = cached_token_ids(files.tokenizer, files.corpus, vocab_size=config.vocab_size,
                                tokenizer_sha256=tok_hash, corpus_sha256=corpus_hash,  # type: ignore[arg-type]
                                allow_unknown=config.allow_unknown_tokens)
+        if ids.size == 0:  # said plainly, before a mask comparison would report it as a mismatch
+            raise DataError(f"corpus {str(files.corpus)!r} is empty: expected text to train on, got 0 tokens.")
         mask = compute_token_mask(ids, config.vocab_size)
         if files.token_mask is not None:
             given = load_token_mask(files.token_mask, config.vocab_size)

@@ -134,7 +134,7 @@ def export_notebook(run_paths: Sequence[str | os.PathLike[str]], out_path: str |
             "recorded_W": True,
             "recorded_losses": True,
         }
-        with TrajectoryWriter(out_path, specs, metadata, reserve_metadata_bytes=4096) as w:
+        with TrajectoryWriter(out_path, specs, metadata, reserve_metadata_bytes=4096, checksum_exclude=("W",)) as w:
             w.write("W_initial", w0.to(torch.bfloat16))
             for name, value in scalars.items():
                 w.write(name, torch.tensor(value, dtype=NOTEBOOK_KEYS[name]))

@@ -50,6 +50,9 @@ from flannel_repro.errors import ArtifactError
 
 DIGEST_ALGO = "blake2b-256"
 DIGEST_SIZE = 32
+# Metadata key: JSON {tensor name: blake2b-256 hex of its bytes} written at finish() from the bytes on
+# disk, for every tensor the writer was not told is covered otherwise (per-row digests of W).
+META_CHECKSUMS = "checksums"
 
 
 # --- safetensors dtype names --------------------------------------------------------------------
@@ -163,8 +166,10 @@ class TrajectoryWriter:
         metadata: Mapping[str, str],
         *,
         reserve_metadata_bytes: int = 65536,
+        checksum_exclude: Sequence[str] = (),
     ) -> None:
         self.path = Path(path)
+        self.checksum_exclude = frozenset(checksum_exclude)
         self.metadata = _check_metadata(metadata, str(self.path))
         if reserve_metadata_bytes < 0:
             raise ArtifactError(f"{self.path}: reserve_metadata_bytes must be >= 0 (got {reserve_metadata_bytes}).")
@@ -217,7 +222,9 @@ class TrajectoryWriter:
         _require_little_endian()
         if self._fd is not None or self._finished:
             raise ArtifactError(f"{self.path}: a TrajectoryWriter can be entered only once.")
-        body = self._header_json(self.metadata)
+        # the checksums written at finish() have a fixed length: their room is part of the header from the start
+        placeholder = {n: "0" * 2 * DIGEST_SIZE for n in [*self._offsets, _METADATA_KEY] if n not in self.checksum_exclude}
+        body = self._header_json({**self.metadata, META_CHECKSUMS: json.dumps(placeholder, sort_keys=True)})
         # Header length: JSON + reserved room for more metadata, rounded so 8 + N is a multiple of 8
         # (keeps the data region 8-byte aligned, as safetensors' own writer does).
         n = len(body) + self.reserve_metadata_bytes
@@ -312,6 +319,13 @@ class TrajectoryWriter:
                 raise self._disk_error(exc, "writing") from None
             view = view[written:]
             offset += written
+
+    def _checksums(self) -> dict[str, str]:
+        """blake2b-256 of every checksummed tensor, read back from the file (what a reader will see)."""
+        assert self._fd is not None
+        data_start = 8 + self._header_len
+        return {name: _hash_range(self._fd, data_start + begin, end - begin)
+                for name, (begin, end) in sorted(self._offsets.items()) if name not in self.checksum_exclude}
 
     def _require_open(self, what: str) -> None:
         if self._fd is None:
@@ -419,11 +433,13 @@ class TrajectoryWriter:
                     f"{self.path}: expected every row written before finish(), got rows never written: {missing} "
                     "(write them, or pass allow_unwritten=True to keep zeros)."
                 )
+        metadata[META_CHECKSUMS] = json.dumps({**self._checksums(), _METADATA_KEY: _metadata_checksum(metadata)},
+                                              sort_keys=True)
         body = self._header_json(metadata)
         if len(body) > self._header_len:
             raise ArtifactError(
                 f"{self.path}: final header needs {len(body)} bytes but only {self._header_len} were reserved "
-                f"(metadata grew by {len(body) - len(self._header_json(self.metadata))} bytes; "
+                f"(metadata grew by {len(body) - len(self._header_json({**self.metadata, META_CHECKSUMS: metadata[META_CHECKSUMS]}))} bytes; "
                 f"raise reserve_metadata_bytes above {self.reserve_metadata_bytes})."
             )
         assert self._fd is not None and self.temp_path is not None
@@ -438,6 +454,25 @@ class TrajectoryWriter:
         self.metadata = metadata
         _fsync_dir(self.path.parent)
         return self.path
+
+
+def _metadata_checksum(metadata: Mapping[str, str]) -> str:
+    """blake2b-256 hex of the metadata without its checksums entry (canonical JSON)."""
+    rest = {k: v for k, v in metadata.items() if k != META_CHECKSUMS}
+    return hashlib.blake2b(json.dumps(rest, sort_keys=True).encode(), digest_size=DIGEST_SIZE).hexdigest()
+
+
+def _hash_range(fd: int, offset: int, length: int) -> str:
+    """blake2b-256 hex of `length` bytes of `fd` from `offset`, read in 4 MiB blocks."""
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    done = 0
+    while done < length:
+        block = os.pread(fd, min(4 << 20, length - done), offset + done)
+        if not block:
+            break  # short file: the caller's comparison fails on the shorter hash input
+        h.update(block)
+        done += len(block)
+    return h.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -539,7 +574,7 @@ class TrajectoryReader:
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(self.path))
+                raise ArtifactError(f"{self.path}: expected a safetensors file, found a directory.")
             size = st.st_size
             self.file_size = size
             if size < 8:
@@ -814,6 +849,37 @@ class TrajectoryReader:
             raw = raw.copy()
         # Reinterpret bytes as the stored dtype (bf16 has no numpy dtype, so go through uint8).
         return torch.from_numpy(raw).view(spec.dtype).reshape(spec.shape)
+
+    def checksum_problems(self) -> list[str]:
+        """Tensors whose bytes do not hash to the checksum the writer recorded at finish() (META_CHECKSUMS);
+        one problem when the checksums are missing or unreadable."""
+        raw = self.metadata.get(META_CHECKSUMS)
+        if raw is None:
+            return [f"metadata {META_CHECKSUMS!r}: expected the tensors' checksums, got none"]
+        try:
+            stored = json.loads(raw)
+            if not isinstance(stored, dict):
+                raise ValueError
+        except ValueError:
+            return [f"metadata {META_CHECKSUMS!r}: expected a JSON object, got {raw[:60]!r}"]
+        problems = []
+        for name, want in sorted(stored.items()):
+            if name == _METADATA_KEY:
+                if _metadata_checksum(self.metadata) != want:
+                    problems.append("metadata: it does not hash to the checksum recorded when it was written (edited "
+                                    "after it was written)")
+                continue
+            if name not in self._offsets:
+                problems.append(f"{name}: checksummed at finish, but the file has no such tensor")
+                continue
+            begin, end = self._offsets[name]
+            if self._fd is None:
+                raise ArtifactError(f"{self.path}: cannot verify: the reader is closed.")
+            got = _hash_range(self._fd, self._data_start + begin, end - begin)
+            if got != want:
+                problems.append(f"{name}: its bytes do not hash to the checksum recorded when it was written "
+                                "(the file changed after it was written)")
+        return problems
 
     def release_pages(self) -> None:
         """Drop the map's resident pages (``madvise(MADV_DONTNEED)``): RSS falls back, tensors from

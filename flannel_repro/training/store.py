@@ -70,7 +70,11 @@ CACHEDIR_TAG = ("Signature: 8a477f597d28d172789f06886806bc55\n"
 def mark_cache_dir(root: Path) -> None:
     """Create `root` as a cache directory: a CACHEDIR.TAG (backup tools skip it) and a .gitignore that
     ignores everything in it, as pytest does for its own cache. Existing files are left as they are."""
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(f"{root}: expected a directory run artifacts can be written to; it could not be created "
+                            f"({exc.strerror or exc}).") from None
     for name, text in (("CACHEDIR.TAG", CACHEDIR_TAG), (".gitignore", "# created by flannel-repro\n*\n")):
         path = root / name
         if not path.exists():
@@ -79,6 +83,9 @@ def mark_cache_dir(root: Path) -> None:
                     f.write(text)
             except FileExistsError:
                 pass
+            except OSError as exc:
+                raise ArtifactError(f"{root}: expected a directory run artifacts can be written to; writing {name} "
+                                    f"failed ({exc.strerror or exc}).") from None
 
 
 # (path, inode, size, mtime) -> problems found: a file is verified once per process until it changes.
@@ -125,7 +132,7 @@ class RunStore:
     def path_for(self, config: "RunConfig", repeat: int, key: str) -> Path:
         return self.root / f"{run_name(config, repeat, key)}.safetensors"
 
-    def _usable(self, path: Path, key: str) -> "Trajectory | None":
+    def _usable(self, path: Path, key: str, material: dict[str, object]) -> "Trajectory | None":
         from flannel_repro.analysis.trajectory import Trajectory
 
         if not path.exists():
@@ -135,6 +142,13 @@ class RunStore:
         except ArtifactError:
             return None  # unreadable or incomplete: train it again (the rename below replaces it)
         if traj.run_key != key:
+            traj.close()
+            return None
+        if traj.key_material != json.loads(json.dumps(material)):
+            # the key in the file is right but what it claims to be made of is not: edited after training
+            self._rejected[path] = "its run-key material does not match its run key"
+            warnings.warn(f"{path.name}: the artifact's run-key material does not match its run key (edited after "
+                          "training); it is trained again", ArtifactWarning, stacklevel=4)
             traj.close()
             return None
         if not self.reuse_earlier and traj.metadata.get("session") != self.session:
@@ -167,15 +181,18 @@ class RunStore:
         material = run_key_material(config, data.hashes, repeat)
         key = key_of(material)
         path = self.path_for(config, repeat, key)
-        hit = self._usable(path, key)
+        hit = self._usable(path, key, material)
         if hit is not None:
             return Obtained(hit, trained=False)
         mark_cache_dir(self.root)
         stream.cleanup_partials(self.root)
         with FileLock(str(path) + ".lock", timeout=self.lock_timeout_s):
-            hit = self._usable(path, key)  # another worker may have finished it while we waited
+            hit = self._usable(path, key, material)  # another worker may have finished it while we waited
             if hit is not None:
                 return Obtained(hit, trained=False)
+            if path.is_dir() and not path.is_symlink():
+                raise ArtifactError(f"{path}: expected a run artifact (a file) or nothing at this path, got a directory; "
+                                    "remove it so the run can be stored.")
             if on_train_start is not None:
                 on_train_start(path)
             from flannel_repro.training.harness import train  # transformers is imported only when something trains
@@ -226,18 +243,19 @@ def writable_problem(root: str | Path) -> str | None:
     return None
 
 
-def clean_leftovers(root: str | Path) -> list[Path]:
+def clean_leftovers(root: str | Path, *, older_than_s: float = 60.0) -> list[Path]:
     """Remove what killed processes left in an artifacts directory: partial artifacts of writers that
     are gone (`stream.stale_partials`) and progress files of runs no one is training. Safe while
     other sessions use the directory: a progress file is removed only while this process holds its
     run's lock (a trainer holds it for the whole training), a partial only when its writer's pid is
-    not running and the file has not changed for a minute. Returns the removed paths."""
+    not running and the file has not changed for `older_than_s` (a live writer on another machine sharing
+    the directory keeps it fresh). Returns the removed paths."""
     from filelock import FileLock, Timeout
 
     directory = Path(root)
     if not directory.is_dir():
         return []
-    removed = stream.cleanup_partials(directory)
+    removed = stream.cleanup_partials(directory, older_than_s=older_than_s)
     for progress in sorted(directory.glob("*.safetensors.progress")):
         run = str(progress)[: -len(".progress")]
         try:
