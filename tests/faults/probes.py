@@ -828,8 +828,9 @@ def kill_trials(workdir: Path, trials: int, steps: int = 30, seed: int = 0) -> d
     reuses) the run bitwise equal to an uninterrupted one."""
     rng = random.Random(seed)
     ref_root = workdir / "reference"
-    t0 = time.perf_counter()
     ref = child(ref_root, steps)
+    ref.stdout.readline()  # "START": imports done; from here on the child loads data, builds the model, trains
+    t0 = time.perf_counter()
     out, err = ref.communicate(timeout=600)
     full = time.perf_counter() - t0
     if ref.returncode != 0:
@@ -837,17 +838,21 @@ def kill_trials(workdir: Path, trials: int, steps: int = 30, seed: int = 0) -> d
     (ref_path,) = ref_root.glob("*.safetensors")
     ref_digests = bytes(RunFile(ref_path).digests.numpy())
     root = workdir / "killed"
-    moments, wrong, completed = [], [], 0
+    moments, wrong, completed, mid_write = [], [], 0, 0
+    seen_partials: set[str] = set()
     for _ in range(trials):
         proc = child(root, steps)
         proc.stdout.readline()  # "START": imports done
-        delay = rng.uniform(0.0, full * 0.8)
+        delay = rng.uniform(0.0, full)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         moments.append(round(delay, 2))
-        wrong += _artifacts_read_as_whole_wrongly(root, ref_digests)
+        before = {p.name for p in root.glob("*.partial-*")} if root.exists() else set()
+        wrong += _artifacts_read_as_whole_wrongly(root, ref_digests) if root.exists() else []
         completed += bool(list(root.glob("*.safetensors")))
+        mid_write += len(before - seen_partials)  # this kill left a new partial: it landed while W was being written
+        seen_partials |= before
         for p in root.glob("*.safetensors"):  # a run that finished before the kill: start the next trial clean
             p.unlink()
     from flannel_repro.training.store import clean_leftovers
@@ -856,8 +861,9 @@ def kill_trials(workdir: Path, trials: int, steps: int = 30, seed: int = 0) -> d
     removed = clean_leftovers(root, older_than_s=0)
     final = RunStore(root).obtain(CFG.replace(steps=steps))
     equal = bytes(final.trajectory.digests.numpy()) == ref_digests and not final.trajectory.verify()
-    return {"trials": trials, "moments_s": moments, "full_run_s": round(full, 2), "read_as_whole_wrongly": wrong,
-            "finished_before_kill": completed, "partials_left": partials_before, "removed": len(removed),
+    return {"trials": trials, "moments_s": moments, "run_after_imports_s": round(full, 2), "read_as_whole_wrongly": wrong,
+            "killed_while_writing": mid_write, "finished_before_kill": completed, "partials_left": partials_before,
+            "removed": len(removed),
             "next_session_bitwise_equal": equal}
 
 
