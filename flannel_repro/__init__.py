@@ -25,6 +25,10 @@ _LAZY = {
     "all_pairs": "flannel_repro.analysis.divergence",
     "pair_divergence": "flannel_repro.analysis.divergence",
     "update_fraction": "flannel_repro.analysis.divergence",
+    "record_step": "flannel_repro.training.replay",
+    "first_divergent_operation": "flannel_repro.training.replay",
+    "OpLog": "flannel_repro.analysis.oplog",
+    "compare_logs": "flannel_repro.analysis.oplog",
 }
 
 

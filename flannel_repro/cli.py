@@ -9,10 +9,12 @@
     flannel-repro noise [--preset ci | --config FILE] [--seeds 42-45] [--variants PATH:THREADS,...] [-o FILE]
     flannel-repro prune [--artifacts DIR] [--dry-run]
     flannel-repro verify RUN.safetensors [RUN ...]
+    flannel-repro oplog RUN.safetensors --step K -o LOG.json
+    flannel-repro why A B [--step K]     (A, B: two run artifacts, or two op logs)
     flannel-repro --version
 
 Exit codes: 0 done (or: identical, all verified); 1 the result is negative (`digests --compare`: the
-run parts from the chain; `verify`: an artifact failed); 2 usage error (an option or argument);
+run parts from the chain; `verify`: an artifact failed; `why`: the runs differ); 2 usage error (an option or argument);
 3 input error (a file that is missing, unreadable, corrupt or inconsistent: the message names it, what
 was expected and what was got); 4 internal error (a bug: set FLANNEL_REPRO_TRACEBACK=1 to see the
 traceback, and please report it); 130 interrupted. Every error is one line on stderr, never a traceback.
@@ -33,7 +35,7 @@ from typing import Callable
 
 from flannel_repro.version import __version__
 from flannel_repro.config import MAX_THREADS, NUMERICS, PRESETS, ExperimentConfig
-from flannel_repro.errors import FlannelError
+from flannel_repro.errors import ConfigError, FlannelError
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -241,6 +243,40 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_NEGATIVE if failed else EXIT_OK
 
 
+def cmd_oplog(args: argparse.Namespace) -> int:
+    """Replay a run to a step and write every operation of that step (a few hundred kB of JSON)."""
+    from flannel_repro.storage.run import RunFile
+    from flannel_repro.training.replay import record_step
+
+    run = RunFile(args.run).require_verified()
+    config, digests = run.config, run.digests
+    run.close()
+    if not 1 <= args.step <= config.steps:
+        raise ConfigError(f"--step must be in 1..{config.steps} (the run's steps), got {args.step}.")
+    log, _ = record_step(config, args.step, expect_W_before=bytes(digests[args.step - 1].tolist()).hex(),
+                         label=Path(args.run).name)
+    log.write(args.output)
+    print(f"{args.output}: {len(log.ops)} operations of step {args.step} of {log.label} ({log.env['numerics_class']})")
+    return EXIT_OK
+
+
+def cmd_why(args: argparse.Namespace) -> int:
+    """Why two runs part: the first divergent operation (exit 1 when they differ)."""
+    from flannel_repro.analysis.oplog import OpLog, compare_logs
+    from flannel_repro.training.replay import first_divergent_operation
+
+    logs = [p.endswith(".json") for p in (args.a, args.b)]
+    if all(logs):
+        diff = compare_logs(OpLog.read(args.a), OpLog.read(args.b))
+    elif any(logs):
+        raise ConfigError(f"why: give two run artifacts or two op logs, got {args.a!r} and {args.b!r}.")
+    else:
+        diff = first_divergent_operation(args.a, args.b, step=args.step)
+    for line in diff.lines():
+        print(line)
+    return EXIT_OK if diff.identical else EXIT_NEGATIVE
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete (or, with --dry-run, list) what no run of this installation can reuse, with sizes."""
     from flannel_repro.training.store import prune
@@ -282,6 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify", help="check run artifacts from their bytes (exit 1 when one fails)")
     v.add_argument("runs", nargs="+", help="run artifacts (.safetensors)")
     v.set_defaults(func=cmd_verify)
+    o = sub.add_parser("oplog", help="replay a run to a step and write every operation of it (JSON), to compare "
+                       "on another machine with 'why'")
+    o.add_argument("run", help="a run artifact (.safetensors)")
+    o.add_argument("--step", type=_bounded_int(1, 10**9), required=True, help="the optimizer step to record (1-based)")
+    o.add_argument("-o", "--output", required=True, help="the op log to write (JSON)")
+    o.set_defaults(func=cmd_oplog)
+    y = sub.add_parser("why", help="the first operation that made two runs part (exit 1 when they differ)")
+    y.add_argument("a", help="a run artifact, or an op log (.json)")
+    y.add_argument("b", help="the other run artifact, or op log")
+    y.add_argument("--step", type=_bounded_int(1, 10**9), help="the step to examine (default: the first step the "
+                   "artifacts part at)")
+    y.set_defaults(func=cmd_why)
     for command in (e, i, d):
         command.add_argument("--no-verify", action="store_true", help="trust the artifacts without rehashing them "
                              "(they are verified by default)")

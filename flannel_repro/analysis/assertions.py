@@ -132,7 +132,9 @@ def assert_identical(a: TrajectoryLike, b: TrajectoryLike) -> None:
         headline = f"trajectories are not identical: W agrees at every step but the losses part at step {bad}"
     else:
         headline = f"trajectories are not identical: they part at step {first}"
-    raise AssertionError(_explain(headline, a, b, div))
+    why = (f"\n  which operation made them part: flannel-repro why {a.path} {b.path}"
+           f"\n  (or flannel_repro.first_divergent_operation(a, b) in Python)" if first else "")
+    raise AssertionError(_explain(headline, a, b, div) + why)
 
 
 def _first_digest_step(a: Trajectory, b: Trajectory) -> int | None:

@@ -179,67 +179,103 @@ def _use_fused_head(config: "RunConfig", device: torch.device) -> bool:
     return config.head == "fused" or device.type == "cpu"
 
 
-def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: Recorder,
-                  progress: Progress | None) -> dict[str, str]:
-    device = torch.device(config.device)
-    order = DataOrder(data.n_examples(config.seq_len), config.batch_size, config.data_seed)
-    model = build_model(config, W0, device)
-    model.train()  # dropout is 0, but train mode is what the Trainer runs
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, config.weight_decay), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps, weight_decay=config.weight_decay,
-        **({"fused": True} if config.optim == "adamw_torch_fused" else {}),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    forward = torch.compile(model) if config.compile == "default" else model
-    use_amp = config.amp == "bfloat16"
-    ids = data.ids
-    shifts_labels = trainer_counts_shifted_labels(model)
-    passes_num_items = trainer_passes_num_items(model)
+Phase = Callable[[str], contextlib.AbstractContextManager[Any]]
 
-    fused = _use_fused_head(config, device)
-    if not passes_num_items and fused:
-        # transformers 4.x trains GPT-2 on the model's own mean loss. The fused head's gradients equal the
-        # model's, but its mean can differ by an ulp in the recorded loss (measured under 4.46.3): use the
-        # model's head, which is the Trainer's arithmetic by construction.
-        if config.head == "fused":
-            raise ConfigError("head = 'fused' computes the loss as sum / num_items_in_batch, which the installed "
-                              "Trainer (transformers 4.x) does not use for this model; use head = 'auto' or 'reference'.")
-        fused = False
-    checked: dict[tuple[int, ...], str | None] = {}  # batch shape -> None (bitwise equal) or the difference
-    recorder.record(0, model)
-    for step in range(1, config.steps + 1):
-        starts = order.batch(step)  # (B,)
-        inputs, labels = make_batch(ids, starts, config.seq_len, config.label_mode)  # (B, T), (B, T)
+
+def _no_phase(_name: str) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+class TorchLoop:
+    """The torch engine: its model, optimizer, schedule and data order, and one optimizer step.
+
+    `_torch_engine` drives it with the recorder; `flannel_repro.training.replay` drives it to replay a
+    run to a step and record every operation of that step. `step(t, phase=...)` wraps each part of the
+    step (head-check, forward, backward, clip, optimizer) in `phase(name)`.
+    """
+
+    def __init__(self, config: "RunConfig", data: "CorpusData", W0: torch.Tensor) -> None:
+        self.config = config
+        self.device = device = torch.device(config.device)
+        self.order = DataOrder(data.n_examples(config.seq_len), config.batch_size, config.data_seed)
+        self.model = model = build_model(config, W0, device)
+        model.train()  # dropout is 0, but train mode is what the Trainer runs
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(model, config.weight_decay), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_eps, weight_decay=config.weight_decay,
+            **({"fused": True} if config.optim == "adamw_torch_fused" else {}),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.forward = torch.compile(model) if config.compile == "default" else model
+        self.use_amp = config.amp == "bfloat16"
+        self.ids = data.ids
+        self.shifts_labels = trainer_counts_shifted_labels(model)
+        self.passes_num_items = trainer_passes_num_items(model)
+        fused = _use_fused_head(config, device)
+        if not self.passes_num_items and fused:
+            # transformers 4.x trains GPT-2 on the model's own mean loss. The fused head's gradients equal the
+            # model's, but its mean can differ by an ulp in the recorded loss (measured under 4.46.3): use the
+            # model's head, which is the Trainer's arithmetic by construction.
+            if config.head == "fused":
+                raise ConfigError("head = 'fused' computes the loss as sum / num_items_in_batch, which the installed "
+                                  "Trainer (transformers 4.x) does not use for this model; use head = 'auto' or 'reference'.")
+            fused = False
+        self.fused = fused
+        self.checked: dict[tuple[int, ...], str | None] = {}  # batch shape -> None (bitwise equal) or the difference
+
+    def step(self, step: int, *, phase: Phase = _no_phase,
+             before_optimizer: Callable[[], None] | None = None) -> tuple[float, torch.Tensor]:
+        """Optimizer step `step` (1-based): (its loss, the batch's start indices)."""
+        config, device, model = self.config, self.device, self.model
+        starts = self.order.batch(step)  # (B,)
+        inputs, labels = make_batch(self.ids, starts, config.seq_len, config.label_mode)  # (B, T), (B, T)
         inputs, labels = inputs.to(device), labels.to(device)
         # transformers 5.x: the Trainer has the model divide the summed cross-entropy by its own count of
         # labels (num_items_in_batch): sum / n, not mean. See trainer_num_items for which labels it
         # counts. transformers 4.x passes nothing for GPT-2, which then returns its mean (None here).
-        n_targets = trainer_num_items(labels, shifts_labels) if passes_num_items else None
-        if fused and tuple(inputs.shape) not in checked:  # once per batch shape (the last batch of an epoch may be short)
-            problem = verify_fused_head(model, inputs, labels, n_targets, amp_dtype=torch.bfloat16 if use_amp else None)
-            checked[tuple(inputs.shape)] = problem
+        n_targets = trainer_num_items(labels, self.shifts_labels) if self.passes_num_items else None
+        if self.fused and tuple(inputs.shape) not in self.checked:  # once per batch shape (an epoch's last batch may be short)
+            with phase("head-check"):
+                problem = verify_fused_head(model, inputs, labels, n_targets,
+                                            amp_dtype=torch.bfloat16 if self.use_amp else None)
+            self.checked[tuple(inputs.shape)] = problem
             if problem is not None:
                 if config.head == "fused":
                     raise DeterminismError(f"head = 'fused' is not bitwise equal to the model's loss on {device} for a "
                                            f"batch of shape {tuple(inputs.shape)}: {problem}. Use head = 'auto' or 'reference'.")
-                fused = False
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = model_loss(forward, inputs, labels, n_targets, fused)  # float32
-        loss.backward()
+                self.fused = False
+        with phase("forward"), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            loss = model_loss(self.forward, inputs, labels, n_targets, self.fused)  # float32
+        with phase("backward"):
+            loss.backward()
         if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        recorder.capture_grads(model)
-        optimizer.step()
-        scheduler.step()
-        model.zero_grad()
-        loss_value = loss.item()
-        recorder.record(step, model, loss=loss_value, batch_starts=starts, optimizer=optimizer)
+            with phase("clip"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        if before_optimizer is not None:
+            before_optimizer()
+        with phase("optimizer"):
+            self.optimizer.step()
+            self.scheduler.step()
+            model.zero_grad()
+        return loss.item(), starts
+
+    def engine_metadata(self) -> dict[str, str]:
+        failed = {str(list(k)): v for k, v in self.checked.items() if v is not None}
+        return {"head": json.dumps({"requested": self.config.head, "used": "fused" if self.fused else "reference",
+                                    "checked_shapes": [list(k) for k in self.checked], "check_failures": failed},
+                                   sort_keys=True)}
+
+
+def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: Recorder,
+                  progress: Progress | None) -> dict[str, str]:
+    loop = TorchLoop(config, data, W0)
+    recorder.record(0, loop.model)
+    for step in range(1, config.steps + 1):
+        loss_value, starts = loop.step(step, before_optimizer=lambda: recorder.capture_grads(loop.model))
+        recorder.record(step, loop.model, loss=loss_value, batch_starts=starts, optimizer=loop.optimizer)
         if progress is not None:
             progress(step, config.steps, loss_value)
-    failed = {str(list(k)): v for k, v in checked.items() if v is not None}
-    return {"head": json.dumps({"requested": config.head, "used": "fused" if fused else "reference",
-                                "checked_shapes": [list(k) for k in checked], "check_failures": failed}, sort_keys=True)}
+    return loop.engine_metadata()
 
 
 def _hf_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: Recorder,

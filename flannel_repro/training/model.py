@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     from flannel_repro.config import RunConfig
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# Called with every model `build_model` makes, after W is in place: how `flannel_repro.training.plant`
+# plants nondeterminism into a run on purpose (tests of the suite). Empty in normal use.
+BUILD_HOOKS: list[Callable[["GPT2LMHeadModel"], None]] = []
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -64,6 +68,8 @@ def build_model(config: "RunConfig", W_initial: torch.Tensor, device: str | torc
     # Tied embeddings: the LM head must be the very same Parameter as W, or recording W would miss
     # half of its updates.
     assert model.lm_head.weight is model.transformer.wte.weight
+    for hook in BUILD_HOOKS:
+        hook(model)
     return model
 
 
