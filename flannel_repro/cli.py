@@ -101,7 +101,7 @@ def cmd_bounds(args: argparse.Namespace) -> int:
         print(f"  seed {s}: final ‖ΔW‖_F = {finals[-1]:.6g}, data-order share = {share:.4f}", file=sys.stderr)
     measured = (f"{len(finals)} pairs (seed {base} vs {others[0]}..{others[-1]}), {run.steps} steps: final F in "
                 f"[{min(finals):.6g}, {max(finals):.6g}], share in [{min(shares):.4f}, {max(shares):.4f}]")
-    bound = derive(finals, shares, scale=scale_key(run), measured=measured)
+    bound = derive(finals, shares, scale=scale_key(run, ref.data_info), measured=measured)
     print(to_toml(args.name, bound))
     return 0
 

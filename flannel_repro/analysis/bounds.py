@@ -1,19 +1,24 @@
-"""Divergence bounds derived from measured runs, keyed by the scale they were measured at.
+"""Divergence bounds derived from measured runs, keyed by the scale and the data they were measured on.
 
-A bound is only meaningful for the configuration it was measured on, so each entry carries the
-"scale key": the config fingerprint with the per-run knobs (seeds, device, engine, threads, what is
-recorded) neutralised. The engines are bitwise equal, so the engine does not enter the key; the device
-does not either (a bound is an upper limit on seed-to-seed divergence, which the tests check per
-device).
+A bound is only meaningful for the configuration and the data it was measured on, so each entry carries
+the "scale key": the config fingerprint with the per-run knobs (seeds, device, engine, threads, what is
+recorded) neutralised, and the content hashes of the tokenizer and the corpus. The engines are bitwise
+equal, so the engine does not enter the key; the device does not either (a bound is an upper limit on
+seed-to-seed divergence, which the tests check per device). The data does: a band derived on the
+embedded synthetic corpus says nothing about a real-text corpus (measured: the data-order share of a
+Python-docstrings corpus fell below the synthetic data's band), and file paths are not in the config's
+fingerprint, so without the hashes another corpus would silently get this one's bounds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from flannel_repro.config import RunConfig
 from flannel_repro.errors import ConfigError
@@ -30,11 +35,30 @@ class Bound:
     measured: str  # how it was derived (pairs, steps, command)
 
 
-def scale_key(config: RunConfig) -> str:
+def scale_key(config: RunConfig, data: Mapping[str, Any]) -> str:
+    """The key of bounds and noise bands: the neutralised config and the data's content hashes.
+
+    `data` holds the tokenizer's and corpus's sha256, as `CorpusData.hashes` ({"tokenizer", "corpus"})
+    or as an artifact's or summary's data description ({"tokenizer_sha256", "corpus_sha256"})."""
     neutral = config.replace(model_seed=0, data_seed=0, engine="torch", device="cpu", threads=0, record_W=True,
                              record_grads=False, record_momentum=False, record_variance=False, record_logits=False,
                              deterministic=False)
-    return neutral.fingerprint()
+    hashes = {}
+    for name in ("tokenizer", "corpus"):
+        value = data.get(name) or data.get(f"{name}_sha256")
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"scale key: expected the {name}'s sha256 in the data description, got {value!r}; a bound "
+                              "belongs to the data it was derived on.")
+        hashes[name] = value
+    payload = json.dumps({"config": neutral.fingerprint(), **hashes}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def data_hashes(config: RunConfig) -> dict[str, str]:
+    """The content hashes of the data `config` trains on (loads it: tokenises the corpus once, then cached)."""
+    from flannel_repro.data.corpus import load_data
+
+    return dict(load_data(config).hashes)
 
 
 def load_bounds(path: str | Path) -> dict[str, Bound]:
@@ -58,8 +82,9 @@ def load_bounds(path: str | Path) -> dict[str, Bound]:
     return out
 
 
-def bound_for(config: RunConfig, path: str | Path) -> Bound | None:
-    return load_bounds(path).get(scale_key(config))
+def bound_for(config: RunConfig, path: str | Path, data: Mapping[str, Any] | None = None) -> Bound | None:
+    """The bound derived for this config on this data (`data`: its hashes; loaded from the config when None)."""
+    return load_bounds(path).get(scale_key(config, data if data is not None else data_hashes(config)))
 
 
 def derive(final_frobenius: Iterable[float], order_shares: Iterable[float], *, scale: str, measured: str) -> Bound:

@@ -18,7 +18,7 @@ What the band says is also what it does not allow:
   W_initial fails however wide the later bands are.
 
 Bands are stored as JSON (`flannel_noise_bands.json` beside the tests, or `--flannel-noise-bands`),
-one entry per scale (`bounds.scale_key`: the config with seeds, device, engine and threads
+one entry per scale (`bounds.scale_key`: the data's hashes and the config with seeds, device, engine and threads
 neutralised), with how they were measured. `flannel-repro noise` (`training.variants`) trains the
 variants and derives them with `derive_band`.
 """
@@ -122,7 +122,10 @@ def summary_scale(summary: Summary) -> str:
     cfg = tree.get("config") if isinstance(tree, Mapping) else None
     if not isinstance(cfg, Mapping):
         raise ArtifactError("summary: expected a 'config' table to find its noise band, got none.")
-    return scale_key(RunConfig.from_dict(cfg, source="summary config"))
+    data = tree.get("data") if isinstance(tree, Mapping) else None
+    if not isinstance(data, Mapping):
+        raise ArtifactError("summary: expected a 'data' table (the data's hashes) to find its noise band, got none.")
+    return scale_key(RunConfig.from_dict(cfg, source="summary config"), data)
 
 
 # --- measuring -------------------------------------------------------------------------------------------

@@ -96,7 +96,9 @@ def derive_from_training(config: Any, seeds: Sequence[int], variants: Sequence[t
                 "classes": classes, "seeds": f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0]),
                 "steps": config.steps, "machine": machine_line(), "command": command,
                 "date": time.strftime("%Y-%m-%d")}
-    return derive_band(pairs, scale=scale_key(config), margin=margin, measured=measured)
+    from flannel_repro.analysis.bounds import data_hashes
+
+    return derive_band(pairs, scale=scale_key(config, data_hashes(config)), margin=margin, measured=measured)
 
 
 def _train_main(spec_text: str) -> int:

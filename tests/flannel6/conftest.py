@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flannel_repro.analysis.bounds import Bound, bound_for, scale_key
+from flannel_repro.analysis.bounds import Bound, bound_for, data_hashes, scale_key
 
 BOUNDS = Path(__file__).with_name("bounds.toml")
 
@@ -18,10 +18,12 @@ def derived_bound(flannel_config):  # noqa: ANN201
     what it can (the measurement is worth having even without a bound)."""
 
     def get() -> Bound:
-        bound = bound_for(flannel_config.run, BOUNDS)
+        hashes = data_hashes(flannel_config.run)
+        bound = bound_for(flannel_config.run, BOUNDS, hashes)
         if bound is None:
-            pytest.skip(f"no divergence bound derived for this configuration (scale {scale_key(flannel_config.run)}); "
-                        f"the measurement was recorded; derive a bound with `flannel-repro bounds` and add it to {BOUNDS}")
+            pytest.skip(f"no divergence bound derived for this configuration on this data (scale "
+                        f"{scale_key(flannel_config.run, hashes)}: config and the tokenizer's and corpus's hashes); the "
+                        f"measurement was recorded; derive a bound with `flannel-repro bounds` and add it to {BOUNDS}")
         return bound
 
     return get

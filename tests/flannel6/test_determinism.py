@@ -52,7 +52,7 @@ def test_final_divergence_within_derived_bound(trajectory, train_seed, device, f
     assert_divergence_below(a, b, max_frobenius=derived_bound().max_frobenius)
 
 
-def test_data_order_alone_accounts_for_the_divergence(trajectory, train_seed, device, flannel_config, derived_bound,
+def test_data_order_share_within_derived_band(trajectory, train_seed, device, flannel_config, derived_bound,
                                                       record_property):
     """The notebook's question: with model_seed fixed, how much of the divergence is data order?
 
