@@ -11,6 +11,7 @@
     flannel-repro verify RUN.safetensors [RUN ...]
     flannel-repro oplog RUN.safetensors --step K -o LOG.json
     flannel-repro why A B [--step K]     (A, B: two run artifacts, or two op logs)
+    flannel-repro sources [--preset ci | --config FILE] [--seed 42 --other 43] [--sources a,b] [--json]
     flannel-repro --version
 
 Exit codes: 0 done (or: identical, all verified); 1 the result is negative (`digests --compare`: the
@@ -277,6 +278,35 @@ def cmd_why(args: argparse.Namespace) -> int:
     return EXIT_OK if diff.identical else EXIT_NEGATIVE
 
 
+def cmd_sources(args: argparse.Namespace) -> int:
+    """Divergence by source: each thing a training seed drives, changed alone against a base run."""
+    import json
+
+    from flannel_repro.analysis.sources import SOURCES, divergence_by_source, source_configs
+    from flannel_repro.training.store import RunStore
+
+    exp = _experiment(args)
+    base = exp.run.with_train_seed(args.seed)
+    if args.threads:
+        base = base.replace(threads=args.threads)
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()] if args.sources else list(SOURCES)
+    variants = source_configs(base, other_seed=args.other, sources=sources)
+    store = RunStore(args.artifacts)
+    print(f"  run base seed={args.seed} ...", file=sys.stderr, flush=True)
+    ref = store.obtain(base).trajectory
+    others = {}
+    for source, (config, repeat) in variants.items():
+        print(f"  run {source} ...", file=sys.stderr, flush=True)
+        others[source] = store.obtain(config, repeat=repeat).trajectory
+    table = divergence_by_source(ref, others)
+    if args.json:
+        print(json.dumps(table.to_json(), indent=2))
+    else:
+        for line in table.lines():
+            print(line)
+    return EXIT_OK
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete (or, with --dry-run, list) what no run of this installation can reuse, with sizes."""
     from flannel_repro.training.store import prune
@@ -330,6 +360,17 @@ def main(argv: list[str] | None = None) -> int:
     y.add_argument("--step", type=_bounded_int(1, 10**9), help="the step to examine (default: the first step the "
                    "artifacts part at)")
     y.set_defaults(func=cmd_why)
+    c = sub.add_parser("sources", help="divergence by source: data order, initialisation, numerics, none, each "
+                       "changed alone against a base run")
+    c.add_argument("--preset", choices=sorted(PRESETS), default="ci", help="the experiment's starting point (default: ci)")
+    c.add_argument("--config", help="TOML experiment config (instead of --preset)")
+    c.add_argument("--seed", type=_bounded_int(0, 2**63 - 1), default=42, help="the base run's seed (default: 42)")
+    c.add_argument("--other", type=_bounded_int(0, 2**63 - 1), default=43, help="the seed a source changes to (default: 43)")
+    c.add_argument("--sources", help="comma-separated subset of data_order, model_init, threads, engine, none (default: all)")
+    c.add_argument("--threads", type=_bounded_int(0, MAX_THREADS), default=1, help="the base run's threads (default: 1)")
+    c.add_argument("--artifacts", default=".flannel/artifacts", help="run artifacts directory, shared with pytest")
+    c.add_argument("--json", action="store_true", help="print the table as JSON")
+    c.set_defaults(func=cmd_sources)
     for command in (e, i, d):
         command.add_argument("--no-verify", action="store_true", help="trust the artifacts without rehashing them "
                              "(they are verified by default)")

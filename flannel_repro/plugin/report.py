@@ -70,6 +70,7 @@ class ControllerReporter:
         self.results: list[tuple[str, str, list[dict[str, Any]]]] = []
         self.metrics: dict[str, list[float]] = {}
         self.cross_class: list[dict[str, Any]] = []  # snapshots compared against another numerics class
+        self.sources: list[dict[str, Any]] = []  # divergence-by-source tables recorded by claims
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen: dict[str, float] = {}
@@ -78,6 +79,8 @@ class ControllerReporter:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when in ("call", "setup"):
             self.cross_class.extend(json.loads(v) for k, v in report.user_properties if k == "flannel_cross_class")
+        if report.when == "call":
+            self.sources.extend(json.loads(v) for k, v in report.user_properties if k == "flannel_sources")
         claims = [json.loads(v) for k, v in report.user_properties if k == "flannel_claim"]
         uses = any(k == "flannel_uses_trajectory" for k, _ in report.user_properties)
         if (report.when == "call" and (claims or uses)) or (report.when == "setup" and report.skipped and uses):
@@ -170,6 +173,14 @@ class ControllerReporter:
                 tr.write_line("divergence by pair class:")
                 for cls, claims in sorted(by_class.items()):
                     tr.write_line("  " + _class_line(cls, claims))
+            for recorded in self.sources:
+                from flannel_repro.analysis.sources import SourceRow, SourceTable
+
+                table = SourceTable(base=f"{recorded['base']} [{recorded.get('device', '?')}]",
+                                    rows=[SourceRow(**row) for row in recorded["rows"]])
+                tr.write_line("")
+                for line in table.lines():
+                    tr.write_line(line)
             if self.metrics:
                 tr.write_line("")
                 tr.write_line("measured by the claims (record_property):")
