@@ -701,6 +701,10 @@ class Comparison:
         for side, chain in self.chains.items():
             if not chain.identical:
                 lines.append(f"  {side + ': ' if side else ''}{chain.describe()}")
+        parted = sorted({c.first_step for c in self.chains.values() if c.first_step})
+        if parted:
+            lines.append(f"  which operation moved it: `flannel-repro oplog ARTIFACT --step {parted[0]} -o here.json` here "
+                         "and where the snapshot holds, then `flannel-repro why here.json there.json`")
         lines.extend("  " + line for line in self.environment_line())
         lines.append("")
         rows = [("field", "stored", "obtained", "difference", "allowed")]

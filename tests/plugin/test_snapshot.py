@@ -80,6 +80,7 @@ def test_five_step_workflow(tiny_experiment, mode):
         f"E*AssertionError: flannel snapshot test_summary[[]{K}[]] moved: * of * compared values differ (tolerance: exact)",
         f"E*snapshot file: __snapshots__/test_ci/test_summary[[]{K}[]].flannel",
         "E*the trajectories part at step 1 (steps 0..0 agree; at step 1 stored *, obtained *)",
+        "E*which operation moved it: `flannel-repro oplog ARTIFACT --step 1 -o here.json` here and where*",
         "E*environment: same as stored (torch *",
         "E*field*stored*obtained*difference*allowed",
         "E*config.lr*0.001*0.002*+0.001*exact",
