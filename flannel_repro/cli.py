@@ -65,8 +65,7 @@ def _experiment(args: argparse.Namespace) -> ExperimentConfig:
 
 def cmd_bounds(args: argparse.Namespace) -> int:
     """Train (or reuse) the runs the Flannel 6 claims compare and print a bounds.toml table."""
-    from flannel_repro.analysis.assertions import measure_divergence as divergence, relative_divergence
-    from flannel_repro.analysis.bounds import derive, scale_key, to_toml
+    from flannel_repro.analysis.bounds import measure_bound, to_toml
     from flannel_repro.training.store import RunStore
 
     exp = _experiment(args)
@@ -74,37 +73,25 @@ def cmd_bounds(args: argparse.Namespace) -> int:
         exp = exp.replace(run=exp.run.replace(threads=args.threads))
     store = RunStore(args.artifacts)
     seeds = exp.train_seeds
-    if len(seeds) < 2:
-        print("bounds need at least two training seeds", file=sys.stderr)
-        return 2
-    run = exp.run
-
-    def get(**changes):  # noqa: ANN003, ANN202
-        cfg = run.replace(**changes)
-        print(f"  run model_seed={cfg.model_seed} data_seed={cfg.data_seed} ...", file=sys.stderr, flush=True)
-        return store.obtain(cfg).trajectory
-
+    if len(seeds) < 2 and not args.compare_seeds:
+        raise ConfigError(f"bounds: expected at least two training seeds or --compare-seeds, got seeds {list(seeds)}.")
     base = seeds[0]
-    others = seeds[1:]
+    others: tuple[int, ...] = seeds[1:]
     if args.compare_seeds:
         from flannel_repro.config import parse_seeds
 
-        others = tuple(s for s in parse_seeds(args.compare_seeds) if s != base)
-    ref = get(model_seed=base, data_seed=base)
-    both = {s: get(model_seed=s, data_seed=s) for s in others}
-    order_only = {s: get(model_seed=base, data_seed=s) for s in others}
-    finals, shares = [], []
-    for s in others:
-        d_both = divergence(ref, both[s])
-        finals.append(d_both.at(run.steps)["frobenius"])
-        share = relative_divergence(divergence(ref, order_only[s]), d_both)
-        shares.append(share)
-        print(f"  seed {s}: final ‖ΔW‖_F = {finals[-1]:.6g}, data-order share = {share:.4f}", file=sys.stderr)
-    measured = (f"{len(finals)} pairs (seed {base} vs {others[0]}..{others[-1]}), {run.steps} steps: final F in "
-                f"[{min(finals):.6g}, {max(finals):.6g}], share in [{min(shares):.4f}, {max(shares):.4f}]")
-    bound = derive(finals, shares, scale=scale_key(run, ref.data_info), measured=measured)
+        try:
+            others = parse_seeds(args.compare_seeds)
+        except ValueError as exc:
+            raise ConfigError(f"--compare-seeds: {exc}") from None
+
+    def obtain(cfg):  # noqa: ANN001, ANN202
+        print(f"  run model_seed={cfg.model_seed} data_seed={cfg.data_seed} ...", file=sys.stderr, flush=True)
+        return store.obtain(cfg).trajectory
+
+    bound = measure_bound(exp.run, base, others, obtain, log=lambda line: print("  " + line, file=sys.stderr))
     print(to_toml(args.name, bound))
-    return 0
+    return EXIT_OK
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -32,3 +32,28 @@ def test_a_scale_key_needs_the_data():
     run = PRESETS["ci"]().run
     described = {f"{k}_sha256": v for k, v in data_hashes(run).items()}
     assert scale_key(run, described) == scale_key(run, data_hashes(run))  # an artifact's description keys the same
+
+
+def test_a_session_on_other_data_skips_the_bound_claims_or_derives_them_when_asked(tmp_path):
+    """The Flannel 6 suite on data with no committed bound: the two bound claims skip with the way to
+    derive one; with --flannel-derive-bounds they derive it from the held-out seeds and run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    exp = tmp_path / "exp.toml"  # the tiny embedded data set: no bound was derived on it
+    exp.write_text('dataset = "tiny"\nvocab_size = 512\nsteps = 2\nbatch_size = 8\nseq_len = 32\n'
+                   '[experiment]\nn_runs = 2\n')
+    common = [sys.executable, "-m", "pytest", str(root / "tests" / "flannel6"), "-q", "-p", "no:xdist", "-p",
+              "no:cacheprovider", "-rs", f"--flannel-config={exp}", f"--flannel-artifacts={tmp_path / 'a'}",
+              "--flannel-progress=0"]
+    env = {**__import__("os").environ, "FLANNEL_REPRO_CACHE": str(tmp_path / "cache")}
+    skipped = subprocess.run(common, cwd=root, capture_output=True, text=True, timeout=900, env=env)
+    assert skipped.returncode == 0, skipped.stdout[-2000:]
+    assert "no divergence bound derived for this configuration on this data" in skipped.stdout
+    assert "--flannel-derive-bounds" in skipped.stdout
+    derived = subprocess.run([*common, "--flannel-derive-bounds=46"], cwd=root, capture_output=True, text=True,
+                             timeout=900, env=env)
+    assert derived.returncode == 0, derived.stdout[-2000:]
+    assert "skipped" not in derived.stdout.splitlines()[-1], derived.stdout[-1500:]

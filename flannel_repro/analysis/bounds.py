@@ -18,7 +18,7 @@ import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from flannel_repro.config import RunConfig
 from flannel_repro.errors import ConfigError
@@ -96,6 +96,29 @@ def derive(final_frobenius: Iterable[float], order_shares: Iterable[float], *, s
         raise ValueError("derive() needs at least one finite divergence and one finite share.")
     return Bound(scale=scale, max_frobenius=max(frobs) * MARGIN, order_share_min=min(shares) / MARGIN,
                  order_share_max=max(shares) * MARGIN, measured=measured)
+
+
+def measure_bound(run: RunConfig, base: int, others: Sequence[int], obtain: Callable[[RunConfig], Any], *,
+                  log: Callable[[str], None] | None = None) -> Bound:
+    """Train (or reuse, through `obtain(config) -> Trajectory`) seed `base` against each of `others`, both
+    seeds changed and data order alone, and derive the bound of the Flannel 6 claims from them."""
+    from flannel_repro.analysis.assertions import measure_divergence, relative_divergence
+
+    others = [s for s in others if s != base]
+    if not others:
+        raise ConfigError(f"bounds need at least one seed other than the base seed {base}.")
+    ref = obtain(run.replace(model_seed=base, data_seed=base))
+    finals, shares = [], []
+    for s in others:
+        d_both = measure_divergence(ref, obtain(run.replace(model_seed=s, data_seed=s)))
+        finals.append(d_both.at(run.steps)["frobenius"])
+        shares.append(relative_divergence(measure_divergence(ref, obtain(run.replace(model_seed=base, data_seed=s))),
+                                          d_both))
+        if log is not None:
+            log(f"seed {s}: final ‖ΔW‖_F = {finals[-1]:.6g}, data-order share = {shares[-1]:.4f}")
+    measured = (f"{len(finals)} pairs (seed {base} vs {others[0]}..{others[-1]}), {run.steps} steps: final F in "
+                f"[{min(finals):.6g}, {max(finals):.6g}], share in [{min(shares):.4f}, {max(shares):.4f}]")
+    return derive(finals, shares, scale=scale_key(run, ref.data_info), measured=measured)
 
 
 def to_toml(name: str, bound: Bound) -> str:

@@ -55,6 +55,8 @@ _OPTIONS: dict[str, tuple[str, str]] = {
                       "within its measured noise band)."),
     "noise-bands": ("flannel_noise_bands", "JSON file of noise bands for tolerant comparisons across numerics classes "
                     "(default: flannel_noise_bands.json beside the test file)."),
+    "derive-bounds": ("flannel_derive_bounds", "held-out seeds, e.g. '46-61': where no divergence bound was derived "
+                      "for this config and data, derive one in this session from these seeds (trains 2 runs per seed)."),
     "rtol": ("flannel_rtol", "relative tolerance of flannel_snapshot float comparisons (default 0: exact)."),
     "atol": ("flannel_atol", "absolute tolerance of flannel_snapshot float comparisons (default 0: exact)."),
 }
@@ -98,6 +100,7 @@ class FlannelSession:
     tolerance: dict[str, float] = field(default_factory=dict)  # rtol / atol from options or ini
     missing_class: str = "skip"  # what flannel_snapshot does when only other numerics classes have a snapshot
     noise_bands: Path | None = None  # --flannel-noise-bands (None: flannel_noise_bands.json beside the test file)
+    derive_bounds: tuple[int, ...] | None = None  # --flannel-derive-bounds: held-out seeds for an in-session bound
     runs: dict[str, RunRecord] = field(default_factory=dict)
     leftovers_removed: list[str] = field(default_factory=list)  # partial/progress files of killed runs, cleaned at start
     _store: "RunStore | None" = None
@@ -325,6 +328,14 @@ def build_session(config: pytest.Config) -> FlannelSession:
         if not noise_bands.is_file():
             raise _usage("noise-bands", "the path of an existing noise-bands JSON file (flannel-repro noise -o FILE)",
                          str(noise_bands))
+    derive_raw = _get(config, "flannel_derive_bounds")
+    derive_bounds = None
+    if derive_raw is not None:
+        try:
+            derive_bounds = parse_seeds(derive_raw)
+        except ValueError:
+            raise _usage("derive-bounds", "held-out seeds: a range '46-61' or a list '46,47,50' in 0..2**63-1",
+                         derive_raw) from None
     artifacts_raw = _get(config, "flannel_artifacts")
     artifacts_dir = Path(artifacts_raw) if artifacts_raw else Path(".flannel") / "artifacts"
     if not artifacts_dir.is_absolute():
@@ -350,6 +361,7 @@ def build_session(config: pytest.Config) -> FlannelSession:
         experiment=exp, artifacts_dir=artifacts_dir,
         session_id=session_id or uuid.uuid4().hex, reuse_earlier=not fresh, threads=threads,
         progress_interval=interval, tolerance=tolerance, missing_class=missing_class, noise_bands=noise_bands,
+        derive_bounds=derive_bounds,
     )
 
 
