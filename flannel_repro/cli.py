@@ -41,6 +41,22 @@ from flannel_repro.errors import ConfigError, FlannelError
 EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
+def _print_json(value: object) -> None:
+    """Machine-readable output of a command (--json): one JSON document on stdout; NaN becomes null."""
+    import json
+
+    def clean(x: object) -> object:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    print(json.dumps(clean(value), indent=2, sort_keys=True, allow_nan=False))
+
+
 def _runs(args: argparse.Namespace, paths: list[str]) -> list[Path]:
     """The run artifacts named on the command line, verified unless --no-verify (ArtifactError on the first
     that fails)."""
@@ -109,11 +125,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     if not args.no_verify:
         traj.require_verified()
     c = traj.config
+    fraction = update_fraction(traj.reader) if traj.has_W else None
+    steps = sorted({s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, c.steps) if s <= c.steps})
+    if args.json:
+        _print_json({"run": str(traj.path), "label": traj.label, "config": c.to_dict(), "fingerprint": c.fingerprint(),
+                     "threads": traj.metadata.get("threads"), "steps_per_s": traj.steps_per_s,
+                     "wall_time_s": traj.wall_time_s, "numerics_class": (traj.env.get("numerics") or {}).get("class"),
+                     "steps": [{"step": s, "loss": float(traj.losses[s]),
+                                "W_changed_fraction": None if fraction is None else float(fraction[s])} for s in steps],
+                     "mean_W_changed_fraction": None if fraction is None else float(np.nanmean(fraction)),
+                     "digest_first": traj.digest_hex(0), "digest_last": traj.digest_hex(c.steps)})
+        return EXIT_OK
     print(f"{traj.path.name}: {traj.label}, {c.steps} steps, dtype {c.dtype}, labels {c.label_mode}")
     print(f"  config {c.fingerprint()}, threads {traj.metadata.get('threads', '?')}, "
           f"{traj.steps_per_s:.2f} steps/s, wall {traj.wall_time_s:.1f} s")
-    fraction = update_fraction(traj.reader) if traj.has_W else None
-    steps = sorted({s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, c.steps) if s <= c.steps})
     print(f"  {'step':>6} {'loss':>10} {'W entries changed':>18}")
     for s in steps:
         changed = "n/a" if fraction is None else f"{100 * float(fraction[s]):.3f}%"
@@ -136,6 +161,9 @@ def cmd_divergence(args: argparse.Namespace) -> int:
     from flannel_repro.analysis.divergence import all_pairs
 
     result = all_pairs(_runs(args, args.runs))
+    if args.json:
+        _print_json({"runs": list(args.runs), **result.summary()})
+        return EXIT_OK
     for key, value in result.summary().items():
         print(f"{key}: {value}")
     return 0
@@ -152,6 +180,10 @@ def cmd_digests(args: argparse.Namespace) -> int:
     traj.require_verified()  # the stored digests are checked against W before anyone trusts them
     if args.compare:
         result, lines = compare_run_to_chain(traj, args.compare)
+        if args.json:
+            _print_json({"run": args.run, "chain": args.compare, "identical": result.identical,
+                         "first_step": result.first_step, "report": lines})
+            return 0 if result.identical else 1
         print(f"{args.run} vs {args.compare}: {lines[0]}")
         for line in lines[1:]:
             print(line)
@@ -173,6 +205,9 @@ def cmd_numerics(args: argparse.Namespace) -> int:
 
     apply(args.mode)
     info = numerics_info("cpu", threads=args.threads, deterministic=False, mode=args.mode)
+    if args.json:
+        _print_json({"mode": args.mode, "threads": args.threads, "machine": machine_line(), **info})
+        return EXIT_OK
     print(f"{info['class']}  ({args.mode}, {args.threads} thread(s), {machine_line()})")
     for key, value in info.get("probe", {}).items():
         print(f"  {key}: {value}")
@@ -215,6 +250,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from flannel_repro.storage.run import RunFile
 
     failed = 0
+    rows = []
     for path in args.runs:
         try:
             run = RunFile(path)
@@ -226,8 +262,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
             finally:
                 run.close()
         failed += bool(problems)
-        print(f"{path}: {'FAILED: ' + '; '.join(problems) if problems else 'ok'}")
-    print(f"{len(args.runs) - failed} of {len(args.runs)} verified")
+        rows.append({"run": path, "ok": not problems, "problems": problems})
+        if not args.json:
+            print(f"{path}: {'FAILED: ' + '; '.join(problems) if problems else 'ok'}")
+    if args.json:
+        _print_json({"runs": rows, "verified": len(args.runs) - failed, "total": len(args.runs)})
+    else:
+        print(f"{len(args.runs) - failed} of {len(args.runs)} verified")
     return EXIT_NEGATIVE if failed else EXIT_OK
 
 
@@ -260,8 +301,11 @@ def cmd_why(args: argparse.Namespace) -> int:
         raise ConfigError(f"why: give two run artifacts or two op logs, got {args.a!r} and {args.b!r}.")
     else:
         diff = first_divergent_operation(args.a, args.b, step=args.step)
-    for line in diff.lines():
-        print(line)
+    if args.json:
+        _print_json(diff.to_json())
+    else:
+        for line in diff.lines():
+            print(line)
     return EXIT_OK if diff.identical else EXIT_NEGATIVE
 
 
@@ -299,6 +343,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from flannel_repro.training.store import prune
 
     orphans = prune(args.artifacts, dry_run=args.dry_run)
+    if args.json:
+        _print_json({"artifacts": str(args.artifacts), "dry_run": args.dry_run,
+                     "files": [{"path": str(o.path), "bytes": o.size, "reason": o.reason} for o in orphans],
+                     "total_bytes": sum(o.size for o in orphans)})
+        return EXIT_OK
     verb = "would delete" if args.dry_run else "deleted"
     for o in orphans:
         print(f"{o.size / 1e6:>10.1f} MB  {o.path.name}: {o.reason}")
@@ -393,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                    ".flannel/artifacts)")
     r.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     r.set_defaults(func=cmd_prune)
+    for command in (i, d, v, n, r, y, g):
+        command.add_argument("--json", action="store_true", help="print the result as one JSON document")
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(raw)  # exits 2 on a usage error
     args.raw_argv = raw

@@ -84,3 +84,33 @@ def test_exit_codes_are_the_documented_ones_and_never_a_traceback(tiny_runs, tmp
     monkeypatch.setenv("FLANNEL_REPRO_TRACEBACK", "1")
     with pytest.raises(RuntimeError, match="boom"):
         main(["info", str(tiny_runs[0])])
+
+
+def test_json_output_of_every_command_that_prints_results(tiny_runs, tmp_path, capsys, tiny_config):
+    import json
+
+    TINY_CLI = tiny_config.replace(steps=3)  # noqa: N806 -- the tiny_runs' config
+
+    def doc(argv, code=0):  # noqa: ANN001, ANN202
+        assert main(argv) == code, argv
+        return json.loads(capsys.readouterr().out)
+
+    info = doc(["info", "--json", str(tiny_runs[0])])
+    assert info["config"]["steps"] == 3 and [r["step"] for r in info["steps"]] == [1, 2, 3]
+    assert 0 <= info["steps"][0]["W_changed_fraction"] <= 1 and len(info["digest_last"]) == 64
+    div = doc(["divergence", "--json", *map(str, tiny_runs)])
+    assert div["n_pairs"] == 3 and div["final_frobenius_max"] > 0 and div["first_step_min"] == 1
+    ver = doc(["verify", "--json", *map(str, tiny_runs)])
+    assert ver["verified"] == ver["total"] == 3 and all(r["ok"] for r in ver["runs"])
+    num = doc(["numerics", "--json"])
+    assert num["class"].startswith("cpu-") and num["threads"] == 1
+    pr = doc(["prune", "--json", "--dry-run", "--artifacts", str(tmp_path)])
+    assert pr["dry_run"] is True and isinstance(pr["files"], list)
+    chain = tmp_path / "chain.json"
+    assert main(["digests", str(tiny_runs[0]), "-o", str(chain)]) == 0
+    capsys.readouterr()
+    cmp = doc(["digests", "--json", str(tiny_runs[1]), "--compare", str(chain)], code=1)
+    assert cmp["identical"] is False and cmp["first_step"] == 1 and cmp["report"]
+    order = train(TINY_CLI.with_train_seed(42).replace(data_seed=43), tmp_path / "order.safetensors").path
+    why = doc(["why", "--json", str(tiny_runs[0]), str(order)], code=1)
+    assert why["kind"] == "data" and why["identical"] is False and "batches differ" in why["detail"]

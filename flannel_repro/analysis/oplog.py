@@ -159,6 +159,16 @@ class OpDiff:
     def identical(self) -> bool:
         return self.kind == "identical"
 
+    def to_json(self) -> dict[str, Any]:
+        def op(r: OpRecord | None) -> dict[str, Any] | None:
+            return None if r is None else {"index": r.index, **r.to_json()}
+
+        return {"step": self.step, "a": self.a, "b": self.b, "kind": self.kind, "identical": self.identical,
+                "root": op(self.root), "root_b": op(self.root_b), "first_output": op(self.first_output),
+                "differing_ops": self.differing_ops, "total_ops": self.total_ops,
+                "config_changes": {k: list(v) for k, v in self.config_changes.items()}, "detail": self.detail,
+                "max_abs": self.max_abs, "max_ulps": self.max_ulps}
+
     def lines(self) -> list[str]:
         head = f"step {self.step}: {self.a}  vs  {self.b}"
         out = [head]
