@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from flannel_repro.errors import ArtifactError, ConfigError
+from flannel_repro.storage.jsonfile import read_json, write_text_atomic
 from flannel_repro.analysis.summary import Comparison, FieldChange, Summary, compare
 
 BANDS_FORMAT = "flannel-repro/noise-bands/1"
@@ -88,12 +89,9 @@ class NoiseBand:
 def read_bands(path: str | os.PathLike[str]) -> dict[str, NoiseBand]:
     """The bands of a file, by scale; {} when the file does not exist."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    data = read_json(p, "a noise-bands JSON file", missing=None)
+    if data is None:
         return {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{p}: expected a noise-bands JSON file, got unparsable text ({exc}).") from None
     if not isinstance(data, dict) or data.get("format") != BANDS_FORMAT:
         raise ArtifactError(f"{p}: expected format {BANDS_FORMAT!r}, got {data.get('format') if isinstance(data, dict) else data!r}.")
     return {b.scale: b for b in (NoiseBand.from_json(e, source=str(p)) for e in data.get("bands", []))}
@@ -107,10 +105,7 @@ def write_bands(path: str | os.PathLike[str], bands: Iterable[NoiseBand]) -> Pat
         merged[band.scale] = band
     text = json.dumps({"format": BANDS_FORMAT, "bands": [merged[k].to_json() for k in sorted(merged)]},
                       indent=2, sort_keys=True) + "\n"
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    return write_text_atomic(p, text, "the noise bands")
 
 
 def summary_scale(summary: Summary) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from flannel_repro.errors import ArtifactError
+from flannel_repro.storage.jsonfile import read_json, write_text_atomic
 
 OPLOG_FORMAT = "flannel-repro/op-log/1"
 
@@ -104,25 +105,12 @@ class OpLog:
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write as JSON (atomically: a temporary file renamed)."""
-        out = Path(path)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(self.to_json(), separators=(",", ":")), encoding="utf-8")
-            os.replace(tmp, out)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise ArtifactError(f"{out}: could not write the op log ({exc.strerror or exc}).") from None
-        return out
+        return write_text_atomic(path, json.dumps(self.to_json(), separators=(",", ":")), "the op log")
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> "OpLog":
         p = Path(path)
-        try:
-            raw = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ArtifactError(f"{p}: expected an op log (flannel-repro oplog -o), found no such file.") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ArtifactError(f"{p}: expected an op log (JSON), got unreadable or unparsable text ({exc}).") from None
+        raw = read_json(p, "an op log (JSON, written by flannel-repro oplog -o)")
         if not isinstance(raw, dict) or raw.get("format") != OPLOG_FORMAT:
             got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
             raise ArtifactError(f"{p}: expected format {OPLOG_FORMAT!r}, got {got!r}.")

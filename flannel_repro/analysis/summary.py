@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, Union
 
 from flannel_repro.devices import DEVICE_KINDS, device_kind
 from flannel_repro.errors import ArtifactError, ConfigError
+from flannel_repro.storage.jsonfile import read_json, write_text_atomic
 
 if TYPE_CHECKING:
     from flannel_repro.storage.run import RunFile
@@ -241,20 +242,11 @@ class DigestChain:
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write the chain as JSON (sorted keys, one row of prefixes per line)."""
-        out = Path(path)
-        out.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return out
+        return write_text_atomic(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n", "the digest chain")
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> "DigestChain":
-        p = Path(path)
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ArtifactError(f"{p}: expected a digest chain JSON file, found no such file.") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{p}: expected a digest chain JSON file, got unparsable text ({exc}).") from None
-        return cls.from_json(data, source=str(p))
+        return cls.from_json(read_json(path, "a digest chain JSON file"), source=str(path))
 
     def compare(self, obtained: "DigestChain") -> ChainComparison:
         """Compare `obtained` against this (stored) chain, step by step."""
