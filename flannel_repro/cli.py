@@ -278,12 +278,13 @@ def cmd_oplog(args: argparse.Namespace) -> int:
     from flannel_repro.training.replay import record_step
 
     run = RunFile(args.run).require_verified()
-    config, digests = run.config, run.digests
-    run.close()
+    config = run.config
     if not 1 <= args.step <= config.steps:
+        run.close()
         raise ConfigError(f"--step must be in 1..{config.steps} (the run's steps), got {args.step}.")
-    log, _ = record_step(config, args.step, expect_W_before=bytes(digests[args.step - 1].tolist()).hex(),
-                         label=Path(args.run).name)
+    before = run.digest_hex(args.step - 1)
+    run.close()
+    log, _ = record_step(config, args.step, expect_W_before=before, label=Path(args.run).name)
     log.write(args.output)
     print(f"{args.output}: {len(log.ops)} operations of step {args.step} of {log.label} ({log.env['numerics_class']})")
     return EXIT_OK

@@ -213,26 +213,13 @@ def record_step(config: "RunConfig", step: int, *, data: "CorpusData | None" = N
     `expect_W_before` (the artifact's digest of W at step - 1, hex), a replay that does not reproduce
     the run is a DeterminismError.
     """
-    from flannel_repro.data.corpus import load_data
-    from flannel_repro.training.allocator import tune_malloc
-    from flannel_repro.training.determinism import deterministic_mode, torch_threads
-    from flannel_repro.training.harness import TorchLoop, check_device
-    from flannel_repro.training.model import embedding, shared_init_W
-    from flannel_repro.training.numerics import apply as apply_numerics, numerics_info
+    from flannel_repro.training.model import embedding
+    from flannel_repro.training.numerics import numerics_info
 
     if not 1 <= step <= config.steps:
         raise ConfigError(f"step must be in 1..{config.steps} (the run's steps), got {step}.")
     DebugMode = _debug_mode()
-    check_device(config.device)
-    if config.compile != "none":
-        raise ConfigError("operations are recorded in eager mode; got compile = "
-                          f"{config.compile!r} (record the eager run: compile = 'none').")
-    apply_numerics(config.numerics, config.device)
-    tune_malloc()
-    data = data if data is not None else load_data(config)
-    W0 = shared_init_W(config)
-    with torch_threads(config.threads) as threads, deterministic_mode(config.deterministic):
-        loop = TorchLoop(config, data, W0)
+    with _replaying(config, data) as (loop, threads):
         for t in range(1, step):
             loop.step(t)
         W_before = digest_tensor(embedding(loop.model).detach().cpu()).hex()
@@ -270,23 +257,36 @@ def state_digests(loop: Any) -> dict[str, str]:
     return out
 
 
-def state_trace(config: "RunConfig", upto: int, *, data: "CorpusData | None" = None) -> list[str]:
-    """One digest of the whole training state (all parameters, optimizer state, learning rate) after each
-    step 0..upto: W alone can hide a divergence that has already begun in the other parameters."""
+@contextlib.contextmanager
+def _replaying(config: "RunConfig", data: "CorpusData | None") -> Iterator[tuple[Any, int]]:
+    """A fresh `harness.TorchLoop` for `config` at step 0, inside the settings `train()` runs under
+    (device check, numerics, malloc tuning, threads, deterministic mode); yields (loop, threads)."""
     from flannel_repro.data.corpus import load_data
+    from flannel_repro.training.allocator import tune_malloc
     from flannel_repro.training.determinism import deterministic_mode, torch_threads
-    from flannel_repro.training.harness import TorchLoop
+    from flannel_repro.training.harness import TorchLoop, check_device
     from flannel_repro.training.model import shared_init_W
     from flannel_repro.training.numerics import apply as apply_numerics
 
+    check_device(config.device)
+    if config.compile != "none":
+        raise ConfigError("operations are recorded in eager mode; got compile = "
+                          f"{config.compile!r} (record the eager run: compile = 'none').")
     apply_numerics(config.numerics, config.device)
+    tune_malloc()
     data = data if data is not None else load_data(config)
+    with torch_threads(config.threads) as threads, deterministic_mode(config.deterministic):
+        yield TorchLoop(config, data, shared_init_W(config)), threads
+
+
+def state_trace(config: "RunConfig", upto: int, *, data: "CorpusData | None" = None) -> list[str]:
+    """One digest of the whole training state (all parameters, optimizer state, learning rate) after each
+    step 0..upto: W alone can hide a divergence that has already begun in the other parameters."""
 
     def whole(loop: Any) -> str:
         return hashlib.blake2b(repr(sorted(state_digests(loop).items())).encode(), digest_size=16).hexdigest()
 
-    with torch_threads(config.threads), deterministic_mode(config.deterministic):
-        loop = TorchLoop(config, data, shared_init_W(config))
+    with _replaying(config, data) as (loop, _threads):
         trace = [whole(loop)]
         for t in range(1, upto + 1):
             loop.step(t)
