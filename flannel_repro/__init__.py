@@ -29,6 +29,9 @@ _LAZY = {
     "first_divergent_operation": "flannel_repro.training.replay",
     "OpLog": "flannel_repro.analysis.oplog",
     "compare_logs": "flannel_repro.analysis.oplog",
+    "assert_not_stalled": "flannel_repro.analysis.stall",
+    "stall_profile": "flannel_repro.analysis.stall",
+    "write_report": "flannel_repro.report",
 }
 
 

@@ -587,7 +587,7 @@ def test_write_run_checks_the_number_of_steps(tmp_path: Path) -> None:
         layout.write_run(tmp_path / "long.safetensors", W, steps=2, live_mask=live, config={})
     with pytest.raises(ArtifactError, match=r"expected W for steps 0\.\.2, got no step"):
         layout.write_run(tmp_path / "empty.safetensors", [], steps=2, live_mask=live, config={})
-    with pytest.raises(ArtifactError, match=r"rows never written: \{'W': 1, 'digests': 1\}"):
+    with pytest.raises(ArtifactError, match=r"rows never written: \{'updates': 1, 'W': 1, 'digests': 1\}"):
         layout.write_run(tmp_path / "short.safetensors", W[:2], steps=2, live_mask=live, config={})
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing half-written may stay behind"
     ok = layout.write_run(tmp_path / "ok.safetensors", W[:3], steps=2, live_mask=live, config={})

@@ -56,7 +56,7 @@ def pair_class(a: Trajectory, b: Trajectory) -> str:
     return "different " + ", ".join(diff)
 
 
-def _notify(claim: str, a: Trajectory, b: Trajectory, stats: dict[str, Any]) -> None:
+def notify(claim: str, a: Trajectory, b: Trajectory, stats: dict[str, Any]) -> None:
     for observer in list(_observers):
         observer(claim, a, b, stats)
 
@@ -123,7 +123,7 @@ def assert_identical(a: TrajectoryLike, b: TrajectoryLike) -> None:
     first = first_divergent_step(a.reader, b.reader) if a.has_W and b.has_W else _first_digest_step(a, b)
     losses_equal = torch.equal(a.losses.view(torch.int32), b.losses.view(torch.int32))
     stats: dict[str, Any] = {"first_step": first, "identical": first is None and losses_equal}
-    _notify("identical", a, b, stats)
+    notify("identical", a, b, stats)
     if first is None and losses_equal:
         return
     div = _divergence(a, b) if a.has_W and b.has_W else None
@@ -148,7 +148,7 @@ def assert_same_start(a: TrajectoryLike, b: TrajectoryLike) -> None:
     __tracebackhide__ = True
     a, b = _traj(a), _traj(b)
     same = torch.equal(a.digests[0], b.digests[0])
-    _notify("same_start", a, b, {"first_step": None if same else 0})
+    notify("same_start", a, b, {"first_step": None if same else 0})
     if not same:
         raise AssertionError(_explain("the two runs do not start from the same W (step 0 differs)", a, b,
                                       _divergence(a, b) if a.has_W and b.has_W else None, at_step=0))
@@ -160,7 +160,7 @@ def assert_diverged(a: TrajectoryLike, b: TrajectoryLike, *, by_step: int | None
     a, b = _traj(a), _traj(b)
     _check_same_run_shape(a, b)
     first = _first_digest_step(a, b)
-    _notify("diverged", a, b, {"first_step": first, "by_step": by_step})
+    notify("diverged", a, b, {"first_step": first, "by_step": by_step})
     if first is not None and (by_step is None or first <= by_step):
         return first
     div = _divergence(a, b) if a.has_W and b.has_W else None
@@ -193,7 +193,7 @@ def assert_divergence_below(a: TrajectoryLike, b: TrajectoryLike, *, max_frobeni
         failures.append(f"‖ΔW‖_F = {s['frobenius']:.6g} > bound {max_frobenius:.6g}")
     if max_abs is not None and not s["max_abs"] <= max_abs:
         failures.append(f"max|ΔW| = {s['max_abs']:.6g} > bound {max_abs:.6g}")
-    _notify("divergence_below", a, b, {**s, "first_step": div.first_step, "max_frobenius": max_frobenius,
+    notify("divergence_below", a, b, {**s, "first_step": div.first_step, "max_frobenius": max_frobenius,
                                         "max_abs_bound": max_abs, "ok": not failures})
     if failures:
         raise AssertionError(_explain(f"divergence at step {step} exceeds its bound: " + "; ".join(failures),

@@ -243,7 +243,8 @@ def _warn_digests(ra: TrajectoryReader, rb: TrajectoryReader, by_digest: int | N
 
 # --- one pair -----------------------------------------------------------------------------------
 
-_FIELDS = ("max_abs", "frobenius", "rows_differ", "rows_differ_live", "rows_differ_dead")
+_FIELDS = ("max_abs", "frobenius", "frobenius_live", "rows_differ", "rows_differ_live", "rows_differ_dead")
+_FLOAT_FIELDS = ("max_abs", "frobenius", "frobenius_live")
 
 
 def _table(steps: Sequence[int], rows: Sequence[dict[str, Any]]) -> str:
@@ -261,8 +262,9 @@ def _table(steps: Sequence[int], rows: Sequence[dict[str, Any]]) -> str:
 class PairDivergence:
     """Divergence of run b from run a, per step; arrays are aligned with ``steps`` (0..S by default).
 
-    max_abs: max |ΔW| (float64), frobenius: ‖ΔW‖_F (float64), rows_differ: number of token rows
-    with any bit different, split into live and dead tokens by the live mask.
+    max_abs: max |ΔW| (float64), frobenius: ‖ΔW‖_F (float64), frobenius_live: ‖ΔW‖_F over the live
+    tokens' rows only (the dead rows' part is sqrt(frobenius² - frobenius_live²)), rows_differ: number
+    of token rows with any bit different, split into live and dead tokens by the live mask.
     """
 
     name_a: str
@@ -272,10 +274,15 @@ class PairDivergence:
     steps: np.ndarray
     max_abs: np.ndarray
     frobenius: np.ndarray
+    frobenius_live: np.ndarray
     rows_differ: np.ndarray
     rows_differ_live: np.ndarray
     rows_differ_dead: np.ndarray
     first_step: int | None
+
+    def live_share(self) -> np.ndarray:
+        """Per step, the live tokens' share of ‖ΔW‖²_F (NaN where the runs agree)."""
+        return _live_share(self.frobenius, self.frobenius_live)
 
     def _index(self, step: int) -> int:
         hits = np.flatnonzero(self.steps == step)
@@ -293,7 +300,7 @@ class PairDivergence:
         out: dict[str, Any] = {"step": int(step)}
         for f in _FIELDS:
             v = getattr(self, f)[k]
-            out[f] = float(v) if f in ("max_abs", "frobenius") else int(v)
+            out[f] = float(v) if f in _FLOAT_FIELDS else int(v)
         return out
 
     def table(self, steps: Sequence[int] | None = None) -> str:
@@ -359,6 +366,8 @@ class _PairKernel:
         self.mx = torch.empty((max(1, self.n_chunks), P), dtype=torch.float64)
         self.mn = torch.empty((max(1, self.n_chunks), P), dtype=torch.float64)
         self.ss = torch.empty((max(1, self.n_chunks), P), dtype=torch.float64)
+        self.ssl = torch.empty((max(1, self.n_chunks), P), dtype=torch.float64)  # live rows only
+        self.rs = torch.empty(P * self.cv, dtype=torch.float64)  # per-row sums of d² of one chunk
         self.differ = torch.empty((P, n), dtype=torch.bool)
         self.differ_live = torch.empty((P, n), dtype=torch.bool)
         self.live = live[v0:v1].clone()
@@ -367,6 +376,7 @@ class _PairKernel:
         P = self.P
         self.res_max = np.zeros((P, T), dtype=np.float64)
         self.res_sumsq = np.zeros((P, T), dtype=np.float64)
+        self.res_sumsq_live = np.zeros((P, T), dtype=np.float64)
         self.res_rows = np.zeros((P, T), dtype=np.int64)
         self.res_live = np.zeros((P, T), dtype=np.int64)
 
@@ -412,7 +422,10 @@ class _PairKernel:
                 d64 = flat.square_()
             if self.exact_square:
                 torch.amax(d64, dim=1, out=self.mx[c])  # max d² (NaN propagates)
-            torch.sum(d64, dim=1, out=self.ss[c])
+            rs = self.rs[: P * m].view(P, m)
+            torch.sum(d64.view(P, m, H), dim=2, out=rs)  # per token row, then over the rows
+            torch.sum(rs, dim=1, out=self.ss[c])
+            torch.sum(rs[:, self.live[a0:a1]], dim=1, out=self.ssl[c])
             ne = self.ne[: P * m * self.words].view(P, m, self.words)
             self._slots(torch.ne, words[:, a0:a1], ne)
             differ = self.differ[:, a0:a1]
@@ -432,6 +445,7 @@ class _PairKernel:
             max_abs = torch.maximum(self.mx[:nc].amax(dim=0), self.mn[:nc].amin(dim=0).neg_())
         self.res_max[:, k] = max_abs.numpy()
         self.res_sumsq[:, k] = self.ss[:nc].sum(dim=0).numpy()
+        self.res_sumsq_live[:, k] = self.ssl[:nc].sum(dim=0).numpy()
         self.res_rows[:, k] = self.differ.sum(dim=1).numpy()
         torch.logical_and(self.differ, self.live, out=self.differ_live)
         self.res_live[:, k] = self.differ_live.sum(dim=1).numpy()
@@ -451,8 +465,8 @@ def _n_workers(n_pairs: int, vocab: int, hidden: int) -> int:
 
 def _pair_scan(
     readers: Sequence[TrajectoryReader], steps: np.ndarray, live: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(max_abs, sumsq, rows_differ, rows_differ_live) of every pair (combinations order) at every
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(max_abs, sumsq, sumsq_live, rows_differ, rows_differ_live) of every pair (combinations order) at every
     step in `steps`, each (P, len(steps)). Each run's W_t is read once per step, split between the
     worker threads by token rows."""
     (_, vocab, hidden), dtype = _w_layout(readers)
@@ -501,14 +515,16 @@ def _pair_scan(
     order = kernels[0].slot_order
     max_abs = kernels[0].res_max
     sumsq = kernels[0].res_sumsq
+    sumsq_live = kernels[0].res_sumsq_live
     rows = kernels[0].res_rows
     rows_live = kernels[0].res_live
     for kern in kernels[1:]:
         max_abs = np.maximum(max_abs, kern.res_max)  # propagates NaN
         sumsq = sumsq + kern.res_sumsq
+        sumsq_live = sumsq_live + kern.res_sumsq_live
         rows = rows + kern.res_rows
         rows_live = rows_live + kern.res_live
-    return max_abs[order], sumsq[order], rows[order], rows_live[order]
+    return max_abs[order], sumsq[order], sumsq_live[order], rows[order], rows_live[order]
 
 
 class _PairStepper:
@@ -526,15 +542,16 @@ class _PairStepper:
         self.d64 = torch.empty((vocab, hidden), dtype=torch.float64)
         self.ne = torch.empty((vocab, hidden), dtype=torch.bool)
 
-    def __call__(self, ra: TrajectoryReader, rb: TrajectoryReader, t: int) -> tuple[float, float, int, int, int]:
+    def __call__(self, ra: TrajectoryReader, rb: TrajectoryReader, t: int) -> tuple[float, float, float, int, int, int]:
         wa, wb = (r.row(KEY_W, t, out=w) for r, w in zip((ra, rb), self.w))
         differ = torch.ne(wa.view(self.bits), wb.view(self.bits), out=self.ne).any(dim=1)  # (V,) rows
         d = self.d.copy_(wa).sub_(self.x.copy_(wb))  # upcast, then subtract: exact (module docstring)
         frob = math.sqrt(float(self.d64.copy_(d).square_().sum()))  # squares summed in float64
+        frob_live = math.sqrt(float(self.d64[self.live].sum()))
         max_abs = float(d.abs_().max()) if d.numel() else 0.0
         live_n = int((differ & self.live).sum())
         total = int(differ.sum())
-        return max_abs, frob, total, live_n, total - live_n
+        return max_abs, frob, frob_live, total, live_n, total - live_n
 
 
 def pair_divergence(
@@ -555,7 +572,7 @@ def pair_divergence(
         chosen = _steps(steps, n, f"{ra.path} vs {rb.path}")
         live = _live_mask([ra], live_mask, vocab)
         stepper = _PairStepper(vocab, hidden, dtype, live)
-        out = {f: np.zeros(chosen.size, dtype=np.float64 if f in ("max_abs", "frobenius") else np.int64) for f in _FIELDS}
+        out = {f: np.zeros(chosen.size, dtype=np.float64 if f in _FLOAT_FIELDS else np.int64) for f in _FIELDS}
         for k, t in enumerate(chosen):
             for f, v in zip(_FIELDS, stepper(ra, rb, int(t))):
                 out[f][k] = v
@@ -586,6 +603,7 @@ class PairwiseDivergence:
     pairs: np.ndarray
     max_abs: np.ndarray
     frobenius: np.ndarray
+    frobenius_live: np.ndarray
     rows_differ: np.ndarray
     rows_differ_live: np.ndarray
     rows_differ_dead: np.ndarray
@@ -651,6 +669,12 @@ class PairwiseDivergence:
         return out
 
 
+def _live_share(frobenius: np.ndarray, frobenius_live: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.square(frobenius_live) / np.square(frobenius)
+    return np.where(frobenius > 0, share, np.nan)
+
+
 def _step_index(steps: np.ndarray, step: int) -> int:
     hits = np.flatnonzero(steps == step)
     if not hits.size:
@@ -702,7 +726,7 @@ def all_pairs(
         R = len(readers)
         pairs = np.array(list(itertools.combinations(range(R), 2)), dtype=np.int64)
         P = pairs.shape[0]
-        max_abs, sumsq, rows, rows_live = _pair_scan(readers, chosen, live)
+        max_abs, sumsq, sumsq_live, rows, rows_live = _pair_scan(readers, chosen, live)
         frob = np.sqrt(sumsq)
         if _covers_all(chosen, n):
             first = np.full(P, NEVER, dtype=np.int64)
@@ -719,6 +743,7 @@ def all_pairs(
             pairs=pairs,
             max_abs=max_abs,
             frobenius=frob,
+            frobenius_live=np.sqrt(sumsq_live),
             rows_differ=rows,
             rows_differ_live=rows_live,
             rows_differ_dead=rows - rows_live,

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from flannel_repro.bits import bits_view
 from flannel_repro.errors import ArtifactError
 from flannel_repro.storage.stream import DIGEST_SIZE, TensorSpec, TrajectoryReader, TrajectoryWriter, digest_as_tensor, digest_tensor
 
@@ -37,6 +38,12 @@ KEY_GRADS = "grads"  # optional (S+1, V, H)
 KEY_EXP_AVG = "exp_avg"  # optional (S+1, V, H)
 KEY_EXP_AVG_SQ = "exp_avg_sq"  # optional (S+1, V, H)
 KEY_PROBE_LOGITS = "probe_logits"  # optional, (S+1, ...) logits on a fixed probe batch
+# (S+1, 3) float32, per step t (NaN at t = 0 and where unknown): the share of W's entries whose bits
+# changed from t-1 to t; of the entries the optimizer proposed a nonzero update for, the share whose
+# stored weight did not move (the update was lost to rounding); the share of Adam's second-moment
+# entries whose bits changed. Columns named by UPDATE_FIELDS.
+KEY_UPDATES = "updates"
+UPDATE_FIELDS = ("changed", "lost", "second_moment_moved")
 
 
 # --- per-run artifact helpers -------------------------------------------------------------------
@@ -54,6 +61,7 @@ def run_artifact_specs(
     exp_avg_sq: bool = False,
     probe_logits_shape: tuple[int, ...] | None = None,
     record_W: bool = True,
+    updates: bool = True,
 ) -> list[TensorSpec]:
     """The specs of one run's artifact (see the KEY_* constants for meanings)."""
     rows = (steps + 1, vocab_size, hidden_dim)
@@ -65,12 +73,21 @@ def run_artifact_specs(
     ]
     if record_W:
         specs.insert(0, TensorSpec(KEY_W, dtype, rows))
+    if updates:
+        specs.append(TensorSpec(KEY_UPDATES, torch.float32, (steps + 1, len(UPDATE_FIELDS))))
     for key, wanted in ((KEY_GRADS, grads), (KEY_EXP_AVG, exp_avg), (KEY_EXP_AVG_SQ, exp_avg_sq)):
         if wanted:
             specs.append(TensorSpec(key, dtype, rows))
     if probe_logits_shape is not None:
         specs.append(TensorSpec(KEY_PROBE_LOGITS, dtype, (steps + 1, *probe_logits_shape)))
     return specs
+
+
+def changed_share(before: torch.Tensor | None, after: torch.Tensor) -> float:
+    """The share of entries whose bits differ between two tensors of one dtype (NaN without `before`)."""
+    if before is None or not after.numel():
+        return float("nan")
+    return float(torch.count_nonzero(bits_view(before) != bits_view(after))) / after.numel()
 
 
 def run_metadata(config: Mapping[str, Any], data: Mapping[str, Any], **extra: str) -> dict[str, str]:
@@ -115,10 +132,14 @@ def write_run(
         w.write(KEY_LOSSES, losses if losses is not None else torch.full((steps + 1,), float("nan")))
         w.write(KEY_BATCH_STARTS, batch_starts if batch_starts is not None
                 else torch.zeros(steps, batch_size, dtype=torch.int64))
+        prev = None
         for t, W in enumerate(itertools.chain([first], rows)):
             if t > steps:
                 raise ArtifactError(f"{path}: expected W for steps 0..{steps}, got more.")
             w.write_row(KEY_W, t, W)
+            # no optimizer here: only the share of entries that changed is known
+            w.write_row(KEY_UPDATES, t, torch.tensor([changed_share(prev, W), float("nan"), float("nan")]))
+            prev = W
             w.write_row(KEY_DIGESTS, t, digest_as_tensor(digest_tensor(W if digests_of is None else digests_of[t])))
         return w.finish()
 

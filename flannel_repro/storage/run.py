@@ -148,6 +148,17 @@ class RunFile:
         return self.reader[layout.KEY_BATCH_STARTS]
 
     @cached_property
+    def updates(self) -> dict[str, torch.Tensor]:
+        """Per step (steps + 1,) float32 each, NaN where unknown (layout.KEY_UPDATES): `changed` (the
+        share of W's entries that changed), `lost` (of the proposed updates, the share lost to
+        rounding), `second_moment_moved` (the share of Adam's exp_avg_sq entries that changed)."""
+        if layout.KEY_UPDATES not in self.reader:
+            raise ArtifactError(f"{self.path}: no {layout.KEY_UPDATES!r} tensor (written by an older flannel-repro); "
+                                "retrain the run to get the update statistics.")
+        table = self.reader.read(layout.KEY_UPDATES)
+        return {name: table[:, i].clone() for i, name in enumerate(layout.UPDATE_FIELDS)}
+
+    @cached_property
     def live_mask(self) -> torch.Tensor:
         return self.reader.read(layout.KEY_LIVE_MASK)
 

@@ -271,7 +271,7 @@ def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, rec
     loop = TorchLoop(config, data, W0)
     recorder.record(0, loop.model)
     for step in range(1, config.steps + 1):
-        loss_value, starts = loop.step(step, before_optimizer=lambda: recorder.capture_grads(loop.model))
+        loss_value, starts = loop.step(step, before_optimizer=lambda: recorder.capture_grads(loop.model, loop.optimizer))
         recorder.record(step, loop.model, loss=loss_value, batch_starts=starts, optimizer=loop.optimizer)
         if progress is not None:
             progress(step, config.steps, loss_value)
@@ -300,8 +300,8 @@ def _hf_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, record
             self.loss: torch.Tensor | None = None
             self.consumed = 0
 
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-            recorder.capture_grads(model)
+        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001
+            recorder.capture_grads(model, optimizer)
 
         def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001
             step = state.global_step

@@ -16,6 +16,7 @@ import torch
 
 from flannel_repro.storage import layout, stream
 from flannel_repro.storage.stream import TensorSpec, TrajectoryWriter, digest_tensor
+from flannel_repro.bits import bits_view
 from flannel_repro.data.corpus import make_batch
 from flannel_repro.training.model import embedding, torch_dtype
 
@@ -38,6 +39,72 @@ def artifact_specs(config: "RunConfig") -> list[TensorSpec]:
     )
 
 
+def _inner(optimizer: Any) -> Any:
+    """The torch optimizer behind a wrapper (accelerate's AcceleratedOptimizer keeps it as .optimizer)."""
+    return getattr(optimizer, "optimizer", optimizer) if optimizer is not None else None
+
+
+class UpdateTracker:
+    """Per step, what happened to W's proposed updates (the bf16 stall diagnostic, layout.KEY_UPDATES).
+
+    * changed: the share of W's entries whose bits changed in the step;
+    * lost: of the entries Adam(W) proposed a nonzero update for, the share whose stored weight did not
+      move. The proposed update is recomputed in float32 from the optimizer's state after the step
+      (exp_avg, exp_avg_sq, step) and the step's lr, weight decay, betas and eps:
+      u = -lr*wd*w - lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps). An update smaller than half a bf16 ulp
+      of the weight rounds away: that is the loss this measures, whatever kernel applied it;
+    * second_moment_moved: the share of exp_avg_sq's entries whose bits changed (in bf16,
+      `exp_avg_sq.mul_(0.999)` rounds to itself: 0.999 is 1.0 in bf16).
+
+    NaN where it cannot be known: step 0, an optimizer that is not Adam-like or was not handed over.
+    Costs a few elementwise passes over W per step and two copies of W's size.
+    """
+
+    def __init__(self) -> None:
+        self._prev_w: torch.Tensor | None = None
+        self._prev_v: torch.Tensor | None = None
+        self._group: dict[str, Any] | None = None
+
+    def before_step(self, param: torch.nn.Parameter, optimizer: Any) -> None:
+        opt = _inner(optimizer)
+        self._group = None
+        if opt is None:
+            return
+        for group in opt.param_groups:
+            if any(p is param for p in group["params"]):
+                if "betas" in group and "eps" in group and not group.get("amsgrad", False):
+                    self._group = {k: float(group[k]) if k != "betas" else tuple(map(float, group[k]))
+                                   for k in ("lr", "weight_decay", "betas", "eps")}
+                return
+
+    def after_step(self, param: torch.nn.Parameter, optimizer: Any) -> torch.Tensor:
+        nan = float("nan")
+        w = param.detach()
+        changed = layout.changed_share(self._prev_w, w)
+        lost = moved = nan
+        opt = _inner(optimizer)
+        state = opt.state.get(param, {}) if opt is not None else {}
+        m, v, t = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
+        if m is not None and v is not None and t is not None:
+            moved = layout.changed_share(self._prev_v if self._prev_v is not None else torch.zeros_like(v), v)
+            if self._group is not None and self._prev_w is not None:
+                g = self._group
+                t = float(t)
+                b1, b2 = g["betas"]
+                with torch.no_grad():
+                    denom = (v.float() / (1 - b2 ** t)).sqrt_().add_(g["eps"])
+                    u = m.float().div_(denom).mul_(-g["lr"] / (1 - b1 ** t))
+                    u.sub_(self._prev_w.float(), alpha=g["lr"] * g["weight_decay"])
+                    proposed = u != 0
+                    n_proposed = int(torch.count_nonzero(proposed))
+                    kept = bits_view(self._prev_w) == bits_view(w)
+                    lost = int(torch.count_nonzero(proposed & kept)) / n_proposed if n_proposed else nan
+            self._prev_v = v.detach().clone()
+        self._prev_w = w.clone()
+        self._group = None
+        return torch.tensor([changed, lost, moved], dtype=torch.float32)
+
+
 class Recorder:
     """Streams one run's trajectory into `path` (atomically: the file appears only when complete)."""
 
@@ -52,6 +119,7 @@ class Recorder:
             **{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()})
         # W is covered row by row by its digests; every other tensor gets a checksum at finish
         self.writer = TrajectoryWriter(Path(path), artifact_specs(config), meta, checksum_exclude=(layout.KEY_W,))
+        self._updates = UpdateTracker()
         self._probe = None
         if config.record_logits:
             starts = probe_starts(data.n_examples(config.seq_len), config.probe_examples)
@@ -75,8 +143,10 @@ class Recorder:
 
     # -- per step ----------------------------------------------------------------------------
 
-    def capture_grads(self, model: torch.nn.Module) -> None:
-        """Call after clipping, before optimizer.step(): keeps the gradient of W the optimizer will use."""
+    def capture_grads(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Call after clipping, before optimizer.step(): keeps the gradient of W the optimizer will use,
+        and (with the optimizer) the hyperparameters of the step about to be taken."""
+        self._updates.before_step(embedding(model), optimizer)
         if self.config.record_grads:
             grad = embedding(model).grad
             self._pending_grad = None if grad is None else grad.detach().to("cpu", copy=True)
@@ -94,6 +164,7 @@ class Recorder:
             self.writer.write_row(layout.KEY_W, step, W_cpu)
         loss_value = math.nan if loss is None else float(loss)
         self.writer.write_row(layout.KEY_LOSSES, step, torch.tensor(loss_value, dtype=torch.float32))
+        self.writer.write_row(layout.KEY_UPDATES, step, self._updates.after_step(embedding(model), optimizer))
         if step > 0:
             if batch_starts is None:
                 raise RuntimeError(f"step {step}: batch start indices are required after step 0.")
