@@ -2,7 +2,7 @@
 
     flannel-repro bounds [--preset ci|full|notebook | --config FILE] [--artifacts DIR] [--name NAME]
     flannel-repro export-notebook RUN.safetensors [RUN ...] -o OUT.safetensors
-    flannel-repro divergence RUN.safetensors [RUN ...]
+    flannel-repro divergence RUN.safetensors [RUN ...] [--csv]
     flannel-repro digests RUN.safetensors [-o CHAIN.json | --compare CHAIN.json]
     flannel-repro info RUN.safetensors
     flannel-repro numerics
@@ -12,6 +12,7 @@
     flannel-repro oplog RUN.safetensors --step K -o LOG.json
     flannel-repro why A B [--step K]     (A, B: two run artifacts, or two op logs)
     flannel-repro sources [--preset ci | --config FILE] [--seed 42 --other 43] [--sources a,b] [--json]
+    flannel-repro report RUN_OR_DIR [...] [-o DIR] [--json]    (plots: needs the 'report' extra, matplotlib)
     flannel-repro --version
 
 Exit codes: 0 done (or: identical, all verified); 1 the result is negative (`digests --compare`: the
@@ -111,40 +112,54 @@ def cmd_bounds(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """One run at a glance: config, losses and the fraction of W entries that changed per step.
+    """One run at a glance: config, losses and the update statistics per step (the bf16 stall diagnostic).
 
-    In pure bf16 most Adam updates late in training are below bf16 resolution and are lost: the
-    update fraction falls towards 0 although the optimizer still runs (see README).
+    In pure bf16 most Adam updates late in training are below half a bf16 ulp of the weight and are
+    lost: the share of W's entries that change falls towards 0 although the optimizer still runs (see
+    README, "The bf16 stall").
     """
     import numpy as np
 
-    from flannel_repro.analysis.divergence import update_fraction
+    from flannel_repro.analysis.stall import stall_profile
     from flannel_repro.analysis.trajectory import Trajectory
 
     traj = Trajectory(args.run)
     if not args.no_verify:
         traj.require_verified()
     c = traj.config
-    fraction = update_fraction(traj.reader) if traj.has_W else None
+    profile = stall_profile(traj) if traj.has_W else None
+    fraction = profile.changed if profile is not None else None
     steps = sorted({s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, c.steps) if s <= c.steps})
+    stalled = profile.stalled_at() if profile is not None else None
     if args.json:
         _print_json({"run": str(traj.path), "label": traj.label, "config": c.to_dict(), "fingerprint": c.fingerprint(),
                      "threads": traj.metadata.get("threads"), "steps_per_s": traj.steps_per_s,
                      "wall_time_s": traj.wall_time_s, "numerics_class": (traj.env.get("numerics") or {}).get("class"),
                      "steps": [{"step": s, "loss": float(traj.losses[s]),
-                                "W_changed_fraction": None if fraction is None else float(fraction[s])} for s in steps],
+                                "W_changed_fraction": None if fraction is None else float(fraction[s]),
+                                "lost_fraction": None if profile is None else float(profile.lost[s]),
+                                "second_moment_moved_fraction": None if profile is None
+                                else float(profile.second_moment_moved[s])} for s in steps],
                      "mean_W_changed_fraction": None if fraction is None else float(np.nanmean(fraction)),
+                     "stalled_at": stalled,
                      "digest_first": traj.digest_hex(0), "digest_last": traj.digest_hex(c.steps)})
         return EXIT_OK
     print(f"{traj.path.name}: {traj.label}, {c.steps} steps, dtype {c.dtype}, labels {c.label_mode}")
     print(f"  config {c.fingerprint()}, threads {traj.metadata.get('threads', '?')}, "
           f"{traj.steps_per_s:.2f} steps/s, wall {traj.wall_time_s:.1f} s")
-    print(f"  {'step':>6} {'loss':>10} {'W entries changed':>18}")
+    print(f"  {'step':>6} {'loss':>10} {'W entries changed':>18} {'updates lost':>13} {'Adam v moved':>13}")
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None or math.isnan(x) else f"{100 * x:.3f}%"
+
     for s in steps:
-        changed = "n/a" if fraction is None else f"{100 * float(fraction[s]):.3f}%"
-        print(f"  {s:>6} {float(traj.losses[s]):>10.5f} {changed:>18}")
+        row = profile.at(s) if profile is not None else {}
+        print(f"  {s:>6} {float(traj.losses[s]):>10.5f} {pct(row.get('changed')):>18} {pct(row.get('lost')):>13} "
+              f"{pct(row.get('second_moment_moved')):>13}")
     if fraction is not None:
-        print(f"  mean over all steps: {100 * float(np.nanmean(fraction)):.3f}% of entries changed per step")
+        print(f"  mean over all steps: {100 * float(np.nanmean(fraction)):.3f}% of entries changed per step; "
+              + (f"stalled at step {stalled} (under 1% changed per step, mean of 10 steps)" if stalled is not None
+                 else "no stall (never under 1% changed per step, mean of 10 steps)"))
     print(f"  digest step 0: {traj.digest_hex(0)[:16]}  step {c.steps}: {traj.digest_hex(c.steps)[:16]}")
     return 0
 
@@ -161,12 +176,49 @@ def cmd_divergence(args: argparse.Namespace) -> int:
     from flannel_repro.analysis.divergence import all_pairs
 
     result = all_pairs(_runs(args, args.runs))
+    if args.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        fields = ("frobenius", "frobenius_live", "max_abs", "rows_differ", "rows_differ_live")
+        writer.writerow(["a", "b", "step", *fields])
+        for p, (i, j) in enumerate(result.pairs.tolist()):
+            for k, step in enumerate(result.steps.tolist()):
+                writer.writerow([args.runs[i], args.runs[j], step,
+                                 *(_csv_number(getattr(result, f)[p, k]) for f in fields)])
+        return EXIT_OK
     if args.json:
         _print_json({"runs": list(args.runs), **result.summary()})
         return EXIT_OK
     for key, value in result.summary().items():
         print(f"{key}: {value}")
     return 0
+
+
+def _csv_number(x: object) -> object:
+    """A CSV cell: integers as they are, floats by repr (round-trips exactly), NaN and inf empty."""
+    import numpy as np
+
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    v = float(x)  # type: ignore[arg-type]
+    return repr(v) if math.isfinite(v) else ""
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Plots, a page (HTML and Markdown), a JSON document and CSV files for run artifacts (see README, "See it")."""
+    from flannel_repro.report import write_report
+
+    result = write_report(args.runs, args.output, verify=not args.no_verify)
+    if args.json:
+        _print_json(result.document)
+        return EXIT_OK
+    doc = result.document
+    print(f"report: {result.page} ({len(doc['figures'])} plots, {len(doc['runs'])} runs, "
+          f"{sum(c['n_pairs'] for c in doc['pair_classes'])} pairs) in {result.seconds:.1f} s")
+    for f in doc["figures"]:
+        print(f"  {f['file']}: {f['shows']}")
+    return EXIT_OK
 
 
 def cmd_digests(args: argparse.Namespace) -> int:
@@ -381,7 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     i.set_defaults(func=cmd_info)
     d = sub.add_parser("divergence", help="all-pairs divergence summary of run artifacts")
     d.add_argument("runs", nargs="+", help="run artifacts (.safetensors) of the same length")
+    d.add_argument("--csv", action="store_true", help="print every pair's divergence at every step as CSV")
     d.set_defaults(func=cmd_divergence)
+    p = sub.add_parser("report", help="plots, an HTML/Markdown page, JSON and CSV for run artifacts (needs matplotlib)")
+    p.add_argument("runs", nargs="+", help="run artifacts (.safetensors), or folders of them")
+    p.add_argument("-o", "--output", default="flannel-report", help="the folder to write (default: flannel-report)")
+    p.set_defaults(func=cmd_report)
     v = sub.add_parser("verify", help="check run artifacts from their bytes (exit 1 when one fails)")
     v.add_argument("runs", nargs="+", help="run artifacts (.safetensors)")
     v.set_defaults(func=cmd_verify)
@@ -408,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--artifacts", default=".flannel/artifacts", help="run artifacts directory, shared with pytest")
     c.add_argument("--json", action="store_true", help="print the table as JSON")
     c.set_defaults(func=cmd_sources)
-    for command in (e, i, d):
+    for command in (e, i, d, p):
         command.add_argument("--no-verify", action="store_true", help="trust the artifacts without rehashing them "
                              "(they are verified by default)")
     g = sub.add_parser("digests", help="write a run's per-step digest chain, or find where a run parts from one "
@@ -443,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                    ".flannel/artifacts)")
     r.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     r.set_defaults(func=cmd_prune)
-    for command in (i, d, v, n, r, y, g):
+    for command in (i, d, v, n, r, y, g, p):
         command.add_argument("--json", action="store_true", help="print the result as one JSON document")
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(raw)  # exits 2 on a usage error
@@ -460,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flannel-repro: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, like other command-line tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:  # noqa: BLE001 -- a bug: one line, the traceback on request
         if os.environ.get("FLANNEL_REPRO_TRACEBACK"):
             raise

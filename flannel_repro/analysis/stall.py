@@ -27,7 +27,7 @@ from flannel_repro.analysis.trajectory import Trajectory
 from flannel_repro.errors import ArtifactError, ConfigError
 from flannel_repro.storage import layout
 
-PLOT = "update_fraction.png"  # the report's plot that shows a stall (flannel_repro.report)
+PLOT = "update-fraction.png"  # the report's plot that shows a stall (flannel_repro.report)
 
 
 @dataclass

@@ -303,6 +303,39 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
         return (yield)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """A failing claim names the report plot that shows it (a section of the failure's output)."""
+    report = yield
+    if report.failed and report.when == "call" and "trajectory" in getattr(item, "fixturenames", ()):
+        from flannel_repro.report.names import SOURCES_PLOT, plot_for_claim
+
+        claims = [json.loads(v) for k, v in item.user_properties if k == "flannel_claim"]
+        plots = sorted({plot_for_claim(c) for c in claims}
+                       | ({SOURCES_PLOT} if any(k == "flannel_sources" for k, _ in item.user_properties) else set()))
+        if plots:
+            folder = item.config.stash[SESSION_KEY].report_dir
+            where = (f"in {folder}" if folder is not None else
+                     "in the report: rerun with --flannel-report=DIR, or run flannel-repro report on the artifacts")
+            report.sections.append(("flannel-repro plot", f"the plot that shows it: {', '.join(plots)} {where}"))
+    return report
+
+
+@pytest.fixture
+def flannel_record(request: pytest.FixtureRequest):  # noqa: ANN201
+    """`flannel_record(name, number)`: a figure this test measured, summarised (n, min, max) in the terminal
+    summary, the JSON report and JUnit XML's testsuite properties. Unlike `record_property`, it adds nothing
+    to the test's own XML entry, so pytest's default xunit2 family warns about nothing."""
+
+    def record(name: str, value: float) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"flannel_record: expected a non-empty name, got {name!r}.")
+        number = float(value)
+        request.node.user_properties.append(("flannel_metric", json.dumps([name, number])))
+
+    return record
+
+
 def obtain(config: pytest.Config, cfg: RunConfig, *, repeat: int = 0) -> "Trajectory":
     """Get a run through the session's store, showing progress while it trains."""
     state = config.stash[SESSION_KEY]

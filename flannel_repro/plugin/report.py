@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from flannel_repro.plugin.session import SESSION_KEY
+from flannel_repro.version import __version__
 
 class ProgressWriter:
     """Progress of a training run: a line on the terminal every `interval` seconds (no xdist), and a
@@ -71,24 +72,113 @@ class ControllerReporter:
         self.metrics: dict[str, list[float]] = {}
         self.cross_class: list[dict[str, Any]] = []  # snapshots compared against another numerics class
         self.sources: list[dict[str, Any]] = []  # divergence-by-source tables recorded by claims
+        self.verdicts: list[dict[str, Any]] = []  # claims for the report: nodeid, outcome, duration, message, plots
+        self.report_line = ""
+        self.report_error = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen: dict[str, float] = {}
 
-    @pytest.hookimpl
+    @pytest.hookimpl(tryfirst=True)  # before junitxml writes the report's properties
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        props = report.user_properties
         if report.when in ("call", "setup"):
-            self.cross_class.extend(json.loads(v) for k, v in report.user_properties if k == "flannel_cross_class")
-        if report.when == "call":
-            self.sources.extend(json.loads(v) for k, v in report.user_properties if k == "flannel_sources")
-        claims = [json.loads(v) for k, v in report.user_properties if k == "flannel_claim"]
-        uses = any(k == "flannel_uses_trajectory" for k, _ in report.user_properties)
+            self.cross_class.extend(json.loads(v) for k, v in props if k == "flannel_cross_class")
+        sources = [json.loads(v) for k, v in props if k == "flannel_sources"] if report.when == "call" else []
+        self.sources.extend(sources)
+        claims = [json.loads(v) for k, v in props if k == "flannel_claim"]
+        uses = any(k == "flannel_uses_trajectory" for k, _ in props)
         if (report.when == "call" and (claims or uses)) or (report.when == "setup" and report.skipped and uses):
             self.results.append((report.nodeid, report.outcome, claims))
+        if uses and (report.when == "call" or (report.when == "setup" and not report.passed)):
+            self.verdicts.append(_verdict(report, claims, bool(sources)))
         if uses and report.when == "call":
-            for key, value in report.user_properties:
-                if not key.startswith("flannel_") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            for key, value in props:
+                if key == "flannel_metric":
+                    name, number = json.loads(value)
+                    self.metrics.setdefault(name, []).append(float(number))
+                elif not key.startswith("flannel_") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.metrics.setdefault(key, []).append(float(value))
+        if self._xunit2():
+            # our own entries are transport between processes; JUnit XML's xunit2 has no per-test properties
+            report.user_properties = [(k, v) for k, v in props if not k.startswith("flannel_")]
+
+    def _xunit2(self) -> bool:
+        xml = _junit_xml(self.config)
+        return xml is not None and getattr(xml, "family", "xunit2") not in ("xunit1", "legacy")
+
+    @pytest.hookimpl(tryfirst=True)  # before junitxml writes its file
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        state = self.config.stash[SESSION_KEY]
+        if state.report_dir is not None and state.runs:
+            self._write_report(session, state)
+        xml = _junit_xml(self.config)
+        if xml is not None and (state.runs or self.results):
+            for name, value in self.facts(state).items():
+                xml.add_global_property(name, value if isinstance(value, str) else json.dumps(value))
+
+    def facts(self, state: Any) -> dict[str, Any]:
+        """Session facts: JUnit XML testsuite properties and the JSON report's `session`."""
+        from importlib import metadata
+
+        exp = state.experiment
+        out: dict[str, Any] = {
+            "flannel_repro_version": __version__,
+            "flannel_config": exp.run.fingerprint(),
+            "flannel_scale": f"{exp.n_runs} runs x {exp.run.steps} steps",
+            "flannel_numerics_requested": exp.run.numerics,
+            "flannel_numerics_classes": ",".join(sorted({r.numerics_class for r in state.runs.values() if r.numerics_class})),
+            "flannel_runs_trained": sum(1 for r in state.runs.values() if r.trained_here),
+            "flannel_runs_reused": sum(1 for r in state.runs.values() if not r.trained_here),
+            "flannel_artifacts": str(state.artifacts_dir),
+        }
+        for package in ("torch", "transformers"):
+            try:
+                out[f"flannel_{package}"] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                pass
+        for outcome in ("passed", "failed", "skipped"):
+            out[f"flannel_claims_{outcome}"] = sum(1 for v in self.verdicts if v["outcome"] == outcome)
+        for name, values in sorted(self.metrics.items()):
+            out[f"flannel_metric_{name}_min"] = min(values)
+            out[f"flannel_metric_{name}_max"] = max(values)
+        if state.report_dir is not None:
+            out["flannel_report"] = str(state.report_dir)
+        return out
+
+    def _write_report(self, session: pytest.Session, state: Any) -> None:
+        from flannel_repro.errors import FlannelError
+        from flannel_repro.report import SessionInfo, write_report
+
+        t0 = time.perf_counter()
+        tables = self._source_tables()
+        try:
+            result = write_report([r.path for r in state.runs.values()], state.report_dir,
+                                  session=SessionInfo(claims=list(self.verdicts), facts=self.facts(state)),
+                                  sources=tables[0] if tables else None)
+        except (FlannelError, OSError) as exc:
+            self.report_error = f"{type(exc).__name__}: {exc}"
+            if session.exitstatus == 0:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            return
+        self.report_line = (f"report: {result.page} ({len(result.document['figures'])} plots, "
+                            f"{time.perf_counter() - t0:.1f} s)")
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            from flannel_repro.report import step_summary
+
+            try:
+                with open(summary, "a", encoding="utf-8") as f:
+                    f.write(step_summary(result))
+                self.report_line += f"; tables appended to $GITHUB_STEP_SUMMARY ({summary})"
+            except OSError as exc:
+                self.report_line += f"; could not append to $GITHUB_STEP_SUMMARY ({summary}: {exc.strerror or exc})"
+
+    def _source_tables(self) -> list[Any]:
+        from flannel_repro.analysis.sources import SourceRow, SourceTable
+
+        return [SourceTable(base=f"{rec['base']} [{rec.get('device', '?')}]", rows=[SourceRow(**row) for row in rec["rows"]])
+                for rec in self.sources]
 
     @pytest.hookimpl
     def pytest_sessionstart(self, session: pytest.Session) -> None:
@@ -173,19 +263,48 @@ class ControllerReporter:
                 tr.write_line("divergence by pair class:")
                 for cls, claims in sorted(by_class.items()):
                     tr.write_line("  " + _class_line(cls, claims))
-            for recorded in self.sources:
-                from flannel_repro.analysis.sources import SourceRow, SourceTable
-
-                table = SourceTable(base=f"{recorded['base']} [{recorded.get('device', '?')}]",
-                                    rows=[SourceRow(**row) for row in recorded["rows"]])
+            for table in self._source_tables():
                 tr.write_line("")
                 for line in table.lines():
                     tr.write_line(line)
             if self.metrics:
                 tr.write_line("")
-                tr.write_line("measured by the claims (record_property):")
+                tr.write_line("measured by the claims (flannel_record / record_property):")
                 for name, values in sorted(self.metrics.items()):
                     tr.write_line(f"  {name}: n={len(values)}, min {min(values):.4g}, max {max(values):.4g}")
+        if self.report_line:
+            tr.write_line("")
+            tr.write_line(self.report_line)
+        if self.report_error:
+            tr.write_line("")
+            tr.write_line(f"flannel-repro report FAILED (the session exits non-zero): {self.report_error}", red=True)
+
+
+def _junit_xml(config: pytest.Config) -> Any:
+    """pytest's JUnit XML writer when --junitxml is on (the object `record_testsuite_property` hands
+    properties to; that fixture is session-scoped in the test process, which under xdist is a worker
+    without the writer), else None."""
+    try:
+        from _pytest.junitxml import xml_key
+    except ImportError:  # pragma: no cover -- pytest moved it: no testsuite properties then
+        return None
+    return config.stash.get(xml_key, None)
+
+
+def _verdict(report: pytest.TestReport, claims: list[dict[str, Any]], sources: bool) -> dict[str, Any]:
+    """One claim's line in the report: nodeid, outcome, duration, the first line of why, the plots that show it."""
+    from flannel_repro.report.names import SOURCES_PLOT, plot_for_claim
+
+    message = None
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = (crash.message if crash is not None else str(report.longrepr)).strip().splitlines()[0][:500]
+    elif report.skipped and isinstance(report.longrepr, tuple):
+        message = str(report.longrepr[2]).removeprefix("Skipped: ")[:500]
+    plots = sorted({plot_for_claim(c) for c in claims} | ({SOURCES_PLOT} if sources else set()))
+    outcome = report.outcome if report.outcome in ("passed", "failed", "skipped") else "failed"
+    return {"nodeid": report.nodeid, "outcome": outcome, "duration_s": round(float(report.duration), 3),
+            "message": message, "plots": plots}
 
 
 def _class_line(cls: str, claims: list[dict[str, Any]]) -> str:

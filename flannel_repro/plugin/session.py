@@ -57,6 +57,9 @@ _OPTIONS: dict[str, tuple[str, str]] = {
                     "(default: flannel_noise_bands.json beside the test file)."),
     "derive-bounds": ("flannel_derive_bounds", "held-out seeds, e.g. '46-61': where no divergence bound was derived "
                       "for this config and data, derive one in this session from these seeds (trains 2 runs per seed)."),
+    "report": ("flannel_report", "write the report into this folder at the end of the session: plots, a page (HTML and "
+               "Markdown), JSON and CSV (needs matplotlib: the 'report' extra); on GitHub Actions the tables go to the "
+               "step summary too."),
     "rtol": ("flannel_rtol", "relative tolerance of flannel_snapshot float comparisons (default 0: exact)."),
     "atol": ("flannel_atol", "absolute tolerance of flannel_snapshot float comparisons (default 0: exact)."),
 }
@@ -101,6 +104,7 @@ class FlannelSession:
     missing_class: str = "skip"  # what flannel_snapshot does when only other numerics classes have a snapshot
     noise_bands: Path | None = None  # --flannel-noise-bands (None: flannel_noise_bands.json beside the test file)
     derive_bounds: tuple[int, ...] | None = None  # --flannel-derive-bounds: held-out seeds for an in-session bound
+    report_dir: Path | None = None  # --flannel-report: where the controller writes the report at the end
     runs: dict[str, RunRecord] = field(default_factory=dict)
     leftovers_removed: list[str] = field(default_factory=list)  # partial/progress files of killed runs, cleaned at start
     _store: "RunStore | None" = None
@@ -355,13 +359,29 @@ def build_session(config: pytest.Config) -> FlannelSession:
         problem = writable_problem(artifacts_dir)
         if problem is not None:
             raise _usage("artifacts", f"a directory run artifacts can be written to; {problem}", str(artifacts_dir))
+    report_raw = _get(config, "flannel_report")
+    report_dir = None
+    if report_raw:
+        base = config.invocation_params.dir if config.getoption("flannel_report") else config.rootpath
+        report_dir = Path(report_raw) if Path(report_raw).is_absolute() else Path(base) / report_raw
+        blocker = next((p for p in (report_dir, *report_dir.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            what = "is a file" if blocker == report_dir else f"lies under a file ({blocker})"
+            raise _usage("report", f"a folder to write the report into (created if missing); this path {what}",
+                         str(report_dir))
+        if workerinput is None:
+            import importlib.util
+
+            if importlib.util.find_spec("matplotlib") is None:
+                raise _usage("report", "matplotlib installed for the plots (pip install 'flannel-repro[report]')",
+                             str(report_dir))
     fresh = bool(config.getoption("flannel_fresh") or config.getini("flannel_fresh"))
     session_id = workerinput.get("flannel_session") if workerinput else None
     return FlannelSession(
         experiment=exp, artifacts_dir=artifacts_dir,
         session_id=session_id or uuid.uuid4().hex, reuse_earlier=not fresh, threads=threads,
         progress_interval=interval, tolerance=tolerance, missing_class=missing_class, noise_bands=noise_bands,
-        derive_bounds=derive_bounds,
+        derive_bounds=derive_bounds, report_dir=report_dir,
     )
 
 

@@ -31,10 +31,15 @@ def read_json(path: str | os.PathLike[str], what: str, *, missing: Any = _MISSIN
 def write_text_atomic(path: str | os.PathLike[str], text: str, what: str) -> Path:
     """Write `text` to `path` through a temporary file in the same folder and a rename: a reader never
     sees half a file. An OSError is an ArtifactError naming the file; the temporary file is removed."""
+    return write_bytes_atomic(path, text.encode("utf-8"), what)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, what: str) -> Path:
+    """`write_text_atomic` for bytes."""
     out = Path(path)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

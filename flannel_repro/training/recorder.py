@@ -92,8 +92,9 @@ class UpdateTracker:
                 t = float(t)
                 b1, b2 = g["betas"]
                 with torch.no_grad():
-                    denom = (v.float() / (1 - b2 ** t)).sqrt_().add_(g["eps"])
-                    u = m.float().div_(denom).mul_(-g["lr"] / (1 - b1 ** t))
+                    # new tensors only: .float() of a float32 state would be the optimizer's own tensor
+                    denom = v.to(torch.float32, copy=True).div_(1 - b2 ** t).sqrt_().add_(g["eps"])
+                    u = m.to(torch.float32, copy=True).div_(denom).mul_(-g["lr"] / (1 - b1 ** t))
                     u.sub_(self._prev_w.float(), alpha=g["lr"] * g["weight_decay"])
                     proposed = u != 0
                     n_proposed = int(torch.count_nonzero(proposed))

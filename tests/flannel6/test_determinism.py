@@ -46,17 +46,17 @@ def test_different_seeds_part_at_step_1(trajectory, train_seed, device, flannel_
 
 
 def test_final_divergence_within_derived_bound(trajectory, train_seed, device, flannel_config, derived_bound,
-                                               record_property):
+                                               flannel_record):
     """‖W_a − W_b‖_F at the last step stays below the bound derived from held-out runs."""
     other = partner_seed(train_seed, flannel_config.train_seeds)
     a, b = trajectory(other), trajectory(train_seed)
     final = measure_divergence(a, b).at(a.steps)
-    record_property("final_frobenius", final["frobenius"])
+    flannel_record("final_frobenius", final["frobenius"])
     assert_divergence_below(a, b, max_frobenius=derived_bound().max_frobenius)
 
 
 def test_data_order_share_within_derived_band(trajectory, train_seed, device, flannel_config, derived_bound,
-                                                      record_property):
+                                              flannel_record):
     """The notebook's question: with model_seed fixed, how much of the divergence is data order?
 
     Three runs: the reference (seed s0), data order changed only (model_seed s0, data_seed s), and
@@ -71,14 +71,14 @@ def test_data_order_share_within_derived_band(trajectory, train_seed, device, fl
     both = trajectory(train_seed)
     assert_diverged(ref, order_only, by_step=1)
     share = relative_divergence(measure_divergence(ref, order_only), measure_divergence(ref, both))
-    record_property("data_order_share", share)  # aggregated in the terminal summary
+    flannel_record("data_order_share", share)  # aggregated in the terminal summary
     band = derived_bound()
     assert band.order_share_min <= share <= band.order_share_max, (
         f"data-order share of the divergence = {share:.3f}, outside the derived band "
         f"[{band.order_share_min}, {band.order_share_max}]")
 
 
-def test_divergence_by_source(trajectory, device, flannel_config, record_property):
+def test_divergence_by_source(trajectory, device, flannel_config, request):
     """The notebook's question, source by source: each thing its training seed drove, changed alone
     against the base seed's run. Data order and the other parameters' initialisation each part the
     runs at step 1; the same config trained again never parts (no hidden randomness); on CPU the hf
@@ -96,7 +96,8 @@ def test_divergence_by_source(trajectory, device, flannel_config, record_propert
     if device == "cpu":
         others["engine"] = trajectory(base_seed, engine="hf")
     table = divergence_by_source(base, others)
-    record_property("flannel_sources", json.dumps({"device": device, **table.to_json()}))
+    # shown in the terminal summary and the report (a user property that travels through xdist)
+    request.node.user_properties.append(("flannel_sources", json.dumps({"device": device, **table.to_json()})))
     assert_source_parts(table, "data_order", parts=True, by_step=1)
     assert_source_parts(table, "model_init", parts=True, by_step=1)
     assert_source_parts(table, "none", parts=False)
