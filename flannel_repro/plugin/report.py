@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 import time
@@ -15,9 +16,29 @@ import pytest
 from flannel_repro.plugin.session import SESSION_KEY
 from flannel_repro.version import __version__
 
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def progress_line(info: dict[str, Any], number: int, planned: int, done: int) -> str:
+    """One progress line: which run of how many, steps done, loss, speed and the run's ETA."""
+    step, steps, rate = int(info["step"]), int(info["steps"]), float(info["rate"])
+    eta = (steps - step) / rate if rate > 0 else math.inf
+    of = f"of >= {max(planned, number)}" if number <= planned else f"of >= {number}"
+    return (f"flannel: run {number} {of} ({done} done) {info['name']}: step {step}/{steps} ({100 * step / max(1, steps):.0f}%), "
+            f"loss {float(info['loss']):.4f}, {rate:.2f} steps/s, ETA {format_eta(eta)}")
+
+
 class ProgressWriter:
     """Progress of a training run: a line on the terminal every `interval` seconds (no xdist), and a
-    small JSON file beside the artifact that the xdist controller polls."""
+    small JSON file beside the artifact that the xdist controller polls and numbers."""
 
     def __init__(self, config: pytest.Config, interval: float) -> None:
         self.config = config
@@ -26,28 +47,33 @@ class ProgressWriter:
         self.t0 = time.perf_counter()
         self.last = 0.0
         self.is_worker = hasattr(config, "workerinput")
+        self.number = 0
 
     def start(self, path: Path) -> None:
         self.path = path
         self.t0 = self.last = time.perf_counter()
-        self._line(f"flannel: training {path.stem} ...")
+        state = self.config.stash[SESSION_KEY]
+        state.runs_started += 1
+        self.number = state.runs_started
+        self._line(f"flannel: run {self.number} of >= {max(state.planned_runs(), self.number)}: training {path.stem} ...")
 
     def step(self, step: int, steps: int, loss: float) -> None:
         now = time.perf_counter()
         if self.interval <= 0 or (now - self.last < self.interval and step != steps):
             return
         self.last = now
-        rate = step / max(now - self.t0, 1e-9)
-        line = f"flannel: {self.path.stem if self.path else 'run'}: step {step}/{steps}, loss {loss:.4f}, {rate:.2f} steps/s"
+        info = {"name": self.path.stem if self.path else "run", "step": step, "steps": steps, "loss": loss,
+                "rate": step / max(now - self.t0, 1e-9), "time": time.time()}
         if self.is_worker and self.path is not None:
             progress_file = Path(str(self.path) + ".progress")
             tmp = progress_file.with_suffix(".progress.tmp")
-            tmp.write_text(json.dumps({"line": line, "time": time.time(), "step": step, "steps": steps}))
+            tmp.write_text(json.dumps(info))
             os.replace(tmp, progress_file)
             if step == steps:
                 progress_file.unlink(missing_ok=True)
         else:
-            self._line(line)
+            state = self.config.stash[SESSION_KEY]
+            self._line(progress_line(info, self.number, state.planned_runs(), self.number - 1))
 
     def _line(self, line: str) -> None:
         if self.is_worker or self.interval <= 0:
@@ -188,21 +214,27 @@ class ControllerReporter:
             self._thread.start()
 
     def _poll(self) -> None:
+        """Print the workers' progress lines, numbering runs in the order the controller first sees them."""
         state = self.config.stash[SESSION_KEY]
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        numbers: dict[str, int] = {}
         while not self._stop.wait(state.progress_interval):
             try:
-                files = list(state.artifacts_dir.glob("*.progress"))
+                files = {f.name: f for f in state.artifacts_dir.glob("*.progress")}
             except OSError:
                 continue
-            for f in files:
+            done = sum(1 for name in numbers if name not in files)
+            for name, f in sorted(files.items()):
                 try:
                     info = json.loads(f.read_text())
                 except (OSError, ValueError):
                     continue
-                if info.get("time", 0) > self._seen.get(f.name, 0) and reporter is not None:
-                    self._seen[f.name] = info["time"]
-                    reporter.write_line(info["line"])
+                if not isinstance(info, dict) or "rate" not in info:
+                    continue
+                number = numbers.setdefault(name, len(numbers) + 1)
+                if info.get("time", 0) > self._seen.get(name, 0) and reporter is not None:
+                    self._seen[name] = info["time"]
+                    reporter.write_line(progress_line(info, number, state.planned_runs(), done))
 
     @pytest.hookimpl
     def pytest_unconfigure(self, config: pytest.Config) -> None:

@@ -105,6 +105,7 @@ class FlannelSession:
     noise_bands: Path | None = None  # --flannel-noise-bands (None: flannel_noise_bands.json beside the test file)
     derive_bounds: tuple[int, ...] | None = None  # --flannel-derive-bounds: held-out seeds for an in-session bound
     report_dir: Path | None = None  # --flannel-report: where the controller writes the report at the end
+    runs_started: int = 0  # runs this process started training (numbers its progress lines)
     runs: dict[str, RunRecord] = field(default_factory=dict)
     leftovers_removed: list[str] = field(default_factory=list)  # partial/progress files of killed runs, cleaned at start
     _store: "RunStore | None" = None
@@ -137,6 +138,11 @@ class FlannelSession:
 
             self._store = RunStore(self.artifacts_dir, session=self.session_id, reuse_earlier=self.reuse_earlier)
         return self._store
+
+    def planned_runs(self) -> int:
+        """The runs the session is known to need: one per training seed and selected device. Claims may ask
+        for more (repeats, variants), so progress lines say "run k of >= n"."""
+        return self.experiment.n_runs * max(1, len(self.selected_devices()))
 
     def planned_threads(self) -> int:
         """This process's share of the cores: --flannel-threads, else the cores divided among xdist workers."""

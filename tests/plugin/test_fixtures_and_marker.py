@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.plugin.conftest import TINY_TOML
@@ -119,4 +121,25 @@ def test_progress_lines_while_training(tiny_experiment):
     """)
     result = tiny_experiment.runpytest("--flannel-progress=0.000001")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["flannel: training seed42-cpu-torch-r0-*", "flannel: seed42-cpu-torch-r0-*: step 4/4, loss *"])
+    result.stdout.fnmatch_lines([
+        "flannel: run 1 of >= 2: training seed42-cpu-torch-r0-* ...",
+        "flannel: run 1 of >= 2 (0 done) seed42-cpu-torch-r0-*: step 4/4 (100%), loss *, * steps/s, ETA 0s"])
+
+
+def test_progress_lines_under_xdist(tiny_experiment):
+    """Under xdist the controller prints the workers' progress, numbering the runs and giving an ETA."""
+    tiny_experiment.makepyfile("""
+        import pytest
+
+        @pytest.mark.flannel(steps=200)
+        @pytest.mark.parametrize("seed", [42, 43])
+        def test_train(trajectory, seed):
+            assert trajectory(seed).steps == 200
+    """)
+    result = tiny_experiment.runpytest_subprocess("-n", "2", "--flannel-progress=0.3")
+    result.assert_outcomes(passed=2)
+    lines = [line for line in result.stdout.lines if line.startswith("flannel: run ")]
+    assert lines, result.stdout.str()
+    for line in lines:
+        assert re.fullmatch(r"flannel: run [12] of >= 2 \([012] done\) seed4[23]-cpu-torch-r0-\w+: step \d+/200 "
+                            r"\(\d+%\), loss [\d.]+, [\d.]+ steps/s, ETA (\d+s|\d+m\d\ds|\?)", line), line
