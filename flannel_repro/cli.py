@@ -107,6 +107,9 @@ def cmd_bounds(args: argparse.Namespace) -> int:
         return store.obtain(cfg).trajectory
 
     bound = measure_bound(exp.run, base, others, obtain, log=lambda line: print("  " + line, file=sys.stderr))
+    if args.json:
+        _print_json({"name": args.name, **bound.__dict__})
+        return EXIT_OK
     print(to_toml(args.name, bound))
     return EXIT_OK
 
@@ -168,6 +171,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from flannel_repro.storage.export import export_notebook
 
     out = export_notebook(_runs(args, args.runs), Path(args.output))
+    if args.json:
+        _print_json({"output": str(out), "runs": list(args.runs), "bytes": out.stat().st_size})
+        return EXIT_OK
     print(out)
     return 0
 
@@ -210,6 +216,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from flannel_repro.report import write_report
 
     result = write_report(args.runs, args.output, verify=not args.no_verify)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:  # on GitHub Actions: the tables in the job's summary page
+        from flannel_repro.report import step_summary
+
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(step_summary(result))
     if args.json:
         _print_json(result.document)
         return EXIT_OK
@@ -290,8 +302,11 @@ def cmd_noise(args: argparse.Namespace) -> int:
           f"{sum(len(v) for v in band.fields.values())} field(s) with a nonzero band", file=sys.stderr)
     if args.output:
         write_bands(args.output, [band])
-        print(f"{args.output}: band for scale {band.scale}")
-    else:
+        if args.json:
+            _print_json({"output": str(args.output), "band": band.to_json()})
+        else:
+            print(f"{args.output}: band for scale {band.scale}")
+    else:  # the band itself is JSON
         print(json.dumps(band.to_json(), indent=2, sort_keys=True))
     return 0
 
@@ -338,6 +353,10 @@ def cmd_oplog(args: argparse.Namespace) -> int:
     run.close()
     log, _ = record_step(config, args.step, expect_W_before=before, label=Path(args.run).name)
     log.write(args.output)
+    if args.json:
+        _print_json({"output": str(args.output), "operations": len(log.ops), "step": args.step, "label": log.label,
+                     "numerics_class": log.env["numerics_class"]})
+        return EXIT_OK
     print(f"{args.output}: {len(log.ops)} operations of step {args.step} of {log.label} ({log.env['numerics_class']})")
     return EXIT_OK
 
@@ -500,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                    ".flannel/artifacts)")
     r.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     r.set_defaults(func=cmd_prune)
-    for command in (i, d, v, n, r, y, g, p):
+    for command in (b, e, i, d, v, n, r, y, g, p, o, z):
         command.add_argument("--json", action="store_true", help="print the result as one JSON document")
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(raw)  # exits 2 on a usage error

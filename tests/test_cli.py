@@ -114,3 +114,33 @@ def test_json_output_of_every_command_that_prints_results(tiny_runs, tmp_path, c
     order = train(TINY_CLI.with_train_seed(42).replace(data_seed=43), tmp_path / "order.safetensors").path
     why = doc(["why", "--json", str(tiny_runs[0]), str(order)], code=1)
     assert why["kind"] == "data" and why["identical"] is False and "batches differ" in why["detail"]
+
+
+def test_every_command_that_prints_results_takes_json(tiny_runs, tmp_path, capsys):
+    """--json is on every subcommand (bounds, export-notebook, oplog, noise and report included)."""
+    import argparse
+    import json
+
+    from flannel_repro import cli
+
+    captured: dict[str, argparse.ArgumentParser] = {}
+    real = argparse._SubParsersAction.add_parser
+
+    def spy(self, name, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        captured[name] = real(self, name, **kwargs)
+        return captured[name]
+
+    argparse._SubParsersAction.add_parser = spy
+    try:
+        with pytest.raises(SystemExit):
+            cli.main(["--help"])
+    finally:
+        argparse._SubParsersAction.add_parser = real
+    capsys.readouterr()
+    assert len(captured) >= 13 and "report" in captured, sorted(captured)
+    for name, sub in captured.items():
+        assert "--json" in sub.format_help(), name
+    out = tmp_path / "nb.safetensors"
+    assert main(["export-notebook", "--json", *map(str, tiny_runs[:2]), "-o", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["output"] == str(out) and doc["bytes"] == out.stat().st_size
