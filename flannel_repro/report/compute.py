@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,12 +188,15 @@ def collect(paths: Sequence[str | Path], *, verify: bool = True, sources: Source
     found = find_runs(paths)
     if not found:
         raise ArtifactError(f"report: expected at least one run artifact in {', '.join(map(str, paths))}, found none.")
-    trajs = []
-    for p in found:
-        t = Trajectory(p)
-        if verify:
-            t.require_verified()
-        trajs.append(t)
+    trajs = [Trajectory(p) for p in found]
+    if verify:  # hash-bound (hashlib releases the GIL): one thread per core
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=max(1, min(cpus, len(trajs)))) as pool:
+            for failure in pool.map(_problem, trajs):
+                if failure is not None:
+                    for t in trajs:
+                        t.close()
+                    raise failure
     order = sorted(range(len(trajs)), key=lambda i: _sort_key(trajs[i]))
     trajs = [trajs[i] for i in order]
     runs = [RunInfo(name=n, traj=t) for n, t in zip(_names(trajs), trajs)]
@@ -228,6 +233,14 @@ def _pair_class(a: Trajectory, b: Trajectory) -> str:
         ka, kb = (_settings(t)["numerics_class"] for t in (a, b))
         cls = "different numerics class" if ka != kb else "same config, trained apart"
     return cls
+
+
+def _problem(t: Trajectory) -> ArtifactError | None:
+    try:
+        t.require_verified()
+    except ArtifactError as exc:
+        return exc
+    return None
 
 
 def _sort_key(t: Trajectory) -> tuple:
