@@ -245,3 +245,16 @@ def test_page_renders_in_a_headless_browser(report, tmp_path: Path) -> None:  # 
     assert got.returncode == 0 and shot.is_file(), got.stderr[-2000:]
     rgb = _png_pixels(shot)[..., :3]
     assert (rgb.min(axis=2) < 0.9).mean() > 0.02  # the page drew text, tables and plots, not a blank window
+
+
+def test_runs_recorded_without_W_are_listed_not_compared(artifacts: Path, tmp_path: Path) -> None:
+    """A digests-only run (record_W = false) is in the runs and the loss plot, and a note says why it is in no pair."""
+    store = RunStore(tmp_path / "more")
+    lean = store.obtain(BASE.with_train_seed(45).replace(record_W=False)).trajectory.path
+    first = write_report([artifacts], tmp_path / "all")
+    runs = [r["path"] for r in first.document["runs"] if r["name"] in ("s42", "s43")] + [lean]
+    result = write_report(runs, tmp_path / "rep")
+    doc = result.document
+    assert any("record_W = false" in n and "s45" in n for n in doc["notes"]), doc["notes"]
+    assert "s45" in {r["name"] for r in doc["runs"]}
+    assert all("s45" not in (p["a"], p["b"]) for c in doc["pair_classes"] for p in c["pairs"])

@@ -98,9 +98,10 @@ def stall_profile(run: Trajectory | str) -> StallProfile:
     try:
         u = {k: v.double().numpy() for k, v in traj.updates.items()}
         recorded = True
-    except ArtifactError:
+    except ArtifactError:  # written before the statistics existed: what W itself tells
         nan = np.full(n, math.nan)
-        u = {"changed": update_fraction(traj.path), "lost": nan, "second_moment_moved": nan.copy()}
+        changed = update_fraction(traj.path) if traj.has_W else nan.copy()
+        u = {"changed": changed, "lost": nan.copy(), "second_moment_moved": nan.copy()}
         recorded = False
     return StallProfile(name=traj.label, dtype=traj.config.dtype, steps=np.arange(n), recorded=recorded,
                         changed=u["changed"], lost=u["lost"], second_moment_moved=u["second_moment_moved"])

@@ -111,10 +111,16 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     return unique
 
 
+# what is recorded, and where the data came from (its content hashes are what counts): not a setting
+NOT_SETTINGS = ("record_W", "record_grads", "record_momentum", "record_variance", "record_logits", "probe_examples",
+                "tokenizer_path", "corpus_path", "token_mask_path", "allow_unknown_tokens")
+
+
 def _settings(traj: Trajectory) -> dict[str, Any]:
-    """The config without the seeds: what a 'setting' is (threads, engine, dtype, lr, ...)."""
+    """The config without the seeds and what is only recorded: what a 'setting' is (threads, engine, dtype,
+    lr, ...), plus the numerics class the run got."""
     d = traj.config.to_dict()
-    for k in SEED_FIELDS:
+    for k in (*SEED_FIELDS, *NOT_SETTINGS):
         d.pop(k, None)
     d["numerics_class"] = (traj.env.get("numerics") or {}).get("class")
     return d
@@ -146,8 +152,13 @@ def _names(trajs: Sequence[Trajectory]) -> list[str]:
     return unique
 
 
-def _groups(runs: Sequence[RunInfo]) -> list[tuple[str, list[int]]]:
-    """(intended class, run indices) of every group of runs to scan together (see the module docstring)."""
+def _groups(runs: Sequence[RunInfo], offset_of: Sequence[int]) -> list[tuple[str, list[int]]]:
+    """(intended class, run indices) of every group of runs to scan together (see the module docstring);
+    `offset_of[k]` is the index in the report's runs of `runs[k]`."""
+    return [(kind, [offset_of[i] for i in idx]) for kind, idx in _local_groups(runs)]
+
+
+def _local_groups(runs: Sequence[RunInfo]) -> list[tuple[str, list[int]]]:
     by_shape: dict[tuple, list[int]] = defaultdict(list)
     for i, r in enumerate(runs):
         by_shape[tuple(getattr(r.config, f) for f in SHAPE_FIELDS)].append(i)
@@ -202,7 +213,11 @@ def collect(paths: Sequence[str | Path], *, verify: bool = True, sources: Source
     runs = [RunInfo(name=n, traj=t) for n, t in zip(_names(trajs), trajs)]
     out = Collected(runs=runs)
     done: set[tuple[int, int]] = set()
-    for kind, idx in _groups(runs):
+    without_w = [r.name for r in runs if not r.traj.has_W]
+    if without_w:
+        out.notes.append(f"{len(without_w)} run(s) recorded digests only (record_W = false), not compared: "
+                         + ", ".join(without_w))
+    for kind, idx in _groups([r for r in runs if r.traj.has_W], offset_of=[i for i, r in enumerate(runs) if r.traj.has_W]):
         if len(idx) > MAX_GROUP:
             out.notes.append(f"{kind}: {len(idx)} runs of one group; the first {MAX_GROUP} by name were compared.")
             idx = idx[:MAX_GROUP]
@@ -277,6 +292,7 @@ def _sources(runs: Sequence[RunInfo]) -> SourceTable | None:
             others.setdefault("engine", r.traj)
         elif same_seeds and r.traj.repeat == 1 and not diff:
             others.setdefault("none", r.traj)
-    if not others:
+    if not others or not base.traj.has_W:
         return None
+    others = {s: t for s, t in others.items() if t.has_W}
     return divergence_by_source(base.traj, {s: others[s] for s in SOURCES if s in others})
