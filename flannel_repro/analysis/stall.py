@@ -88,7 +88,10 @@ def _num(v: float) -> float | None:
 
 
 def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
+    """A share as a percentage that never rounds across a threshold it is compared with (0.998% is not 1.00%)."""
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}%" if 0.01 <= v <= 0.9999 or v in (0.0, 1.0) else f"{100 * v:.3g}%"
 
 
 def stall_profile(run: Trajectory | str) -> StallProfile:

@@ -126,6 +126,9 @@ def _settings(traj: Trajectory) -> dict[str, Any]:
     return d
 
 
+settings_of = _settings  # public for the figures
+
+
 def _names(trajs: Sequence[Trajectory]) -> list[str]:
     """Short unique names: the seeds, the repeat, and each setting that differs from the most common one."""
     settings = [_settings(t) for t in trajs]
@@ -213,6 +216,8 @@ def collect(paths: Sequence[str | Path], *, verify: bool = True, sources: Source
     runs = [RunInfo(name=n, traj=t) for n, t in zip(_names(trajs), trajs)]
     out = Collected(runs=runs)
     done: set[tuple[int, int]] = set()
+    setting_key = [repr(sorted(_settings(r.traj).items(), key=lambda kv: kv[0])) for r in runs]
+    usual = Counter(setting_key).most_common(1)[0][0]
     without_w = [r.name for r in runs if not r.traj.has_W]
     if without_w:
         out.notes.append(f"{len(without_w)} run(s) recorded digests only (record_W = false), not compared: "
@@ -229,6 +234,8 @@ def collect(paths: Sequence[str | Path], *, verify: bool = True, sources: Source
             i, j = idx[ii], idx[jj]
             if (min(i, j), max(i, j)) in done:
                 continue
+            if kind == "settings" and usual not in (setting_key[i], setting_key[j]):
+                continue  # two variants of the usual setting: their difference is two things at once
             done.add((min(i, j), max(i, j)))
             first = int(pw.first_step[p])
             out.pairs.append(PairResult(

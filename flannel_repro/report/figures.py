@@ -87,8 +87,9 @@ def pair_class_figure(plt: Any, data: Collected, cls: str, pairs: list[PairResul
         xs.append(p.steps.astype(np.float64))
     identical = sum(1 for p in pairs if p.first_step is None)
     for ax, what in ((ax_f, "‖ΔW‖_F"), (ax_m, "max |ΔW|")):
-        ax.set_xlabel("step")
+        ax.set_xlabel("step (log scale past 1)")
         ax.set_ylabel(what)
+        ax.set_xscale("symlog", linthresh=1)  # the parting happens in the first steps
         if any(np.isfinite(y).any() for y in ys):
             ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
@@ -237,17 +238,33 @@ def update_figure(plt: Any, data: Collected) -> Figure | None:
 
 
 def _update_runs(profiles: list[tuple[Any, Any]], per_dtype: int = 4) -> list[tuple[Any, Any]]:
-    """The runs the update plot draws: every non-bf16 run (float32 weights: the cure) with the bf16 runs of
-    the same seeds (the cause), then other bf16 runs up to `per_dtype` per dtype."""
+    """The runs the update plot draws: every non-bf16 run (float32 weights: the cure), each beside the bf16
+    run of the same seeds whose settings differ least from it (the cause), then bf16 runs of other seeds,
+    up to `per_dtype` runs per dtype."""
+    from flannel_repro.report.compute import settings_of
+
     def seeds(r: Any) -> tuple[int, int]:
         return (r.config.model_seed, r.config.data_seed)
 
+    def distance(a: Any, b: Any) -> int:
+        sa, sb = settings_of(a.traj), settings_of(b.traj)
+        return sum(1 for k in set(sa) | set(sb) if k not in ("dtype", "amp") and sa.get(k) != sb.get(k))
+
     cures = [(r, p) for r, p in profiles if p.dtype != "bfloat16"][:per_dtype]
-    wanted = {seeds(r) for r, _ in cures}
-    causes = [(r, p) for r, p in profiles if p.dtype == "bfloat16" and seeds(r) in wanted]
-    others = [(r, p) for r, p in profiles if p.dtype == "bfloat16" and seeds(r) not in wanted and r.traj.repeat == 0]
-    bf16 = (causes + others)[:max(per_dtype, len(causes))]
-    return bf16 + cures
+    bf16 = [(r, p) for r, p in profiles if p.dtype == "bfloat16" and r.traj.repeat == 0]
+    chosen: list[tuple[Any, Any]] = []
+    for cure, _ in cures:
+        same = [rp for rp in bf16 if seeds(rp[0]) == seeds(cure) and rp not in chosen]
+        if same:
+            chosen.append(min(same, key=lambda rp: distance(rp[0], cure)))
+    usual_seeds = {seeds(r) for r, _ in chosen}
+    for rp in bf16:
+        if len(chosen) >= max(per_dtype, len(cures)):
+            break
+        if seeds(rp[0]) not in usual_seeds and rp[0].config.train_seed is not None:
+            chosen.append(rp)
+            usual_seeds.add(seeds(rp[0]))
+    return chosen + cures
 
 
 def sources_figure(plt: Any, data: Collected) -> Figure | None:
