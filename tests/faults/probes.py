@@ -870,16 +870,21 @@ def kill_trials(workdir: Path, trials: int, steps: int = 30, seed: int = 0) -> d
 @probe("process", "Ctrl-C (SIGINT) while training")
 def _sigint(workdir: Path) -> Outcome:
     root = workdir / "artifacts"
-    proc = child(root, 200)
+    proc = child(root, 2000)  # about 20 s of training: the interrupt lands while the artifact is written
     proc.stdout.readline()
-    time.sleep(2.0)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # interrupt once the partial file exists
+        if root.exists() and any(".partial-" in p.name for p in root.iterdir()):
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
+    if "DONE" in out and proc.returncode == 0:  # a published, whole run is no fault
+        return Outcome("unclear", "the run finished before the interrupt; nothing was tested")
     left = [p.name for p in root.iterdir() if ".partial-" in p.name or p.name.endswith(".safetensors")] if root.exists() else []
     if left:
         return Outcome("silent", f"left behind: {left}")
-    if "KeyboardInterrupt" not in err and proc.returncode == 0:
-        return Outcome("unclear", "the run finished before the interrupt; nothing was tested")
     return Outcome("fine", "interrupted; nothing left behind")
 
 
