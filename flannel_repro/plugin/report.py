@@ -234,6 +234,9 @@ class ControllerReporter:
                 number = numbers.setdefault(name, len(numbers) + 1)
                 if info.get("time", 0) > self._seen.get(name, 0) and reporter is not None:
                     self._seen[name] = info["time"]
+                    tw = getattr(reporter, "_tw", None)  # after a row of test-progress dots: start a new line
+                    if tw is not None and getattr(tw, "width_of_current_line", 0):
+                        tw.line()
                     reporter.write_line(progress_line(info, number, state.planned_runs(), done))
 
     @pytest.hookimpl
