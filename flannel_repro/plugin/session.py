@@ -376,11 +376,11 @@ def build_session(config: pytest.Config) -> FlannelSession:
             raise _usage("report", f"a folder to write the report into (created if missing); this path {what}",
                          str(report_dir))
         if workerinput is None:
-            import importlib.util
-
-            if importlib.util.find_spec("matplotlib") is None:
-                raise _usage("report", "matplotlib installed for the plots (pip install 'flannel-repro[report]')",
-                             str(report_dir))
+            try:
+                import matplotlib  # noqa: F401 -- the plots need it; say so before anything trains
+            except ImportError:
+                raise _usage("report", "a folder for the report, with matplotlib installed for its plots (pip install "
+                             "'flannel-repro[report]')", str(report_dir)) from None
     fresh = bool(config.getoption("flannel_fresh") or config.getini("flannel_fresh"))
     session_id = workerinput.get("flannel_session") if workerinput else None
     return FlannelSession(

@@ -91,6 +91,16 @@ def test_report_option_errors(tiny_experiment, tmp_path):
     result.stderr.fnmatch_lines(["*this path lies under a file*"])
 
 
+def test_report_without_matplotlib_is_a_usage_error(tiny_experiment, tmp_path):
+    tiny_experiment.makepyfile(CLAIMS)
+    tiny_experiment.makeconftest("import sys\nsys.modules['matplotlib'] = None  # as if the extra were not installed\n")
+    result = tiny_experiment.runpytest_subprocess(f"--flannel-report={tmp_path / 'r'}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert ("--flannel-report (ini: flannel_report) accepts a folder for the report, with matplotlib installed for its "
+            "plots (pip install 'flannel-repro[report]')") in result.stderr.str()
+    assert not (tmp_path / "r").exists()
+
+
 def test_report_ini_key(tiny_experiment, tmp_path):
     tiny_experiment.makepyfile("""
         def test_one(trajectory):
