@@ -788,8 +788,10 @@ for _name, _args, _code, _needle in _CLI:
 # --- processes, disks, concurrency -----------------------------------------------------------------------
 
 _CHILD = """
-import sys
+import signal, sys
 from pathlib import Path
+# Ctrl-C as in a terminal: a test process may ignore SIGINT, and an ignored signal stays ignored across exec
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {repo!r})
 from tests.faults.probes import CFG
 from flannel_repro.training.store import RunStore
