@@ -282,7 +282,7 @@ class PairDivergence:
 
     def live_share(self) -> np.ndarray:
         """Per step, the live tokens' share of ‖ΔW‖²_F (NaN where the runs agree)."""
-        return _live_share(self.frobenius, self.frobenius_live)
+        return live_share(self.frobenius, self.frobenius_live)
 
     def _index(self, step: int) -> int:
         hits = np.flatnonzero(self.steps == step)
@@ -669,7 +669,8 @@ class PairwiseDivergence:
         return out
 
 
-def _live_share(frobenius: np.ndarray, frobenius_live: np.ndarray) -> np.ndarray:
+def live_share(frobenius: np.ndarray, frobenius_live: np.ndarray) -> np.ndarray:
+    """Per step, the live tokens' share of ‖ΔW‖²_F from the two norms (NaN where the runs agree)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.square(frobenius_live) / np.square(frobenius)
     return np.where(frobenius > 0, share, np.nan)

@@ -308,11 +308,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """A failing claim names the report plot that shows it (a section of the failure's output)."""
     report = yield
     if report.failed and report.when == "call" and "trajectory" in getattr(item, "fixturenames", ()):
-        from flannel_repro.report.names import SOURCES_PLOT, plot_for_claim
+        from flannel_repro.report.names import plots_for
 
         claims = [json.loads(v) for k, v in item.user_properties if k == "flannel_claim"]
-        plots = sorted({plot_for_claim(c) for c in claims}
-                       | ({SOURCES_PLOT} if any(k == "flannel_sources" for k, _ in item.user_properties) else set()))
+        plots = plots_for(claims, sources=any(k == "flannel_sources" for k, _ in item.user_properties))
         if plots:
             folder = item.config.stash[SESSION_KEY].report_dir
             where = (f"in {folder}" if folder is not None else

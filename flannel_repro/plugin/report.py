@@ -328,7 +328,7 @@ def _junit_xml(config: pytest.Config) -> Any:
 
 def _verdict(report: pytest.TestReport, claims: list[dict[str, Any]], sources: bool) -> dict[str, Any]:
     """One claim's line in the report: nodeid, outcome, duration, the first line of why, the plots that show it."""
-    from flannel_repro.report.names import SOURCES_PLOT, plot_for_claim
+    from flannel_repro.report.names import plots_for
 
     message = None
     if report.failed:
@@ -336,7 +336,7 @@ def _verdict(report: pytest.TestReport, claims: list[dict[str, Any]], sources: b
         message = (crash.message if crash is not None else str(report.longrepr)).strip().splitlines()[0][:500]
     elif report.skipped and isinstance(report.longrepr, tuple):
         message = str(report.longrepr[2]).removeprefix("Skipped: ")[:500]
-    plots = sorted({plot_for_claim(c) for c in claims} | ({SOURCES_PLOT} if sources else set()))
+    plots = plots_for(claims, sources=sources)
     outcome = report.outcome if report.outcome in ("passed", "failed", "skipped") else "failed"
     return {"nodeid": report.nodeid, "outcome": outcome, "duration_s": round(float(report.duration), 3),
             "message": message, "plots": plots}

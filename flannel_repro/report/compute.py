@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from flannel_repro.analysis.assertions import pair_class
-from flannel_repro.analysis.divergence import NEVER, all_pairs
+from flannel_repro.analysis.divergence import NEVER, all_pairs, live_share
 from flannel_repro.analysis.sources import SOURCES, SourceTable, divergence_by_source
 from flannel_repro.analysis.stall import StallProfile, stall_profile
 from flannel_repro.analysis.trajectory import Trajectory
@@ -63,9 +63,7 @@ class PairResult:
     first_step: int | None
 
     def live_share(self) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.square(self.frobenius_live) / np.square(self.frobenius)
-        return np.where(self.frobenius > 0, share, np.nan)
+        return live_share(self.frobenius, self.frobenius_live)
 
 
 @dataclass
@@ -116,7 +114,7 @@ NOT_SETTINGS = ("record_W", "record_grads", "record_momentum", "record_variance"
                 "tokenizer_path", "corpus_path", "token_mask_path", "allow_unknown_tokens")
 
 
-def _settings(traj: Trajectory) -> dict[str, Any]:
+def settings(traj: Trajectory) -> dict[str, Any]:
     """The config without the seeds and what is only recorded: what a 'setting' is (threads, engine, dtype,
     lr, ...), plus the numerics class the run got."""
     d = traj.config.to_dict()
@@ -126,18 +124,20 @@ def _settings(traj: Trajectory) -> dict[str, Any]:
     return d
 
 
-settings_of = _settings  # public for the figures
+def setting_key(traj: Trajectory) -> str:
+    """`settings(traj)` as one comparable string: runs of one key differ only in their seeds (and repeat)."""
+    return repr(sorted(settings(traj).items(), key=lambda kv: kv[0]))
 
 
 def _names(trajs: Sequence[Trajectory]) -> list[str]:
     """Short unique names: the seeds, the repeat, and each setting that differs from the most common one."""
-    settings = [_settings(t) for t in trajs]
+    all_settings = [settings(t) for t in trajs]
     common: dict[str, Any] = {}
-    for k in sorted({k for s in settings for k in s}):
-        values = Counter(repr(s.get(k)) for s in settings)
+    for k in sorted({k for s in all_settings for k in s}):
+        values = Counter(repr(s.get(k)) for s in all_settings)
         common[k] = values.most_common(1)[0][0]
     names = []
-    for t, s in zip(trajs, settings):
+    for t, s in zip(trajs, all_settings):
         c = t.config
         base = f"s{c.train_seed}" if c.train_seed is not None else f"m{c.model_seed}/d{c.data_seed}"
         extra = [f"{k}={s.get(k)}" for k in sorted(s) if repr(s.get(k)) != common[k] and k != "numerics_class"]
@@ -167,7 +167,7 @@ def _local_groups(runs: Sequence[RunInfo]) -> list[tuple[str, list[int]]]:
         by_shape[tuple(getattr(r.config, f) for f in SHAPE_FIELDS)].append(i)
     groups: list[tuple[str, list[int]]] = []
     for members in by_shape.values():
-        key_of = {i: repr(sorted(_settings(runs[i].traj).items(), key=lambda kv: kv[0])) for i in members}
+        key_of = {i: setting_key(runs[i].traj) for i in members}
         seeds = {i: (runs[i].config.model_seed, runs[i].config.data_seed) for i in members}
         rep = {i: runs[i].traj.repeat for i in members}
         buckets: dict[tuple, list[int]] = defaultdict(list)
@@ -216,8 +216,8 @@ def collect(paths: Sequence[str | Path], *, verify: bool = True, sources: Source
     runs = [RunInfo(name=n, traj=t) for n, t in zip(_names(trajs), trajs)]
     out = Collected(runs=runs)
     done: set[tuple[int, int]] = set()
-    setting_key = [repr(sorted(_settings(r.traj).items(), key=lambda kv: kv[0])) for r in runs]
-    usual = Counter(setting_key).most_common(1)[0][0]
+    keys = [setting_key(r.traj) for r in runs]
+    usual = Counter(keys).most_common(1)[0][0]
     without_w = [r.name for r in runs if not r.traj.has_W]
     if without_w:
         out.notes.append(f"{len(without_w)} run(s) recorded digests only (record_W = false), not compared: "
@@ -234,7 +234,7 @@ def collect(paths: Sequence[str | Path], *, verify: bool = True, sources: Source
             i, j = idx[ii], idx[jj]
             if (min(i, j), max(i, j)) in done:
                 continue
-            if kind == "settings" and usual not in (setting_key[i], setting_key[j]):
+            if kind == "settings" and usual not in (keys[i], keys[j]):
                 continue  # two variants of the usual setting: their difference is two things at once
             done.add((min(i, j), max(i, j)))
             first = int(pw.first_step[p])
@@ -245,14 +245,14 @@ def collect(paths: Sequence[str | Path], *, verify: bool = True, sources: Source
         if kind == "seeds" and len(idx) > len(out.matrix_runs):
             out.matrix_runs = list(idx)
     out.stall = [stall_profile(r.traj) for r in runs]
-    out.sources = sources if sources is not None else _sources(runs)
+    out.sources = sources if sources is not None else _sources(runs, keys, usual)
     return out
 
 
 def _pair_class(a: Trajectory, b: Trajectory) -> str:
     cls = pair_class(a, b)
     if cls == "same run":  # one config and repeat: trained apart, e.g. on two machines
-        ka, kb = (_settings(t)["numerics_class"] for t in (a, b))
+        ka, kb = (settings(t)["numerics_class"] for t in (a, b))
         cls = "different numerics class" if ka != kb else "same config, trained apart"
     return cls
 
@@ -270,23 +270,20 @@ def _sort_key(t: Trajectory) -> tuple:
     return (c.steps, c.dtype, c.train_seed is None, c.model_seed, c.data_seed, t.repeat, c.threads, c.engine, str(t.path))
 
 
-def _sources(runs: Sequence[RunInfo]) -> SourceTable | None:
-    """Divergence by source when the runs hold a base (the lowest single-seed run, repeat 0) and at least
-    one run that changes one source alone; None otherwise."""
-    def setting(r: RunInfo) -> str:
-        return repr(sorted(_settings(r.traj).items(), key=lambda kv: kv[0]))
-
-    usual = Counter(setting(r) for r in runs).most_common(1)[0][0]  # the base is a run of the usual setting
-    singles = [r for r in runs if r.config.train_seed is not None and r.traj.repeat == 0 and setting(r) == usual]
+def _sources(runs: Sequence[RunInfo], keys: Sequence[str], usual: str) -> SourceTable | None:
+    """Divergence by source when the runs hold a base (the lowest single-seed run of the usual setting
+    `usual`, repeat 0; `keys[i]` is run i's setting key) and at least one run that changes one source
+    alone; None otherwise."""
+    singles = [r for r, key in zip(runs, keys) if r.config.train_seed is not None and r.traj.repeat == 0 and key == usual]
     if not singles:
         return None
     base = singles[0]
-    bc, bs = base.config, _settings(base.traj)
+    bc, bs = base.config, settings(base.traj)
     others: dict[str, Trajectory] = {}
     for r in runs:
         if r is base or tuple(getattr(r.config, f) for f in SHAPE_FIELDS) != tuple(getattr(bc, f) for f in SHAPE_FIELDS):
             continue
-        c, s = r.config, _settings(r.traj)
+        c, s = r.config, settings(r.traj)
         same_seeds = (c.model_seed, c.data_seed) == (bc.model_seed, bc.data_seed)
         diff = {k for k in set(s) | set(bs) if s.get(k) != bs.get(k)}
         if r.traj.repeat == 0 and not diff and c.model_seed == bc.model_seed and c.data_seed != bc.data_seed:

@@ -241,13 +241,13 @@ def _update_runs(profiles: list[tuple[Any, Any]], per_dtype: int = 4) -> list[tu
     """The runs the update plot draws: every non-bf16 run (float32 weights: the cure), each beside the bf16
     run of the same seeds whose settings differ least from it (the cause), then bf16 runs of other seeds,
     up to `per_dtype` runs per dtype."""
-    from flannel_repro.report.compute import settings_of
+    from flannel_repro.report.compute import settings
 
     def seeds(r: Any) -> tuple[int, int]:
         return (r.config.model_seed, r.config.data_seed)
 
     def distance(a: Any, b: Any) -> int:
-        sa, sb = settings_of(a.traj), settings_of(b.traj)
+        sa, sb = settings(a.traj), settings(b.traj)
         return sum(1 for k in set(sa) | set(sb) if k not in ("dtype", "amp") and sa.get(k) != sb.get(k))
 
     cures = [(r, p) for r, p in profiles if p.dtype != "bfloat16"][:per_dtype]

@@ -23,3 +23,8 @@ def plot_for_claim(claim: dict[str, Any]) -> str:
     if claim.get("claim") == "not_stalled":
         return STALL_PLOT
     return pair_class_plot(str(claim.get("pair_class", "")))
+
+
+def plots_for(claims: list[dict[str, Any]], *, sources: bool = False) -> list[str]:
+    """The plots that show a test's recorded claims (and its divergence-by-source table, if it made one)."""
+    return sorted({plot_for_claim(c) for c in claims} | ({SOURCES_PLOT} if sources else set()))
