@@ -106,7 +106,14 @@ def cmd_bounds(args: argparse.Namespace) -> int:
         print(f"  run model_seed={cfg.model_seed} data_seed={cfg.data_seed} ...", file=sys.stderr, flush=True)
         return store.obtain(cfg).trajectory
 
-    bound = measure_bound(exp.run, base, others, obtain, log=lambda line: print("  " + line, file=sys.stderr))
+    def discard(traj):  # noqa: ANN001, ANN202
+        path = Path(traj.path)
+        traj.close()
+        for p in (path, Path(str(path) + ".lock")):
+            p.unlink(missing_ok=True)
+
+    bound = measure_bound(exp.run, base, others, obtain, log=lambda line: print("  " + line, file=sys.stderr),
+                          done_with=discard if args.discard_compared else None)
     if args.json:
         _print_json({"name": args.name, **bound.__dict__})
         return EXIT_OK
@@ -440,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--name", default="bound", help="name of the printed TOML table (default: bound)")
     b.add_argument("--compare-seeds", help="seeds compared with the base seed, e.g. '46-61' (default: the experiment's "
                    "other seeds). Held-out seeds make the bound a prediction rather than a restatement.")
+    b.add_argument("--discard-compared", action="store_true", help="delete each held-out seed's two runs once "
+                   "measured (the base run is kept): a full-scale run is 1.3 GB")
     b.add_argument("--threads", type=_bounded_int(0, MAX_THREADS), default=0,
                    help="torch threads (0 = default); pin it like the suite does")
     b.set_defaults(func=cmd_bounds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 
 import pytest
@@ -36,6 +37,21 @@ def test_bounds_prints_a_loadable_table(tmp_path, capsys):
     table = tomllib.loads(capsys.readouterr().out)["tiny"]
     assert table["max_frobenius"] > 0 and 0 < table["order_share_min"] <= table["order_share_max"]
     assert "2 pairs (seed 42 vs 44..45), 3 steps" in table["measured"]
+
+
+def test_bounds_discard_compared_keeps_only_the_base_run(tmp_path, capsys):
+    """--discard-compared deletes each held-out run once measured, and the bound is the same as without it."""
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(TOML)
+    common = ["bounds", "--config", str(cfg), "--compare-seeds", "44-45", "--threads", "1", "--json"]
+    assert main([*common, "--artifacts", str(tmp_path / "keep")]) == 0
+    kept = json.loads(capsys.readouterr().out)
+    assert main([*common, "--artifacts", str(tmp_path / "lean"), "--discard-compared"]) == 0
+    lean = json.loads(capsys.readouterr().out)
+    assert lean == kept
+    assert len(list((tmp_path / "keep").glob("*.safetensors"))) == 5
+    left = sorted(p.name for p in (tmp_path / "lean").glob("*.safetensors*"))
+    assert len(left) == 2 and left[0].startswith("seed42-") and left[1] == left[0] + ".lock", left
 
 
 def test_info_and_divergence(tiny_runs, capsys):

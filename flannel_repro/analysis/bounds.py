@@ -99,9 +99,14 @@ def derive(final_frobenius: Iterable[float], order_shares: Iterable[float], *, s
 
 
 def measure_bound(run: RunConfig, base: int, others: Sequence[int], obtain: Callable[[RunConfig], Any], *,
-                  log: Callable[[str], None] | None = None) -> Bound:
+                  log: Callable[[str], None] | None = None,
+                  done_with: Callable[[Any], None] | None = None) -> Bound:
     """Train (or reuse, through `obtain(config) -> Trajectory`) seed `base` against each of `others`, both
-    seeds changed and data order alone, and derive the bound of the Flannel 6 claims from them."""
+    seeds changed and data order alone, and derive the bound of the Flannel 6 claims from them.
+
+    `done_with(trajectory)` is called on each held-out run once its figures are taken (never on the base
+    run): the CLI's --discard-compared deletes it there, so deriving a full-scale bound needs the disk of
+    three runs, not of 2 x len(others) + 1 (1.3 GB each at the notebook's scale)."""
     from flannel_repro.analysis.assertions import measure_divergence, relative_divergence
 
     others = [s for s in others if s != base]
@@ -110,10 +115,14 @@ def measure_bound(run: RunConfig, base: int, others: Sequence[int], obtain: Call
     ref = obtain(run.replace(model_seed=base, data_seed=base))
     finals, shares = [], []
     for s in others:
-        d_both = measure_divergence(ref, obtain(run.replace(model_seed=s, data_seed=s)))
+        both = obtain(run.replace(model_seed=s, data_seed=s))
+        d_both = measure_divergence(ref, both)
         finals.append(d_both.at(run.steps)["frobenius"])
-        shares.append(relative_divergence(measure_divergence(ref, obtain(run.replace(model_seed=base, data_seed=s))),
-                                          d_both))
+        order = obtain(run.replace(model_seed=base, data_seed=s))
+        shares.append(relative_divergence(measure_divergence(ref, order), d_both))
+        if done_with is not None:
+            done_with(both)
+            done_with(order)
         if log is not None:
             log(f"seed {s}: final ‖ΔW‖_F = {finals[-1]:.6g}, data-order share = {shares[-1]:.4f}")
     measured = (f"{len(finals)} pairs (seed {base} vs {others[0]}..{others[-1]}), {run.steps} steps: final F in "
