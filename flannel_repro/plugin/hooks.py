@@ -230,7 +230,7 @@ def device(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def trajectory(request: pytest.FixtureRequest):  # noqa: ANN201
-    """Factory: `trajectory(train_seed=None, *, device=None, repeat=0, **overrides) -> Trajectory`.
+    """Factory: `trajectory(train_seed=None, *, device=None, repeat=0, resume_at=None, **overrides) -> Trajectory`.
 
     Trains the run (or reads it from the artifacts directory when an identical run was already made
     by this or another xdist worker) and returns a lazy, memory-mapped Trajectory. `train_seed` sets
@@ -245,7 +245,7 @@ def trajectory(request: pytest.FixtureRequest):  # noqa: ANN201
     default_device = callspec.params.get("device") if callspec is not None and "device" in callspec.params else None
 
     def make(train_seed: int | None = None, *, device: str | None = None, repeat: int = 0,
-             **overrides: Any) -> "Trajectory":
+             resume_at: int | None = None, **overrides: Any) -> "Trajectory":
         __tracebackhide__ = True
         dev = device or default_device or state.devices[0]
         present, why = device_present(dev)
@@ -261,7 +261,7 @@ def trajectory(request: pytest.FixtureRequest):  # noqa: ANN201
             cfg = cfg.replace(**changes)
         except ConfigError as exc:
             raise pytest.UsageError(f"{request.node.nodeid}: trajectory(...): {exc}") from None
-        return obtain(request.config, cfg, repeat=repeat)
+        return obtain(request.config, cfg, repeat=repeat, resume_at=resume_at)
 
     return make
 
@@ -335,19 +335,23 @@ def flannel_record(request: pytest.FixtureRequest):  # noqa: ANN201
     return record
 
 
-def obtain(config: pytest.Config, cfg: RunConfig, *, repeat: int = 0) -> "Trajectory":
+def obtain(config: pytest.Config, cfg: RunConfig, *, repeat: int = 0, resume_at: int | None = None) -> "Trajectory":
     """Get a run through the session's store, showing progress while it trains."""
     state = config.stash[SESSION_KEY]
     threads = state.apply_threads()
     reporter = ProgressWriter(config, state.progress_interval)
-    got = state.store().obtain(cfg, repeat=repeat, progress=reporter.step, on_train_start=reporter.start)
+    try:
+        got = state.store().obtain(cfg, repeat=repeat, resume_at=resume_at, progress=reporter.step,
+                                   on_train_start=reporter.start)
+    except ConfigError as exc:
+        raise pytest.UsageError(f"trajectory(...): {exc}") from None
     traj = got.trajectory
     c = traj.config
     name = traj.path.stem
     seed = str(c.train_seed) if c.train_seed is not None else f"m{c.model_seed}/d{c.data_seed}"
     if got.trained or name not in state.runs:
         state.runs[name] = RunRecord(
-            name=name, seed=seed + (f" r{repeat}" if repeat else ""), device=c.device, engine=c.engine, steps=c.steps,
+            name=name, seed=seed + (f" r{repeat}" if repeat else "") + (f" resumed@{resume_at}" if resume_at else ""), device=c.device, engine=c.engine, steps=c.steps,
             final_loss=traj.final_loss, wall_time_s=traj.wall_time_s, steps_per_s=traj.steps_per_s,
             threads=int(traj.metadata.get("threads", threads)), path=str(traj.path), trained_here=got.trained,
             numerics_class=str((traj.env.get("numerics") or {}).get("class", "")), replaced=got.replaced)

@@ -46,6 +46,9 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "tokenizer": ("flannel_tokenizer", "your tokenizers JSON file (with --flannel-corpus)."),
     "corpus": ("flannel_corpus", "your UTF-8 corpus (with --flannel-tokenizer)."),
     "token-mask": ("flannel_token_mask", "your live/dead token mask safetensors (default: computed from the corpus)."),
+    "checkpoint-every": ("flannel_checkpoint_every", "checkpoint the training state every N steps (torch and registered "
+                         "engines), so a killed run resumes from its last checkpoint when trained again (0 = off; "
+                         "default 100)."),
     "progress": ("flannel_progress", "seconds between training progress lines (0 = off; default 10)."),
     "numerics": ("flannel_numerics", f"CPU arithmetic: {' or '.join(NUMERICS)} (native: this CPU's fastest kernels, the "
                  "default; portable: oneDNN pinned to AVX-512 BF16, MKL to strict AVX2, one class on Intel AMX and AMD "
@@ -105,6 +108,7 @@ class FlannelSession:
     noise_bands: Path | None = None  # --flannel-noise-bands (None: flannel_noise_bands.json beside the test file)
     derive_bounds: tuple[int, ...] | None = None  # --flannel-derive-bounds: held-out seeds for an in-session bound
     report_dir: Path | None = None  # --flannel-report: where the controller writes the report at the end
+    checkpoint_every: int = 100  # --flannel-checkpoint-every: steps between resumable checkpoints (0 = none)
     runs_started: int = 0  # runs this process started training (numbers its progress lines)
     runs: dict[str, RunRecord] = field(default_factory=dict)
     leftovers_removed: list[str] = field(default_factory=list)  # partial/progress files of killed runs, cleaned at start
@@ -136,7 +140,8 @@ class FlannelSession:
         if self._store is None:
             from flannel_repro.training.store import RunStore
 
-            self._store = RunStore(self.artifacts_dir, session=self.session_id, reuse_earlier=self.reuse_earlier)
+            self._store = RunStore(self.artifacts_dir, session=self.session_id, reuse_earlier=self.reuse_earlier,
+                                   checkpoint_every=self.checkpoint_every)
         return self._store
 
     def planned_runs(self) -> int:
@@ -312,6 +317,7 @@ def build_session(config: pytest.Config) -> FlannelSession:
         exp = exp.replace(devices=devices)  # what flannel_config.devices then says
 
     threads = _int_option(config, "threads", 1, MAX_THREADS)
+    checkpoint_every = _int_option(config, "checkpoint-every", 0)
     interval_raw = _get(config, "flannel_progress")
     try:
         interval = 10.0 if interval_raw is None else float(interval_raw)
@@ -388,6 +394,7 @@ def build_session(config: pytest.Config) -> FlannelSession:
         session_id=session_id or uuid.uuid4().hex, reuse_earlier=not fresh, threads=threads,
         progress_interval=interval, tolerance=tolerance, missing_class=missing_class, noise_bands=noise_bands,
         derive_bounds=derive_bounds, report_dir=report_dir,
+        checkpoint_every=100 if checkpoint_every is None else checkpoint_every,
     )
 
 

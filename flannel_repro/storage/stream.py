@@ -167,8 +167,12 @@ class TrajectoryWriter:
         *,
         reserve_metadata_bytes: int = 65536,
         checksum_exclude: Sequence[str] = (),
+        temp_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self.path = Path(path)
+        # a fixed temporary name (resumable runs) instead of a fresh `.partial-<pid>-<hex>` one
+        self._fixed_temp = Path(temp_path) if temp_path is not None else None
+        self.keep_partial = False  # leave the temporary file on an error exit (a resumable run's checkpoint needs it)
         self.checksum_exclude = frozenset(checksum_exclude)
         self.metadata = _check_metadata(metadata, str(self.path))
         if reserve_metadata_bytes < 0:
@@ -218,10 +222,7 @@ class TrajectoryWriter:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def __enter__(self) -> "TrajectoryWriter":
-        _require_little_endian()
-        if self._fd is not None or self._finished:
-            raise ArtifactError(f"{self.path}: a TrajectoryWriter can be entered only once.")
+    def _initial_header(self) -> bytes:
         # the checksums written at finish() have a fixed length: their room is part of the header from the start
         placeholder = {n: "0" * 2 * DIGEST_SIZE for n in [*self._offsets, _METADATA_KEY] if n not in self.checksum_exclude}
         body = self._header_json({**self.metadata, META_CHECKSUMS: json.dumps(placeholder, sort_keys=True)})
@@ -232,6 +233,58 @@ class TrajectoryWriter:
         if n > _MAX_HEADER:
             raise ArtifactError(f"{self.path}: header would be {n} bytes; safetensors accepts at most {_MAX_HEADER}.")
         self._header_len = n
+        return body
+
+    def reopen(self, completed: Mapping[str, int | None]) -> "TrajectoryWriter":
+        """Enter by adopting the temporary file an earlier writer of this artifact left (a resumed run):
+        same specs and metadata, checked byte for byte against the header this writer would write.
+        `completed` says what is already written: name -> number of leading rows, or None for the whole
+        tensor. The rest is written as usual; finish() checks that everything was."""
+        _require_little_endian()
+        if self._fd is not None or self._finished:
+            raise ArtifactError(f"{self.path}: a TrajectoryWriter can be entered only once.")
+        if self._fixed_temp is None:
+            raise ArtifactError(f"{self.path}: reopen() needs the writer's fixed temporary path (temp_path=...).")
+        body = self._initial_header()
+        expected_size = 8 + self._header_len + self._data_len
+        try:
+            fd = os.open(self._fixed_temp, os.O_RDWR)
+        except FileNotFoundError:
+            raise ArtifactError(f"{self._fixed_temp}: expected the partial artifact to resume, found none.") from None
+        try:
+            size = os.fstat(fd).st_size
+            found = os.pread(fd, 8 + self._header_len, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        if size != expected_size or found != b"\0" * 8 + self._padded(body):
+            os.close(fd)
+            raise ArtifactError(f"{self._fixed_temp}: expected a partial artifact of this run ({expected_size} bytes with "
+                                f"this header), got {size} bytes with {'another' if size == expected_size else 'a'} header; "
+                                "it cannot be resumed.")
+        self.temp_path, self._fd = self._fixed_temp, fd
+        for name, s in self.specs.items():
+            self._coverage[name] = cov = self._new_coverage(s)
+            if name in completed and cov is not None:
+                rows = completed[name]
+                if rows is None or cov.ndim == 0:
+                    cov[...] = True
+                else:
+                    cov[:rows] = True
+        return self
+
+    def sync(self) -> None:
+        """fsync what was written so far (before a checkpoint refers to it)."""
+        self._require_open("sync")
+        assert self._fd is not None
+        os.fsync(self._fd)
+
+    def __enter__(self) -> "TrajectoryWriter":
+        _require_little_endian()
+        if self._fd is not None or self._finished:
+            raise ArtifactError(f"{self.path}: a TrajectoryWriter can be entered only once.")
+        body = self._initial_header()
+        n = self._header_len
         directory = self.path.parent if str(self.path.parent) else Path(".")
         if not directory.is_dir():
             raise ArtifactError(f"{self.path}: expected an existing directory {directory}, found none.")
@@ -241,7 +294,10 @@ class TrajectoryWriter:
             raise ArtifactError(f"{self.path}: the artifact needs {_mb(size)}, and the file system of {directory} has "
                                 f"{_mb(free)} free. Free some space (flannel-repro prune) or point the artifacts "
                                 "elsewhere (--flannel-artifacts).")
-        self.temp_path = self.path.with_name(f"{self.path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        self.temp_path = self._fixed_temp or self.path.with_name(
+            f"{self.path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        if self._fixed_temp is not None:
+            self._fixed_temp.unlink(missing_ok=True)  # a fresh start replaces what a killed run left
         self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             self._reserve(8 + n + self._data_len)  # the whole file's space first: a disk that cannot hold it fails now
@@ -262,6 +318,12 @@ class TrajectoryWriter:
         tb: TracebackType | None,
     ) -> None:
         if not self._finished:
+            if self.keep_partial and exc_type is not None:
+                if self._fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(self._fd)
+                    self._fd = None
+                return
             self._discard()
 
     def _discard(self) -> None:

@@ -30,7 +30,7 @@ from flannel_repro.training.determinism import deterministic_mode, environment_f
 from flannel_repro.devices import device_present, parse_device
 from flannel_repro.errors import ConfigError, DeterminismError
 from flannel_repro.training.head import model_loss, verify_fused_head
-from flannel_repro.training.model import build_model, shared_init_W
+from flannel_repro.training.model import build_model, embedding, shared_init_W
 from flannel_repro.training.numerics import apply as apply_numerics, numerics_info
 from flannel_repro.training.recorder import Recorder
 
@@ -55,9 +55,24 @@ class RunResult:
 
 def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None" = None,
           W_initial: torch.Tensor | None = None, metadata: dict[str, Any] | None = None,
-          progress: Progress | None = None) -> RunResult:
-    """Train one run per `config` and write its trajectory artifact to `out_path` (atomically)."""
+          progress: Progress | None = None, checkpoint_every: int = 0, stop_at: int | None = None,
+          run_key: str | None = None) -> RunResult:
+    """Train one run per `config` and write its trajectory artifact to `out_path` (atomically).
+
+    With `checkpoint_every` = N > 0 (torch engine), the full training state is checkpointed every N steps
+    and a run killed or stopped before the end resumes from its last checkpoint when it is trained again
+    (same `out_path` and `run_key`): the artifact is bitwise the uninterrupted run's (training.resume).
+    `stop_at` = k checkpoints at step k and raises `TrainingStopped` (tests of resume, `resume_at`)."""
+    from flannel_repro.training.resume import Checkpointer, find_resumable, resumable_path
+
     check_device(config.device)
+    run_key = run_key if run_key is not None else str((metadata or {}).get("run_key", ""))
+    policy = Checkpointer(Path(out_path), run_key, checkpoint_every, stop_at)
+    if policy.enabled and config.engine != "torch":
+        raise ConfigError(f"checkpoints and resume are implemented for engine = 'torch' and registered engines (got "
+                          f"engine={config.engine!r}); the Trainer's own checkpoints hold pickles.")
+    if stop_at is not None and not 1 <= stop_at <= config.steps:
+        raise ConfigError(f"'stop_at' must be a step in [1, {config.steps}] (got {stop_at}).")
     if config.engine == "hf" and config.compile != "none":
         raise ConfigError("'compile' is only available with engine = 'torch' (the Trainer compiles through "
                           f"TrainingArguments.torch_compile, which this harness does not drive); got compile={config.compile!r}.")
@@ -74,14 +89,23 @@ def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None
         env = environment_fingerprint(config.device, numerics=numerics_info(
             config.device, threads=threads, deterministic=config.deterministic, mode=config.numerics))
         meta = {"env": env, "engine": config.engine, **(metadata or {})}
-        recorder = stack.enter_context(Recorder(config, out_path, data, meta))
+        # a checkpoint of this run left by a killed or stopped process is resumed, whatever the interval now
+        resume = find_resumable(out_path, run_key) if config.engine == "torch" and run_key else None
+        resumable = policy.enabled or resume is not None
+        recorder = stack.enter_context(Recorder(config, out_path, data, meta, resume=resume,
+                                                temp_path=resumable_path(out_path) if resumable else None))
         start = time.perf_counter()
-        engine = _torch_engine if config.engine == "torch" else _hf_engine
-        engine_meta = engine(config, data, W0, recorder, progress)
+        if config.engine == "torch":
+            engine_meta = _torch_engine(config, data, W0, recorder, progress, policy, resume)
+        else:
+            engine_meta = _hf_engine(config, data, W0, recorder, progress)
         wall = time.perf_counter() - start
         final_loss = recorder.last_loss
+        if resume is not None:
+            engine_meta["resumed_from"] = str(resume.step)  # wall time is then this process's share
         path = recorder.finish({"wall_time_s": f"{wall:.3f}", "steps_per_s": f"{config.steps / wall:.4f}",
                                 "final_loss": repr(final_loss), "threads": str(threads), **engine_meta})
+        policy.done()
     return RunResult(path=path, config=config, wall_time_s=wall, steps_per_s=config.steps / wall,
                      final_loss=final_loss, threads=threads)
 
@@ -259,6 +283,21 @@ class TorchLoop:
             model.zero_grad()
         return loss.item(), starts
 
+    def state(self) -> dict[str, Any]:
+        """The loop's full state after a step (a checkpoint, training.resume): model, optimizer, schedule,
+        RNGs, and the fused head's per-shape verdicts (so a resumed run takes the same head)."""
+        from flannel_repro.training.resume import module_state
+
+        return {**module_state(self.model, self.optimizer, self.scheduler),
+                "loop": {"fused": self.fused, "checked": [[list(k), v] for k, v in self.checked.items()]}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        from flannel_repro.training.resume import restore_module_state
+
+        restore_module_state(state, self.model, self.optimizer, self.scheduler)
+        self.fused = bool(state["loop"]["fused"])
+        self.checked = {tuple(k): v for k, v in state["loop"]["checked"]}
+
     def engine_metadata(self) -> dict[str, str]:
         failed = {str(list(k)): v for k, v in self.checked.items() if v is not None}
         return {"head": json.dumps({"requested": self.config.head, "used": "fused" if self.fused else "reference",
@@ -267,14 +306,25 @@ class TorchLoop:
 
 
 def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: Recorder,
-                  progress: Progress | None) -> dict[str, str]:
+                  progress: Progress | None, policy: Any = None, resume: Any = None) -> dict[str, str]:
+    from flannel_repro.training.resume import check_restored
+
     loop = TorchLoop(config, data, W0)
-    recorder.record(0, loop.model)
-    for step in range(1, config.steps + 1):
+    first = 1
+    if resume is not None:
+        loop.load_state(resume.state)
+        check_restored(resume, embedding(loop.model))
+        recorder.resumed(loop.model, loop.optimizer)
+        first = resume.step + 1
+    else:
+        recorder.record(0, loop.model)
+    for step in range(first, config.steps + 1):
         loss_value, starts = loop.step(step, before_optimizer=lambda: recorder.capture_grads(loop.model, loop.optimizer))
         recorder.record(step, loop.model, loss=loss_value, batch_starts=starts, optimizer=loop.optimizer)
         if progress is not None:
             progress(step, config.steps, loss_value)
+        if policy is not None and policy.due(step, config.steps):
+            policy.save(step, recorder.writer, embedding(loop.model), loop.state(), last_loss=loss_value)
     return loop.engine_metadata()
 
 

@@ -77,6 +77,14 @@ class UpdateTracker:
                                    for k in ("lr", "weight_decay", "betas", "eps")}
                 return
 
+    def restore(self, param: torch.nn.Parameter, optimizer: Any) -> None:
+        """The state `after_step` leaves, rebuilt from a restored model and optimizer (resume)."""
+        self._prev_w = param.detach().clone()
+        opt = _inner(optimizer)
+        v = opt.state.get(param, {}).get("exp_avg_sq") if opt is not None else None
+        self._prev_v = v.detach().clone() if v is not None else None
+        self._group = None
+
     def after_step(self, param: torch.nn.Parameter, optimizer: Any) -> torch.Tensor:
         nan = float("nan")
         w = param.detach()
@@ -109,17 +117,27 @@ class UpdateTracker:
 class Recorder:
     """Streams one run's trajectory into `path` (atomically: the file appears only when complete)."""
 
-    def __init__(self, config: "RunConfig", path: str | Path, data: "CorpusData", metadata: dict[str, Any]) -> None:
+    def __init__(self, config: "RunConfig", path: str | Path, data: "CorpusData", metadata: dict[str, Any], *,
+                 temp_path: str | Path | None = None, resume: Any = None) -> None:
+        """`temp_path`: a fixed name for the file being written (a resumable run, see training.resume);
+        `resume`: a `storage.checkpoint.Checkpoint` of this run: the writer adopts that file, whose rows up
+        to the checkpoint's step are written, with the metadata it was started with."""
         self.config = config
         self.data = data
         self._steps_written = 0
         self._pending_grad: torch.Tensor | None = None
         self._last_loss = math.nan
-        meta = layout.run_metadata(
-            config.to_dict(), data.describe(), digest_algo=stream.DIGEST_ALGO,
-            **{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()})
+        self._resume = resume
+        if resume is not None:
+            meta = dict(resume.info["artifact_metadata"])  # byte-equal header: the adopted file is checked against it
+            self._last_loss = float(resume.info.get("last_loss", math.nan))
+        else:
+            meta = layout.run_metadata(
+                config.to_dict(), data.describe(), digest_algo=stream.DIGEST_ALGO,
+                **{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()})
         # W is covered row by row by its digests; every other tensor gets a checksum at finish
-        self.writer = TrajectoryWriter(Path(path), artifact_specs(config), meta, checksum_exclude=(layout.KEY_W,))
+        self.writer = TrajectoryWriter(Path(path), artifact_specs(config), meta, checksum_exclude=(layout.KEY_W,),
+                                       temp_path=temp_path)
         self._updates = UpdateTracker()
         self._probe = None
         if config.record_logits:
@@ -129,9 +147,24 @@ class Recorder:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> "Recorder":
+        if self._resume is not None:
+            k = self._resume.step
+            self.writer.reopen({name: (None if name == layout.KEY_LIVE_MASK else k if name == layout.KEY_BATCH_STARTS
+                                       else k + 1) for name in self.writer.specs})
+            self._steps_written = k + 1
+            return self
         self.writer.__enter__()
         self.writer.write(layout.KEY_LIVE_MASK, self.data.mask.live_mask.contiguous())
         return self
+
+    @property
+    def steps_written(self) -> int:
+        return self._steps_written
+
+    def resumed(self, model: torch.nn.Module, optimizer: Any) -> None:
+        """After a resume, once the model and optimizer hold the checkpoint's state: the update statistics
+        continue from it exactly as if the run had never stopped."""
+        self._updates.restore(embedding(model), optimizer)
 
     def __exit__(self, *exc: Any) -> None:
         self.writer.__exit__(*exc)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from flannel_repro.storage import stream
-from flannel_repro.errors import ArtifactError, ArtifactWarning
+from flannel_repro.errors import ArtifactError, ArtifactWarning, ConfigError
 
 if TYPE_CHECKING:
     from flannel_repro.storage.run import RunFile
@@ -122,8 +122,10 @@ class RunStore:
     """
 
     def __init__(self, root: str | Path, *, session: str = "", reuse_earlier: bool = True,
-                 lock_timeout_s: float = 6 * 3600) -> None:
+                 lock_timeout_s: float = 6 * 3600, checkpoint_every: int = 0) -> None:
         self.root = Path(root)
+        # torch-engine and registered-engine runs checkpoint every N steps; a killed run then resumes
+        self.checkpoint_every = checkpoint_every
         self.session = session
         self.reuse_earlier = reuse_earlier
         self.lock_timeout_s = lock_timeout_s
@@ -163,10 +165,13 @@ class RunStore:
             return None
         return traj
 
-    def obtain(self, config: "RunConfig", *, repeat: int = 0,
+    def obtain(self, config: "RunConfig", *, repeat: int = 0, resume_at: int | None = None,
                progress: Callable[[int, int, float], None] | None = None,
                on_train_start: Callable[[Path], None] | None = None) -> Obtained:
-        """The trajectory for (config, repeat): from the store if complete and matching, else trained now."""
+        """The trajectory for (config, repeat): from the store if complete and matching, else trained now.
+
+        `resume_at` = k: a separate run, stopped after step k in a fresh process and resumed in another
+        (training.resume); equal to the uninterrupted run bitwise when resuming changes nothing."""
         from filelock import FileLock
 
         from flannel_repro.data.corpus import load_data
@@ -179,6 +184,13 @@ class RunStore:
         apply_numerics(config.numerics, config.device)  # before the key's probe starts oneDNN and MKL
         data = load_data(config)
         material = run_key_material(config, data.hashes, repeat)
+        if resume_at is not None:
+            if config.engine != "torch":
+                raise ConfigError(f"resume_at: resume is implemented for engine = 'torch' and registered engines, "
+                                  f"got engine={config.engine!r}.")
+            if not 1 <= resume_at <= config.steps:
+                raise ConfigError(f"resume_at must be a step in [1, {config.steps}] (got {resume_at}).")
+            material["resume_at"] = resume_at
         key = key_of(material)
         path = self.path_for(config, repeat, key)
         hit = self._usable(path, key, material)
@@ -197,10 +209,20 @@ class RunStore:
                 on_train_start(path)
             from flannel_repro.training.harness import train  # transformers is imported only when something trains
 
-            result = train(config, path, data=data, progress=progress,
-                           metadata={"run_key": key, "run_key_material": material, "repeat": str(repeat),
-                                     "session": self.session, "pid": str(os.getpid())})
-            self._log_training(path, key, result.wall_time_s)
+            metadata = {"run_key": key, "run_key_material": material, "repeat": str(repeat),
+                        "session": self.session, "pid": str(os.getpid())}
+            if resume_at is not None:
+                from flannel_repro.training.resume import train_in_two_processes
+
+                start = time.perf_counter()
+                train_in_two_processes({"kind": "flannel6", "config": config.to_dict(), "path": str(path),
+                                        "metadata": metadata, "run_key": key, "threads": resolved_threads(config)},
+                                       resume_at)
+                self._log_training(path, key, time.perf_counter() - start)
+            else:
+                result = train(config, path, data=data, progress=progress, metadata=metadata, run_key=key,
+                               checkpoint_every=self.checkpoint_every if config.engine == "torch" else 0)
+                self._log_training(path, key, result.wall_time_s)
         return Obtained(Trajectory(path), trained=True, replaced=self._rejected.pop(path, ""))
 
     def _log_training(self, path: Path, key: str, wall: float) -> None:

@@ -14,7 +14,7 @@ def test_fixtures_are_documented(pytester):
     for name in ("flannel_config", "tokenizer", "corpus", "token_mask", "shared_init_W", "device", "trajectory",
                  "train_seed"):
         result.stdout.fnmatch_lines([f"{name}*"])
-    result.stdout.fnmatch_lines(["*Factory: `trajectory(train_seed=None, [*], device=None, repeat=0, [*][*]overrides)*"])
+    result.stdout.fnmatch_lines(["*Factory: `trajectory(train_seed=None, [*], device=None, repeat=0, resume_at=None, [*][*]overrides)*"])
 
 
 def test_data_fixtures_on_embedded_data(tiny_experiment):

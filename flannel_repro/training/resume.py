@@ -1,0 +1,203 @@
+"""Resuming a run: checkpoints while training, and continuing a stopped or killed run bitwise.
+
+A resumable run writes its artifact under a fixed temporary name, `<artifact>.resumable`, and every
+`every` steps a checkpoint, `<artifact>.ckpt` (`flannel_repro.storage.checkpoint`): the full training
+state at that step plus the artifact's header metadata and the digest of the recorded tensor there.
+The order of the two writes is what keeps them consistent after a kill at any moment: the artifact's
+rows up to step k are fsynced *before* the checkpoint of step k is renamed into place, so a checkpoint
+never points at rows that are not on disk. Rows after k that a killed run wrote are written again,
+with the same values, by the resumed run. When the run finishes, the artifact is published atomically
+and the checkpoint is deleted; a checkpoint left beside a published artifact is ignored and removed.
+
+Resuming rebuilds the loop from the config, loads the state, checks that the restored tensor's digest
+is the checkpoint's, adopts the temporary file (its header checked byte for byte) and continues at
+step k + 1. Data orders are pure functions of (data seed, step), so the data position is the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from flannel_repro.errors import ArtifactError, ConfigError
+from flannel_repro.storage import checkpoint
+from flannel_repro.storage.stream import digest_tensor
+
+CHECKPOINT_SUFFIX = ".ckpt"
+RESUMABLE_SUFFIX = ".resumable"
+
+
+class TrainingStopped(Exception):
+    """Raised by a run told to stop after a step (`stop_at`): its checkpoint and partial file are kept."""
+
+    def __init__(self, step: int, checkpoint_path: Path) -> None:
+        super().__init__(f"stopped after step {step}; checkpoint {checkpoint_path}")
+        self.step = step
+        self.checkpoint_path = checkpoint_path
+
+
+def checkpoint_path(artifact: str | Path) -> Path:
+    return Path(f"{artifact}{CHECKPOINT_SUFFIX}")
+
+
+def resumable_path(artifact: str | Path) -> Path:
+    return Path(f"{artifact}{RESUMABLE_SUFFIX}")
+
+
+def find_resumable(artifact: str | Path, run_key: str) -> checkpoint.Checkpoint | None:
+    """The checkpoint to resume `artifact` from, or None (no checkpoint, no partial file, or another run's).
+
+    A checkpoint beside a published artifact is stale (the run finished after it) and is removed."""
+    ckpt_file, partial = checkpoint_path(artifact), resumable_path(artifact)
+    if Path(artifact).exists():
+        ckpt_file.unlink(missing_ok=True)
+        return None
+    if not ckpt_file.exists() or not partial.exists():
+        return None
+    try:
+        ckpt = checkpoint.load(ckpt_file)
+    except ArtifactError:
+        return None  # cannot happen through our atomic writes; train from the start rather than fail
+    if ckpt.info.get("run_key") != run_key or "artifact_metadata" not in ckpt.info:
+        return None
+    return ckpt
+
+
+@dataclass
+class Checkpointer:
+    """When to checkpoint (every `every` steps; 0 = never) and where to stop (`stop_at`, for tests of resume
+    and the `resume_at` claim), for the artifact at `artifact` of run `run_key`."""
+
+    artifact: Path
+    run_key: str
+    every: int = 0
+    stop_at: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"'checkpoint_every' must be >= 0 steps (got {self.every}).")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0 or self.stop_at is not None
+
+    def due(self, step: int, steps: int) -> bool:
+        if self.stop_at is not None and step == self.stop_at:
+            return True
+        return self.every > 0 and step % self.every == 0 and step < steps
+
+    def save(self, step: int, writer: Any, tensor: torch.Tensor, state: Mapping[str, Any], *,
+             last_loss: float, extra: Mapping[str, Any] | None = None) -> Path:
+        """fsync the artifact's rows, then write the checkpoint of `step` (see the module docstring)."""
+        writer.sync()
+        info = {"run_key": self.run_key, "artifact_metadata": [list(kv) for kv in writer.metadata.items()],  # ordered "last_loss": repr(float(last_loss)),
+                "digest": digest_tensor(tensor.detach().to("cpu")).hex(), **(extra or {})}
+        path = checkpoint.save(checkpoint_path(self.artifact), step, state, info)
+        writer.keep_partial = True  # from now on an interrupted run leaves what its resume needs
+        if self.stop_at is not None and step == self.stop_at:
+            raise TrainingStopped(step, path)
+        return path
+
+    def done(self) -> None:
+        checkpoint_path(self.artifact).unlink(missing_ok=True)
+
+
+def check_restored(ckpt: checkpoint.Checkpoint, tensor: torch.Tensor) -> None:
+    """The restored recorded tensor must be the one the checkpoint was taken of."""
+    got = digest_tensor(tensor.detach().to("cpu")).hex()
+    if got != ckpt.info.get("digest"):
+        raise ArtifactError(f"{ckpt.path}: the restored state at step {ckpt.step} has digest {got[:16]}..., the "
+                            f"checkpoint recorded {str(ckpt.info.get('digest'))[:16]}...; it cannot be resumed.")
+
+
+# --- the torch engine's state ----------------------------------------------------------------------
+
+def module_state(model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
+                 generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """The full training state of a plain PyTorch loop, packable into a checkpoint."""
+    state: dict[str, Any] = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "rng": checkpoint.rng_state(generators)}
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    return state
+
+
+def restore_module_state(state: Mapping[str, Any], model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
+                         generators: Mapping[str, torch.Generator] | None = None) -> None:
+    with torch.no_grad():
+        model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    checkpoint.set_rng_state(state["rng"], generators)
+
+
+# --- resume_at: stop in one fresh process, resume in another ----------------------------------------
+
+def train_in_two_processes(train_args: Mapping[str, Any], stop_at: int, *, timeout_s: float = 6 * 3600) -> None:
+    """Train a run stopped after `stop_at` in one fresh Python process and resumed in a second one.
+
+    `train_args` are the JSON-able arguments of `_child` (kind, config, path, metadata, ...)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    for stop in (stop_at, None):
+        payload = json.dumps({**train_args, "stop_at": stop})
+        proc = subprocess.run([sys.executable, "-m", "flannel_repro.training.resume", payload], env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0:
+            phase = f"stopped at step {stop_at}" if stop is not None else "resumed"
+            raise RuntimeError(f"the run {phase} in a fresh process failed (exit {proc.returncode}):\n"
+                               f"{proc.stderr.strip()[-3000:]}")
+
+
+CHILD_KINDS: dict[str, Callable[[dict[str, Any]], None]] = {}
+
+
+def _child_flannel6(args: dict[str, Any]) -> None:
+    from flannel_repro.config import RunConfig
+    from flannel_repro.training.harness import train
+
+    if args.get("threads"):
+        torch.set_num_threads(int(args["threads"]))  # the parent's count: the key was computed with it
+    config = RunConfig.from_dict(args["config"], source="resume child")
+    train(config, args["path"], metadata=args.get("metadata"), checkpoint_every=args.get("checkpoint_every", 0),
+          stop_at=args.get("stop_at"), run_key=args["run_key"])
+
+
+def _child_engine(args: dict[str, Any]) -> None:
+    import importlib
+
+    from flannel_repro.training.engines import EngineRunConfig, train_engine
+
+    if args.get("threads"):
+        torch.set_num_threads(int(args["threads"]))
+    for module in args.get("imports", []):
+        importlib.import_module(module)  # registers the user's engine in this fresh process
+    config = EngineRunConfig.from_dict(args["config"])
+    train_engine(config, args["path"], metadata=args.get("metadata"), checkpoint_every=args.get("checkpoint_every", 0),
+                 stop_at=args.get("stop_at"), run_key=args["run_key"])
+
+
+CHILD_KINDS.update(flannel6=_child_flannel6, engine=_child_engine)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # run as `python -m`, this file is __main__: take the classes from the package module, as train() does
+    from flannel_repro.training import resume
+
+    args = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    try:
+        resume.CHILD_KINDS[args["kind"]](args)
+    except resume.TrainingStopped:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Resume equals uninterrupted: checkpoints (safetensors + JSON, never pickle), stop/resume at several steps,
+a kill -9 while training, and the `resume_at` claim through the plugin."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from flannel_repro.bits import bits_view
+from flannel_repro.errors import ArtifactError, ConfigError
+from flannel_repro.storage import checkpoint
+from flannel_repro.storage.run import RunFile
+from flannel_repro.training.harness import train
+from flannel_repro.training.resume import TrainingStopped, checkpoint_path, resumable_path
+from tests.conftest import TINY
+from tests.plugin.conftest import TINY_TOML
+
+# every optional recording on: resume must restore everything each of them depends on
+FULL = TINY.replace(steps=10, record_grads=True, record_momentum=True, record_variance=True, record_logits=True)
+
+
+def assert_bitwise_equal_artifacts(a_path, b_path) -> None:
+    a, b = RunFile(a_path), RunFile(b_path)
+    try:
+        assert sorted(a.reader.keys()) == sorted(b.reader.keys())
+        for key in a.reader.keys():
+            ta, tb = a.reader.read(key), b.reader.read(key)
+            assert ta.dtype == tb.dtype and ta.shape == tb.shape, key
+            if ta.dtype.is_floating_point:  # bits, not values: NaN rows (step 0's loss) must match too
+                ta, tb = bits_view(ta), bits_view(tb)
+            assert torch.equal(ta, tb), f"{key} differs"
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "ref.safetensors"
+    return train(FULL, path, metadata={"run_key": "k"}).path
+
+
+@pytest.mark.parametrize("stop", [1, 4, FULL.steps])
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path, reference, stop):
+    path = tmp_path / "run.safetensors"
+    with pytest.raises(TrainingStopped) as info:
+        train(FULL, path, metadata={"run_key": "k"}, stop_at=stop)
+    assert info.value.step == stop
+    assert not path.exists() and checkpoint_path(path).exists() and resumable_path(path).exists()
+    assert checkpoint.load(checkpoint_path(path)).step == stop
+    train(FULL, path, metadata={"run_key": "k"}, checkpoint_every=3)
+    assert RunFile(path).metadata["resumed_from"] == str(stop)
+    assert not checkpoint_path(path).exists() and not resumable_path(path).exists()  # nothing left behind
+    assert_bitwise_equal_artifacts(reference, path)
+
+
+def test_checkpoints_of_another_run_are_not_resumed(tmp_path, reference):
+    path = tmp_path / "run.safetensors"
+    with pytest.raises(TrainingStopped):
+        train(FULL, path, metadata={"run_key": "other"}, stop_at=4)
+    train(FULL, path, metadata={"run_key": "k"}, checkpoint_every=3)  # another key: trained from the start
+    assert "resumed_from" not in RunFile(path).metadata
+    assert_bitwise_equal_artifacts(reference, path)
+
+
+def test_a_damaged_partial_file_is_refused_with_its_name(tmp_path):
+    path = tmp_path / "run.safetensors"
+    with pytest.raises(TrainingStopped):
+        train(FULL, path, metadata={"run_key": "k"}, stop_at=2)
+    with open(resumable_path(path), "r+b") as f:
+        f.seek(40)
+        f.write(b"#")  # inside the header
+    with pytest.raises(ArtifactError, match=r"run\.safetensors\.resumable: expected a partial artifact of this run"):
+        train(FULL, path, metadata={"run_key": "k"})
+    assert not path.exists()
+
+
+def test_stop_at_and_engine_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"'stop_at' must be a step in \[1, 10\] \(got 11\)"):
+        train(FULL, tmp_path / "a.safetensors", stop_at=11)
+    with pytest.raises(ConfigError, match="engine = 'torch' and registered engines .got engine='hf'"):
+        train(FULL.replace(engine="hf"), tmp_path / "b.safetensors", checkpoint_every=2)
+    assert not list(tmp_path.iterdir())
+
+
+_CHILD = """
+import sys
+from tests.conftest import TINY
+from flannel_repro.training.harness import train
+cfg = TINY.replace(steps=int(sys.argv[2]), record_momentum=True, record_variance=True)
+train(cfg, sys.argv[1], metadata={"run_key": "k"}, checkpoint_every=2)
+"""
+
+
+def test_kill_9_while_training_then_resume_equals_uninterrupted(tmp_path):
+    """SIGKILL (no handler runs, nothing is cleaned) once a checkpoint beyond step 2 exists; training the
+    run again resumes from the last checkpoint and ends bitwise equal to a run that was never killed."""
+    steps = 400
+    cfg = TINY.replace(steps=steps, record_momentum=True, record_variance=True)
+    path = tmp_path / "run.safetensors"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(steps)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            ckpt = checkpoint_path(path)
+            if ckpt.exists() and checkpoint.load(ckpt).step >= 4:
+                break
+            time.sleep(0.05)
+        assert child.poll() is None, f"the child ended before it could be killed: {child.stderr.read()[-2000:]!r}"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(60)
+    assert child.returncode == -signal.SIGKILL
+    assert not path.exists() and resumable_path(path).exists()
+    killed_at = checkpoint.load(checkpoint_path(path)).step
+    assert 4 <= killed_at < steps
+
+    train(cfg, path, metadata={"run_key": "k"}, checkpoint_every=2)
+    assert int(RunFile(path).metadata["resumed_from"]) >= killed_at  # from the last checkpoint, not from 0
+    reference = train(cfg, tmp_path / "ref.safetensors", metadata={"run_key": "k"}).path
+    assert_bitwise_equal_artifacts(reference, path)
+
+
+def test_checkpoint_state_round_trips_without_pickle(tmp_path):
+    state = {"a": torch.arange(4, dtype=torch.bfloat16), "ints": {0: {"step": torch.tensor(3.0)}, 7: [1, 2]},
+             "tuple": (0.9, 0.999), "floats": [math.inf, -math.inf, 1e-300], "nan": math.nan, "none": None,
+             "flag": True, "text": "x"}
+    path = checkpoint.save(tmp_path / "c.ckpt", 5, state, {"run_key": "r"})
+    got = checkpoint.load(path)
+    assert got.step == 5 and got.info == {"run_key": "r"}
+    assert torch.equal(got.state["a"], state["a"]) and got.state["a"].dtype == torch.bfloat16
+    assert got.state["ints"][7] == [1, 2] and torch.equal(got.state["ints"][0]["step"], torch.tensor(3.0))
+    assert got.state["tuple"] == (0.9, 0.999) and isinstance(got.state["tuple"], tuple)
+    assert got.state["floats"] == [math.inf, -math.inf, 1e-300] and math.isnan(got.state["nan"])
+    assert (got.state["none"], got.state["flag"], got.state["text"]) == (None, True, "x")
+    # the file is plain safetensors with JSON metadata
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["info"]) == {"run_key": "r"}
+
+
+def test_checkpoint_errors_name_the_thing(tmp_path):
+    with pytest.raises(ArtifactError, match=r"checkpoint state opt\.fn: .*got builtin_function_or_method; it cannot be stored without pickling"):
+        checkpoint.save(tmp_path / "c.ckpt", 1, {"opt": {"fn": len}})
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    (tmp_path / "bad.ckpt").write_bytes(b"not safetensors")
+    with pytest.raises(ArtifactError, match=r"bad\.ckpt: expected a checkpoint \(safetensors\), got an unreadable file"):
+        checkpoint.load(tmp_path / "bad.ckpt")
+    with pytest.raises(ArtifactError, match=r"missing\.ckpt: expected a checkpoint, found no such file"):
+        checkpoint.load(tmp_path / "missing.ckpt")
+
+
+def test_resume_at_claim_in_a_session(pytester):
+    """`trajectory(42, resume_at=k)` is trained stopped at k in one fresh process and resumed in another;
+    the claim that it equals the uninterrupted run passes, for the first step and the last."""
+    pytester.makefile(".toml", flannel=TINY_TOML)
+    pytester.makepyfile("""
+        import pytest
+        from flannel_repro import assert_identical
+
+        @pytest.mark.parametrize("k", [1, 4])
+        def test_resume_changes_nothing(trajectory, k):
+            resumed = trajectory(42, resume_at=k)
+            assert resumed.metadata["resumed_from"] == str(k)
+            assert_identical(trajectory(42), resumed)
+
+        def test_resume_at_out_of_range(trajectory):
+            trajectory(42, resume_at=5)
+    """)
+    result = pytester.runpytest_subprocess("--flannel-config=flannel.toml", "--flannel-threads=1", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=0, failed=1)
+    result.stdout.fnmatch_lines(["*resume_at must be a step in [[]1, 4[]] (got 5)*"])
