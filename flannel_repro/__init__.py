@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flannel_repro.version import __version__
 
-from flannel_repro.config import ExperimentConfig, RunConfig, notebook_config
+from flannel_repro.config import EngineRunConfig, ExperimentConfig, RunConfig, notebook_config
 from flannel_repro.errors import ArtifactError, ConfigError, DataError, DeterminismError, FlannelError
 
 # Heavy names (they import torch) load on first use, so `import flannel_repro` and the pytest plugin
@@ -32,6 +32,9 @@ _LAZY = {
     "assert_not_stalled": "flannel_repro.analysis.stall",
     "stall_profile": "flannel_repro.analysis.stall",
     "write_report": "flannel_repro.report",
+    "TrajectoryRecorder": "flannel_repro.training.record",
+    "FlannelCallback": "flannel_repro.training.record",
+    "register_engine": "flannel_repro.training.engines",
 }
 
 
@@ -50,6 +53,7 @@ __all__ = [
     *sorted(_LAZY),
     "ArtifactError",
     "ConfigError",
+    "EngineRunConfig",
     "DataError",
     "DeterminismError",
     "ExperimentConfig",

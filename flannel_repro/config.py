@@ -349,6 +349,86 @@ PRESETS: dict[str, typing.Callable[[], ExperimentConfig]] = {
 }
 
 
+ENGINE_RUN_KIND = "engine"  # `kind` in an EngineRunConfig's dict: how an artifact's config is told from a RunConfig
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EngineRunConfig:
+    """One run of *your* training: a registered engine (`flannel_repro.register_engine`) or a loop recorded
+    with `flannel_repro.TrajectoryRecorder`. What the suite needs to know of a run, and your own
+    hyperparameters in `params` (JSON values: they enter the fingerprint and the run key)."""
+
+    engine: str = field(metadata=_doc("The registered engine's name ('custom' for a loop recorded by hand)."))
+    steps: int = field(metadata=_doc("Optimizer steps; the artifact holds steps + 1 rows (row 0: the initial state)."))
+    model_seed: int = field(default=0, metadata=_doc("Seed of the model's initialisation."))
+    data_seed: int = field(default=0, metadata=_doc("Seed of the data order."))
+    device: str = field(default="cpu", metadata=_doc("Where it trains: cpu, cuda, cuda:N, mps."))
+    threads: int = field(default=0, metadata=_doc("torch intra-op threads (0: leave as is)."))
+    numerics: str = field(default="native", metadata=_doc("CPU numerics mode (see RunConfig.numerics).",
+                                                          choices=NUMERICS))
+    deterministic: bool = field(default=True, metadata=_doc("torch.use_deterministic_algorithms and friends."))
+    dtype: str = field(default="float32", metadata=_doc("dtype of the recorded tensor (informational)."))
+    params: Mapping[str, Any] = field(default_factory=dict, metadata=_doc("The engine's own hyperparameters."))
+
+    def __post_init__(self) -> None:
+        _require("engine", isinstance(self.engine, str) and bool(self.engine.strip()), "a non-empty name", self.engine)
+        for name in ("steps", "model_seed", "data_seed", "threads"):
+            value = getattr(self, name)
+            _require(name, isinstance(value, int) and not isinstance(value, bool) and value >= (1 if name == "steps" else 0),
+                     "an integer >= 1" if name == "steps" else "an integer >= 0", value)
+        _require("numerics", self.numerics in NUMERICS, " or ".join(map(repr, NUMERICS)), self.numerics)
+        if not isinstance(self.params, Mapping):
+            raise ConfigError(f"'params' must be a table of the engine's hyperparameters (got {type(self.params).__name__}).")
+        try:
+            frozen = json.loads(json.dumps(dict(self.params), sort_keys=True, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"'params' must hold JSON values (numbers, strings, lists, tables): {exc}.") from None
+        object.__setattr__(self, "params", types.MappingProxyType(frozen))  # hashable content, immutable
+
+    @property
+    def kind(self) -> str:
+        return ENGINE_RUN_KIND
+
+    @property
+    def train_seed(self) -> int | None:
+        return self.model_seed if self.model_seed == self.data_seed else None
+
+    def with_train_seed(self, seed: int) -> "EngineRunConfig":
+        return self.replace(model_seed=seed, data_seed=seed)
+
+    def replace(self, **changes: Any) -> "EngineRunConfig":
+        """Fields by name; any other keyword is one of the engine's params."""
+        names = {f.name for f in dataclasses.fields(self)}
+        params = {k: v for k, v in changes.items() if k not in names}
+        fields_ = {k: v for k, v in changes.items() if k in names}
+        if params:
+            fields_["params"] = {**dict(fields_.get("params", self.params)), **params}
+        return dataclasses.replace(self, **fields_)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["params"] = dict(self.params)
+        return {"kind": ENGINE_RUN_KIND, **out}
+
+    def fingerprint(self) -> str:
+        return _digest({k: v for k, v in self.to_dict().items() if k != "kind"})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "EngineRunConfig":
+        if not isinstance(data, Mapping) or data.get("kind") != ENGINE_RUN_KIND:
+            raise ConfigError(f"{source}: expected an engine run's config (kind = {ENGINE_RUN_KIND!r}).")
+        body = {k: v for k, v in data.items() if k != "kind"}
+        _check_keys(cls, body, source)
+        return cls(**body)
+
+
+def run_config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> "RunConfig | EngineRunConfig":
+    """An artifact's config: an EngineRunConfig when its dict says so, else the notebook's RunConfig."""
+    if isinstance(data, Mapping) and data.get("kind") == ENGINE_RUN_KIND:
+        return EngineRunConfig.from_dict(data, source=source)
+    return RunConfig.from_dict(data, source=source)
+
+
 # --- validation helpers ---------------------------------------------------------------------------
 
 def _require(name: str, ok: bool, expected: str, got: Any) -> None:

@@ -335,6 +335,8 @@ def _config_dict(traj: "RunFile") -> dict[str, Any]:
 
     cfg = traj.config
     out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("fingerprint", True)}
+    if "params" in out:  # an engine run's own hyperparameters (a read-only mapping)
+        out["params"] = dict(out["params"])
     out["device"] = device_class(cfg.device)
     return out
 

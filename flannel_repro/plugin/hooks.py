@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
-from flannel_repro.config import ExperimentConfig, RunConfig
+from flannel_repro.config import ENGINES, ExperimentConfig, RunConfig
 from flannel_repro.devices import device_present
 from flannel_repro.errors import ConfigError
 from flannel_repro.plugin.report import ControllerReporter, ProgressWriter
@@ -116,7 +116,13 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         overrides = marker_overrides(item)
         if overrides:
             try:
-                state.run_template.replace(**overrides)
+                engine = overrides.get("engine")
+                if engine is not None and engine not in ENGINES:  # a registered engine: its own config
+                    from flannel_repro.training.engines import get_engine
+
+                    get_engine(engine).config(**{k: v for k, v in overrides.items() if k != "engine"})
+                else:
+                    state.run_template.replace(**overrides)
             except ConfigError as exc:
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{MARKER}: {exc}") from None
 
@@ -258,7 +264,14 @@ def trajectory(request: pytest.FixtureRequest):  # noqa: ANN201
                 raise TypeError("give train_seed or model_seed/data_seed, not both.")
             changes.update(model_seed=train_seed, data_seed=train_seed)
         try:
-            cfg = cfg.replace(**changes)
+            engine = changes.get("engine")
+            if engine is not None and engine not in ENGINES:  # your registered engine (training.engines)
+                from flannel_repro.training.engines import get_engine
+
+                changes.pop("engine")
+                cfg = get_engine(engine).config(numerics=state.run_template.numerics, **changes)
+            else:
+                cfg = cfg.replace(**changes)
         except ConfigError as exc:
             raise pytest.UsageError(f"{request.node.nodeid}: trajectory(...): {exc}") from None
         return obtain(request.config, cfg, repeat=repeat, resume_at=resume_at)

@@ -22,7 +22,7 @@ import torch
 
 from flannel_repro.storage import layout
 from flannel_repro.storage.stream import TrajectoryReader, digest_tensor
-from flannel_repro.config import RunConfig
+from flannel_repro.config import EngineRunConfig, RunConfig, run_config_from_dict
 from flannel_repro.errors import ArtifactError, ConfigError
 
 class RunFile:
@@ -47,9 +47,10 @@ class RunFile:
         return self.reader.metadata
 
     @cached_property
-    def config(self) -> RunConfig:
-        """The run's config (ArtifactError when the artifact has none or it is not a config: never a default)."""
-        return RunConfig.from_dict(layout.run_config(self.reader), source=f"{self.path}: metadata 'config'")
+    def config(self) -> "RunConfig | EngineRunConfig":
+        """The run's config (ArtifactError when the artifact has none or it is not a config: never a default):
+        a RunConfig for the notebook's model, an EngineRunConfig for your own training."""
+        return run_config_from_dict(layout.run_config(self.reader), source=f"{self.path}: metadata 'config'")
 
     @cached_property
     def env(self) -> dict[str, Any]:
@@ -203,9 +204,15 @@ class RunFile:
             if keyed != config.fingerprint():
                 problems.append(f"the metadata's config (fingerprint {config.fingerprint()}) is not the one its run key "
                                 f"was made from ({keyed}): the config was edited after training")
-        specs = layout.run_artifact_specs(steps=config.steps, vocab_size=config.vocab_size, hidden_dim=config.hidden_dim,
-                                          batch_size=config.batch_size, dtype=getattr(torch, config.dtype),
-                                          record_W=config.record_W)
+        if isinstance(config, EngineRunConfig):
+            try:
+                specs = self._recorded_specs(config)
+            except (ArtifactError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                return [f"the metadata's 'recorded' description is damaged ({exc})"]
+        else:
+            specs = layout.run_artifact_specs(steps=config.steps, vocab_size=config.vocab_size,
+                                              hidden_dim=config.hidden_dim, batch_size=config.batch_size,
+                                              dtype=getattr(torch, config.dtype), record_W=config.record_W)
         # the update statistics came later (a run without them is whole, stall_profile recomputes what it can)
         optional = {layout.KEY_UPDATES}
         for want in specs:
@@ -241,6 +248,24 @@ class RunFile:
         if problems:
             raise ArtifactError(f"{self.path}: failed verification: {'; '.join(problems)}")
         return self
+
+    def _recorded_specs(self, config: EngineRunConfig) -> list:
+        """The layout a recorded run of your own training implies (training.record): its metadata names the
+        tensors, their dtypes and shapes, the primary one stored as W in 2-D."""
+        from flannel_repro.storage.stream import TensorSpec
+
+        recorded = json.loads(self.metadata["recorded"])
+        tensors = recorded["tensors"]
+        dtype_of = {name: getattr(torch, t["dtype"]) for name, t in tensors.items()}
+        shape = [int(d) for d in tensors[recorded["primary"]]["shape"]]
+        rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
+        batch = self.reader.spec(layout.KEY_BATCH_STARTS).shape[1] if layout.KEY_BATCH_STARTS in self.reader else 0
+        specs = layout.run_artifact_specs(steps=config.steps, vocab_size=rows, hidden_dim=cols, batch_size=batch,
+                                          dtype=dtype_of[recorded["primary"]])
+        for name, t in tensors.items():
+            if name != recorded["primary"]:
+                specs.append(TensorSpec(f"tensor.{name}", dtype_of[name], (config.steps + 1, *map(int, t["shape"]))))
+        return specs
 
     def release_pages(self) -> None:
         """Drop the resident pages of the memory map behind `W`, `batch_starts` and `optional()`

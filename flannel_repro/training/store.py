@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 from flannel_repro.storage import stream
 from flannel_repro.errors import ArtifactError, ArtifactWarning, ConfigError
+from flannel_repro.config import EngineRunConfig
 
 if TYPE_CHECKING:
     from flannel_repro.storage.run import RunFile
@@ -165,7 +166,7 @@ class RunStore:
             return None
         return traj
 
-    def obtain(self, config: "RunConfig", *, repeat: int = 0, resume_at: int | None = None,
+    def obtain(self, config: "RunConfig | EngineRunConfig", *, repeat: int = 0, resume_at: int | None = None,
                progress: Callable[[int, int, float], None] | None = None,
                on_train_start: Callable[[Path], None] | None = None) -> Obtained:
         """The trajectory for (config, repeat): from the store if complete and matching, else trained now.
@@ -182,10 +183,17 @@ class RunStore:
         from flannel_repro.training.numerics import apply as apply_numerics
 
         apply_numerics(config.numerics, config.device)  # before the key's probe starts oneDNN and MKL
-        data = load_data(config)
-        material = run_key_material(config, data.hashes, repeat)
+        engine_run = isinstance(config, EngineRunConfig)
+        if engine_run:
+            from flannel_repro.training.engines import get_engine
+
+            data = None
+            material = run_key_material(config, get_engine(config.engine).key_data(), repeat)
+        else:
+            data = load_data(config)
+            material = run_key_material(config, data.hashes, repeat)
         if resume_at is not None:
-            if config.engine != "torch":
+            if config.engine != "torch" and not engine_run:
                 raise ConfigError(f"resume_at: resume is implemented for engine = 'torch' and registered engines, "
                                   f"got engine={config.engine!r}.")
             if not 1 <= resume_at <= config.steps:
@@ -214,11 +222,20 @@ class RunStore:
             if resume_at is not None:
                 from flannel_repro.training.resume import train_in_two_processes
 
+                args: dict[str, object] = {"kind": "flannel6", "config": config.to_dict(), "path": str(path),
+                                           "metadata": metadata, "run_key": key, "threads": resolved_threads(config)}
+                if engine_run:
+                    from flannel_repro.training.engines import import_paths
+
+                    args.update(kind="engine", imports=import_paths(config))
                 start = time.perf_counter()
-                train_in_two_processes({"kind": "flannel6", "config": config.to_dict(), "path": str(path),
-                                        "metadata": metadata, "run_key": key, "threads": resolved_threads(config)},
-                                       resume_at)
+                train_in_two_processes(args, resume_at)
                 self._log_training(path, key, time.perf_counter() - start)
+            elif engine_run:
+                from flannel_repro.training.engines import train_engine
+
+                wall = train_engine(config, path, metadata=metadata, run_key=key, checkpoint_every=self.checkpoint_every)
+                self._log_training(path, key, wall)
             else:
                 result = train(config, path, data=data, progress=progress, metadata=metadata, run_key=key,
                                checkpoint_every=self.checkpoint_every if config.engine == "torch" else 0)
