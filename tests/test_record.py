@@ -161,3 +161,21 @@ def test_trainer_callback_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"no parameter \['transformer.no_such.weight'\] in the model"):
         Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_report_on_recorded_runs_of_your_own_model(tmp_path):
+    pytest.importorskip("matplotlib", reason="the report's plots need matplotlib (the 'report' extra)")
+    import json
+
+    from flannel_repro.report import write_report
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    loop(runs / "s0.safetensors")
+    loop(runs / "s1.safetensors", seed=1, data_seed=1)
+    loop(runs / "d1.safetensors", data_seed=1)
+    result = write_report([runs], tmp_path / "report")
+    doc = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert len(doc["runs"]) == 3 and result.page.exists()
+    assert "data order only (model_seed fixed)" in json.dumps(doc)
+    assert (tmp_path / "report" / "loss.png").stat().st_size > 0

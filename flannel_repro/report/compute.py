@@ -37,7 +37,14 @@ from flannel_repro.errors import ArtifactError
 
 MAX_GROUP = 16  # runs scanned together for one class (120 pairs); larger groups keep the first 16 by name
 SEED_FIELDS = ("model_seed", "data_seed")
-SHAPE_FIELDS = ("steps", "vocab_size", "hidden_dim", "dtype")
+
+
+def shape_of(traj: Trajectory) -> tuple:
+    """What two runs must share to be compared step by step: the kind of run (the notebook's model, or an
+    engine's), steps, the recorded W's shape and dtype (from the artifact: any model's)."""
+    c = traj.config
+    w = traj.reader.spec("W") if traj.has_W else None
+    return (getattr(c, "kind", "flannel6"), c.steps, None if w is None else (tuple(w.shape[1:]), str(w.dtype)))
 
 
 @dataclass
@@ -164,7 +171,7 @@ def _groups(runs: Sequence[RunInfo], offset_of: Sequence[int]) -> list[tuple[str
 def _local_groups(runs: Sequence[RunInfo]) -> list[tuple[str, list[int]]]:
     by_shape: dict[tuple, list[int]] = defaultdict(list)
     for i, r in enumerate(runs):
-        by_shape[tuple(getattr(r.config, f) for f in SHAPE_FIELDS)].append(i)
+        by_shape[shape_of(r.traj)].append(i)
     groups: list[tuple[str, list[int]]] = []
     for members in by_shape.values():
         key_of = {i: setting_key(runs[i].traj) for i in members}
@@ -281,7 +288,7 @@ def _sources(runs: Sequence[RunInfo], keys: Sequence[str], usual: str) -> Source
     bc, bs = base.config, settings(base.traj)
     others: dict[str, Trajectory] = {}
     for r in runs:
-        if r is base or tuple(getattr(r.config, f) for f in SHAPE_FIELDS) != tuple(getattr(bc, f) for f in SHAPE_FIELDS):
+        if r is base or shape_of(r.traj) != shape_of(base.traj):
             continue
         c, s = r.config, settings(r.traj)
         same_seeds = (c.model_seed, c.data_seed) == (bc.model_seed, bc.data_seed)
