@@ -181,3 +181,24 @@ def test_resume_at_claim_in_a_session(pytester):
     result = pytester.runpytest_subprocess("--flannel-config=flannel.toml", "--flannel-threads=1", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, errors=0, failed=1)
     result.stdout.fnmatch_lines(["*resume_at must be a step in [[]1, 4[]] (got 5)*"])
+
+
+def test_prune_keeps_a_resumable_run_and_removes_what_cannot_resume(tmp_path):
+    from flannel_repro.training.store import prune
+
+    live = tmp_path / "live.safetensors"
+    with pytest.raises(TrainingStopped):
+        train(FULL, live, metadata={"run_key": "k"}, stop_at=3)
+    done = tmp_path / "done.safetensors"
+    train(FULL, done, metadata={"run_key": "k"})
+    checkpoint_path(done).write_bytes(checkpoint_path(live).read_bytes())  # a checkpoint beside a finished run
+    lonely = tmp_path / "lonely.safetensors"
+    resumable_path(lonely).write_bytes(b"\0" * 64)  # a partial file whose checkpoint is gone
+    found = {o.path.name: o.reason for o in prune(tmp_path, dry_run=True)}
+    assert found.get("done.safetensors.ckpt") == "resume file of a run that finished", found
+    assert found.get("lonely.safetensors.resumable") == "resume file without its checkpoint", found
+    assert not any(name.startswith("live.") for name in found), found
+    prune(tmp_path)
+    assert checkpoint_path(live).exists() and resumable_path(live).exists()
+    train(FULL, live, metadata={"run_key": "k"})  # still resumes after the prune
+    assert RunFile(live).metadata["resumed_from"] == "3"

@@ -96,8 +96,10 @@ class Checkpointer:
     def save(self, step: int, writer: Any, tensor: torch.Tensor, state: Mapping[str, Any], *,
              last_loss: float, extra: Mapping[str, Any] | None = None) -> Path:
         """fsync the artifact's rows, then write the checkpoint of `step` (see the module docstring)."""
+        from flannel_repro.training.determinism import code_version
+
         writer.sync()
-        info = {"run_key": self.run_key, "artifact_metadata": [list(kv) for kv in writer.metadata.items()],  # ordered "last_loss": repr(float(last_loss)),
+        info = {"code": code_version(), "run_key": self.run_key, "artifact_metadata": [list(kv) for kv in writer.metadata.items()],  # ordered "last_loss": repr(float(last_loss)),
                 "digest": digest_tensor(tensor.detach().to("cpu")).hex(), **(extra or {})}
         path = checkpoint.save(checkpoint_path(self.artifact), step, state, info)
         writer.keep_partial = True  # from now on an interrupted run leaves what its resume needs

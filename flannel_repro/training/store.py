@@ -365,16 +365,47 @@ def find_orphans(root: str | Path) -> list[Orphan]:
             add(path, "; ".join(reasons))
     for path in stream.stale_partials(directory):
         add(path, "partial file of a writer that is gone")
+    _resume_orphans(directory, code, add)
     going = {o.path for o in found}
     for path in sorted(directory.glob("*.safetensors.lock")):
         run = Path(str(path)[: -len(".lock")])
-        if (run in going or not run.exists()) and _lock_is_free(path):
+        resumable = Path(f"{run}.ckpt").exists() and Path(f"{run}.ckpt") not in going
+        if (run in going or not run.exists()) and not resumable and _lock_is_free(path):
             add(path, "lock of a run that is gone" if run not in going else "lock of a run pruned with it")
     for path in sorted(directory.glob("*.safetensors.progress")):
         if not Path(str(path)[: -len(".progress")]).exists() and not any(
                 p.name.startswith(path.name[: -len(".progress")] + ".partial-") for p in directory.iterdir()):
             add(path, "progress file of a run that is gone")
     return found
+
+
+def _resume_orphans(directory: Path, code: str, add: Callable[[Path, str], None]) -> None:
+    """Checkpoints and resumable partial files that no run can resume (training.resume): beside a published
+    artifact, without their partner, or made by other code (its runs have other keys). A pair whose run
+    is being trained (its lock is held) is never one."""
+    from flannel_repro.storage import checkpoint
+    from flannel_repro.training.resume import CHECKPOINT_SUFFIX, RESUMABLE_SUFFIX
+
+    for suffix, partner in ((CHECKPOINT_SUFFIX, RESUMABLE_SUFFIX), (RESUMABLE_SUFFIX, CHECKPOINT_SUFFIX)):
+        for path in sorted(directory.glob(f"*.safetensors{suffix}")):
+            artifact = Path(str(path)[: -len(suffix)])
+            lock = Path(f"{artifact}.lock")
+            if lock.exists() and not _lock_is_free(lock):
+                continue
+            if artifact.exists():
+                add(path, "resume file of a run that finished")
+            elif not Path(f"{artifact}{partner}").exists():
+                add(path, "resume file without its " + ("partial artifact" if suffix == CHECKPOINT_SUFFIX else "checkpoint"))
+            elif suffix == CHECKPOINT_SUFFIX:
+                try:
+                    made_by = checkpoint.load(path).info.get("code")
+                except ArtifactError:
+                    add(path, "unreadable checkpoint")
+                    add(Path(f"{artifact}{partner}"), "partial artifact of an unreadable checkpoint")
+                    continue
+                if made_by not in (None, code):
+                    add(path, f"checkpoint of flannel-repro code {made_by} (now {code})")
+                    add(Path(f"{artifact}{partner}"), f"partial artifact of flannel-repro code {made_by} (now {code})")
 
 
 def _lock_is_free(path: Path) -> bool:
