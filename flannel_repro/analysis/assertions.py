@@ -46,6 +46,9 @@ def pair_class(a: Trajectory, b: Trajectory) -> str:
     diff = sorted(k for k in ca.to_dict() if getattr(ca, k) != getattr(cb, k))
     seeds = {"model_seed", "data_seed"}
     if not diff:
+        resumed = [(t.key_material or {}).get("resume_at") for t in (a, b)]
+        if resumed[0] != resumed[1]:
+            return "stopped and resumed vs uninterrupted" if None in resumed else "stopped and resumed at other steps"
         return "same config, separate trainings" if a.repeat != b.repeat else "same run"
     if set(diff) == seeds:
         return "different train seeds"

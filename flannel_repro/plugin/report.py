@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from flannel_repro.config import ENGINES
 from flannel_repro.plugin.session import SESSION_KEY
 from flannel_repro.version import __version__
 
@@ -255,18 +256,24 @@ class ControllerReporter:
             shown = ", ".join(state.leftovers_removed[:3]) + (" ..." if len(state.leftovers_removed) > 3 else "")
             tr.write_line(f"removed {len(state.leftovers_removed)} file(s) left by killed runs at session start: {shown}")
         exp = state.experiment
-        tr.write_line(f"config {exp.run.fingerprint()}: {exp.n_runs} runs x {exp.run.steps} steps, seeds "
-                      f"{exp.train_seeds[0]}-{exp.train_seeds[-1]}, engine {exp.run.engine}, labels {exp.run.label_mode}, "
-                      f"artifacts {state.artifacts_dir}")
+        own = sorted({r.engine for r in state.runs.values() if r.engine not in ENGINES})
+        if own and len(own) == len({r.engine for r in state.runs.values()}):  # only your registered engines ran
+            tr.write_line(f"registered engine(s) {', '.join(own)}: {len(state.runs)} runs, artifacts {state.artifacts_dir}")
+        else:
+            tr.write_line(f"config {exp.run.fingerprint()}: {exp.n_runs} runs x {exp.run.steps} steps, seeds "
+                          f"{exp.train_seeds[0]}-{exp.train_seeds[-1]}, engine {exp.run.engine}, labels "
+                          f"{exp.run.label_mode}, artifacts {state.artifacts_dir}")
         if state.runs:
             tr.write_line("")
-            head = f"{'seed':<12} {'device':<7} {'engine':<6} {'steps':>6} {'final loss':>11} {'wall s':>8} {'steps/s':>8} {'thr':>3}  artifact"
+            ew = max(6, *(len(r.engine) for r in state.runs.values()))
+            head = (f"{'seed':<12} {'device':<7} {'engine':<{ew}} {'steps':>6} {'final loss':>11} {'wall s':>8} "
+                    f"{'steps/s':>8} {'thr':>3}  artifact")
             tr.write_line(head)
             for r in sorted(state.runs.values(), key=lambda r: (r.device, r.seed)):
                 note = "" if r.trained_here else " (reused)"
                 if r.replaced:
                     note = " (retrained: the stored artifact failed verification)"
-                tr.write_line(f"{r.seed:<12} {r.device:<7} {r.engine:<6} {r.steps:>6} {r.final_loss:>11.5f} "
+                tr.write_line(f"{r.seed:<12} {r.device:<7} {r.engine:<{ew}} {r.steps:>6} {r.final_loss:>11.5f} "
                               f"{r.wall_time_s:>8.1f} {r.steps_per_s:>8.2f} {r.threads:>3}  {Path(r.path).name}{note}")
             for r in sorted(state.runs.values(), key=lambda r: r.name):
                 if r.replaced:
