@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -52,7 +51,9 @@ def test_trainer_snippet(tmp_path):
     assert not (run.W_at(0) == run.W_at(5)).all()  # the embedding moved
 
 
-def test_engine_snippets(pytester):
+def test_engine_snippets(pytester, monkeypatch):
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)  # the inner session is not a worker of this one
     pytester.makeconftest(snippet("engine-conftest").replace("# conftest.py\n", ""))
     pytester.makepyfile(test_tiny=snippet("engine-test").replace("# test_tiny.py\n", ""))
     first = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--snapshot-update", "--flannel-threads=1")

@@ -131,7 +131,7 @@ def save(path: str | os.PathLike[str], step: int, state: Mapping[str, Any], info
     """Write the checkpoint of `step` atomically (temp file, fsync, rename, fsync of the directory)."""
     from safetensors.torch import save_file
 
-    from flannel_repro.storage.stream import _fsync_dir
+    from flannel_repro.storage.stream import fsync_dir
 
     final = Path(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -150,7 +150,7 @@ def save(path: str | os.PathLike[str], step: int, state: Mapping[str, Any], info
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 

@@ -514,7 +514,7 @@ class TrajectoryWriter:
         os.replace(self.temp_path, self.path)
         self._finished = True
         self.metadata = metadata
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return self.path
 
 
@@ -537,7 +537,7 @@ def _hash_range(fd: int, offset: int, length: int) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make a rename durable (no-op where directories cannot be opened or fsynced)."""
     try:
         fd = os.open(directory if str(directory) else ".", os.O_RDONLY)

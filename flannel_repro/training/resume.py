@@ -22,7 +22,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -146,60 +146,13 @@ def restore_module_state(state: Mapping[str, Any], model: torch.nn.Module, optim
 def train_in_two_processes(train_args: Mapping[str, Any], stop_at: int, *, timeout_s: float = 6 * 3600) -> None:
     """Train a run stopped after `stop_at` in one fresh Python process and resumed in a second one.
 
-    `train_args` are the JSON-able arguments of `_child` (kind, config, path, metadata, ...)."""
+    `train_args` are the JSON-able arguments of `training.resume_child` (kind, config, path, metadata, ...)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     for stop in (stop_at, None):
         payload = json.dumps({**train_args, "stop_at": stop})
-        proc = subprocess.run([sys.executable, "-m", "flannel_repro.training.resume", payload], env=env,
+        proc = subprocess.run([sys.executable, "-m", "flannel_repro.training.resume_child", payload], env=env,
                               capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
             phase = f"stopped at step {stop_at}" if stop is not None else "resumed"
             raise RuntimeError(f"the run {phase} in a fresh process failed (exit {proc.returncode}):\n"
                                f"{proc.stderr.strip()[-3000:]}")
-
-
-CHILD_KINDS: dict[str, Callable[[dict[str, Any]], None]] = {}
-
-
-def _child_flannel6(args: dict[str, Any]) -> None:
-    from flannel_repro.config import RunConfig
-    from flannel_repro.training.harness import train
-
-    if args.get("threads"):
-        torch.set_num_threads(int(args["threads"]))  # the parent's count: the key was computed with it
-    config = RunConfig.from_dict(args["config"], source="resume child")
-    train(config, args["path"], metadata=args.get("metadata"), checkpoint_every=args.get("checkpoint_every", 0),
-          stop_at=args.get("stop_at"), run_key=args["run_key"])
-
-
-def _child_engine(args: dict[str, Any]) -> None:
-    import importlib
-
-    from flannel_repro.training.engines import EngineRunConfig, train_engine
-
-    if args.get("threads"):
-        torch.set_num_threads(int(args["threads"]))
-    for module in args.get("imports", []):
-        importlib.import_module(module)  # registers the user's engine in this fresh process
-    config = EngineRunConfig.from_dict(args["config"])
-    train_engine(config, args["path"], metadata=args.get("metadata"), checkpoint_every=args.get("checkpoint_every", 0),
-                 stop_at=args.get("stop_at"), run_key=args["run_key"])
-
-
-CHILD_KINDS.update(flannel6=_child_flannel6, engine=_child_engine)
-
-
-def main(argv: list[str] | None = None) -> int:
-    # run as `python -m`, this file is __main__: take the classes from the package module, as train() does
-    from flannel_repro.training import resume
-
-    args = json.loads((argv if argv is not None else sys.argv[1:])[0])
-    try:
-        resume.CHILD_KINDS[args["kind"]](args)
-    except resume.TrainingStopped:
-        return 0
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
