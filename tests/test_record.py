@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from flannel_repro import EngineRunConfig, Trajectory, TrajectoryRecorder, assert_identical
+from flannel_repro import EngineRunConfig, Trajectory, TrajectoryRecorder, assert_identical, register_engine
 from flannel_repro.analysis.divergence import first_divergent_step, pair_divergence
 from flannel_repro.bits import bits_view
 from flannel_repro.errors import ArtifactError, ConfigError
@@ -17,6 +17,20 @@ from flannel_repro.training.resume import checkpoint_path, resumable_path
 
 class Boom(Exception):
     pass
+
+
+@register_engine("test-stateless", steps=4, params={"lr": 0.1})
+def stateless_engine(run):  # noqa: ANN001, ANN201 -- an engine that hands over no state (cannot checkpoint)
+    torch.manual_seed(run.model_seed)
+    w = torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.SGD([w], lr=run.params["lr"])
+    with run.recorder({"w": w}) as rec:
+        for step in range(1, run.steps + 1):
+            loss = (w * (run.data_seed + step)).square().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss.item())
 
 
 def loop(path, *, steps=12, seed=0, data_seed=0, fail_at=None, checkpoint_every=0, dtype=torch.float32):
@@ -179,3 +193,16 @@ def test_report_on_recorded_runs_of_your_own_model(tmp_path):
     assert len(doc["runs"]) == 3 and result.page.exists()
     assert "data order only (model_seed fixed)" in json.dumps(doc)
     assert (tmp_path / "report" / "loss.png").stat().st_size > 0
+
+
+def test_an_engine_without_state_trains_where_checkpoints_are_on_and_refuses_resume_at(tmp_path):
+    from flannel_repro.training.engines import get_engine
+    from flannel_repro.training.store import RunStore
+
+    store = RunStore(tmp_path, checkpoint_every=2)  # the session's default is on (100)
+    cfg = get_engine("test-stateless").config(model_seed=1, data_seed=1)
+    got = store.obtain(cfg)
+    assert got.trained and got.trajectory.steps == 4 and got.trajectory.verify() == []
+    assert store.obtain(cfg).trained is False  # shared: the same key is read back, not trained again
+    with pytest.raises(RuntimeError, match="resume_at needs the training state to checkpoint"):
+        store.obtain(cfg, resume_at=2)

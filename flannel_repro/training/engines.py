@@ -143,9 +143,14 @@ class EngineRun:
 
         if self.recorders:
             raise ConfigError(f"engine {self.config.engine!r}: one recorder per run (recorder() was called twice).")
+        stateful = bool(kwargs.get("state"))
+        if self.stop_at is not None and not stateful:
+            raise ConfigError(f"engine {self.config.engine!r}: resume_at needs the training state to checkpoint: pass "
+                              "state={'model': ..., 'optimizer': ...} to run.recorder(...).")
+        # without its state a run cannot checkpoint: it trains from the start when interrupted, as before
         rec = TrajectoryRecorder(self.path, tensors, steps=self.steps, config=self.config, metadata=self.metadata,
-                                 checkpoint_every=self.checkpoint_every, stop_at=self.stop_at, run_key=self.run_key,
-                                 **kwargs)
+                                 checkpoint_every=self.checkpoint_every if stateful else 0, stop_at=self.stop_at,
+                                 run_key=self.run_key, **kwargs)
         self.recorders.append(rec)
         return rec
 
