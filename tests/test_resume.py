@@ -211,3 +211,15 @@ def test_prune_keeps_a_resumable_run_and_removes_what_cannot_resume(tmp_path):
     assert checkpoint_path(live).exists() and resumable_path(live).exists()
     train(FULL, live, metadata={"run_key": "k"})  # still resumes after the prune
     assert RunFile(live).metadata["resumed_from"] == "3"
+
+
+def test_session_start_removes_a_resumable_file_without_checkpoint_and_keeps_one_with(tmp_path):
+    from flannel_repro.training.store import clean_leftovers
+
+    keep = tmp_path / "keep.safetensors"
+    with pytest.raises(TrainingStopped):
+        train(FULL, keep, metadata={"run_key": "k"}, stop_at=2)
+    lone = resumable_path(tmp_path / "lone.safetensors")
+    lone.write_bytes(b"\0" * 64)  # killed before its first checkpoint
+    assert clean_leftovers(tmp_path, older_than_s=0) == [lone]
+    assert resumable_path(keep).exists() and checkpoint_path(keep).exists() and not lone.exists()

@@ -284,7 +284,8 @@ def writable_problem(root: str | Path) -> str | None:
 
 def clean_leftovers(root: str | Path, *, older_than_s: float = 60.0) -> list[Path]:
     """Remove what killed processes left in an artifacts directory: partial artifacts of writers that
-    are gone (`stream.stale_partials`) and progress files of runs no one is training. Safe while
+    are gone (`stream.stale_partials`), progress files of runs no one is training, and resumable partial
+    files that never got a checkpoint (those with one are kept: their run resumes from it). Safe while
     other sessions use the directory: a progress file is removed only while this process holds its
     run's lock (a trainer holds it for the whole training), a partial only when its writer's pid is
     not running and the file has not changed for `older_than_s` (a live writer on another machine sharing
@@ -305,6 +306,20 @@ def clean_leftovers(root: str | Path, *, older_than_s: float = 60.0) -> list[Pat
         except OSError:
             continue  # a directory we cannot write: the writable check reports it
         removed.append(progress)
+    # a resumable partial file without its checkpoint was killed before its first checkpoint: nothing to resume
+    for partial in sorted(directory.glob("*.safetensors.resumable")):
+        run = str(partial)[: -len(".resumable")]
+        if Path(run + ".ckpt").exists():
+            continue  # resumable: kept for the run's next training
+        try:
+            if time.time() - partial.stat().st_mtime < older_than_s:
+                continue
+            with FileLock(run + ".lock", timeout=0):
+                if not Path(run + ".ckpt").exists():
+                    partial.unlink()
+                    removed.append(partial)
+        except (Timeout, OSError):
+            continue  # being trained now, removed by another session, or not ours to remove
     return removed
 
 
