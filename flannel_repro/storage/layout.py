@@ -83,6 +83,12 @@ def run_artifact_specs(
     return specs
 
 
+def written_through(names: Iterable[str], step: int) -> dict[str, int | None]:
+    """What of a run artifact is written once step `step` is recorded, for `TrajectoryWriter.reopen`: the
+    live mask whole (None), `step` rows of batch starts (one per optimizer step), `step + 1` of the rest."""
+    return {name: None if name == KEY_LIVE_MASK else step if name == KEY_BATCH_STARTS else step + 1 for name in names}
+
+
 def changed_share(before: torch.Tensor | None, after: torch.Tensor) -> float:
     """The share of entries whose bits differ between two tensors of one dtype (NaN without `before`)."""
     if before is None or not after.numel():

@@ -283,18 +283,19 @@ class TorchLoop:
             model.zero_grad()
         return loss.item(), starts
 
+    def _training_state(self) -> Any:
+        from flannel_repro.training.resume import TrainingState
+
+        return TrainingState({"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler})
+
     def state(self) -> dict[str, Any]:
         """The loop's full state after a step (a checkpoint, training.resume): model, optimizer, schedule,
         RNGs, and the fused head's per-shape verdicts (so a resumed run takes the same head)."""
-        from flannel_repro.training.resume import module_state
-
-        return {**module_state(self.model, self.optimizer, self.scheduler),
+        return {**self._training_state().capture(),
                 "loop": {"fused": self.fused, "checked": [[list(k), v] for k, v in self.checked.items()]}}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        from flannel_repro.training.resume import restore_module_state
-
-        restore_module_state(state, self.model, self.optimizer, self.scheduler)
+        self._training_state().restore(state)
         self.fused = bool(state["loop"]["fused"])
         self.checked = {tuple(k): v for k, v in state["loop"]["checked"]}
 

@@ -45,42 +45,6 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-class _Stateful:
-    """The objects a checkpoint saves and restores: anything with state_dict / load_state_dict, and
-    torch.Generators (get_state / set_state)."""
-
-    def __init__(self, objects: Mapping[str, Any] | None) -> None:
-        self.objects = dict(objects or {})
-        for name, obj in self.objects.items():
-            if not isinstance(obj, torch.Generator) and not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
-                raise ConfigError(f"state[{name!r}]: expected an object with state_dict()/load_state_dict() (model, "
-                                  f"optimizer, scheduler) or a torch.Generator, got {type(obj).__name__}.")
-
-    def capture(self) -> dict[str, Any]:
-        from flannel_repro.storage.checkpoint import rng_state
-
-        gens = {n: g for n, g in self.objects.items() if isinstance(g, torch.Generator)}
-        return {"objects": {n: o.state_dict() for n, o in self.objects.items() if n not in gens},
-                "rng": rng_state(gens)}
-
-    def restore(self, state: Mapping[str, Any]) -> None:
-        from flannel_repro.storage.checkpoint import set_rng_state
-
-        gens = {n: g for n, g in self.objects.items() if isinstance(g, torch.Generator)}
-        saved = state["objects"]
-        for name, obj in self.objects.items():
-            if name in gens:
-                continue
-            if name not in saved:
-                raise ArtifactError(f"checkpoint: no state for {name!r} (saved: {sorted(saved) or 'none'}).")
-            if isinstance(obj, torch.nn.Module):
-                with torch.no_grad():
-                    obj.load_state_dict(saved[name])
-            else:
-                obj.load_state_dict(saved[name])
-        set_rng_state(state["rng"], gens)
-
-
 class TrajectoryRecorder:
     """Records named tensors and the loss after every optimizer step of any training loop.
 
@@ -116,7 +80,7 @@ class TrajectoryRecorder:
                  data: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
                  state: Mapping[str, Any] | None = None, checkpoint_every: int = 0, stop_at: int | None = None,
                  run_key: str = "") -> None:
-        from flannel_repro.training.resume import Checkpointer
+        from flannel_repro.training.resume import Checkpointer, TrainingState
 
         self.path = Path(path)
         if not isinstance(tensors, Mapping) or not tensors:
@@ -144,7 +108,7 @@ class TrajectoryRecorder:
             raise ConfigError(f"{self.path}: 'batch_size' must be an integer >= 0 (got {batch_size!r}).")
         self.config, self.steps, self.batch_size = config, steps, batch_size
         self.optimizer = optimizer
-        self._state = _Stateful(state)
+        self._state = TrainingState(state)
         self._policy = Checkpointer(self.path, run_key, checkpoint_every, stop_at)
         if self._policy.enabled and not self._state.objects:
             raise ConfigError(f"{self.path}: checkpoints need the training state: pass state={{'model': ..., "
@@ -222,8 +186,7 @@ class TrajectoryRecorder:
                     lambda opt, args, kwargs: self._tracker.before_step(param, opt))
         if resume is not None:
             k = resume.step
-            self.writer.reopen({name: (None if name == layout.KEY_LIVE_MASK else k if name == layout.KEY_BATCH_STARTS
-                                       else k + 1) for name in self.writer.specs})
+            self.writer.reopen(layout.written_through(self.writer.specs, k))
             self._state.restore(resume.state)
             check_restored(resume, self._read(self.primary))
             self._tracker.restore(self._param_for_tracker(), self.optimizer)

@@ -149,8 +149,7 @@ class Recorder:
     def __enter__(self) -> "Recorder":
         if self._resume is not None:
             k = self._resume.step
-            self.writer.reopen({name: (None if name == layout.KEY_LIVE_MASK else k if name == layout.KEY_BATCH_STARTS
-                                       else k + 1) for name in self.writer.specs})
+            self.writer.reopen(layout.written_through(self.writer.specs, k))
             self._steps_written = k + 1
             return self
         self.writer.__enter__()

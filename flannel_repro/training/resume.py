@@ -119,26 +119,37 @@ def check_restored(ckpt: checkpoint.Checkpoint, tensor: torch.Tensor) -> None:
                             f"checkpoint recorded {str(ckpt.info.get('digest'))[:16]}...; it cannot be resumed.")
 
 
-# --- the torch engine's state ----------------------------------------------------------------------
+# --- the training state ---------------------------------------------------------------------------
 
-def module_state(model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
-                 generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
-    """The full training state of a plain PyTorch loop, packable into a checkpoint."""
-    state: dict[str, Any] = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "rng": checkpoint.rng_state(generators)}
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
-    return state
+class TrainingState:
+    """The objects a checkpoint saves and restores, by name: anything with state_dict() / load_state_dict()
+    (model, optimizer, LR scheduler) and torch.Generators (get_state / set_state), plus the global RNGs."""
 
+    def __init__(self, objects: Mapping[str, Any] | None) -> None:
+        self.objects = dict(objects or {})
+        for name, obj in self.objects.items():
+            if not isinstance(obj, torch.Generator) and not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                raise ConfigError(f"state[{name!r}]: expected an object with state_dict()/load_state_dict() (model, "
+                                  f"optimizer, scheduler) or a torch.Generator, got {type(obj).__name__}.")
+        self._generators = {n: g for n, g in self.objects.items() if isinstance(g, torch.Generator)}
 
-def restore_module_state(state: Mapping[str, Any], model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
-                         generators: Mapping[str, torch.Generator] | None = None) -> None:
-    with torch.no_grad():
-        model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    checkpoint.set_rng_state(state["rng"], generators)
+    def capture(self) -> dict[str, Any]:
+        return {"objects": {n: o.state_dict() for n, o in self.objects.items() if n not in self._generators},
+                "rng": checkpoint.rng_state(self._generators)}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        saved = state["objects"]
+        for name, obj in self.objects.items():
+            if name in self._generators:
+                continue
+            if name not in saved:
+                raise ArtifactError(f"checkpoint: no state for {name!r} (saved: {sorted(saved) or 'none'}).")
+            if isinstance(obj, torch.nn.Module):
+                with torch.no_grad():
+                    obj.load_state_dict(saved[name])
+            else:
+                obj.load_state_dict(saved[name])
+        checkpoint.set_rng_state(state["rng"], self._generators)
 
 
 # --- resume_at: stop in one fresh process, resume in another ----------------------------------------
