@@ -112,10 +112,13 @@ def cmd_bounds(args: argparse.Namespace) -> int:
         for p in (path, Path(str(path) + ".lock")):
             p.unlink(missing_ok=True)
 
+    # limits at the nominal false-alarm rate per claim and clean session, split over the experiment's claim seeds
     bound = measure_bound(exp.run, base, others, obtain, log=lambda line: print("  " + line, file=sys.stderr),
-                          done_with=discard if args.discard_compared else None)
+                          done_with=discard if args.discard_compared else None, comparisons=exp.n_runs)
     if args.json:
-        _print_json({"name": args.name, **bound.__dict__})
+        import dataclasses
+
+        _print_json({"name": args.name, **dataclasses.asdict(bound)})
         return EXIT_OK
     print(to_toml(args.name, bound))
     return EXIT_OK
@@ -269,7 +272,7 @@ def cmd_digests(args: argparse.Namespace) -> int:
 
 
 def cmd_numerics(args: argparse.Namespace) -> int:
-    """This process's numerics class on CPU, native or portable, and what the probe saw."""
+    """This process's numerics class on CPU in a mode (native, portable, avx512bf16), and what the probe saw."""
     import json
 
     from flannel_repro.training.numerics import apply, machine_line, numerics_info
@@ -504,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     out.add_argument("--compare", metavar="CHAIN", help="a chain written by -o on another machine or commit: report the "
                      "first step whose digests differ")
     g.set_defaults(func=cmd_digests)
-    n = sub.add_parser("numerics", help="this machine's numerics class on CPU (native or portable) and the probe behind it")
+    n = sub.add_parser("numerics", help="this machine's numerics class on CPU (native, portable or avx512bf16) and the probe behind it")
     n.add_argument("--mode", choices=NUMERICS, default="native", help="CPU numerics to probe (default: native)")
     n.add_argument("--threads", type=_bounded_int(1, MAX_THREADS), default=1,
                    help="thread count the class is named for (default: 1)")
@@ -514,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     z.add_argument("--config", help="TOML experiment config (instead of --preset)")
     z.add_argument("--seeds", help="training seeds, e.g. '42-45' (default: the experiment's)")
     z.add_argument("--reference", default="portable:1", help="the variant others are measured against (PATH:THREADS)")
-    z.add_argument("--variants", default="portable:2,avx512:1,avx2:1,avx2:2",
-                   help="arithmetic variants, PATH:THREADS with PATH one of native, portable, avx512, avx2")
+    z.add_argument("--variants", default="portable:2,avx512bf16:1,native:1,avx512:1,avx2:1",
+                   help="arithmetic variants, PATH:THREADS with PATH one of native, portable, avx512bf16, avx512, avx2")
     z.add_argument("--margin", type=_finite_float(1.0), default=2.0,
                    help="band = margin x the largest measured deviation (>= 1)")
     z.add_argument("--artifacts", default=".flannel/noise-artifacts", help="where the variants' runs are kept "

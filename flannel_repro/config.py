@@ -38,7 +38,7 @@ DATASETS = ("default", "tiny")
 MAX_THREADS = 256  # torch.set_num_threads(100000) crashes the process (inside randperm): refuse it up front
 MAX_SEED = 2**63 - 1  # torch generators take int64 seeds
 MAX_SEEDS = 100_000  # training seeds in one experiment (a typo like '42-4200000000' is refused, not expanded)
-NUMERICS = ("native", "portable")  # CPU numerics modes (training.numerics)
+NUMERICS = ("native", "portable", "avx512bf16")  # CPU numerics modes (training.numerics)
 
 
 def _doc(text: str, **extra: Any) -> dict[str, Any]:
@@ -91,9 +91,10 @@ class RunConfig:
     deterministic: bool = field(default=False, metadata=_doc("torch.use_deterministic_algorithms and friends for the run."))
     compile: str = field(default="none", metadata=_doc("'none' (eager, bitwise equal to the Trainer) or 'default' (torch.compile; faster, not bitwise).", choices=COMPILE_MODES))
     numerics: str = field(default="native", metadata=_doc(
-        "CPU arithmetic: 'native' (the fastest kernels this CPU has) or 'portable' (oneDNN pinned to AVX-512 BF16 and "
-        "MKL to its strict AVX2 branch, so Intel AMX and AMD Zen 4 machines compute the same bits). Not in the "
-        "fingerprint: the numerics class it yields is recorded and is part of the run key.", choices=NUMERICS,
+        "CPU arithmetic: 'native' (the fastest kernels this CPU has), 'portable' (ATen, oneDNN and MKL pinned to AVX2 "
+        "and bf16 products as float32 GEMMs rounded explicitly: one class on every x86-64 CPU with AVX2) or "
+        "'avx512bf16' (a faster class for CPUs with AVX-512 BF16). Not in the fingerprint: the numerics class it "
+        "yields is measured, recorded and part of the run key.", choices=NUMERICS,
         fingerprint=False))
     head: str = field(default="auto", metadata=_doc(
         "LM head + loss of the torch engine: 'fused' (row chunks, half the memory; bitwise checked against the model's "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -40,16 +41,25 @@ onednn_verbose,v1,primitive,exec,cpu,matmul,gemm:jit:bf16,undef,src:bf16::blocke
 """
 
 
-@pytest.mark.parametrize("log, threads, expected", [
-    (INTEL_NATIVE, 1, "cpu-amx-mklamx-t1"),
-    (INTEL_PORTABLE, 1, "cpu-avx512bf16-mklavx2strict-t1"),
-    (INTEL_PORTABLE, 2, "cpu-avx512bf16-mklavx2strict-t2"),
-    (AMD_PORTABLE, 1, "cpu-avx512bf16-mklavx2strict-t1"),
-    (AVX512_NO_BF16, 1, "cpu-avx512-nomkl-t1"),
-    ("", 4, "cpu-nodnn-nomkl-t4"),
+def _probe(log: str = "", digest: str = "3f09a1c2deadbeef", *, aten: str = "AVX512", mode: str = "native",
+           threads: int = 1) -> numerics.CpuProbe:
+    p = parse_probe_log(log, digest)
+    return numerics.CpuProbe(**{**p.to_json(), "aten": aten, "mode": mode, "threads": threads})
+
+
+@pytest.mark.parametrize("probe, expected", [
+    (_probe(INTEL_NATIVE), "cpu-native_avx512_amx-3f09a1c2-t1"),
+    (_probe(INTEL_PORTABLE, mode="avx512bf16"), "cpu-avx512bf16-3f09a1c2-t1"),
+    # the same arithmetic on AMD, whose MKL reports another branch: one name (from the digest, not the label)
+    (_probe(AMD_PORTABLE, mode="avx512bf16"), "cpu-avx512bf16-3f09a1c2-t1"),
+    (_probe("", aten="AVX2", mode="portable", threads=2), "cpu-portable-3f09a1c2-t2"),
+    (_probe(AVX512_NO_BF16), "cpu-native_avx512_avx512-3f09a1c2-t1"),
+    (_probe("", aten="AVX2"), "cpu-native_avx2_nodnn-3f09a1c2-t1"),
+    # other bits, other name, whatever the libraries say
+    (_probe(INTEL_PORTABLE, digest="0badc0de00000000", mode="avx512bf16"), "cpu-avx512bf16-0badc0de-t1"),
 ])
-def test_class_from_probe_logs(log, threads, expected):
-    assert cpu_class(parse_probe_log(log, "d"), threads) == expected
+def test_class_from_mode_and_probe_digest(probe, expected):
+    assert cpu_class(probe) == expected
 
 
 def test_probe_log_fields():
@@ -83,41 +93,55 @@ def test_gpu_class_names_carry_what_decides_the_bits_and_no_dots():
     assert cuda_class(info, deterministic=True) == "cuda-nvidia_h200-sm90-cuda12_8-cublas12_8_4_1-cudnn91002-det1"
     assert cuda_class({**info, "cublas": None}, deterministic=False) == "cuda-nvidia_h200-sm90-cuda12_8-cudnn91002-det0"
     assert mps_class({"chip": "Apple M2 Pro", "macos": "14.5"}) == "mps-apple_m2_pro-macos14_5"
-    for name in (cuda_class(info, True), mps_class({}), cpu_class(parse_probe_log(INTEL_NATIVE), 8)):
+    for name in (cuda_class(info, True), mps_class({}), cpu_class(_probe(INTEL_NATIVE, threads=8))):
         assert "." not in name and " " not in name
 
 
-def _fake_probe(monkeypatch, log: str, flags: dict[str, bool | None]) -> None:
-    monkeypatch.setattr(numerics, "probe_cpu", lambda: parse_probe_log(log, "d"))
+def _fake_probe(monkeypatch, log: str, flags: dict[str, bool | None], aten: str = "AVX512") -> None:
+    monkeypatch.setattr(numerics, "probe_cpu", lambda threads=1, mode=None: _probe(log, aten=aten, mode=mode or "native"))
     monkeypatch.setattr(numerics, "cpu_has", lambda flag: flags.get(flag))
+    monkeypatch.setattr(numerics.platform, "machine", lambda: "x86_64")
 
 
-def test_check_refuses_portable_on_a_cpu_without_avx512_bf16(monkeypatch):
-    _fake_probe(monkeypatch, AVX512_NO_BF16, {"avx512_bf16": False})
-    with pytest.raises(NumericsError, match="AVX-512 BF16, which this CPU .* lacks"):
-        numerics.check("portable")
+def test_check_refuses_a_mode_the_cpu_cannot_run(monkeypatch):
+    _fake_probe(monkeypatch, AVX512_NO_BF16, {"avx512_bf16": False, "avx2": True})
+    with pytest.raises(NumericsError, match="avx512bf16 numerics needs an x86-64 CPU with AVX-512 BF16, which this CPU"):
+        numerics.check("avx512bf16")
     numerics.check("native")  # native takes whatever the CPU has
-    numerics.check("portable", "cuda")  # portable pins CPU libraries only
+    numerics.check("avx512bf16", "cuda")  # the modes pin CPU libraries only
+    _fake_probe(monkeypatch, "", {"avx2": False})
+    with pytest.raises(NumericsError, match="portable numerics needs an x86-64 CPU with AVX2.*Use numerics = 'native'"):
+        numerics.check("portable")
+    monkeypatch.setattr(numerics.platform, "machine", lambda: "aarch64")  # ARM: no x86 kernels to pin
+    with pytest.raises(NumericsError, match="needs an x86-64 CPU with AVX2"):
+        numerics.check("portable")
 
 
 def test_check_says_too_late_when_the_cpu_has_it_but_the_libraries_started_first(monkeypatch):
-    _fake_probe(monkeypatch, INTEL_NATIVE, {"avx512_bf16": True})
-    with pytest.raises(NumericsError, match="did not take effect: oneDNN runs avx10_1_512_amx .* already run a bf16 matmul"):
+    _fake_probe(monkeypatch, INTEL_NATIVE, {"avx512_bf16": True, "avx2": True})
+    with pytest.raises(NumericsError, match="did not take effect: ATen runs AVX512 .* matmul runs avx10_1_512_amx"):
+        numerics.check("avx512bf16")
+    # portable: ATen at AVX512 where AVX2 was pinned is too late, whatever oneDNN did
+    _fake_probe(monkeypatch, "", {"avx2": True}, aten="AVX512")
+    with pytest.raises(NumericsError, match="did not take effect: ATen runs AVX512 \\(expected AVX2\\)"):
         numerics.check("portable")
 
 
-def test_check_accepts_portable_as_intel_and_amd_report_it(monkeypatch):
+def test_check_accepts_the_modes_as_intel_and_amd_report_them(monkeypatch):
     for log in (INTEL_PORTABLE, AMD_PORTABLE):
-        _fake_probe(monkeypatch, log, {"avx512_bf16": True})
-        numerics.check("portable")
-    # MKL pins branches on Intel CPUs only: elsewhere whatever it reports is accepted (and named)
+        _fake_probe(monkeypatch, log, {"avx512_bf16": True, "avx2": True})
+        numerics.check("avx512bf16")
+    # portable runs no oneDNN bf16 matmul at all (explicit products), at ATen AVX2
+    _fake_probe(monkeypatch, AMD_PORTABLE.split("\n", 2)[2], {"avx2": True}, aten="AVX2")
+    numerics.check("portable")
+    # MKL pins branches on Intel CPUs only: elsewhere whatever it reports is accepted (the digest names the class)
     amd_unpinned = INTEL_PORTABLE.replace("CNR:AVX2,STRICT", "CNR:OFF")
     _fake_probe(monkeypatch, amd_unpinned, {"avx512_bf16": True})
     monkeypatch.setattr(numerics, "cpu_vendor", lambda: "AuthenticAMD")
-    numerics.check("portable")
+    numerics.check("avx512bf16")
     monkeypatch.setattr(numerics, "cpu_vendor", lambda: "GenuineIntel")
     with pytest.raises(NumericsError, match="did not take effect"):
-        numerics.check("portable")
+        numerics.check("avx512bf16")
 
 
 def test_arrange_sets_the_environment_and_never_overrides_a_conflicting_value(monkeypatch):
@@ -130,7 +154,12 @@ def test_arrange_sets_the_environment_and_never_overrides_a_conflicting_value(mo
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
     with pytest.raises(NumericsError, match="needs MKL_CBWR=AVX2,STRICT, but the environment has MKL_CBWR=COMPATIBLE"):
         numerics.arrange("portable")
-    with pytest.raises(NumericsError, match="expected one of native, portable, got 'fast'"):
+    monkeypatch.delenv("MKL_CBWR")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "AVX2")  # the same value in another case is no conflict
+    numerics.arrange("portable")
+    with pytest.raises(NumericsError, match="avx512bf16 numerics needs ATEN_CPU_CAPABILITY=avx512"):
+        numerics.arrange("avx512bf16")
+    with pytest.raises(NumericsError, match="expected one of native, portable, avx512bf16, got 'fast'"):
         numerics.arrange("fast")
 
 
@@ -138,7 +167,8 @@ def test_config_field_is_validated_and_not_in_the_fingerprint():
     from flannel_repro.errors import ConfigError
 
     assert RunConfig(numerics="portable").fingerprint() == RunConfig().fingerprint()
-    with pytest.raises(ConfigError, match="'numerics' must be one of 'native', 'portable'"):
+    assert RunConfig(numerics="avx512bf16").fingerprint() == RunConfig().fingerprint()
+    with pytest.raises(ConfigError, match="'numerics' must be one of 'native', 'portable', 'avx512bf16'"):
         RunConfig(numerics="fast")
 
 
@@ -149,11 +179,11 @@ def test_run_key_changes_with_the_numerics_class(monkeypatch):
         return lambda device, **kw: {"class": name, "mode": "native", "probe": {"digest": "0"}}
 
     cfg = RunConfig(steps=2)
-    monkeypatch.setattr(numerics, "numerics_info", fake("cpu-amx-mklamx-t1"))
+    monkeypatch.setattr(numerics, "numerics_info", fake("cpu-native_avx512_amx-3f09a1c2-t1"))
     amx = store.run_key_material(cfg, {"corpus": "x"}, 0)
-    monkeypatch.setattr(numerics, "numerics_info", fake("cpu-avx512bf16-mklavx2strict-t1"))
+    monkeypatch.setattr(numerics, "numerics_info", fake("cpu-portable-0badc0de-t1"))
     portable = store.run_key_material(cfg, {"corpus": "x"}, 0)
-    assert amx["numerics"]["class"] == "cpu-amx-mklamx-t1"
+    assert amx["numerics"]["class"] == "cpu-native_avx512_amx-3f09a1c2-t1"
     assert store.key_of(amx) != store.key_of(portable)
 
 
@@ -197,21 +227,49 @@ def test_train_arranges_portable_mode_before_first_use(tmp_path):
     assert "error" not in got, got
     info = got["numerics"]
     assert info["mode"] == "portable" and info["env"] == numerics.PORTABLE_ENV
-    assert info["class"].startswith("cpu-avx512bf16-mkl") and info["class"].endswith("-t1")
+    assert info["probe"]["aten"] == "AVX2" and info["probe"]["onednn_isa"] == ""  # no oneDNN bf16 kernel ran
+    assert re.fullmatch(r"cpu-portable-[0-9a-f]{8}-t1", info["class"])
     if numerics.cpu_vendor() == "GenuineIntel":  # MKL pins its branch on Intel CPUs only (documented)
-        assert info["class"].endswith("strict-t1") and info["probe"]["mkl_cnr"] == "AVX2,STRICT"
+        assert info["probe"]["mkl_cnr"] == "AVX2,STRICT"
 
 
 def test_train_refuses_portable_mode_when_too_late(tmp_path):
+    """ATen fixes its capability at its first dispatch: a process that computed before the pins refuses."""
     got = _run_in_clean_process(tmp_path, TOO_EARLY)
-    if numerics.cpu_vendor() not in ("GenuineIntel", None) and "error" not in got:
-        # An AMD Zen 4 dispatches AVX-512 BF16 natively, the ISA portable mode pins, and MKL pins no branch
-        # on non-Intel CPUs: "too late" cannot be told from "in time" there. The run records what it got.
-        assert got["numerics"]["class"].startswith("cpu-avx512bf16-")
-        return
     assert got.get("error") == "NumericsError", got
-    if numerics.cpu_has("avx512_bf16") is False:
+    if numerics.cpu_has("avx2") is False:
         assert "lacks" in got["message"]
     else:
         assert "did not take effect" in got["message"] and "before any torch computation" in got["message"]
     assert not (tmp_path / "run.safetensors").exists()  # nothing half-written is left behind
+
+
+PROBE_CLASS = """
+import json, sys
+from flannel_repro.training import numerics
+mode = sys.argv[1]
+numerics.apply(mode)
+print(json.dumps(numerics.numerics_info("cpu", threads=1, deterministic=False, mode=mode)))
+"""
+
+
+def _class_in_process(mode: str, env_extra: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in numerics.NUMERICS_ENV}
+    env.update(env_extra)
+    proc = subprocess.run([sys.executable, "-c", PROBE_CLASS, mode], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(numerics.cpu_has("avx512f") is not True, reason="needs an AVX-512 CPU to run ATen at two capabilities")
+def test_the_probe_separates_aten_capabilities_and_portable_ignores_them():
+    """Issue 21, item 3: ATen at AVX512 and at AVX2 compute other bits, and the probe (a training step) tells
+    them apart; in portable mode ATen is pinned, so setting its capability to AVX2 changes nothing."""
+    wide = _class_in_process("native", {})
+    narrow = _class_in_process("native", {"ATEN_CPU_CAPABILITY": "avx2"})
+    assert wide["probe"]["aten"] == "AVX512" and narrow["probe"]["aten"] == "AVX2"
+    assert wide["class"] != narrow["class"] and wide["probe"]["digest"] != narrow["probe"]["digest"]
+    portable = _class_in_process("portable", {})
+    assert _class_in_process("portable", {"ATEN_CPU_CAPABILITY": "avx2"})["class"] == portable["class"]
+    # and oneDNN's ISA does not enter portable arithmetic at all
+    assert _class_in_process("portable", {"ONEDNN_MAX_CPU_ISA": "AVX2"})["class"] == portable["class"]

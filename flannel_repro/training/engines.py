@@ -162,7 +162,7 @@ def train_engine(config: EngineRunConfig, path: str | Path, *, metadata: Mapping
     The engine runs with the config's thread count, deterministic mode and numerics mode in force."""
     from flannel_repro.training.determinism import deterministic_mode, torch_threads
     from flannel_repro.training.harness import check_device
-    from flannel_repro.training.numerics import apply as apply_numerics
+    from flannel_repro.training.numerics import apply as apply_numerics, arithmetic
 
     engine = get_engine(config.engine)
     if stop_at is not None and not 1 <= stop_at <= config.steps:
@@ -177,6 +177,7 @@ def train_engine(config: EngineRunConfig, path: str | Path, *, metadata: Mapping
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch_threads(config.threads))
         stack.enter_context(deterministic_mode(config.deterministic))
+        stack.enter_context(arithmetic(config.numerics, config.device))
         engine.fn(run)
     if not run.recorders or not Path(path).exists():
         raise ConfigError(f"engine {config.engine!r} returned without recording its run: call run.recorder(...) and "

@@ -31,7 +31,7 @@ from flannel_repro.devices import device_present, parse_device
 from flannel_repro.errors import ConfigError, DeterminismError
 from flannel_repro.training.head import model_loss, verify_fused_head
 from flannel_repro.training.model import build_model, embedding, shared_init_W
-from flannel_repro.training.numerics import apply as apply_numerics, numerics_info
+from flannel_repro.training.numerics import apply as apply_numerics, arithmetic, numerics_info
 from flannel_repro.training.recorder import Recorder
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None
     if config.head == "fused" and (config.engine != "torch" or config.compile != "none"):
         raise ConfigError("head = 'fused' needs engine = 'torch' and compile = 'none' (the Trainer and torch.compile run "
                           f"the model's own head); got engine={config.engine!r}, compile={config.compile!r}.")
-    apply_numerics(config.numerics, config.device)  # arranges portable mode, or refuses when it is too late
+    apply_numerics(config.numerics, config.device)  # arranges a pinned mode, or refuses when it is too late
     tune_malloc()
     data = data if data is not None else load_data(config)
     W0 = W_initial if W_initial is not None else shared_init_W(config)
@@ -94,6 +94,7 @@ def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None
         resumable = policy.enabled or resume is not None
         recorder = stack.enter_context(Recorder(config, out_path, data, meta, resume=resume,
                                                 temp_path=resumable_path(out_path) if resumable else None))
+        stack.enter_context(arithmetic(config.numerics, config.device))  # portable: explicit bf16 products
         start = time.perf_counter()
         if config.engine == "torch":
             engine_meta = _torch_engine(config, data, W0, recorder, progress, policy, resume)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from flannel_repro.bits import same_bits
+from flannel_repro.training import explicit
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
@@ -78,11 +79,15 @@ def _chunk_grads(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, g: tor
     out = torch.empty_like(logits32)
     g_out = torch.empty_like(logits32)
     g_in = torch.empty_like(logits32)
-    Wt = W.t()
+    wide = explicit.active() and logits.dtype == explicit.BF16  # portable numerics: float32 GEMMs, rounded once
+    h_mm, Wt = (explicit.widen(h), explicit.widen(W).t()) if wide else (h, W.t())
     for r0 in range(0, N, c):
         r1 = min(N, r0 + c)
         k = r1 - r0
-        torch.mm(h[r0:r1], Wt, out=logits[:k])  # the rows of lm_head(h)
+        if wide:
+            logits[:k].copy_(torch.mm(h_mm[r0:r1], Wt))  # the rows of lm_head(h), rounded to bf16
+        else:
+            torch.mm(h_mm[r0:r1], Wt, out=logits[:k])  # the rows of lm_head(h)
         logits32[:k].copy_(logits[:k])  # .float()
         torch._log_softmax(logits32[:k], 1, False, out=out[:k])
         idx = safe[r0:r1]
@@ -122,8 +127,15 @@ class _FusedHeadLoss(torch.autograd.Function):
             if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # not loss.backward(): redo with g
                 _chunk_grads(h, Wc, targets, grad_loss / num_items, chunk, grad_logits)
             # The two products autograd issues for mm(h, W.t()): mm_mat1_backward and mm_mat2_backward.
-            grad_hidden = torch.mm(grad_logits, Wc).view(hidden_shape).to(hidden_dtype)
-            grad_W = torch.mm(grad_logits.t(), h)
+            if explicit.active() and grad_logits.dtype == explicit.BF16:
+                # portable numerics (training.explicit): the same products as float32 GEMMs of the widened
+                # operands, each rounded to bf16 once; the (N, V) gradient is widened once for both
+                g32 = explicit.widen(grad_logits)
+                grad_hidden = torch.mm(g32, explicit.widen(Wc)).to(grad_logits.dtype).view(hidden_shape).to(hidden_dtype)
+                grad_W = torch.mm(g32.t(), explicit.widen(h)).to(grad_logits.dtype)
+            else:
+                grad_hidden = torch.mm(grad_logits, Wc).view(hidden_shape).to(hidden_dtype)
+                grad_W = torch.mm(grad_logits.t(), h)
             grad_W = grad_W.to(W_dtype)
         return grad_hidden, grad_W, None, None, None, None
 

@@ -1,30 +1,35 @@
-"""Numerics classes: the arithmetic a run actually gets, and the portable CPU mode.
+"""Numerics classes: what decides a CPU run's bits, measured, and the modes that pin it.
 
 "cpu" is not one arithmetic. On CPU the bits of a bf16 training step are decided by
 
-* the ISA of oneDNN's bf16 matmul kernels (AMX tiles, AVX-512 BF16 dot products, or an AVX2/AVX-512
-  emulation): every `nn.Linear` and the LM head;
-* MKL's code path for its bf16 GEMM (SDPA's backward on CPU calls `cblas_gemm_bf16bf16f32`); and
+* ATen's CPU capability (AVX512 / AVX2 / DEFAULT): its own kernels (layer norm, softmax, GELU's tanh,
+  the reductions, the optimizer's foreach ops) are compiled once per capability and chosen at start-up;
+* the ISA of oneDNN's bf16 matmul kernels (AMX tiles, AVX-512 BF16 dot products, or a slow AVX2 path);
+* MKL's code path (its bf16 GEMM in SDPA's backward, and every float32 GEMM);
 * the thread count (how the reductions are split).
 
-None of the first two can be read back through a torch API, so they are *probed*: a small bf16
-matmul and an SDPA forward/backward run once per process with oneDNN's and MKL's verbose logs on,
-and the kernels the libraries report having dispatched name the class. The same computation's
-output bits are hashed into a probe digest, so two processes whose class names agree but whose
-arithmetic does not are still told apart (the digest is in every artifact and in the run key).
+**The class is measured.** Each process runs a probe once per thread count: two bf16 training steps of
+a small GPT-2 (embedding, layer norm, the attention and MLP products, SDPA, GELU, the loss, clipping,
+AdamW), in the mode's arithmetic, and hashes every gradient and parameter into the probe digest. The
+class name is the mode, that digest and the thread count: ``cpu-portable-3f09a1c2-t1``. Two processes
+that compute the probe to the same bits get one name, on Intel and AMD alike; two that do not get two
+names, whatever the libraries report about themselves. What the libraries report (oneDNN's ISA, MKL's
+branch, ATen's capability) is recorded beside the class, for the reader.
 
-A class name is short and readable: ``cpu-amx-mklamx-t1`` (an Intel Xeon with AMX, native),
-``cpu-avx512bf16-mklavx2strict-t1`` (portable mode, on Intel and AMD alike), ``cuda-nvidia_h200-sm90-
-cuda12_8-cudnn91002-det1``. It never contains a dot: snapshot names append ``.N`` or ``.name``.
+**Modes** (config field ``numerics``):
 
-**Portable mode** (`numerics = "portable"`) pins oneDNN to AVX-512 BF16 (``ONEDNN_MAX_CPU_ISA``) and
-MKL to its AVX2 branch in strict CNR mode (``MKL_CBWR=AVX2,STRICT``). Both libraries read these once,
-at their first call, so the settings must be in the environment before the process's first bf16
-matmul: the pytest plugin sets them at configure time (xdist workers inherit them), and `train()`
-sets them itself when nothing has run yet, and otherwise refuses (`NumericsError`). Measured: an
-Intel Xeon with AMX in portable mode reproduces an AMD EPYC (Zen 4, no AMX) trajectory bit for bit.
-A CPU without AVX-512 BF16 cannot run the pinned path; there portable mode refuses rather than
-silently producing other bits.
+* ``native``: nothing pinned; this CPU's fastest kernels. The class is named ``cpu-native_<aten>_<onednn>-...``.
+* ``portable`` (every x86-64 CPU with AVX2: Intel since Haswell, AMD since Zen 1): ATen pinned to AVX2
+  (``ATEN_CPU_CAPABILITY``), oneDNN capped at AVX2 and MKL at its strict AVX2 branch, and every bf16
+  product computed as a float32 GEMM with the rounding written out (`training.explicit`), so no
+  oneDNN bf16 kernel, whose choice of instructions would decide the bits, is ever called.
+* ``avx512bf16`` (the faster class for servers with AVX-512 BF16: Intel Cooper Lake and later, AMD
+  Zen 4 and later): ATen at AVX512, oneDNN's bf16 kernels at AVX-512 BF16 (never AMX), MKL strict AVX2.
+
+The libraries read these settings once, at their first call, so they must be in the environment
+before the process's first torch computation: the pytest plugin sets them at configure time (xdist
+workers inherit them), and `train()` sets them when nothing has run yet and otherwise refuses
+(`NumericsError`), as it refuses a mode the CPU cannot run.
 """
 
 from __future__ import annotations
@@ -47,21 +52,36 @@ from flannel_repro.errors import FlannelError
 from flannel_repro.training.determinism import cpu_name, cpuinfo_field, device_description, torch_threads
 
 MODES = NUMERICS  # the config field's choices: one source
-# What portable mode pins. oneDNN: the bf16 kernels of AVX-512 BF16, which both Intel Xeons (Cooper
-# Lake and later) and AMD Zen 4 run; AMX would otherwise win on Intel. MKL: its AVX2 branch, strict CNR
-# (the AVX2 branch without STRICT still parted from the AMD trajectory at step 5 on an AMX Xeon).
-PORTABLE_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "MKL_CBWR": "AVX2,STRICT"}
-PORTABLE_ONEDNN = "avx512bf16"  # the short name the probe must report in portable mode
-NUMERICS_ENV = tuple(PORTABLE_ENV)  # environment variables that steer the CPU kernels (recorded)
+# What each pinned mode sets. ATen reads ATEN_CPU_CAPABILITY at its first dispatch, oneDNN reads
+# ONEDNN_MAX_CPU_ISA at its first primitive, MKL reads MKL_CBWR at its first call.
+PINS: dict[str, dict[str, str]] = {
+    # every x86-64 CPU with AVX2; bf16 products never reach oneDNN (training.explicit), which is capped anyway.
+    # MKL honours a CNR branch on Intel CPUs; on AMD it keeps its AUTO branch (strict), measured to give the
+    # same bits on Zen 4 with the AVX2, AVX512 and unset branches (COMPATIBLE alone differs, at half the speed).
+    "portable": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"},
+    # AVX-512 BF16 servers: oneDNN's AVX-512 BF16 kernels, which Intel (Cooper Lake on) and AMD (Zen 4 on) both
+    # run (AMX would otherwise win on Intel); MKL's AVX2 branch, strict (without STRICT it parted at step 5).
+    "avx512bf16": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "MKL_CBWR": "AVX2,STRICT"},
+}
+PORTABLE_ENV = PINS["portable"]
+EXPLICIT_MODES = ("portable",)  # modes whose bf16 products are float32 GEMMs with explicit rounding
+EXPECTED_ATEN = {"portable": "AVX2", "avx512bf16": "AVX512"}  # torch.backends.cpu.get_cpu_capability()
+NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")  # what steers the CPU kernels (recorded)
 
-# Arithmetic variants for deriving noise bands (flannel_repro.noise): each an environment for a fresh
-# process. None removes the variable. Only paths a CPU may actually take, none of which changes what
-# the run computes, only how the kernels round.
+# Arithmetic variants for deriving noise bands (analysis.noise, training.variants): each a mode and an
+# environment for a fresh process (None removes the variable). Each is a path some CPU actually takes;
+# the capped ones are how an AVX-512 machine runs the kernels of a CPU without AVX-512 (BF16).
+_UNPINNED = dict.fromkeys(NUMERICS_ENV)
+VARIANT_MODE: dict[str, str] = {"native": "native", "portable": "portable", "avx512bf16": "avx512bf16",
+                                "avx512": "native", "avx2": "native"}
 VARIANT_ENV: dict[str, dict[str, str | None]] = {
-    "native": {"ONEDNN_MAX_CPU_ISA": None, "MKL_CBWR": None},
-    "portable": dict(PORTABLE_ENV),
-    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_CBWR": "AVX512,STRICT"},
-    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"},
+    "native": dict(_UNPINNED),
+    "portable": dict(PINS["portable"]),
+    "avx512bf16": dict(PINS["avx512bf16"]),
+    # AVX-512 without BF16 (Cascade Lake, Ice Lake), native kernels
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_CBWR": "AVX512,STRICT"},
+    # AVX2 only (Zen 3 runners, laptops), native kernels: oneDNN's bf16 path there is ~10x slower
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"},
 }
 
 
@@ -80,9 +100,12 @@ class CpuProbe:
     onednn_max_isa: str  # oneDNN's own description of the ISA it may use ('' if it printed none)
     mkl_arch: str  # MKL's description of the code path it dispatches ('' without MKL)
     mkl_cnr: str  # MKL's CNR mode as it reports it per call: 'OFF', 'AVX2,STRICT', ... ('' without MKL)
-    digest: str  # blake2b of the probe's outputs (16 hex): equal digests, equal kernels on these shapes
+    digest: str  # blake2b of the probe's outputs (16 hex): equal digests, equal arithmetic of a training step
+    aten: str = ""  # ATen's CPU capability in force ('AVX512', 'AVX2', 'DEFAULT', ...)
+    mode: str = "native"  # the numerics mode the probe ran in (its arithmetic: explicit products or not)
+    threads: int = 1  # the thread count it ran at
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -119,23 +142,56 @@ def _compact_mkl_arch(text: str) -> str:
     return text.split(", Lnx", 1)[0].replace("Intel(R) ", "")[:80]
 
 
-def _probe_compute() -> bytes:
-    """The probe: the kernel families a bf16 training step of the model runs, on small fixed inputs."""
-    import torch
-    import torch.nn.functional as F
+PROBE_SEED = 20251204
 
-    g = torch.Generator().manual_seed(20251130)
-    a = torch.randn(64, 256, generator=g).to(torch.bfloat16)
-    b = torch.randn(256, 96, generator=g).to(torch.bfloat16)
-    mm = a @ b  # oneDNN bf16 matmul (nn.Linear, the LM head)
-    q, k, v = (torch.randn(1, 2, 128, 32, generator=g).to(torch.bfloat16).requires_grad_() for _ in range(3))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention (oneDNN brgemm on AMX)
-    weight = torch.randn(out.shape, generator=g)
-    (out.float() * weight).sum().backward()  # SDPA backward: MKL's bf16 GEMM
+
+def _probe_compute(explicit_products: bool) -> str:
+    """The probe: two bf16 training steps of a small GPT-2, as the harness trains (bf16 parameters under
+    bf16 autocast, the model's own loss, gradient clipping, AdamW), on fixed inputs; the blake2b of every
+    gradient, every updated parameter and the losses. It covers each kernel family a step runs: the
+    embedding and its backward, layer norm, the attention and MLP products (Conv1D's addmm), SDPA forward
+    and backward, GELU's tanh, log-softmax and cross-entropy, the norms of clipping, the foreach AdamW
+    update. Hidden width 64, 2 heads and 128 positions are the notebook's, so the products and the
+    attention take the shapes' code paths; the vocabulary is smaller (4096) to keep it quick."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    from flannel_repro.training.explicit import explicit_bf16_matmul
+
+    config = GPT2Config(vocab_size=4096, n_positions=128, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
     h = hashlib.blake2b(digest_size=8)
-    for t in (mm, out, q.grad, k.grad, v.grad):
-        h.update(t.detach().contiguous().view(torch.int16).numpy().tobytes())
-    return h.hexdigest().encode()
+
+    def feed(t: torch.Tensor) -> None:
+        t = t.detach().contiguous()
+        h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32)).numpy().tobytes())
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the model's harmless notices (loss_type) are not the caller's business
+    try:
+        with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+            torch.manual_seed(PROBE_SEED)
+            model = GPT2LMHeadModel(config).to(torch.bfloat16)
+        g = torch.Generator().manual_seed(PROBE_SEED)
+        batches = [torch.randint(0, config.vocab_size, (2, 128), generator=g) for _ in range(2)]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        with explicit_bf16_matmul(explicit_products):
+            for ids in batches:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                feed(loss.float())
+                for p in model.parameters():
+                    feed(p.grad)
+                optimizer.step()
+                optimizer.zero_grad()
+        for p in model.parameters():
+            feed(p)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -154,12 +210,15 @@ def _stdout_to(path_fd: int) -> Iterator[None]:
         os.close(saved)
 
 
-@functools.lru_cache(maxsize=1)
-def probe_cpu() -> CpuProbe:
-    """Run the probe once per process (on one thread) and report what the libraries dispatched.
+def probe_cpu(threads: int = 1, mode: str | None = None) -> CpuProbe:
+    """Run the probe (once per process, thread count and mode) and report what it computed and what the
+    libraries said they dispatched. The libraries fix their code paths at their first call, so the result
+    holds for the whole process. `mode` None: the mode this process arranged (`arranged_mode()`)."""
+    return _probe_cpu(max(1, int(threads)), mode if mode is not None else arranged_mode())
 
-    The libraries fix their code paths at their first call: this result holds for the whole process.
-    """
+
+@functools.lru_cache(maxsize=None)
+def _probe_cpu(threads: int, mode: str) -> CpuProbe:
     import torch
 
     mkldnn_verbose = torch.backends.mkldnn.verbose if torch.backends.mkldnn.is_available() else None
@@ -167,15 +226,33 @@ def probe_cpu() -> CpuProbe:
     with tempfile.TemporaryFile() as log:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_stdout_to(log.fileno()))
-            stack.enter_context(torch_threads(1))
+            stack.enter_context(torch_threads(threads))
             if mkldnn_verbose is not None:
                 stack.enter_context(mkldnn_verbose(torch.backends.mkldnn.VERBOSE_ON))
             if mkl_verbose is not None:
                 stack.enter_context(mkl_verbose(torch.backends.mkl.VERBOSE_ON))
-            digest = _probe_compute().decode()
+            digest = _probe_compute(mode in EXPLICIT_MODES)
         log.seek(0)
         text = log.read().decode("utf-8", errors="replace")
-    return parse_probe_log(text, digest)
+    probe = parse_probe_log(text, digest)
+    return CpuProbe(**{**probe.to_json(), "aten": aten_capability(), "mode": mode, "threads": threads})
+
+
+def aten_capability() -> str:
+    """ATen's CPU capability in force in this process ('AVX512', 'AVX2', 'DEFAULT', ...; '' if unknown).
+    Asking fixes it: ATen computes it once, from the CPU and ATEN_CPU_CAPABILITY."""
+    import torch
+
+    getter = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    return str(getter()) if getter is not None else ""
+
+
+_ARRANGED: list[str] = []  # the mode this process arranged last (arrange), for probes that name no mode
+
+
+def arranged_mode() -> str:
+    """The numerics mode `arrange` put in place in this process ('native' if none was)."""
+    return _ARRANGED[-1] if _ARRANGED else "native"
 
 
 # --- naming ------------------------------------------------------------------------------------------
@@ -243,9 +320,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def cpu_class(probe: CpuProbe, threads: int) -> str:
-    mkl = mkl_short(probe.mkl_arch, probe.mkl_cnr)
-    return f"cpu-{onednn_short(probe.onednn_isa, probe.onednn_max_isa)}-{mkl if mkl == 'nomkl' else 'mkl' + mkl}-t{threads}"
+def cpu_label(probe: CpuProbe) -> str:
+    """The readable part of a CPU class: the pinned mode ('portable', 'avx512bf16'), or for native numerics
+    ATen's capability and oneDNN's bf16 ISA as probed ('native_avx512_amx', 'native_avx2_nodnn')."""
+    if probe.mode in PINS:
+        return probe.mode
+    aten = _slug(probe.aten) or "unknown"
+    return f"native_{aten}_{onednn_short(probe.onednn_isa, probe.onednn_max_isa)}"
+
+
+def cpu_class(probe: CpuProbe, threads: int | None = None) -> str:
+    """'cpu-<label>-<first 8 hex of the probe digest>-t<threads>': one name per arithmetic, whatever the
+    CPU's vendor and whatever its libraries call their code paths."""
+    n = probe.threads if threads is None else threads
+    return f"cpu-{cpu_label(probe)}-{probe.digest[:8] or 'nodigest'}-t{n}"
 
 
 def cuda_class(info: Mapping[str, Any], deterministic: bool) -> str:
@@ -286,14 +374,22 @@ def numerics_info(device: str, *, threads: int, deterministic: bool, mode: str =
     kind = parse_device(device).kind
     info: dict[str, Any] = {"mode": mode}
     if kind == "cpu":
-        probe = probe_cpu()
-        info.update({"class": cpu_class(probe, threads), "probe": probe.to_json(),
+        probe = probe_cpu(threads, mode)
+        info.update({"class": cpu_class(probe), "probe": probe.to_json(),
                      "env": {k: os.environ[k] for k in NUMERICS_ENV if k in os.environ}})
     elif kind == "cuda":
         info["class"] = cuda_class(device_description(device), deterministic)
     else:
         info["class"] = mps_class(device_description(device))
     return info
+
+
+def arithmetic(mode: str, device: str = "cpu") -> contextlib.AbstractContextManager[Any]:
+    """The context a run of `mode` computes in: explicit bf16 products for the portable mode on CPU
+    (`training.explicit`), nothing otherwise. Engines, replay and the probe all enter it."""
+    from flannel_repro.training.explicit import explicit_bf16_matmul
+
+    return explicit_bf16_matmul(mode in EXPLICIT_MODES and parse_device(device).kind == "cpu")
 
 
 def cpu_vendor() -> str | None:
@@ -308,51 +404,61 @@ def cpu_has(flag: str) -> bool | None:
 
 
 def arrange(mode: str) -> None:
-    """Put `mode`'s settings into this process's environment (they take effect only if oneDNN and MKL
-    have not started yet: see `check`). 'native' changes nothing. A conflicting value already in the
+    """Put `mode`'s settings into this process's environment (they take effect only if ATen, oneDNN and
+    MKL have not started yet: see `check`). 'native' changes nothing. A conflicting value already in the
     environment is an error, never silently overridden."""
     if mode not in MODES:
         raise NumericsError(f"numerics: expected one of {', '.join(MODES)}, got {mode!r}.")
     if mode == "native":
         return
-    for key, value in PORTABLE_ENV.items():
+    for key, value in PINS[mode].items():
         current = os.environ.get(key)
-        if current not in (None, "", value):
-            raise NumericsError(f"portable numerics needs {key}={value}, but the environment has {key}={current}. "
+        if current not in (None, "") and current.lower() != value.lower():
+            raise NumericsError(f"{mode} numerics needs {key}={value}, but the environment has {key}={current}. "
                                 f"Unset {key} (or use numerics = 'native' to keep your setting).")
         os.environ[key] = value
+    _ARRANGED.append(mode)
+
+
+def _requirement(mode: str) -> tuple[str, str]:
+    """(the /proc/cpuinfo flag mode needs, what to call it)."""
+    return ("avx2", "AVX2") if mode == "portable" else ("avx512_bf16", "AVX-512 BF16")
 
 
 def check(mode: str, device: str = "cpu") -> None:
     """Refuse a run whose requested numerics did not take effect in this process.
 
-    Portable mode on CPU must find oneDNN dispatching AVX-512 BF16 kernels and MKL in strict CNR mode.
-    Otherwise either this CPU lacks AVX-512 BF16, or the libraries started before the settings were
-    in place (they read them once); both are errors, never a silent change of arithmetic.
+    A pinned mode must find ATen at its pinned capability, oneDNN's bf16 matmuls (where any run) at the
+    pinned ISA, and MKL in strict CNR mode (on Intel; MKL keeps its AUTO branch elsewhere). Otherwise
+    either this CPU lacks the instructions, or the libraries started before the settings were in place
+    (they read them once); both are errors, never a silent change of arithmetic.
     """
-    if mode != "portable" or parse_device(device).kind != "cpu":
+    if mode not in PINS or parse_device(device).kind != "cpu":
         return
-    probe = probe_cpu()
-    got_dnn, got_mkl = onednn_short(probe.onednn_isa, probe.onednn_max_isa), mkl_short(probe.mkl_arch, probe.mkl_cnr)
-    # MKL pins a CNR branch on Intel CPUs only; elsewhere it documents a fallback to its AUTO branch.
-    # There the class records whatever MKL reports, and a class that differs is compared tolerantly.
-    mkl_ok = got_mkl.endswith("strict") or got_mkl == "nomkl" or cpu_vendor() not in ("GenuineIntel", None)
-    if got_dnn == PORTABLE_ONEDNN and mkl_ok:
-        return
-    if cpu_has("avx512_bf16") is False:
+    flag, needs = _requirement(mode)
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86") or cpu_has(flag) is False:
         raise NumericsError(
-            f"portable numerics pins oneDNN's bf16 kernels to AVX-512 BF16, which this CPU ({cpu_name()}) lacks "
-            f"(no avx512_bf16 in /proc/cpuinfo): its matmuls run {probe.onednn_isa or 'no oneDNN kernel'} and would "
-            "give other bits. Use numerics = 'native' here; its class differs, so compare with the portable "
-            "snapshots through a tolerant comparison (--flannel-missing-class=tolerant).")
-    pinned = ", ".join(f"{k}={v}" for k, v in PORTABLE_ENV.items())
+            f"{mode} numerics needs an x86-64 CPU with {needs}, which this CPU ({cpu_name()}, {platform.machine()}) "
+            f"lacks. Use numerics = 'native' here (--flannel-numerics=native): its class differs, so the gate "
+            f"compares with the stored snapshots within the measured noise band.")
+    probe = probe_cpu(1, mode)
+    aten = probe.aten.upper()
+    dnn = onednn_short(probe.onednn_isa, probe.onednn_max_isa)
+    mkl = mkl_short(probe.mkl_arch, probe.mkl_cnr)
+    aten_ok = not aten or aten == EXPECTED_ATEN[mode]
+    dnn_ok = dnn in (("nodnn", "avx2") if mode == "portable" else ("avx512bf16",))
+    # MKL pins a CNR branch on Intel CPUs only; elsewhere it documents a fallback to its AUTO branch, still strict.
+    mkl_ok = mkl.endswith("strict") or mkl == "nomkl" or cpu_vendor() not in ("GenuineIntel", None)
+    if aten_ok and dnn_ok and mkl_ok:
+        return
+    pinned = ", ".join(f"{k}={v}" for k, v in PINS[mode].items())
     raise NumericsError(
-        f"portable numerics did not take effect: oneDNN runs {probe.onednn_isa or '(nothing)'} (expected "
-        f"avx512_core_bf16) and MKL reports CNR {probe.mkl_cnr or '(none)'} (expected AVX2,STRICT). oneDNN and MKL "
-        f"read {pinned} once, at their first call, and this process had already run a bf16 matmul before they "
-        "were set. Set them in the environment before starting Python, run under the pytest plugin "
-        "(--flannel-numerics=portable arranges them at start-up), or call flannel_repro.numerics.arrange('portable') "
-        "before any torch computation.")
+        f"{mode} numerics did not take effect: ATen runs {aten or '?'} (expected {EXPECTED_ATEN[mode]}), oneDNN's bf16 "
+        f"matmul runs {probe.onednn_isa or '(nothing)'} and MKL reports CNR {probe.mkl_cnr or '(none)'} (expected "
+        f"{PINS[mode]['MKL_CBWR']}). ATen, oneDNN and MKL read {pinned} once, at their first call, and this process "
+        "had already computed with torch before they were set. Set them in the environment before starting Python, "
+        f"run under the pytest plugin (--flannel-numerics={mode} arranges them at start-up), or call "
+        f"flannel_repro.training.numerics.arrange({mode!r}) before any torch computation.")
 
 
 def apply(mode: str, device: str = "cpu") -> None:

@@ -260,13 +260,13 @@ def state_digests(loop: Any) -> dict[str, str]:
 @contextlib.contextmanager
 def _replaying(config: "RunConfig", data: "CorpusData | None") -> Iterator[tuple[Any, int]]:
     """A fresh `harness.TorchLoop` for `config` at step 0, inside the settings `train()` runs under
-    (device check, numerics, malloc tuning, threads, deterministic mode); yields (loop, threads)."""
+    (device check, numerics and its arithmetic, malloc tuning, threads, deterministic mode); yields (loop, threads)."""
     from flannel_repro.data.corpus import load_data
     from flannel_repro.training.allocator import tune_malloc
     from flannel_repro.training.determinism import deterministic_mode, torch_threads
     from flannel_repro.training.harness import TorchLoop, check_device
     from flannel_repro.training.model import shared_init_W
-    from flannel_repro.training.numerics import apply as apply_numerics
+    from flannel_repro.training.numerics import apply as apply_numerics, arithmetic
 
     check_device(config.device)
     if config.compile != "none":
@@ -275,7 +275,8 @@ def _replaying(config: "RunConfig", data: "CorpusData | None") -> Iterator[tuple
     apply_numerics(config.numerics, config.device)
     tune_malloc()
     data = data if data is not None else load_data(config)
-    with torch_threads(config.threads) as threads, deterministic_mode(config.deterministic):
+    with torch_threads(config.threads) as threads, deterministic_mode(config.deterministic), \
+            arithmetic(config.numerics, config.device):
         yield TorchLoop(config, data, shared_init_W(config)), threads
 
 

@@ -21,7 +21,7 @@ from flannel_repro.analysis.bounds import scale_key
 from flannel_repro.analysis.noise import MARGIN, NoiseBand, derive_band
 from flannel_repro.analysis.summary import Summary, summarize, summarize_pair
 from flannel_repro.errors import ArtifactError, ConfigError
-from flannel_repro.training.numerics import VARIANT_ENV, machine_line
+from flannel_repro.training.numerics import VARIANT_ENV, VARIANT_MODE, machine_line
 
 
 
@@ -112,7 +112,7 @@ def _train_main(spec_text: str) -> int:
     # The thread count is set on the process, as the pytest plugin does, not in the config: the config
     # (and its fingerprint, which summaries compare exactly) stays the same across variants.
     config = RunConfig.from_dict(spec["config"], source="noise variant").replace(
-        threads=0, numerics="portable" if spec["variant"] == "portable" else "native")
+        threads=0, numerics=VARIANT_MODE[spec["variant"]])
     torch.set_num_threads(int(spec["threads"]))
     store = RunStore(spec["artifacts"])
     paths = [str(store.obtain(config.with_train_seed(int(s))).trajectory.path) for s in spec["seeds"]]
