@@ -97,7 +97,7 @@ class ControllerReporter:
         self.config = config
         self.results: list[tuple[str, str, list[dict[str, Any]]]] = []
         self.metrics: dict[str, list[float]] = {}
-        self.cross_class: list[dict[str, Any]] = []  # snapshots compared against another numerics class
+        self.snapshots: list[dict[str, Any]] = []  # every flannel_snapshot assertion: how it was compared, if at all
         self.sources: list[dict[str, Any]] = []  # divergence-by-source tables recorded by claims
         self.verdicts: list[dict[str, Any]] = []  # claims for the report: nodeid, outcome, duration, message, plots
         self.report_line = ""
@@ -109,8 +109,8 @@ class ControllerReporter:
     @pytest.hookimpl(tryfirst=True)  # before junitxml writes the report's properties
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = report.user_properties
-        if report.when in ("call", "setup"):
-            self.cross_class.extend(json.loads(v) for k, v in props if k == "flannel_cross_class")
+        if report.when == "teardown":  # its report carries what setup, call and teardown recorded, once
+            self.snapshots.extend(json.loads(v) for k, v in props if k == SNAPSHOT_PROPERTY)
         sources = [json.loads(v) for k, v in props if k == "flannel_sources"] if report.when == "call" else []
         self.sources.extend(sources)
         claims = [json.loads(v) for k, v in props if k == "flannel_claim"]
@@ -144,6 +144,32 @@ class ControllerReporter:
             for name, value in self.facts(state).items():
                 xml.add_global_property(name, value if isinstance(value, str) else json.dumps(value))
 
+    @property
+    def cross_class(self) -> list[dict[str, Any]]:
+        """The snapshot assertions of a class with no snapshot of its own, where other classes had one."""
+        return [s for s in self.snapshots if s.get("cross_class")]
+
+    def snapshot_counts(self) -> dict[str, Any]:
+        """The snapshot assertions in three groups: compared exactly (this class's own snapshot), within the noise
+        band (another class's), not compared (skipped, failed for want of a band or a snapshot, written), with
+        why nothing was compared."""
+        count = {c: sum(1 for s in self.snapshots if s.get("comparison") == c) for c in ("exact", "band", "none")}
+        reasons: dict[str, int] = {}
+        for s in self.snapshots:
+            if s.get("comparison") == "none":
+                reasons[str(s.get("reason"))] = reasons.get(str(s.get("reason")), 0) + 1
+        return {"assertions": len(self.snapshots), "compared_exactly": count["exact"], "within_band": count["band"],
+                "not_compared": count["none"], "not_compared_by_reason": dict(sorted(reasons.items()))}
+
+    def snapshot_line(self) -> str:
+        """`flannel snapshots: 5 compared exactly, 0 within the noise band, 0 not compared`, with why."""
+        c = self.snapshot_counts()
+        line = (f"flannel snapshots: {c['compared_exactly']} compared exactly, {c['within_band']} within the noise band, "
+                f"{c['not_compared']} not compared")
+        if c["not_compared"]:
+            line += " (" + ", ".join(f"{n} {_REASONS.get(r, r)}" for r, n in c["not_compared_by_reason"].items()) + ")"
+        return line
+
     def facts(self, state: Any) -> dict[str, Any]:
         """Session facts: JUnit XML testsuite properties and the JSON report's `session`."""
         from importlib import metadata
@@ -166,6 +192,9 @@ class ControllerReporter:
                 pass
         for outcome in ("passed", "failed", "skipped"):
             out[f"flannel_claims_{outcome}"] = sum(1 for v in self.verdicts if v["outcome"] == outcome)
+        counts = self.snapshot_counts()
+        for key in ("compared_exactly", "within_band", "not_compared"):
+            out[f"flannel_snapshots_{key}"] = counts[key]
         for name, values in sorted(self.metrics.items()):
             out[f"flannel_metric_{name}_min"] = min(values)
             out[f"flannel_metric_{name}_max"] = max(values)
@@ -181,7 +210,8 @@ class ControllerReporter:
         tables = self._source_tables()
         try:
             result = write_report([r.path for r in state.runs.values()], state.report_dir,
-                                  session=SessionInfo(claims=list(self.verdicts), facts=self.facts(state)),
+                                  session=SessionInfo(claims=list(self.verdicts), facts=self.facts(state),
+                                                      snapshots=self._snapshot_document(state)),
                                   sources=tables[0] if tables else None)
         except (FlannelError, OSError) as exc:
             self.report_error = f"{type(exc).__name__}: {exc}"
@@ -200,6 +230,12 @@ class ControllerReporter:
                 self.report_line += f"; tables appended to $GITHUB_STEP_SUMMARY ({summary})"
             except OSError as exc:
                 self.report_line += f"; could not append to $GITHUB_STEP_SUMMARY ({summary}: {exc.strerror or exc})"
+
+    def _snapshot_document(self, state: Any) -> dict[str, Any]:
+        """report.json's `snapshots`: the three counts, why nothing was compared, and each assertion."""
+        keys = ("nodeid", "snapshot", "comparison", "outcome", "reason", "class", "stored")
+        return {**self.snapshot_counts(), "policy": state.missing_class,
+                "items": [{k: s.get(k) for k in keys} for s in self.snapshots]}
 
     def _source_tables(self) -> list[Any]:
         from flannel_repro.analysis.sources import SourceRow, SourceTable
@@ -248,7 +284,7 @@ class ControllerReporter:
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
         self._stop.set()
         state = config.stash[SESSION_KEY]
-        if not state.runs and not self.results and not self.cross_class:
+        if not state.runs and not self.results and not self.snapshots:
             return
         tr = terminalreporter
         tr.write_sep("=", "flannel-repro")
@@ -287,6 +323,16 @@ class ControllerReporter:
             tr.write_line(f"snapshots stored only for other numerics classes (--flannel-missing-class={state.missing_class}):")
             for c in self.cross_class:
                 tr.write_line(f"  {c['outcome'].upper():<7} {c['snapshot']}: this run {c['class']}, nearest stored {c['stored']}")
+        if self.snapshots:
+            counts = self.snapshot_counts()
+            compared = counts["compared_exactly"] + counts["within_band"]
+            tr.write_line("")
+            uncompared = {r for r in counts["not_compared_by_reason"] if r != "written"}  # written: --snapshot-update
+            tr.write_line(self.snapshot_line(), red=compared == 0 and bool(uncompared),
+                          yellow=counts["not_compared"] > 0 and not (compared == 0 and uncompared))
+            if compared == 0 and uncompared:
+                tr.write_line(f"  none of this session's {counts['assertions']} snapshot assertion(s) compared anything: "
+                              "the snapshot gate checked nothing", red=True)
         if self.results:
             tr.write_line("")
             tr.write_line("claims:")
@@ -320,6 +366,17 @@ class ControllerReporter:
         if self.report_error:
             tr.write_line("")
             tr.write_line(f"flannel-repro report FAILED (the session exits non-zero): {self.report_error}", red=True)
+
+
+SNAPSHOT_PROPERTY = "flannel_snapshot"  # what flannel_snapshot records per assertion (plugin.snapshot._record)
+_REASONS = {  # why a snapshot assertion compared nothing (plugin.snapshot._record), as the summary says it
+    "skipped": "skipped (--flannel-missing-class=skip)",
+    "fail-policy": "failed (--flannel-missing-class=fail)",
+    "no-band": "failed: no noise band to compare with another class",
+    "no-snapshot": "failed: no snapshot stored",
+    "written": "written by --snapshot-update",
+    "error": "errors",
+}
 
 
 def _junit_xml(config: pytest.Config) -> Any:

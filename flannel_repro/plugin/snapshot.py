@@ -15,8 +15,17 @@
   CPU's, a cuda snapshot on a CPU-only CI machine) are left alone: never reported as unused, never
   deleted by ``--snapshot-update``.
 * **A class with no snapshot** while other classes have one follows ``--flannel-missing-class``:
-  skip (default), fail, or tolerant: compare with the nearest stored class within the noise band
-  measured for the config's scale (`flannel_repro.noise`).
+  ``tolerant`` (the default) compares with the nearest stored class within the noise band measured
+  for the config's scale (`flannel_repro.analysis.noise`), and fails when no band is measured for it;
+  ``fail`` fails; ``skip`` (an explicit opt-in) skips. A failure names this run's class, the stored
+  ones, the command that records this class (``pytest <node id> --snapshot-update``) and the one
+  that measures a band (``flannel-repro noise ... -o <bands file>``). Nothing passes without a
+  comparison.
+* **Accounting.** Every assertion is recorded on the test's report (user property
+  ``flannel_snapshot``, which travels through xdist) as compared exactly (its own class's snapshot),
+  within the noise band (another class's, tolerantly), or not compared (skipped by the opt-in policy,
+  failed for want of a band or of any snapshot, written by ``--snapshot-update``). The terminal summary
+  and the JSON report (`--flannel-report`) count the three.
 * **Comparison.** Floats within ``|obtained - stored| <= max(atol, rtol * |stored|)``; ints,
   strings, digests and the config exactly; the environment is stored but not compared. The
   tolerance comes from ``@pytest.mark.flannel(rtol=..., atol=...)``, ``--flannel-rtol`` /
@@ -32,7 +41,9 @@ The `flannel_snapshot` fixture (registered by `flannel_repro.plugin`) builds a
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -42,6 +53,7 @@ from syrupy.assertion import DiffMode, SnapshotAssertion
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 from syrupy.location import PyTestLocation
 
+from flannel_repro.plugin.report import SNAPSHOT_PROPERTY  # the user property each assertion leaves
 from flannel_repro.plugin.session import SESSION_KEY, SNAPSHOT_SUFFIX
 from flannel_repro.training.numerics import class_kind
 from flannel_repro.analysis.summary import DEVICE_CLASSES, Comparison, Summary, Tolerance, display_path, compare
@@ -50,8 +62,9 @@ if TYPE_CHECKING:
     from syrupy.data import SnapshotCollections
     from syrupy.types import PropertyFilter, PropertyMatcher, SerializableData, SerializedData
 
-__all__ = ["SNAPSHOT_EXTENSION", "FlannelSnapshotExtension", "FlannelSnapshotAssertion", "as_summary",
-           "nearest_class", "snapshot_assertion", "snapshot_tag"]
+__all__ = ["COMPARISONS", "SNAPSHOT_EXTENSION", "SNAPSHOT_PROPERTY", "FlannelSnapshotExtension",
+           "FlannelSnapshotAssertion", "as_summary", "nearest_class", "snapshot_assertion", "snapshot_tag",
+           "update_command"]
 
 SNAPSHOT_EXTENSION = SNAPSHOT_SUFFIX  # "flannel": a suffix no other syrupy extension claims
 
@@ -165,7 +178,7 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
 
     tolerance: Tolerance = field(default_factory=Tolerance)
     names_used: dict[str, int] = field(default_factory=dict)  # numerics class -> assertions so far (shared when derived)
-    missing_class: str = "skip"  # skip / fail / tolerant: when only other numerics classes have a snapshot
+    missing_class: str = "tolerant"  # tolerant (band, else fail) / fail / skip: when only other classes have a snapshot
     noise_bands: Path | None = None  # bands file for tolerant comparisons (None: beside the test file)
     _last_name: str | None = field(init=False, default=None)
 
@@ -225,9 +238,25 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
             others = self._other_classes(summary.numerics_class, index)
             if others:
                 return self._missing_class(summary, others)
-        if self._assert(summary):
+        ok = self._assert(summary)
+        self._record_own_class(summary.numerics_class, ok)
+        if ok:
             return True
         raise AssertionError("\n".join(self.get_assert_diff()))
+
+    def _record_own_class(self, klass: str, ok: bool) -> None:
+        """Record what the assertion just made of this class's own snapshot: compared exactly, or not compared
+        (no snapshot stored, or one written by --snapshot-update instead of compared)."""
+        result = self._execution_results.get(self.num_executions - 1)
+        outcome = "passed" if ok else "failed"
+        if result is None:
+            _record(self, "none", outcome, klass, None, reason="error")
+        elif result.created or result.updated:
+            _record(self, "none", outcome, klass, None, reason="written")
+        elif result.recalled_data is None:
+            _record(self, "none", outcome, klass, None, reason="no-snapshot")
+        else:
+            _record(self, "exact", outcome, klass, klass)
 
     # -- a snapshot stored for other numerics classes only --------------------------------------------
 
@@ -256,38 +285,47 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
         return found
 
     def _missing_class(self, summary: Summary, others: dict[str, Path]) -> bool:
+        """Only other classes have this snapshot: compare within the noise band (tolerant, the default), or
+        fail, or skip (opt-in). Without a band the tolerant policy fails: nothing passes uncompared."""
         __tracebackhide__ = True
         klass = summary.numerics_class
         nearest = nearest_class(klass, others)
         head = (f"flannel snapshot {self._last_name}: no snapshot for this run's numerics class {klass}; "
                 f"stored for: {', '.join(sorted(others))}")
-        choose = ("choose with --flannel-missing-class=skip|fail|tolerant (ini flannel_missing_class; this session: "
-                  f"{self.missing_class}), or record this class with --snapshot-update")
+        record = f"record this class: {update_command(self.test_location.item)} (then review and commit the new file)"
+        choose = ("policy: --flannel-missing-class=tolerant|fail|skip (ini flannel_missing_class; this session: "
+                  f"{self.missing_class})")
         if self.missing_class == "skip":
-            _record(self, "skipped", klass, nearest)
-            pytest.skip(f"{head}. Trajectories of different classes part at step 1, so an exact comparison would "
-                        f"fail for no change of code; {choose}.")
+            _record(self, "none", "skipped", klass, nearest, reason="skipped")
+            pytest.skip(f"{head}. Nothing was compared (skipped by the opt-in --flannel-missing-class=skip); "
+                        f"{record}.")
         if self.missing_class == "fail":
-            _record(self, "failed", klass, nearest)
-            raise AssertionError(f"{head}.\n  {choose}.")
+            _record(self, "none", "failed", klass, nearest, reason="fail-policy")
+            raise AssertionError(f"{head}.\n  Nothing was compared (--flannel-missing-class=fail).\n  To {record}.\n  "
+                                 f"{choose}.")
         from flannel_repro.analysis.noise import DEFAULT_FILE, read_bands, summary_scale, compare_within_band
 
         bands_file = self.noise_bands or Path(self.test_location.filepath).parent / DEFAULT_FILE
-        scale = summary_scale(summary)
-        band = read_bands(bands_file).get(scale)
+        try:
+            scale = summary_scale(summary)
+            band = read_bands(bands_file).get(scale)
+        except Exception:
+            _record(self, "none", "failed", klass, nearest, reason="error")
+            raise
         if band is None:
-            _record(self, "failed", klass, nearest)
+            _record(self, "none", "failed", klass, nearest, reason="no-band")
+            shown = display_path(str(bands_file))
             raise AssertionError(
-                f"{head}.\n  A tolerant comparison (--flannel-missing-class=tolerant) needs a noise band for scale {scale}, "
-                f"and {display_path(str(bands_file))} has none. Measure one: flannel-repro noise --config FILE "
-                f"-o {display_path(str(bands_file))} (see README, 'Numerics classes').")
+                f"{head}.\n  Nothing was compared: comparing with another class needs a noise band for scale {scale}, "
+                f"and {shown} has none.\n  To {record};\n  or measure a band: flannel-repro noise --config FILE "
+                f"-o {shown} (see README, 'Numerics classes').\n  {choose}.")
         stored = others[nearest].read_text(encoding="utf-8")
         cmp = compare_within_band(stored, summary, band)
-        _record(self, "passed" if cmp.ok else "failed", klass, nearest)
+        _record(self, "band", "passed" if cmp.ok else "failed", klass, nearest)
         if cmp.ok:
             return True
         lines = cmp.report(name=self._last_name or "", location=str(others[nearest]))
-        lines.insert(1, f"  compared with the nearest stored class {nearest} ({choose})")
+        lines.insert(1, f"  compared with the nearest stored class {nearest} ({choose}; or {record})")
         raise AssertionError("\n".join(lines))
 
     __hash__ = None  # type: ignore[assignment]
@@ -305,8 +343,8 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
             return super().get_assert_diff(diff_mode=diff_mode)
         location = result.snapshot_location
         if result.recalled_data is None:
-            return [f"no stored snapshot {result.snapshot_name} ({display_path(location)}): run pytest --snapshot-update "
-                    "to write it, then review and commit it"]
+            return [f"no stored snapshot {result.snapshot_name} ({display_path(location)}): nothing was compared. "
+                    f"Write it with {update_command(self.test_location.item)}, then review and commit it"]
         cmp = compare(str(result.recalled_data), str(result.asserted_data), self.tolerance)
         lines = cmp.report(name=result.snapshot_name, location=location)
         return lines if diff_mode == DiffMode.DETAILED else lines[:1]
@@ -319,13 +357,35 @@ def nearest_class(klass: str, candidates: "dict[str, Any] | list[str]") -> str:
     return min(candidates, key=lambda c: (-len(mine & set(c.replace("+", "-").split("-"))), c))
 
 
-def _record(assertion: FlannelSnapshotAssertion, outcome: str, klass: str, stored: str) -> None:
-    """Note a cross-class comparison on the test's report, for the terminal summary (travels through xdist)."""
+def update_command(item: Any) -> str:
+    """The command that records a test's snapshots for this run's class: ``pytest <node id> --snapshot-update``,
+    the node id's file relative to where pytest was invoked (the node id itself when that cannot be said)."""
+    nodeid = str(getattr(item, "nodeid", "") or "")
+    path = getattr(item, "path", None)
+    config = getattr(item, "config", None)
+    if path is not None and config is not None and "::" in nodeid:
+        try:
+            rel = os.path.relpath(Path(path), Path(config.invocation_params.dir))
+            nodeid = rel.replace(os.sep, "/") + "::" + nodeid.split("::", 1)[1]
+        except (ValueError, AttributeError, TypeError):
+            pass
+    return f"pytest {shlex.quote(nodeid)} --snapshot-update"
+
+
+COMPARISONS = ("exact", "band", "none")  # compared exactly / within the noise band / not compared
+
+
+def _record(assertion: FlannelSnapshotAssertion, comparison: str, outcome: str, klass: str, stored: str | None,
+            *, reason: str | None = None) -> None:
+    """Note one snapshot assertion on the test's report, for the terminal summary and the JSON report (user
+    properties travel through xdist). `comparison`: exact, band or none; `reason` why nothing was compared:
+    skipped (opt-in policy), fail-policy, no-band, no-snapshot, written (--snapshot-update), error."""
     item = getattr(assertion.test_location, "item", None)
     if item is not None:
-        item.user_properties.append(("flannel_cross_class", json.dumps(
-            {"snapshot": assertion._last_name, "policy": assertion.missing_class, "outcome": outcome,
-             "class": klass, "stored": stored})))
+        item.user_properties.append((SNAPSHOT_PROPERTY, json.dumps(
+            {"nodeid": item.nodeid, "snapshot": assertion._last_name, "comparison": comparison, "outcome": outcome,
+             "reason": reason, "policy": assertion.missing_class, "class": klass, "stored": stored,
+             "cross_class": stored is not None and stored != klass})))
 
 
 def snapshot_assertion(request: pytest.FixtureRequest, tolerance: Tolerance) -> FlannelSnapshotAssertion:

@@ -46,10 +46,13 @@ __all__ = ["FORMAT", "SCHEMA", "SOURCES_PLOT", "STALL_PLOT", "ReportResult", "Se
 
 @dataclass
 class SessionInfo:
-    """What a pytest session adds to the report: its claims and verdicts, and facts about it."""
+    """What a pytest session adds to the report: its claims and verdicts, facts about it, and how its
+    flannel_snapshot assertions were compared."""
 
     claims: list[dict[str, Any]] = field(default_factory=list)  # nodeid, outcome, duration_s, message, plots
     facts: dict[str, Any] = field(default_factory=dict)
+    # compared_exactly, within_band, not_compared, not_compared_by_reason, assertions, policy, items (schema.SCHEMA)
+    snapshots: dict[str, Any] | None = None
 
 
 @dataclass
@@ -165,6 +168,7 @@ def document(data: Collected, figures: Sequence[Figure], session: SessionInfo | 
         "stall": [{"run": r.name, **_stall_summary(p)} for r, p in zip(data.runs, data.stall)],
         "claims": claims,
         "verdicts": {k: sum(1 for c in claims if c.get("outcome") == k) for k in ("passed", "failed", "skipped")},
+        "snapshots": dict(session.snapshots) if session and session.snapshots is not None else None,
         "figures": [{"file": f.file, "title": f.title, "shows": f.shows} for f in figures],
         "notes": list(data.notes),
         "files": sorted([*(f.file for f in figures), "divergence.csv", "steps.csv", "report.md", "index.html", "report.json"]),
@@ -254,6 +258,11 @@ def _tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]
     return out
 
 
+def _snapshot_sentence(s: dict[str, Any]) -> str:
+    return (f"Snapshots: {s['compared_exactly']} compared exactly, {s['within_band']} within the noise band, "
+            f"{s['not_compared']} not compared.")
+
+
 def markdown(doc: dict[str, Any], *, images: bool = True) -> str:
     lines = ["# flannel-repro report", "",
              f"{len(doc['runs'])} run(s); {doc['environment']['platform']}; torch {doc['environment']['torch']}; "
@@ -261,6 +270,8 @@ def markdown(doc: dict[str, Any], *, images: bool = True) -> str:
     if doc["claims"]:
         v = doc["verdicts"]
         lines += [f"Claims: {v['passed']} passed, {v['failed']} failed, {v['skipped']} skipped.", ""]
+    if doc.get("snapshots"):
+        lines += [_snapshot_sentence(doc["snapshots"]), ""]
     for title, head, rows in _tables(doc):
         lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(_fmt(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in rows]
@@ -286,6 +297,8 @@ def page_html(doc: dict[str, Any]) -> str:
     if doc["claims"]:
         v = doc["verdicts"]
         parts.append(f"<p>Claims: {v['passed']} passed, {v['failed']} failed, {v['skipped']} skipped.</p>")
+    if doc.get("snapshots"):
+        parts.append(f"<p>{e(_snapshot_sentence(doc['snapshots']))}</p>")
     for title, head, rows in _tables(doc):
         parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
         for row in rows:

@@ -1,7 +1,9 @@
 """The shape of `report.json` (JSON Schema, draft 2020-12): the documented contract CI tools can rely on.
 
-Every number that is not finite is written as null. `session` and the `claims` come from a pytest session
-(`--flannel-report`); `flannel-repro report` writes `session: null` and no claims.
+Every number that is not finite is written as null. `session`, the `claims` and `snapshots` come from a pytest
+session (`--flannel-report`); `flannel-repro report` writes `session: null`, `snapshots: null` and no claims.
+`snapshots` counts the session's flannel_snapshot assertions: compared exactly (the run's own class had a
+snapshot), within the noise band (another class's, tolerantly), and not compared at all, with why.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ FORMAT = "flannel-repro/report/1"
 _num = {"type": ["number", "null"]}
 _int_or_null = {"type": ["integer", "null"]}
 _str_or_null = {"type": ["string", "null"]}
+_count = {"type": "integer", "minimum": 0}
+# why a snapshot assertion compared nothing: skipped by the opt-in policy, failed by the fail policy, failed for
+# want of a noise band, no snapshot stored at all, written by --snapshot-update instead of compared, an error
+NOT_COMPARED = ("skipped", "fail-policy", "no-band", "no-snapshot", "written", "error")
 
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "flannel-repro report",
     "type": "object",
     "required": ["format", "created", "environment", "session", "runs", "pair_classes", "matrix", "sources", "stall",
-                 "claims", "verdicts", "figures", "notes", "files", "seconds"],
+                 "claims", "verdicts", "snapshots", "figures", "notes", "files", "seconds"],
     "additionalProperties": False,
     "properties": {
         "format": {"const": FORMAT},
@@ -77,6 +83,24 @@ SCHEMA: dict[str, Any] = {
                            "plots": {"type": "array", "items": {"type": "string"}}}}},
         "verdicts": {"type": "object", "required": ["passed", "failed", "skipped"],
                      "additionalProperties": {"type": "integer", "minimum": 0}},
+        "snapshots": {"type": ["object", "null"],
+                      "required": ["assertions", "compared_exactly", "within_band", "not_compared",
+                                   "not_compared_by_reason", "policy", "items"],
+                      "additionalProperties": False,
+                      "properties": {
+                          "assertions": _count, "compared_exactly": _count, "within_band": _count, "not_compared": _count,
+                          "not_compared_by_reason": {"type": "object", "propertyNames": {"enum": list(NOT_COMPARED)},
+                                                     "additionalProperties": _count},
+                          "policy": {"enum": ["tolerant", "fail", "skip"]},
+                          "items": {"type": "array", "items": {
+                              "type": "object",
+                              "required": ["nodeid", "snapshot", "comparison", "outcome", "reason", "class", "stored"],
+                              "properties": {
+                                  "nodeid": {"type": "string"}, "snapshot": _str_or_null,
+                                  "comparison": {"enum": ["exact", "band", "none"]},
+                                  "outcome": {"enum": ["passed", "failed", "skipped"]},
+                                  "reason": {"enum": [*NOT_COMPARED, None]},
+                                  "class": {"type": "string"}, "stored": _str_or_null}}}}},
         "figures": {"type": "array", "items": {"type": "object", "required": ["file", "title", "shows"],
                                                "properties": {"file": {"type": "string", "pattern": r"^[a-z0-9-]+\.png$"},
                                                               "title": {"type": "string"}, "shows": {"type": "string"}}}},

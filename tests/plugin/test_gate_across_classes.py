@@ -1,10 +1,10 @@
 """The repository's gate across numerics classes, at CI scale, on real runs.
 
 The gate's snapshots were written in the portable class. Here seed 42 is trained in this machine's
-*native* class (AMX on an Intel Xeon; whatever MKL picks unpinned on an AMD EPYC), which has no
+*native* class (AMX on an Intel Xeon; AVX-512 BF16 with ATen at AVX512 on an AMD EPYC), which has no
 snapshot, so the tolerant comparison with the committed noise band (tests/gate/flannel_noise_bands.json)
-decides. The band was measured from other arithmetic variants (threads, oneDNN ISAs, MKL branches),
-never from the native class: this is a held-out check. The same run with W_initial moved by one bf16
+decides. The band was measured from other arithmetic variants (threads, the AVX-512 BF16 mode, ATen and
+oneDNN capped at AVX-512 or AVX2), never from the native class: this is a held-out check. The same run with W_initial moved by one bf16
 ulp must fail it.
 """
 
@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from flannel_repro.training.numerics import PORTABLE_ENV
+from flannel_repro.training.numerics import NUMERICS_ENV
 from tests.plugin.test_gate_catches_one_ulp import ONE_ULP
 
 GATE = Path(__file__).resolve().parents[1] / "gate"
-PORTABLE_CLASS = "cpu-avx512bf16-mklavx2strict-t1"
-SNAPSHOT = f"test_run_summary_did_not_move[cpu-seed42][{PORTABLE_CLASS}].flannel"
+# the class the gate's snapshots were committed in (cpu-portable-<digest>-t1), read from the file name
+SNAPSHOT = next((GATE / "__snapshots__" / "test_gate").glob("test_run_summary_did_not_move[[]cpu-seed42[]][[]cpu-portable-*")).name
+PORTABLE_CLASS = SNAPSHOT.rsplit("[", 1)[1].split("]", 1)[0]
 TEST = """
 def test_run_summary_did_not_move(trajectory, train_seed, device, flannel_snapshot):
     assert flannel_snapshot == trajectory(train_seed).summary()
@@ -37,7 +38,7 @@ def gate_copy(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pyt
     pytester.makepyfile(test_gate=TEST)
     pytester.makeini("[pytest]\nflannel_progress = 0\nflannel_threads = 1\nflannel_numerics = native\n"
                      "flannel_missing_class = tolerant\nflannel_seeds = 42\n")
-    for key in PORTABLE_ENV:  # the subprocess starts unpinned: its oneDNN and MKL pick this CPU's fastest paths
+    for key in NUMERICS_ENV:  # the subprocess starts unpinned: ATen, oneDNN and MKL pick this CPU's fastest paths
         monkeypatch.delenv(key, raising=False)
     return pytester
 

@@ -110,3 +110,46 @@ def test_report_ini_key(tiny_experiment, tmp_path):
     result = tiny_experiment.runpytest_subprocess()
     result.assert_outcomes(passed=1)
     assert (tmp_path / "r" / "index.html").is_file() and (tmp_path / "r" / "loss.png").is_file()
+
+
+SNAPSHOTS = """
+def test_exact(trajectory, flannel_snapshot):
+    assert flannel_snapshot == trajectory(42).summary()
+
+def test_other_class(trajectory, flannel_snapshot):
+    assert flannel_snapshot == trajectory(43).summary()
+"""
+
+
+def test_report_counts_the_snapshot_assertions(tiny_experiment, tmp_path):
+    """report.json (and the JUnit XML facts) count the snapshot assertions as the terminal summary does, across
+    xdist workers: one compared exactly, one not compared (only another class has a snapshot, and no band)."""
+    from flannel_repro.report import SCHEMA
+    from tests.plugin.conftest import cpu_class
+
+    p = tiny_experiment
+    p.makepyfile(test_s=SNAPSHOTS)
+    assert p.runpytest_subprocess("--snapshot-update").ret == 0
+    snaps = p.path / "__snapshots__" / "test_s"
+    klass = cpu_class(threads=1)
+    (snaps / f"test_other_class[{klass}].flannel").rename(snaps / "test_other_class[cpu-otherisa-mklother-t1].flannel")
+    out, junit = tmp_path / "rep", tmp_path / "junit.xml"
+    result = p.runpytest_subprocess("-n", "2", "--flannel-threads=1", f"--flannel-report={out}", f"--junitxml={junit}")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["flannel snapshots: 1 compared exactly, 0 within the noise band, 1 not compared "
+                                 "(1 failed: no noise band to compare with another class)"])
+    doc = json.loads((out / "report.json").read_text())
+    jsonschema.validate(doc, SCHEMA)
+    snap = doc["snapshots"]
+    assert {k: snap[k] for k in ("assertions", "compared_exactly", "within_band", "not_compared", "policy")} == {
+        "assertions": 2, "compared_exactly": 1, "within_band": 0, "not_compared": 1, "policy": "tolerant"}
+    assert snap["not_compared_by_reason"] == {"no-band": 1}
+    items = {i["nodeid"]: i for i in snap["items"]}
+    assert items["test_s.py::test_exact"]["comparison"] == "exact" and items["test_s.py::test_exact"]["outcome"] == "passed"
+    assert items["test_s.py::test_other_class"] == {
+        "nodeid": "test_s.py::test_other_class", "snapshot": f"test_other_class[{klass}]", "comparison": "none",
+        "outcome": "failed", "reason": "no-band", "class": klass, "stored": "cpu-otherisa-mklother-t1"}
+    assert "Snapshots: 1 compared exactly, 0 within the noise band, 1 not compared." in (out / "report.md").read_text()
+    props = {q.get("name"): q.get("value") for q in ET.parse(junit).getroot().find("testsuite").find("properties")}
+    assert (props["flannel_snapshots_compared_exactly"], props["flannel_snapshots_within_band"],
+            props["flannel_snapshots_not_compared"]) == ("1", "0", "1")

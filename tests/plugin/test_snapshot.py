@@ -59,7 +59,8 @@ def test_five_step_workflow(tiny_experiment, mode):
     first = run(p, mode, "--snapshot-update")
     first.assert_outcomes(passed=3)
     assert first.ret == 0
-    first.stdout.fnmatch_lines(["*2 snapshots generated.*"])
+    first.stdout.fnmatch_lines(["flannel snapshots: 0 compared exactly, 0 within the noise band, 2 not compared "
+                                "(2 written by --snapshot-update)", "*2 snapshots generated.*"])
     assert _names(snaps) == [f"test_pair[{K}].flannel", f"test_summary[{K}].flannel"]
     stored = (snaps / f"test_summary[{K}].flannel").read_text()
     assert Summary.from_text(stored).tree["config"]["lr"] == 0.001
@@ -68,7 +69,8 @@ def test_five_step_workflow(tiny_experiment, mode):
     second = run(p, mode)
     second.assert_outcomes(passed=3)
     assert second.ret == 0
-    second.stdout.fnmatch_lines(["*2 snapshots passed.*"])
+    second.stdout.fnmatch_lines(["flannel snapshots: 2 compared exactly, 0 within the noise band, 0 not compared",
+                                 "*2 snapshots passed.*"])
     assert "unused" not in second.stdout.str()
 
     # 3. a changed learning rate fails, naming the moved fields and the first divergent step
@@ -92,6 +94,7 @@ def test_five_step_workflow(tiny_experiment, mode):
         f"E*AssertionError: flannel snapshot test_pair[[]{K}[]] moved: *",
         "E*a: the trajectories part at step 1 *",
         "E*b: the trajectories part at step 1 *",
+        "flannel snapshots: 2 compared exactly, 0 within the noise band, 0 not compared",  # compared, and failed
         "*2 snapshots failed.*",
     ])
     assert "unused" not in moved.stdout.str()
@@ -283,7 +286,8 @@ def test_missing_snapshot_and_foreign_data(tiny_experiment):
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines([
         f"E*AssertionError: no stored snapshot test_new[[]{K}[]] (__snapshots__/*/test_new[[]{K}[]].flannel): "
-        "run pytest --snapshot-update to write it, then review and commit it",
+        "nothing was compared. Write it with pytest test_missing_snapshot_and_foreign_data.py::test_new "
+        "--snapshot-update, then review and commit it",
     ])
     result.stdout.fnmatch_lines(["E*TypeError: flannel_snapshot compares run summaries: expected a Summary *, got dict."])
 
