@@ -137,7 +137,7 @@ def test_engine_run_config_round_trip_and_errors():
     assert cfg.with_train_seed(3).train_seed == 3
     with pytest.raises(ConfigError, match=r"'steps' must be an integer >= 1 \(got 0\)"):
         EngineRunConfig(engine="e", steps=0)
-    with pytest.raises(ConfigError, match=r"'numerics' must be 'native' or 'portable' \(got 'fast'\)"):
+    with pytest.raises(ConfigError, match=r"'numerics' must be 'native' or 'portable' or 'avx512bf16' \(got 'fast'\)"):
         EngineRunConfig(engine="e", steps=1, numerics="fast")
 
 
