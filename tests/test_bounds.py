@@ -1,11 +1,17 @@
 """Bounds belong to the data they were derived on: the scale key carries the tokenizer's and corpus's
-hashes, so a bound (or noise band) derived on the embedded data is never applied to other data."""
+hashes, so a bound (or noise band) derived on the embedded data is never applied to other data. Every bound
+states its method, the held-out pairs it came from and its nominal false-alarm rate; on data with no
+committed bound the session derives one from held-out seeds and caches it beside the runs."""
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 
-from flannel_repro.analysis.bounds import bound_for, data_hashes, scale_key
+from flannel_repro.analysis.bounds import (FALSE_ALARM, LEGACY_METHOD, METHOD, LogFit, bound_for, data_hashes, derive,
+                                           load_bounds, scale_key, t_quantile, to_toml)
 from flannel_repro.config import PRESETS
 from flannel_repro.data.embedded import embedded_paths
 from flannel_repro.errors import ConfigError
@@ -34,26 +40,96 @@ def test_a_scale_key_needs_the_data():
     assert scale_key(run, described) == scale_key(run, data_hashes(run))  # an artifact's description keys the same
 
 
-def test_a_session_on_other_data_skips_the_bound_claims_or_derives_them_when_asked(tmp_path):
-    """The Flannel 6 suite on data with no committed bound: the two bound claims skip with the way to
-    derive one; with --flannel-derive-bounds they derive it from the held-out seeds and run."""
+
+
+def test_t_quantiles_match_the_tables():
+    # reference values: scipy.stats.t.ppf
+    for p, df, want in [(0.9975, 15, 3.2860385709462347), (0.99875, 15, 3.6239176108577182),
+                        (0.999, 2, 22.327124770119866), (0.95, 5, 2.0150483733330233), (0.3, 7, -0.5491096579472854)]:
+        assert t_quantile(p, df) == pytest.approx(want, rel=1e-9)
+
+
+def test_a_prediction_limit_is_exceeded_at_its_nominal_rate():
+    """The method's promise, checked by simulation on log-normal values: a new value exceeds the upper
+    limit derived from n others with probability `tail` (averaged over the derivation)."""
+    rng = random.Random(7)
+    n, tail, trials = 8, 0.05, 20000
+    exceed = 0
+    for _ in range(trials):
+        values = [math.exp(rng.gauss(1.5, 0.3)) for _ in range(n)]
+        exceed += math.exp(rng.gauss(1.5, 0.3)) > LogFit.of(values, "test").limit(tail, upper=True)
+    assert abs(exceed / trials - tail) < 0.006  # 4 standard errors
+
+
+def test_derived_bounds_state_method_pairs_and_rate_and_round_trip(tmp_path):
+    frobs, shares = [4.2, 5.6, 4.2, 5.3, 6.2, 4.4, 5.6, 6.4], [0.23, 0.44, 0.39, 0.33, 0.33, 0.39, 0.37, 0.6]
+    b = derive(frobs, shares, scale="k", measured="8 pairs", held_out="seed 42 vs 46..53")
+    assert (b.method, b.n, b.false_alarm, b.comparisons) == (METHOD, 8, FALSE_ALARM, 4)
+    assert b.max_frobenius > max(frobs) and b.order_share_min < min(shares) and b.order_share_max > max(shares)
+    text = b.describe()
+    assert "n = 8 held-out pairs (seed 42 vs 46..53)" in text and b.share_raw_fit is not None and "0.01 per claim and clean session" in text
+    f = tmp_path / "b.toml"
+    f.write_text(to_toml("x", b), encoding="utf-8")
+    assert load_bounds(f)["k"] == b
+    ten = b.for_session(10)  # more claim seeds: each comparison gets less of the 1%, the limits widen
+    assert ten.comparisons == 10 and ten.max_frobenius > b.max_frobenius and ten.order_share_max > b.order_share_max
+    with pytest.raises(ValueError, match="at least 3 held-out pairs"):
+        derive(frobs[:2], shares[:2], scale="k", measured="")
+
+
+def test_an_old_format_table_still_loads_without_a_stated_rate(tmp_path):
+    f = tmp_path / "old.toml"
+    f.write_text('[ci]\nscale = "abc"\nmax_frobenius = 9.6\norder_share_min = 0.15\norder_share_max = 0.89\n'
+                 'measured = "16 pairs"\n', encoding="utf-8")
+    b = load_bounds(f)["abc"]
+    assert b.method == LEGACY_METHOD and b.false_alarm is None and b.for_session(10) is b
+    assert "no stated false-alarm rate" in b.describe()
+
+
+def test_the_committed_bounds_state_their_rate():
+    for b in load_bounds(BOUNDS).values():
+        assert b.method == METHOD and b.false_alarm == FALSE_ALARM and b.n >= 6 and b.held_out
+
+
+def _session(root, tmp_path, *extra):  # noqa: ANN001, ANN202
+    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).parents[1]
-    exp = tmp_path / "exp.toml"  # the tiny embedded data set: no bound was derived on it
+    exp = tmp_path / "exp.toml"  # the tiny embedded data set: no bound is committed for it
     exp.write_text('dataset = "tiny"\nvocab_size = 512\nsteps = 2\nbatch_size = 8\nseq_len = 32\n'
                    '[experiment]\nn_runs = 2\n')
-    common = [sys.executable, "-m", "pytest", str(root / "tests" / "flannel6"), "-q", "-p", "no:xdist", "-p",
-              "no:cacheprovider", "-rs", f"--flannel-config={exp}", f"--flannel-artifacts={tmp_path / 'a'}",
-              "--flannel-progress=0"]
-    env = {**__import__("os").environ, "FLANNEL_REPRO_CACHE": str(tmp_path / "cache")}
-    skipped = subprocess.run(common, cwd=root, capture_output=True, text=True, timeout=900, env=env)
+    cmd = [sys.executable, "-m", "pytest", str(root / "tests" / "flannel6"), "-q", "-p", "no:xdist", "-p",
+           "no:cacheprovider", "-rs", "-k", "bound or band", f"--flannel-config={exp}",
+           f"--flannel-artifacts={tmp_path / 'a'}", "--flannel-progress=0", "--flannel-threads=1", *extra]
+    env = {**os.environ, "FLANNEL_REPRO_CACHE": str(tmp_path / "cache")}
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900, env=env)
+
+
+def test_a_session_on_other_data_derives_its_bound_from_held_out_seeds_and_caches_it(tmp_path):
+    """The Flannel 6 bound claims on data with no committed bound: by default the session derives the bound
+    from the 16 seeds after the claim seeds, says so in the terminal summary, and caches it beside the runs;
+    the next session reuses it; --flannel-derive-bounds=none skips instead (an opt-in)."""
+    from pathlib import Path
+
+    from tests.flannel6.conftest import session_bound_path
+
+    root = Path(__file__).parents[1]
+    first = _session(root, tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:]
+    out = first.stdout
+    assert "skipped" not in out.splitlines()[-1], out[-1500:]
+    assert "derived in this session" in out and "seed 42 vs 44..59" in out, out[-2500:]
+    assert "nominal false-alarm rate 0.01 per claim and clean session over 2 comparison(s)" in out
+    cached = list((tmp_path / "a" / "bounds").glob("*.toml"))
+    assert len(cached) == 1
+    b = next(iter(load_bounds(cached[0]).values()))
+    assert (b.method, b.n, b.held_out) == (METHOD, 16, "seed 42 vs 44..59")
+    assert session_bound_path(tmp_path / "a", b.scale) == cached[0]
+    again = _session(root, tmp_path)
+    assert again.returncode == 0 and "derived in an earlier session" in again.stdout, again.stdout[-2500:]
+    skipped = _session(root, tmp_path, "--flannel-derive-bounds=none")
     assert skipped.returncode == 0, skipped.stdout[-2000:]
-    assert "no divergence bound derived for this configuration on this data" in skipped.stdout
-    assert "--flannel-derive-bounds" in skipped.stdout
-    derived = subprocess.run([*common, "--flannel-derive-bounds=46"], cwd=root, capture_output=True, text=True,
-                             timeout=900, env=env)
-    assert derived.returncode == 0, derived.stdout[-2000:]
-    assert "skipped" not in derived.stdout.splitlines()[-1], derived.stdout[-1500:]
+    assert "--flannel-derive-bounds=none" in skipped.stdout and "4 skipped" in skipped.stdout.splitlines()[-1]
+    overlap = _session(root, tmp_path, "--flannel-derive-bounds=43-46")
+    assert overlap.returncode == 1 and "are claim seeds" in overlap.stdout, overlap.stdout[-2000:]

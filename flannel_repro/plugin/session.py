@@ -27,6 +27,7 @@ GROUP = "flannel"
 MARKER = "flannel"
 TOLERANCE_KEYS = ("rtol", "atol")  # @pytest.mark.flannel kwargs for flannel_snapshot, not RunConfig fields
 MISSING_CLASS_POLICIES = ("skip", "fail", "tolerant")  # --flannel-missing-class
+DEFAULT_THREADS = 1  # --flannel-threads when not given: a run's bits must not depend on -n
 SNAPSHOT_SUFFIX = "flannel"  # file suffix of flannel_snapshot files (flannel_repro.snapshot)
 
 # option name (after --flannel-) -> (ini key, help, parser of the raw string)
@@ -42,7 +43,8 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "label-mode": ("flannel_label_mode", f"labels: {' or '.join(LABEL_MODES)} (next_token: correct; notebook: the "
                    "notebook's two-ahead labels)."),
     "artifacts": ("flannel_artifacts", "directory of run artifacts shared by workers and sessions (default: .flannel/artifacts)."),
-    "threads": ("flannel_threads", "torch threads per process; default: the machine's cores divided among xdist workers."),
+    "threads": ("flannel_threads", "torch threads per run (they decide the bits, so the class): default 1, the same under "
+                "pytest and pytest -n auto; more is an explicit choice."),
     "tokenizer": ("flannel_tokenizer", "your tokenizers JSON file (with --flannel-corpus)."),
     "corpus": ("flannel_corpus", "your UTF-8 corpus (with --flannel-tokenizer)."),
     "token-mask": ("flannel_token_mask", "your live/dead token mask safetensors (default: computed from the corpus)."),
@@ -54,12 +56,15 @@ _OPTIONS: dict[str, tuple[str, str]] = {
                  "default; portable: oneDNN pinned to AVX-512 BF16, MKL to strict AVX2, one class on Intel AMX and AMD "
                  "Zen 4 machines)."),
     "missing-class": ("flannel_missing_class", f"when a snapshot exists only for other numerics classes: "
-                      f"{', '.join(MISSING_CLASS_POLICIES)} (skip: the default; tolerant: compare with the nearest class "
-                      "within its measured noise band)."),
+                      f"{', '.join(MISSING_CLASS_POLICIES)} (tolerant, the default: compare with the nearest class "
+                      "within the noise band measured for the scale, and fail when none is measured; fail: fail; "
+                      "skip: opt in to skipping, which compares nothing)."),
     "noise-bands": ("flannel_noise_bands", "JSON file of noise bands for tolerant comparisons across numerics classes "
                     "(default: flannel_noise_bands.json beside the test file)."),
-    "derive-bounds": ("flannel_derive_bounds", "held-out seeds, e.g. '46-61': where no divergence bound was derived "
-                      "for this config and data, derive one in this session from these seeds (trains 2 runs per seed)."),
+    "derive-bounds": ("flannel_derive_bounds", "where no divergence bound was derived for this config and data, the "
+                      "session derives one from held-out seeds (2 runs per seed) and caches it beside the runs: by "
+                      "default the 16 seeds after the claim seeds; or these seeds, e.g. '46-61'; 'none' skips the "
+                      "bound claims instead."),
     "report": ("flannel_report", "write the report into this folder at the end of the session: plots, a page (HTML and "
                "Markdown), JSON and CSV (needs matplotlib: the 'report' extra); on GitHub Actions the tables go to the "
                "step summary too."),
@@ -104,9 +109,10 @@ class FlannelSession:
     threads: int | None
     progress_interval: float
     tolerance: dict[str, float] = field(default_factory=dict)  # rtol / atol from options or ini
-    missing_class: str = "skip"  # what flannel_snapshot does when only other numerics classes have a snapshot
+    missing_class: str = "tolerant"  # what flannel_snapshot does when only other numerics classes have a snapshot
     noise_bands: Path | None = None  # --flannel-noise-bands (None: flannel_noise_bands.json beside the test file)
     derive_bounds: tuple[int, ...] | None = None  # --flannel-derive-bounds: held-out seeds for an in-session bound
+    # (None: the default seeds after the claim seeds; (): 'none', skip the bound claims where no bound is stored)
     report_dir: Path | None = None  # --flannel-report: where the controller writes the report at the end
     checkpoint_every: int = 100  # --flannel-checkpoint-every: steps between resumable checkpoints (0 = none)
     runs_started: int = 0  # runs this process started training (numbers its progress lines)
@@ -150,11 +156,9 @@ class FlannelSession:
         return self.experiment.n_runs * max(1, len(self.selected_devices()))
 
     def planned_threads(self) -> int:
-        """This process's share of the cores: --flannel-threads, else the cores divided among xdist workers."""
-        if self.threads is not None:
-            return self.threads
-        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
-        return max(1, (os.cpu_count() or 1) // max(1, workers))
+        """The thread count of this session's runs: --flannel-threads, else DEFAULT_THREADS, the same under
+        `pytest` and `pytest -n auto` (threads decide the bits, so they must not follow the worker count)."""
+        return self.threads if self.threads is not None else DEFAULT_THREADS
 
     def numerics_classes(self) -> frozenset[str]:
         """The numerics classes this process's runs get on the selected, present devices (probes the CPU
@@ -195,6 +199,9 @@ def pin_worker(worker: str | None, workers: int, threads: int) -> list[int] | No
     if workers * threads > len(allowed) or index >= workers:
         return None
     cpus = allowed[index * threads:(index + 1) * threads]
+    from flannel_repro.training.determinism import remember_allowed_cpus
+
+    remember_allowed_cpus()  # a run of more threads than this worker's share gets room (torch_threads)
     try:
         os.sched_setaffinity(0, cpus)
     except OSError:
@@ -333,7 +340,7 @@ def build_session(config: pytest.Config) -> FlannelSession:
             if value is None:
                 raise _usage(key, "a finite number >= 0", raw)
             tolerance[key] = value
-    missing_class = _get(config, "flannel_missing_class") or "skip"
+    missing_class = _get(config, "flannel_missing_class") or "tolerant"
     if missing_class not in MISSING_CLASS_POLICIES:
         raise _usage("missing-class", " or ".join(MISSING_CLASS_POLICIES), missing_class)
     bands_raw = _get(config, "flannel_noise_bands")
@@ -346,12 +353,14 @@ def build_session(config: pytest.Config) -> FlannelSession:
                          str(noise_bands))
     derive_raw = _get(config, "flannel_derive_bounds")
     derive_bounds = None
-    if derive_raw is not None:
+    if derive_raw is not None and str(derive_raw).strip().lower() == "none":
+        derive_bounds = ()
+    elif derive_raw is not None and str(derive_raw).strip().lower() != "auto":
         try:
             derive_bounds = parse_seeds(derive_raw)
         except ValueError:
-            raise _usage("derive-bounds", "held-out seeds: a range '46-61' or a list '46,47,50' in 0..2**63-1",
-                         derive_raw) from None
+            raise _usage("derive-bounds", "'none', 'auto', or held-out seeds: a range '46-61' or a list '46,47,50' in "
+                         "0..2**63-1", derive_raw) from None
     artifacts_raw = _get(config, "flannel_artifacts")
     artifacts_dir = Path(artifacts_raw) if artifacts_raw else Path(".flannel") / "artifacts"
     if not artifacts_dir.is_absolute():

@@ -1,41 +1,124 @@
-"""Fixtures of the Flannel 6 suite: the divergence bounds derived for this repository's data."""
+"""Fixtures of the Flannel 6 suite: the divergence bounds derived for this repository's data, or derived in the
+session (and cached beside the runs) for any other config and data."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from flannel_repro.analysis.bounds import Bound, bound_for, data_hashes, measure_bound, scale_key
+from flannel_repro.analysis.bounds import (HELD_OUT, Bound, data_hashes, load_bounds, measure_bound, scale_key,
+                                           seed_list, to_toml)
 from flannel_repro.plugin.session import SESSION_KEY
 
 BOUNDS = Path(__file__).with_name("bounds.toml")
-_DERIVED: dict[str, Bound] = {}  # bounds derived in this process (--flannel-derive-bounds), by scale key
+BOUND_PROPERTY = "flannel_bound"  # how the bound a claim used travels to the terminal summary (through xdist too)
+_DERIVED: dict[tuple, tuple[Bound, str]] = {}  # bounds derived or loaded in this process, by (key, held-out seeds)
+_SEEN: dict[str, dict[str, Any]] = {}  # controller: the bounds the claims used, for the terminal summary
+
+
+def session_bound_path(artifacts_dir: Path, key: str) -> Path:
+    """Where an in-session bound is cached: beside the runs it was measured on, one file per scale key."""
+    return Path(artifacts_dir) / "bounds" / f"{key}.toml"
+
+
+def _cached(path: Path, key: str, held_out: str, session_id: str, reuse_earlier: bool) -> tuple[Bound, str] | None:
+    import tomllib
+
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get("session", {})
+    except (FileNotFoundError, tomllib.TOMLDecodeError):
+        return None
+    made_in = str(table.get("session_id", ""))
+    if not reuse_earlier and made_in != session_id:
+        return None
+    bound = load_bounds(path).get(key)
+    if bound is None or bound.held_out != held_out:
+        return None  # derived from other held-out seeds (or another base): derive again
+    return bound, "derived in this session" if made_in == session_id else "derived in an earlier session"
 
 
 @pytest.fixture
 def derived_bound(flannel_config, trajectory, request):  # noqa: ANN201
-    """A function returning the bound for this session's config and data: the committed one
-    (bounds.toml), or with --flannel-derive-bounds=SEEDS one derived now from those held-out seeds
-    (their runs are trained once and shared like every run). Otherwise it skips the calling test with
-    the way to derive one, so call it after the test has measured and recorded what it can."""
+    """A function returning the bound for this session's config and data, with its limits for this session's
+    number of claim seeds: the committed one (bounds.toml), else one derived in the session from held-out
+    seeds (by default the HELD_OUT seeds after the claim seeds; --flannel-derive-bounds=SEEDS for others) and
+    cached under the artifacts folder (bounds/<scale key>.toml), reused by later sessions on the same config,
+    data and seeds. With --flannel-derive-bounds=none it skips the calling test instead, so call it after the
+    test has measured and recorded what it can."""
 
     def get() -> Bound:
+        state = request.config.stash[SESSION_KEY]
+        seeds = flannel_config.train_seeds
+        k = len(seeds)  # each claim compares every claim seed once per session
         hashes = data_hashes(flannel_config.run)
-        bound = bound_for(flannel_config.run, BOUNDS, hashes)
-        if bound is not None:
-            return bound
         key = scale_key(flannel_config.run, hashes)
-        held_out = request.config.stash[SESSION_KEY].derive_bounds
-        if held_out:
-            if key not in _DERIVED:
-                _DERIVED[key] = measure_bound(
-                    flannel_config.run, flannel_config.train_seeds[0], held_out,
-                    lambda cfg: trajectory(model_seed=cfg.model_seed, data_seed=cfg.data_seed))
-            return _DERIVED[key]
-        pytest.skip(f"no divergence bound derived for this configuration on this data (scale {key}: config and the "
-                    f"tokenizer's and corpus's hashes); the measurement was recorded. Derive one with `flannel-repro "
-                    f"bounds` and add it to {BOUNDS}, or pass --flannel-derive-bounds=46-61 to derive one in this "
-                    "session from held-out seeds (2 runs per seed)")
+        committed = load_bounds(BOUNDS).get(key)
+        if committed is not None:
+            bound, source, path = committed, "committed", BOUNDS
+        else:
+            held = state.derive_bounds
+            if held == ():
+                pytest.skip(f"no divergence bound derived for this configuration on this data (scale {key}: config and "
+                            "the tokenizer's and corpus's hashes), and --flannel-derive-bounds=none: the measurement "
+                            f"was recorded. Drop that option to derive one in the session from {HELD_OUT} held-out "
+                            f"seeds, or add one to {BOUNDS} (flannel-repro bounds)")
+            if held is None:
+                held = tuple(range(max(seeds) + 1, max(seeds) + 1 + HELD_OUT))
+            overlap = sorted(set(held) & set(seeds))
+            if overlap:
+                pytest.fail(f"--flannel-derive-bounds: seeds {overlap} are claim seeds; a bound must be derived from "
+                            f"seeds the claims do not compare (e.g. {max(seeds) + 1}-{max(seeds) + HELD_OUT})")
+            base = seeds[0]
+            held_out = f"seed {base} vs {seed_list([s for s in held if s != base])}"
+            path = session_bound_path(state.artifacts_dir, key)
+            memo = (key, held_out)
+            if memo not in _DERIVED:
+                from filelock import FileLock
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with FileLock(str(path) + ".lock"):  # one xdist worker derives, the others read its result
+                    got = _cached(path, key, held_out, state.session_id, state.reuse_earlier)
+                    if got is None:
+                        bound = measure_bound(flannel_config.run, base, held,
+                                             lambda cfg: trajectory(model_seed=cfg.model_seed, data_seed=cfg.data_seed),
+                                             comparisons=k)
+                        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                        tmp.write_text("# derived in a flannel-repro session (tests/flannel6/conftest.py)\n"
+                                       + to_toml("session", bound) + f'session_id = "{state.session_id}"\n',
+                                       encoding="utf-8")
+                        tmp.replace(path)
+                        got = bound, "derived in this session"
+                _DERIVED[memo] = got
+            bound, source = _DERIVED[memo]
+        bound = bound.for_session(k)
+        request.node.user_properties.append((BOUND_PROPERTY, json.dumps(
+            {"scale": key, "source": source, "path": str(path), "describe": bound.describe(),
+             "max_frobenius": bound.max_frobenius, "band": [bound.order_share_min, bound.order_share_max]})))
+        return bound
 
     return get
+
+
+@pytest.hookimpl(tryfirst=True)  # before the plugin drops its transport properties from JUnit XML
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        if name == BOUND_PROPERTY and report.when == "call":
+            seen = json.loads(value)
+            _SEEN.setdefault(seen["scale"], seen)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _SEEN:
+        return
+    tr = terminalreporter
+    tr.write_sep("-", "flannel6 divergence bounds")
+    for seen in _SEEN.values():
+        where = "bounds.toml" if seen["source"] == "committed" else f"cached at {seen['path']}"
+        lo, hi = seen["band"]
+        tr.write_line(f"scale {seen['scale']}: {seen['source']} ({where}); final ‖ΔW‖_F <= "
+                      f"{seen['max_frobenius']:.4g}, data-order share in [{lo:.3g}, {hi:.3g}]")
+        tr.write_line(f"  {seen['describe']}")

@@ -47,12 +47,17 @@ def test_different_seeds_part_at_step_1(trajectory, train_seed, device, flannel_
 
 def test_final_divergence_within_derived_bound(trajectory, train_seed, device, flannel_config, derived_bound,
                                                flannel_record):
-    """‖W_a − W_b‖_F at the last step stays below the bound derived from held-out runs."""
+    """‖W_a − W_b‖_F at the last step stays below the upper prediction limit derived from held-out pairs, at a
+    stated false-alarm rate (1% per clean session over all claim seeds; README, "Bounds")."""
     other = partner_seed(train_seed, flannel_config.train_seeds)
     a, b = trajectory(other), trajectory(train_seed)
     final = measure_divergence(a, b).at(a.steps)
     flannel_record("final_frobenius", final["frobenius"])
-    assert_divergence_below(a, b, max_frobenius=derived_bound().max_frobenius)
+    bound = derived_bound()
+    try:
+        assert_divergence_below(a, b, max_frobenius=bound.max_frobenius)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nThe bound: {bound.describe()}.") from None
 
 
 def test_data_order_share_within_derived_band(trajectory, train_seed, device, flannel_config, derived_bound,
@@ -61,9 +66,12 @@ def test_data_order_share_within_derived_band(trajectory, train_seed, device, fl
 
     Three runs: the reference (seed s0), data order changed only (model_seed s0, data_seed s), and
     both changed (seed s). Checked: data order alone parts the runs at step 1, and the share
-    ‖ΔW(order only)‖ / ‖ΔW(both)‖ at the last step lies in the band derived from held-out seeds
-    (bounds.toml; at CI scale [0.15, 0.89]: data order is a real part of the divergence, neither
-    none of it nor all of it). The measured shares are recorded and printed in the terminal summary.
+    ‖ΔW(order only)‖ / ‖ΔW(both)‖ at the last step is below 1 (the model seed's initialisation is a part
+    of the divergence too: with no part it would be exactly 1) and lies in the prediction band derived
+    from held-out seeds at a stated false-alarm rate (bounds.toml or in-session; README, "Bounds"). Where
+    the share is noisy (real text at CI scale, 6 pairs at full scale) the band's lower end is near 0 and
+    its upper end above 1, and the two statements before it are what can fail. The measured shares are
+    recorded and printed in the terminal summary.
     """
     base = partner_seed(train_seed, flannel_config.train_seeds)
     ref = trajectory(base)
@@ -72,10 +80,13 @@ def test_data_order_share_within_derived_band(trajectory, train_seed, device, fl
     assert_diverged(ref, order_only, by_step=1)
     share = relative_divergence(measure_divergence(ref, order_only), measure_divergence(ref, both))
     flannel_record("data_order_share", share)  # aggregated in the terminal summary
+    assert share < 1.0, (
+        f"data-order share of the divergence = {share:.3f} >= 1: the model seed's initialisation adds nothing to "
+        "the divergence of data order alone")
     band = derived_bound()
     assert band.order_share_min <= share <= band.order_share_max, (
         f"data-order share of the divergence = {share:.3f}, outside the derived band "
-        f"[{band.order_share_min}, {band.order_share_max}]")
+        f"[{band.order_share_min:.4g}, {band.order_share_max:.4g}]; {band.describe()}")
 
 
 def test_divergence_by_source(trajectory, device, flannel_config, request):
