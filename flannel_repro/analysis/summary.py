@@ -497,7 +497,7 @@ class Summary:
 
     @property
     def numerics_class(self) -> str:
-        """The numerics class the run(s) were trained in ('cpu-amx-mklamx-t1'; 'A+B' for a pair across
+        """The numerics class the run(s) were trained in ('cpu-portable-cbf7a60f-t1'; 'A+B' for a pair across
         classes); the device class for a summary written before classes were recorded."""
         def of(env: Any, fallback: str) -> str:
             numerics = env.get("numerics") if isinstance(env, Mapping) else None
