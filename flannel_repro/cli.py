@@ -303,7 +303,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds) if args.seeds else exp.train_seeds
     reference = parse_variants(args.reference)[0]
     variants = parse_variants(args.variants)
-    command = "flannel-repro noise " + " ".join(args.raw_argv)
+    command = "flannel-repro " + " ".join(args.raw_argv)  # raw_argv starts with the subcommand
     print(f"noise band: {len(seeds)} seed(s) x {1 + len(variants)} arithmetic variants, {exp.run.steps} steps",
           file=sys.stderr, flush=True)
     band = derive_from_training(exp.run, seeds, variants, reference, Path(args.artifacts), margin=args.margin,
