@@ -33,23 +33,24 @@ def test_bounds_prints_a_loadable_table(tmp_path, capsys):
     cfg = tmp_path / "exp.toml"
     cfg.write_text(TOML)
     assert main(["bounds", "--config", str(cfg), "--artifacts", str(tmp_path / "art"), "--name", "tiny",
-                 "--compare-seeds", "44-45", "--threads", "1"]) == 0
+                 "--compare-seeds", "44-46", "--threads", "1"]) == 0
     table = tomllib.loads(capsys.readouterr().out)["tiny"]
-    assert table["max_frobenius"] > 0 and 0 < table["order_share_min"] <= table["order_share_max"]
-    assert "2 pairs (seed 42 vs 44..45), 3 steps" in table["measured"]
+    assert table["max_frobenius"] > 0 and 0 <= table["order_share_min"] <= table["order_share_max"]
+    assert table["n"] == 3 and table["false_alarm"] > 0
+    assert "3 pairs (seed 42 vs 44..46), 3 steps" in table["measured"], table["measured"]
 
 
 def test_bounds_discard_compared_keeps_only_the_base_run(tmp_path, capsys):
     """--discard-compared deletes each held-out run once measured, and the bound is the same as without it."""
     cfg = tmp_path / "exp.toml"
     cfg.write_text(TOML)
-    common = ["bounds", "--config", str(cfg), "--compare-seeds", "44-45", "--threads", "1", "--json"]
+    common = ["bounds", "--config", str(cfg), "--compare-seeds", "44-46", "--threads", "1", "--json"]
     assert main([*common, "--artifacts", str(tmp_path / "keep")]) == 0
     kept = json.loads(capsys.readouterr().out)
     assert main([*common, "--artifacts", str(tmp_path / "lean"), "--discard-compared"]) == 0
     lean = json.loads(capsys.readouterr().out)
     assert lean == kept
-    assert len(list((tmp_path / "keep").glob("*.safetensors"))) == 5
+    assert len(list((tmp_path / "keep").glob("*.safetensors"))) == 7  # the base run, then 2 per held-out seed
     left = sorted(p.name for p in (tmp_path / "lean").glob("*.safetensors*"))
     assert len(left) == 2 and left[0].startswith("seed42-") and left[1] == left[0] + ".lock", left
 

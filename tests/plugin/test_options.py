@@ -35,7 +35,7 @@ def test_show(flannel_config):
         (["--flannel-seeds", "9223372036854775808"], "--flannel-seeds (ini: flannel_seeds) accepts a range '42-51' or a list"),
         (["--flannel-seeds", "42-4200000000"], "--flannel-seeds (ini: flannel_seeds) accepts a range '42-51' or a list"),
         (["--flannel-progress", "soon"], "--flannel-progress (ini: flannel_progress) accepts a number of seconds >= 0"),
-        (["--flannel-derive-bounds", "46-x"], "--flannel-derive-bounds (ini: flannel_derive_bounds) accepts held-out seeds"),
+        (["--flannel-derive-bounds", "46-x"], "--flannel-derive-bounds (ini: flannel_derive_bounds) accepts 'none', 'auto', or held-out seeds"),
     ],
 )
 def test_bad_option_is_a_usage_error(pytester, args, needle):
