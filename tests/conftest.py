@@ -27,3 +27,21 @@ def _isolated_cache(request, tmp_path_factory, monkeypatch):
     if request.node.path.parent.name in _USER_CACHE_DIRS:
         return
     monkeypatch.setenv("FLANNEL_REPRO_CACHE", str(tmp_path_factory.getbasetemp() / "flannel-cache"))
+
+
+@pytest.fixture
+def all_cpus():
+    """An xdist worker may have pinned itself to one CPU (plugin.session.pin_worker); child processes and
+    inner runs would inherit that mask. Give them the whole machine, then restore it."""
+    import os
+
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except OSError:
+        pass
+    yield
+    os.sched_setaffinity(0, before)

@@ -103,22 +103,7 @@ def _outcomes(stdout: str) -> dict[str, int]:
     return {kind.rstrip("s") if kind.startswith(("error", "warning")) else kind: int(n) for n, kind in counts}
 
 
-@pytest.fixture
-def _all_cpus():
-    """An xdist worker may have pinned itself to one CPU; give the child processes the whole machine."""
-    if not hasattr(os, "sched_setaffinity"):
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    try:
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
-    except OSError:
-        pass
-    yield
-    os.sched_setaffinity(0, before)
-
-
-def test_built_wheel_runs_a_users_claims_in_a_fresh_venv(tmp_path: Path, _all_cpus) -> None:
+def test_built_wheel_runs_a_users_claims_in_a_fresh_venv(tmp_path: Path, all_cpus) -> None:
     # this session's torch, as pip knows it (torch.__version__ may carry a suffix no index has, e.g. +cu132)
     torch_version = importlib.metadata.version("torch")
     env = _clean_env(tmp_path)

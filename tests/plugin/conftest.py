@@ -50,21 +50,9 @@ def _no_outer_xdist_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _all_cpus_for_inner_runs():
-    """An outer xdist worker may have pinned itself to one CPU (plugin.pin_worker); inner runs and
-    their subprocesses would inherit that mask. Give them the whole machine, then restore."""
-    import os
-
-    if not hasattr(os, "sched_setaffinity"):
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    try:
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
-    except OSError:
-        pass
+def _all_cpus_for_inner_runs(all_cpus):
+    """Inner runs and their subprocesses get the whole machine (tests/conftest.py's all_cpus)."""
     yield
-    os.sched_setaffinity(0, before)
 
 
 @pytest.fixture
