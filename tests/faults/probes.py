@@ -833,8 +833,14 @@ def kill_trials(workdir: Path, trials: int, steps: int = 30, seed: int = 0) -> d
     ref = child(ref_root, steps)
     ref.stdout.readline()  # "START": imports done; from here on the child loads data, builds the model, trains
     t0 = time.perf_counter()
+    writing_from = None  # when the reference run's partial artifact appeared: W is written from then on
+    while ref.poll() is None and time.perf_counter() - t0 < 600:
+        if writing_from is None and ref_root.exists() and any(".partial-" in p.name for p in ref_root.iterdir()):
+            writing_from = time.perf_counter() - t0
+        time.sleep(0.02)
     out, err = ref.communicate(timeout=600)
     full = time.perf_counter() - t0
+    writing_from = full / 2 if writing_from is None else writing_from
     if ref.returncode != 0:
         raise RuntimeError(f"the uninterrupted run failed: {err[-500:]}")
     (ref_path,) = ref_root.glob("*.safetensors")
@@ -843,10 +849,22 @@ def kill_trials(workdir: Path, trials: int, steps: int = 30, seed: int = 0) -> d
     moments, wrong, completed, mid_write = [], [], 0, 0
     seen_partials: set[str] = set()
     for _ in range(trials):
+        existing = {p.name for p in root.glob("*.partial-*")} if root.exists() else set()
         proc = child(root, steps)
         proc.stdout.readline()  # "START": imports done
-        delay = rng.uniform(0.0, full)
-        time.sleep(delay)
+        # Half the kills land anywhere after the imports (set-up, the numerics probe, training); half while W is
+        # written: once this trial's partial file exists, within the reference run's writing time.
+        if rng.random() < 0.5:
+            delay = rng.uniform(0.0, full)
+            time.sleep(delay)
+        else:
+            t1 = time.perf_counter()
+            while proc.poll() is None and time.perf_counter() - t1 < 600:
+                if root.exists() and {p.name for p in root.glob("*.partial-*")} - existing:
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.4 * (full - writing_from)))
+            delay = time.perf_counter() - t1
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         moments.append(round(delay, 2))
@@ -863,7 +881,8 @@ def kill_trials(workdir: Path, trials: int, steps: int = 30, seed: int = 0) -> d
     removed = clean_leftovers(root, older_than_s=0)
     final = RunStore(root).obtain(CFG.replace(steps=steps))
     equal = bytes(final.trajectory.digests.numpy()) == ref_digests and not final.trajectory.verify()
-    return {"trials": trials, "moments_s": moments, "run_after_imports_s": round(full, 2), "read_as_whole_wrongly": wrong,
+    return {"trials": trials, "moments_s": moments, "run_after_imports_s": round(full, 2),
+            "writing_from_s": round(writing_from, 2), "read_as_whole_wrongly": wrong,
             "killed_while_writing": mid_write, "finished_before_kill": completed, "partials_left": partials_before,
             "removed": len(removed),
             "next_session_bitwise_equal": equal}

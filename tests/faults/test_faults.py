@@ -19,4 +19,4 @@ def test_kill_9_twenty_times(tmp_path):
     r = kill_trials(tmp_path, 20, seed=20)
     assert r["read_as_whole_wrongly"] == [], r
     assert r["next_session_bitwise_equal"], r
-    assert r["killed_while_writing"] >= 5, r  # kills landed while the artifact was being written (11 of 20 here)
+    assert r["killed_while_writing"] >= 5, r  # kills landed while the artifact was being written (8 and 10 of 20 here)
