@@ -98,7 +98,7 @@ def test_gpu_class_names_carry_what_decides_the_bits_and_no_dots():
 
 
 def _fake_probe(monkeypatch, log: str, flags: dict[str, bool | None], aten: str = "AVX512") -> None:
-    monkeypatch.setattr(numerics, "probe_cpu", lambda threads=1, mode=None: _probe(log, aten=aten, mode=mode or "native"))
+    monkeypatch.setattr(numerics, "probe_cpu", lambda threads, mode: _probe(log, aten=aten, mode=mode))
     monkeypatch.setattr(numerics, "cpu_has", lambda flag: flags.get(flag))
     monkeypatch.setattr(numerics.platform, "machine", lambda: "x86_64")
 

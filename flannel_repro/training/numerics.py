@@ -66,6 +66,7 @@ PINS: dict[str, dict[str, str]] = {
 PORTABLE_ENV = PINS["portable"]
 EXPLICIT_MODES = ("portable",)  # modes whose bf16 products are float32 GEMMs with explicit rounding
 EXPECTED_ATEN = {"portable": "AVX2", "avx512bf16": "AVX512"}  # torch.backends.cpu.get_cpu_capability()
+REQUIRED_FLAG = {"portable": ("avx2", "AVX2"), "avx512bf16": ("avx512_bf16", "AVX-512 BF16")}  # /proc/cpuinfo, name
 NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")  # what steers the CPU kernels (recorded)
 
 # Arithmetic variants for deriving noise bands (analysis.noise, training.variants): each a mode and an
@@ -145,7 +146,7 @@ def _compact_mkl_arch(text: str) -> str:
 PROBE_SEED = 20251204
 
 
-def _probe_compute(explicit_products: bool) -> str:
+def _probe_compute(mode: str) -> str:
     """The probe: two bf16 training steps of a small GPT-2, as the harness trains (bf16 parameters under
     bf16 autocast, the model's own loss, gradient clipping, AdamW), on fixed inputs; the blake2b of every
     gradient, every updated parameter and the losses. It covers each kernel family a step runs: the
@@ -156,8 +157,6 @@ def _probe_compute(explicit_products: bool) -> str:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
-
-    from flannel_repro.training.explicit import explicit_bf16_matmul
 
     config = GPT2Config(vocab_size=4096, n_positions=128, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
@@ -176,7 +175,7 @@ def _probe_compute(explicit_products: bool) -> str:
         g = torch.Generator().manual_seed(PROBE_SEED)
         batches = [torch.randint(0, config.vocab_size, (2, 128), generator=g) for _ in range(2)]
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-        with explicit_bf16_matmul(explicit_products):
+        with arithmetic(mode):
             for ids in batches:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = model(input_ids=ids, labels=ids).loss
@@ -210,11 +209,11 @@ def _stdout_to(path_fd: int) -> Iterator[None]:
         os.close(saved)
 
 
-def probe_cpu(threads: int = 1, mode: str | None = None) -> CpuProbe:
+def probe_cpu(threads: int, mode: str) -> CpuProbe:
     """Run the probe (once per process, thread count and mode) and report what it computed and what the
     libraries said they dispatched. The libraries fix their code paths at their first call, so the result
-    holds for the whole process. `mode` None: the mode this process arranged (`arranged_mode()`)."""
-    return _probe_cpu(max(1, int(threads)), mode if mode is not None else arranged_mode())
+    holds for the whole process."""
+    return _probe_cpu(max(1, int(threads)), mode)
 
 
 @functools.lru_cache(maxsize=None)
@@ -231,7 +230,7 @@ def _probe_cpu(threads: int, mode: str) -> CpuProbe:
                 stack.enter_context(mkldnn_verbose(torch.backends.mkldnn.VERBOSE_ON))
             if mkl_verbose is not None:
                 stack.enter_context(mkl_verbose(torch.backends.mkl.VERBOSE_ON))
-            digest = _probe_compute(mode in EXPLICIT_MODES)
+            digest = _probe_compute(mode)
         log.seek(0)
         text = log.read().decode("utf-8", errors="replace")
     probe = parse_probe_log(text, digest)
@@ -245,14 +244,6 @@ def aten_capability() -> str:
 
     getter = getattr(torch.backends.cpu, "get_cpu_capability", None)
     return str(getter()) if getter is not None else ""
-
-
-_ARRANGED: list[str] = []  # the mode this process arranged last (arrange), for probes that name no mode
-
-
-def arranged_mode() -> str:
-    """The numerics mode `arrange` put in place in this process ('native' if none was)."""
-    return _ARRANGED[-1] if _ARRANGED else "native"
 
 
 # --- naming ------------------------------------------------------------------------------------------
@@ -417,12 +408,6 @@ def arrange(mode: str) -> None:
             raise NumericsError(f"{mode} numerics needs {key}={value}, but the environment has {key}={current}. "
                                 f"Unset {key} (or use numerics = 'native' to keep your setting).")
         os.environ[key] = value
-    _ARRANGED.append(mode)
-
-
-def _requirement(mode: str) -> tuple[str, str]:
-    """(the /proc/cpuinfo flag mode needs, what to call it)."""
-    return ("avx2", "AVX2") if mode == "portable" else ("avx512_bf16", "AVX-512 BF16")
 
 
 def check(mode: str, device: str = "cpu") -> None:
@@ -435,7 +420,7 @@ def check(mode: str, device: str = "cpu") -> None:
     """
     if mode not in PINS or parse_device(device).kind != "cpu":
         return
-    flag, needs = _requirement(mode)
+    flag, needs = REQUIRED_FLAG[mode]
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86") or cpu_has(flag) is False:
         raise NumericsError(
             f"{mode} numerics needs an x86-64 CPU with {needs}, which this CPU ({cpu_name()}, {platform.machine()}) "
