@@ -53,8 +53,9 @@ _OPTIONS: dict[str, tuple[str, str]] = {
                          "default 100)."),
     "progress": ("flannel_progress", "seconds between training progress lines (0 = off; default 10)."),
     "numerics": ("flannel_numerics", f"CPU arithmetic: {' or '.join(NUMERICS)} (native: this CPU's fastest kernels, the "
-                 "default; portable: oneDNN pinned to AVX-512 BF16, MKL to strict AVX2, one class on Intel AMX and AMD "
-                 "Zen 4 machines)."),
+                 "default; portable: ATen, oneDNN and MKL pinned to AVX2 and bf16 products as float32 GEMMs rounded "
+                 "explicitly, one class on every x86-64 CPU with AVX2; avx512bf16: a faster class for CPUs with "
+                 "AVX-512 BF16)."),
     "missing-class": ("flannel_missing_class", f"when a snapshot exists only for other numerics classes: "
                       f"{', '.join(MISSING_CLASS_POLICIES)} (tolerant, the default: compare with the nearest class "
                       "within the noise band measured for the scale, and fail when none is measured; fail: fail; "
@@ -172,8 +173,8 @@ class FlannelSession:
                          for d in self.selected_devices() if device_present(d)[0])
 
     def apply_threads(self) -> int:
-        """Give this process its share of the cores (once): torch's default of all cores per xdist
-        worker oversubscribes the machine."""
+        """Set this process's thread count (once) and pin an xdist worker to that many CPUs: torch's default
+        of all cores per xdist worker oversubscribes the machine."""
         import torch
 
         if not self._threads_set:
