@@ -21,6 +21,9 @@ run parts from the chain; `verify`: an artifact failed; `why`: the runs differ);
 was expected and what was got); 4 internal error (a bug: set FLANNEL_REPRO_TRACEBACK=1 to see the
 traceback, and please report it); 130 interrupted. Every error is one line on stderr, never a traceback.
 
+Commands that write a file (-o) refuse one of their inputs or a run artifact as the output, and an existing
+file of another kind unless --force (exit 2).
+
 Commands that read run artifacts verify them first (`RunFile.verify`: tensor dtypes and shapes against
 the config, the config against the run key, every step's W rehashed against its digest) and refuse one
 that fails; `--no-verify` skips that (a notebook-scale run rehashes 1.28 GB: see benchmarks/RESULTS.md).
@@ -37,7 +40,7 @@ from typing import Callable
 
 from flannel_repro.version import __version__
 from flannel_repro.config import MAX_THREADS, NUMERICS, PRESETS, ExperimentConfig
-from flannel_repro.errors import ConfigError, FlannelError
+from flannel_repro.errors import ConfigError, FlannelError, UsageError
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -78,6 +81,64 @@ def _experiment(args: argparse.Namespace) -> ExperimentConfig:
     if args.config:
         return ExperimentConfig.from_toml(args.config)
     return PRESETS[args.preset]()
+
+
+def _same_file(a: Path, b: str | Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def _json_format(path: Path) -> object:
+    """The "format" field of a JSON file (None when it is no JSON object, or over 256 MB)."""
+    import json
+
+    try:
+        if path.stat().st_size > 256 * 2**20:
+            return None
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+def _safetensors_format(path: Path) -> object:
+    from flannel_repro.storage.layout import header_metadata
+
+    meta = header_metadata(path)
+    return meta.get("format") if isinstance(meta, dict) else None
+
+
+def _output(args: argparse.Namespace, raw: str, inputs: list[str], kind: str, is_kind: Callable[[Path], bool], *,
+            option: str = "-o", files: tuple[str, ...] = ()) -> Path:
+    """The path a command writes (`files` in it when it is a folder), refused with a UsageError (exit 2) when
+    it is one of the command's inputs or a run artifact, or an existing file that is not a `kind` (unless
+    --force). Every command that writes a file checks its output here, before any work."""
+    from flannel_repro.storage.layout import RUN_FORMAT
+
+    out = Path(raw)
+    targets = [out / name for name in files] or [out]
+    for item in inputs:
+        for target in {out, *targets}:
+            if _same_file(target, item):
+                raise UsageError(f"{option} {raw}: expected an output path that is none of the command's inputs, "
+                                 f"got the input {item}; write it elsewhere.")
+    for target in [out, *targets] if files else targets:
+        if not target.exists() or target.is_dir():
+            continue  # a folder in the way is the writer's to report
+        if not target.is_file():
+            raise UsageError(f"{option} {raw}: expected a new file or a {kind} to replace, got {target}, which is "
+                             "not a regular file (a FIFO or a device).")
+        if _safetensors_format(target) == RUN_FORMAT:
+            raise UsageError(f"{option} {raw}: expected a new file or a {kind} to replace, got the run artifact "
+                             f"{target}; a run artifact is never overwritten.")
+        if target in targets and not getattr(args, "force", False) and not is_kind(target):
+            raise UsageError(f"{option} {raw}: expected a new file or a {kind} to replace, got {target}, a file of "
+                             "another kind; pass --force to replace it.")
+    return out
 
 
 def cmd_bounds(args: argparse.Namespace) -> int:
@@ -178,8 +239,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from flannel_repro.storage.export import export_notebook
+    from flannel_repro.storage.export import NOTEBOOK_FORMAT, export_notebook
 
+    _output(args, args.output, list(args.runs), "notebook-layout file (.safetensors)",
+            lambda p: _safetensors_format(p) == NOTEBOOK_FORMAT)
     out = export_notebook(_runs(args, args.runs), Path(args.output))
     if args.json:
         _print_json({"output": str(out), "runs": list(args.runs), "bytes": out.stat().st_size})
@@ -224,7 +287,11 @@ def _csv_number(x: object) -> object:
 def cmd_report(args: argparse.Namespace) -> int:
     """Plots, a page (HTML and Markdown), a JSON document and CSV files for run artifacts (see README, "See it")."""
     from flannel_repro.report import write_report
+    from flannel_repro.report.schema import FORMAT
 
+    _output(args, args.output, list(args.runs), "file of a report folder",
+            lambda p: _json_format(p.parent / "report.json") == FORMAT,
+            files=("index.html", "report.md", "report.json", "divergence.csv", "steps.csv"))
     result = write_report(args.runs, args.output, verify=not args.no_verify)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:  # on GitHub Actions: the tables in the job's summary page
@@ -247,9 +314,11 @@ def cmd_digests(args: argparse.Namespace) -> int:
     """Write a run's per-step digest chain, or report where the run parts from a stored chain (exit 1)."""
     import json
 
-    from flannel_repro.analysis.summary import DigestChain, compare_run_to_chain
+    from flannel_repro.analysis.summary import CHAIN_FORMAT, DigestChain, compare_run_to_chain
     from flannel_repro.analysis.trajectory import Trajectory
 
+    if args.output:
+        _output(args, args.output, [args.run], "digest chain (JSON)", lambda p: _json_format(p) == CHAIN_FORMAT)
     traj = Trajectory(args.run)
     traj.require_verified()  # the stored digests are checked against W before anyone trusts them
     if args.compare:
@@ -295,12 +364,20 @@ def cmd_noise(args: argparse.Namespace) -> int:
     field moves (see flannel_repro.analysis.noise and flannel_repro.training.variants)."""
     import json
 
-    from flannel_repro.analysis.noise import write_bands
+    from flannel_repro.analysis.noise import BANDS_FORMAT, write_bands
     from flannel_repro.training.variants import derive_from_training, parse_variants
-    from flannel_repro.config import parse_seeds
+    from flannel_repro.config import MAX_SEED, MAX_SEEDS, parse_seeds
 
+    if args.output:
+        _output(args, args.output, [p for p in (args.config, args.artifacts) if p], "noise-bands file (JSON)",
+                lambda p: _json_format(p) == BANDS_FORMAT)
     exp = _experiment(args)
-    seeds = parse_seeds(args.seeds) if args.seeds else exp.train_seeds
+    try:
+        seeds = parse_seeds(args.seeds) if args.seeds else None
+    except ValueError:
+        raise UsageError(f"--seeds: expected seeds like '42-45' or '42,43' (a range low-high with low <= high; at most "
+                         f"{MAX_SEEDS} distinct seeds in 0..{MAX_SEED}), got {args.seeds!r}.") from None
+    seeds = seeds or exp.train_seeds
     reference = parse_variants(args.reference)[0]
     variants = parse_variants(args.variants)
     command = "flannel-repro " + " ".join(args.raw_argv)  # raw_argv starts with the subcommand
@@ -351,9 +428,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_oplog(args: argparse.Namespace) -> int:
     """Replay a run to a step and write every operation of that step (a few hundred kB of JSON)."""
+    from flannel_repro.analysis.oplog import OPLOG_FORMAT
     from flannel_repro.storage.run import RunFile
     from flannel_repro.training.replay import record_step
 
+    _output(args, args.output, [args.run], "op log (JSON)", lambda p: _json_format(p) == OPLOG_FORMAT)
     run = RunFile(args.run).require_verified()
     config = run.config
     if not 1 <= args.step <= config.steps:
@@ -421,20 +500,28 @@ def cmd_sources(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Delete (or, with --dry-run, list) what no run of this installation can reuse, with sizes."""
-    from flannel_repro.training.store import prune
+    """Delete (or, with --dry-run, list) what no run of this installation can reuse, with sizes. Files the
+    store did not write are listed as kept, never deleted."""
+    from flannel_repro.training.store import prune, scan_artifacts
 
-    orphans = prune(args.artifacts, dry_run=args.dry_run)
+    found = scan_artifacts(args.artifacts)
+    orphans = prune(args.artifacts, dry_run=args.dry_run, found=found)
+    kept = [o for o in found if not o.owned]
     if args.json:
         _print_json({"artifacts": str(args.artifacts), "dry_run": args.dry_run,
                      "files": [{"path": str(o.path), "bytes": o.size, "reason": o.reason} for o in orphans],
-                     "total_bytes": sum(o.size for o in orphans)})
+                     "total_bytes": sum(o.size for o in orphans),
+                     "kept": [{"path": str(o.path), "bytes": o.size, "reason": o.reason} for o in kept]})
         return EXIT_OK
     verb = "would delete" if args.dry_run else "deleted"
     for o in orphans:
         print(f"{o.size / 1e6:>10.1f} MB  {o.path.name}: {o.reason}")
     total = sum(o.size for o in orphans)
     print(f"{verb} {len(orphans)} file(s), {total / 1e6:.1f} MB, in {args.artifacts}")
+    for o in kept:
+        print(f"{o.size / 1e6:>10.1f} MB  {o.path.name}: {o.reason}")
+    if kept:
+        print(f"kept {len(kept)} file(s) the run store did not write, {sum(o.size for o in kept) / 1e6:.1f} MB")
     return 0
 
 
@@ -531,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
                    ".flannel/artifacts)")
     r.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     r.set_defaults(func=cmd_prune)
+    for command in (e, g, o, z, p):
+        command.add_argument("--force", action="store_true", help="replace an existing output file of another kind "
+                             "(never an input or a run artifact)")
     for command in (b, e, i, d, v, n, r, y, g, p, o, z):
         command.add_argument("--json", action="store_true", help="print the result as one JSON document")
     raw = list(sys.argv[1:] if argv is None else argv)
@@ -538,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     args.raw_argv = raw
     try:
         return args.func(args)
+    except UsageError as exc:
+        print(f"flannel-repro: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except FlannelError as exc:
         print(f"flannel-repro: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_INPUT

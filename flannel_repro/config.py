@@ -298,13 +298,13 @@ class ExperimentConfig:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> "ExperimentConfig":
+        from flannel_repro.safeio import read_regular
+
         p = Path(path)
-        try:
-            raw = p.read_bytes()
+        try:  # a regular file only: a FIFO or a device there never blocks or fills memory
+            raw = read_regular(p, "a config file (TOML)", ConfigError, max_bytes=16 << 20)
         except FileNotFoundError:
             raise ConfigError(f"config file {str(p)!r} does not exist.") from None
-        except OSError as exc:
-            raise ConfigError(f"config file {str(p)!r} could not be read: {exc.strerror}.") from None
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

@@ -15,12 +15,20 @@ class ConfigError(FlannelError, ValueError):
     """A configuration value is unknown, of the wrong type, or impossible."""
 
 
+class UsageError(ConfigError):
+    """A command-line option or argument cannot be used as given (the command line exits 2)."""
+
+
 class DataError(FlannelError, ValueError):
     """A tokenizer, corpus or token-mask file is missing, malformed or inconsistent with the config."""
 
 
 class ArtifactError(FlannelError):
     """A trajectory artifact is missing, incomplete, corrupt or does not match what was asked for."""
+
+
+class ResumeError(ArtifactError):
+    """A checkpoint, or the partial artifact it continues, failed verification: the run is not resumed from it."""
 
 
 class DeterminismError(FlannelError):

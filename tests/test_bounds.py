@@ -86,6 +86,32 @@ def test_an_old_format_table_still_loads_without_a_stated_rate(tmp_path):
     assert "no stated false-alarm rate" in b.describe()
 
 
+_TABLE = '[ci]\nscale = "abc"\nmax_frobenius = 9.6\norder_share_min = 0.15\norder_share_max = 0.89\n'
+
+
+@pytest.mark.parametrize("edit, key", [
+    ("max_frobenius = 9.6", "max_frobenius = inf"), ("max_frobenius = 9.6", "max_frobenius = 0.0"),
+    ("max_frobenius = 9.6", "max_frobenius = nan"), ("order_share_min = 0.15", "order_share_min = -inf"),
+    ("order_share_max = 0.89", "order_share_max = inf"), ("order_share_min = 0.15", "order_share_min = -0.1"),
+    ("order_share_min = 0.15", "order_share_min = 0.95"),
+], ids=["max inf", "max 0", "max nan", "share min -inf", "share max inf", "share min < 0", "share band reversed"])
+def test_a_bound_out_of_range_is_refused_naming_the_file_and_key(tmp_path, edit, key):
+    """A hand-edited bound (inf, nan, 0, a negative or reversed share band) is not loaded as if it were derived."""
+    f = tmp_path / "bounds.toml"
+    f.write_text(_TABLE.replace(edit, key), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_bounds(f)
+    assert str(f) in str(err.value) and f"[ci] {key.split(' = ')[0]}: expected" in str(err.value)
+
+
+def test_a_fit_out_of_range_is_refused(tmp_path):
+    f = tmp_path / "bounds.toml"
+    f.write_text(_TABLE + "n = 16\nfalse_alarm = 0.01\nfrobenius_log_mean = 1.0\nfrobenius_log_sd = inf\n"
+                 "share_log_mean = -1.0\nshare_log_sd = 0.3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"\[ci\] frobenius_log_sd: expected a finite number >= 0, got inf"):
+        load_bounds(f)
+
+
 def test_the_committed_bounds_state_their_rate():
     for b in load_bounds(BOUNDS).values():
         assert b.method == METHOD and b.false_alarm == FALSE_ALARM and b.n >= 6 and b.held_out

@@ -161,3 +161,42 @@ def test_every_command_that_prints_results_takes_json(tiny_runs, tmp_path, capsy
     assert main(["export-notebook", "--json", *map(str, tiny_runs[:2]), "-o", str(out)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["output"] == str(out) and doc["bytes"] == out.stat().st_size
+
+
+def test_an_output_never_overwrites_an_input_or_a_run_artifact(tiny_runs, tmp_path, capsys):
+    """Every command that writes a file checks its output first: never an input (also through a link), never
+    a run artifact, and a file of another kind only with --force; exit 2 naming the path."""
+    import os
+
+    r42, r43 = map(str, tiny_runs[:2])
+    before = {p: open(p, "rb").read() for p in (r42, r43)}
+    link = tmp_path / "link.safetensors"
+    os.symlink(r42, link)
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(TOML)
+    for argv in (["export-notebook", r42, "-o", r42], ["export-notebook", r42, "-o", str(link)],
+                 ["export-notebook", r42, "-o", r43, "--force"], ["digests", r42, "-o", r42],
+                 ["digests", r42, "-o", r43], ["oplog", r42, "--step", "1", "-o", r42],
+                 ["noise", "--config", str(cfg), "-o", str(cfg)], ["report", str(tmp_path), "-o", str(tmp_path)],
+                 ["report", r42, "-o", r42]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "UsageError" in err and argv[argv.index("-o") + 1] in err and "Traceback" not in err, err
+    assert {p: open(p, "rb").read() for p in (r42, r43)} == before
+    assert cfg.read_text() == TOML
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert main(["digests", r42, "-o", str(notes)]) == 2
+    assert "a file of another kind; pass --force" in capsys.readouterr().err and notes.read_text() == "mine"
+    assert main(["digests", r42, "-o", str(notes), "--force"]) == 0
+    assert main(["digests", r42, "-o", str(notes)]) == 0  # now a digest chain: replaced without --force
+
+
+def test_usage_errors_name_the_option_and_the_value(tiny_runs, capsys):
+    assert main(["noise", "--seeds", "5-3"]) == 2
+    err = capsys.readouterr().err
+    assert "--seeds" in err and "'5-3'" in err and "internal error" not in err
+    assert main(["why", str(tiny_runs[0]), str(tiny_runs[1]), "--step", "99"]) == 3
+    err = capsys.readouterr().err
+    assert "step 99: expected a step in 1..3" in err and "internal error" not in err

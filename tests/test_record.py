@@ -4,6 +4,7 @@ what they record, that the tools read it, resume from a checkpoint, and their er
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ import torch
 from flannel_repro import EngineRunConfig, Trajectory, TrajectoryRecorder, assert_identical, register_engine
 from flannel_repro.analysis.divergence import first_divergent_step, pair_divergence
 from flannel_repro.bits import bits_view
-from flannel_repro.errors import ArtifactError, ConfigError
+from flannel_repro.errors import ArtifactError, ArtifactWarning, ConfigError, ResumeError
 from flannel_repro.training.resume import checkpoint_path, resumable_path
+from tests.faults.probes_checkpoints import flip_byte, tensor_span
 
 
 class Boom(Exception):
@@ -206,3 +208,40 @@ def test_an_engine_without_state_trains_where_checkpoints_are_on_and_refuses_res
     assert store.obtain(cfg).trained is False  # shared: the same key is read back, not trained again
     with pytest.raises(RuntimeError, match="resume_at needs the training state to checkpoint"):
         store.obtain(cfg, resume_at=2)
+
+
+@pytest.mark.parametrize("damage", ["checkpoint tensor", "partial row"])
+def test_a_damaged_checkpoint_of_your_own_loop_is_discarded_and_it_starts_at_step_0(tmp_path, damage):
+    """A checkpoint or partial file changed on disk is never resumed: `rec.start` is 0, the artifact says why,
+    and the run equals the uninterrupted one."""
+    loop(tmp_path / "ref.safetensors")
+    path = tmp_path / "run.safetensors"
+    with pytest.raises(Boom):
+        loop(path, fail_at=6, checkpoint_every=3)
+    target, name = (checkpoint_path(path), "objects.optimizer.state.0.exp_avg") if damage == "checkpoint tensor" else (
+        resumable_path(path), "W")
+    begin, end = tensor_span(target, name)
+    flip_byte(target, begin + (end - begin) // 3)
+    with pytest.warns(ArtifactWarning, match="not resumed, trained from the start"):
+        rec = loop(path, checkpoint_every=3)
+    assert rec.start == 0 and rec.resumed_from is None and rec.resume_discarded
+    assert Trajectory(path).metadata["resume_discarded"] == rec.resume_discarded
+    assert_identical(Trajectory(tmp_path / "ref.safetensors"), Trajectory(path))
+
+
+def test_your_own_loop_that_resumes_into_other_steps_is_stopped_with_a_named_error(tmp_path):
+    """The steps a stopped loop recorded after its checkpoint must come out again when it resumes; a step
+    that does not is a ResumeError naming the step, and the checkpoint is discarded for the next attempt."""
+    path = tmp_path / "run.safetensors"
+    with pytest.raises(Boom):
+        loop(path, fail_at=5, checkpoint_every=3)
+    begin, end = tensor_span(resumable_path(path), "digests")
+    with open(resumable_path(path), "r+b") as f:  # step 5's digest, recorded after the checkpoint of step 3
+        f.seek(begin + 5 * 32)
+        f.write(b"\x01" * 32)
+    with pytest.raises(ResumeError, match=r"resumed from step 3, step 5 has digest .* the stopped run recorded 0101"):
+        loop(path, checkpoint_every=3)
+    assert not checkpoint_path(path).exists() and not resumable_path(path).exists() and not path.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loop(path, checkpoint_every=3).start == 0

@@ -258,3 +258,19 @@ def test_runs_recorded_without_W_are_listed_not_compared(artifacts: Path, tmp_pa
     assert any("record_W = false" in n and "s45" in n for n in doc["notes"]), doc["notes"]
     assert "s45" in {r["name"] for r in doc["runs"]}
     assert all("s45" not in (p["a"], p["b"]) for c in doc["pair_classes"] for p in c["pairs"])
+
+
+def test_the_markdown_page_escapes_what_it_quotes_as_the_html_page_does(report) -> None:  # noqa: ANN001
+    """A test id or a message holding markup, a pipe or a backtick is quoted as text in report.md too."""
+    from flannel_repro.report import markdown, page_html
+
+    evil = "<script>alert(1)</script> & a|b `c`\nnext"
+    doc = dict(report.document, claims=[{"nodeid": f"test_x.py::test[{evil}]", "outcome": "failed", "message": evil,
+                                         "plots": []}], verdicts={"passed": 0, "failed": 1, "skipped": 0},
+               notes=[evil])
+    md, page = markdown(doc), page_html(doc)
+    assert "<script>alert" not in md and "<script>alert" not in page
+    row = next(line for line in md.splitlines() if line.startswith("| FAILED"))
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; a\\|b \\`c\\` next" in row
+    assert row.count(" | ") == 3  # four cells: the pipe in the text does not add one
+    assert "Note: &lt;script&gt;" in md

@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from flannel_repro.bits import bits_view
-from flannel_repro.errors import ArtifactError, ConfigError
+from flannel_repro.errors import ArtifactError, ArtifactWarning, ConfigError
 from flannel_repro.storage import checkpoint
 from flannel_repro.storage.run import RunFile
 from flannel_repro.training.harness import train
 from flannel_repro.training.resume import TrainingStopped, checkpoint_path, resumable_path
 from tests.conftest import TINY
+from tests.faults.probes_checkpoints import checkpoint_metadata, in_checkpoint, in_partial, next_epoch, tensor_span
 from tests.plugin.conftest import TINY_TOML
 
 # every optional recording on: resume must restore everything each of them depends on
@@ -71,16 +72,61 @@ def test_checkpoints_of_another_run_are_not_resumed(tmp_path, reference):
     assert_bitwise_equal_artifacts(reference, path)
 
 
-def test_a_damaged_partial_file_is_refused_with_its_name(tmp_path):
-    path = tmp_path / "run.safetensors"
-    with pytest.raises(TrainingStopped):
-        train(FULL, path, metadata={"run_key": "k"}, stop_at=2)
+def _header_byte(path):
     with open(resumable_path(path), "r+b") as f:
         f.seek(40)
-        f.write(b"#")  # inside the header
-    with pytest.raises(ArtifactError, match=r"run\.safetensors\.resumable: expected a partial artifact of this run"):
+        f.write(b"#")
+
+
+def _wrong_digest_after_the_checkpoint(path):
+    begin, _ = tensor_span(resumable_path(path), "digests")
+    with open(resumable_path(path), "r+b") as f:
+        f.seek(begin + 5 * 32)
+        f.write(b"\x01" * 32)
+
+
+DAMAGE = {
+    "a bit of a non-W weight": in_checkpoint("objects.model.transformer.h.0.attn.c_attn.weight"),
+    "a bit of exp_avg of a non-W parameter": in_checkpoint("objects.optimizer.state.3.exp_avg"),
+    "a bit of exp_avg_sq of W": in_checkpoint("objects.optimizer.state.0.exp_avg_sq"),
+    "a bit of the optimizer's step counter": in_checkpoint("objects.optimizer.state.0.step", 0.9),
+    "the scheduler's last_epoch in the state JSON": checkpoint_metadata(next_epoch),
+    "the checkpoint's step": checkpoint_metadata(lambda m: m.update(step=str(int(m["step"]) + 1))),
+    "a bit of a written W row of the partial file": in_partial("W", 1, FULL.steps + 1),
+    "a bit of a written loss of the partial file": in_partial("losses", 2, FULL.steps + 1),
+    "a byte of the partial file's header": _header_byte,
+    "a wrong digest recorded after the checkpoint": _wrong_digest_after_the_checkpoint,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
+def test_a_damaged_checkpoint_or_partial_file_is_discarded_and_the_run_trained_from_the_start(tmp_path, reference, damage):
+    """Nothing on disk is trusted between the stopped and the resuming process: whatever was changed, the
+    published run is the uninterrupted one, and its metadata says why the checkpoint was not resumed."""
+    path = tmp_path / "run.safetensors"
+    with pytest.raises(TrainingStopped):
+        train(FULL, path, metadata={"run_key": "k"}, stop_at=4)
+    DAMAGE[damage](path)
+    with pytest.warns(ArtifactWarning, match=r"run\.safetensors: not resumed, trained from the start"):
         train(FULL, path, metadata={"run_key": "k"})
-    assert not path.exists()
+    meta = RunFile(path).metadata
+    assert "resumed_from" not in meta and meta["resume_discarded"], meta.get("resume_discarded")
+    assert not checkpoint_path(path).exists() and not resumable_path(path).exists()
+    assert_bitwise_equal_artifacts(reference, path)
+
+
+def test_a_checkpoint_or_partial_path_that_is_not_a_file_is_a_named_error(tmp_path):
+    path = tmp_path / "run.safetensors"
+    checkpoint_path(path).mkdir()
+    with pytest.raises(ArtifactError, match=r"run\.safetensors\.ckpt: expected a checkpoint .a regular file. or nothing"
+                                            r", got a directory"):
+        train(FULL, path, metadata={"run_key": "k"}, checkpoint_every=2)
+    checkpoint_path(path).rmdir()
+    resumable_path(path).mkdir()
+    with pytest.raises(ArtifactError, match=r"run\.safetensors\.resumable: expected a resumable partial artifact .a "
+                                            r"regular file. or nothing, got a directory"):
+        train(FULL, path, metadata={"run_key": "k"}, checkpoint_every=2)
+    assert resumable_path(path).is_dir() and not path.exists()  # not ours: left as it was
 
 
 def test_stop_at_and_engine_errors(tmp_path):
@@ -195,18 +241,19 @@ def test_resume_at_claim_in_a_session(pytester):
 def test_prune_keeps_a_resumable_run_and_removes_what_cannot_resume(tmp_path):
     from flannel_repro.training.store import prune
 
-    live = tmp_path / "live.safetensors"
+    # names the run store gives (prune touches only the store's files)
+    live = tmp_path / "seed42-cpu-torch-r0-00000000000a.safetensors"
     with pytest.raises(TrainingStopped):
         train(FULL, live, metadata={"run_key": "k"}, stop_at=3)
-    done = tmp_path / "done.safetensors"
+    done = tmp_path / "seed42-cpu-torch-r0-00000000000b.safetensors"
     train(FULL, done, metadata={"run_key": "k"})
     checkpoint_path(done).write_bytes(checkpoint_path(live).read_bytes())  # a checkpoint beside a finished run
-    lonely = tmp_path / "lonely.safetensors"
+    lonely = tmp_path / "seed42-cpu-torch-r0-00000000000c.safetensors"
     resumable_path(lonely).write_bytes(b"\0" * 64)  # a partial file whose checkpoint is gone
     found = {o.path.name: o.reason for o in prune(tmp_path, dry_run=True)}
-    assert found.get("done.safetensors.ckpt") == "resume file of a run that finished", found
-    assert found.get("lonely.safetensors.resumable") == "resume file without its checkpoint", found
-    assert not any(name.startswith("live.") for name in found), found
+    assert found.get(done.name + ".ckpt") == "resume file of a run that finished", found
+    assert found.get(lonely.name + ".resumable") == "resume file without its checkpoint", found
+    assert not any(name.startswith(live.name) for name in found), found
     prune(tmp_path)
     assert checkpoint_path(live).exists() and resumable_path(live).exists()
     train(FULL, live, metadata={"run_key": "k"})  # still resumes after the prune

@@ -258,8 +258,37 @@ def load_bounds(path: str | Path) -> dict[str, Bound]:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(f"bounds file {str(p)!r}: table [{name}] needs scale, max_frobenius, order_share_min, "
                               f"order_share_max (and with a fit: n, *_log_mean, *_log_sd) ({exc!r}).") from None
+        _check_bound(b, table, f"bounds file {str(p)!r}: [{name}]")
         out[b.scale] = b
     return out
+
+
+def _check_bound(b: Bound, table: Mapping[str, Any], where: str) -> None:
+    """A loaded table's values must be finite and in range (a hand-edited inf or a reversed band is refused)."""
+    def bad(key: str, expected: str) -> ConfigError:
+        return ConfigError(f"{where} {key}: expected {expected}, got {table.get(key)!r}.")
+
+    if not (math.isfinite(b.max_frobenius) and b.max_frobenius > 0):
+        raise bad("max_frobenius", "a finite number > 0")
+    for key in ("order_share_min", "order_share_max"):
+        if not (math.isfinite(getattr(b, key)) and getattr(b, key) >= 0):
+            raise bad(key, "a finite number >= 0")
+    if b.order_share_min > b.order_share_max:
+        raise bad("order_share_min", f"at most order_share_max ({b.order_share_max!r})")
+    if b.false_alarm is not None and not 0 < b.false_alarm < 1:
+        raise bad("false_alarm", "a rate in (0, 1)")
+    if b.comparisons < 0:
+        raise bad("comparisons", "an integer >= 0")
+    fits = {"frobenius_log": b.frobenius_fit, "share_log": b.share_fit, "share": b.share_raw_fit}
+    for prefix, fit in fits.items():
+        if fit is None:
+            continue
+        if not math.isfinite(fit.mean):
+            raise bad(f"{prefix}_mean", "a finite number")
+        if not (math.isfinite(fit.sd) and fit.sd >= 0):
+            raise bad(f"{prefix}_sd", "a finite number >= 0")
+        if fit.n < 2:
+            raise bad("n", "an integer >= 2 (held-out pairs of the fits)")
 
 
 def bound_for(config: RunConfig, path: str | Path, data: Mapping[str, Any] | None = None) -> Bound | None:

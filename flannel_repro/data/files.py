@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from flannel_repro.safeio import read_regular
 from flannel_repro.errors import DataCacheWarning, DataError, DataWarning
 
 if TYPE_CHECKING:
@@ -55,15 +56,29 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def read_bytes(path: Path, what: str) -> bytes:
+# A data file may take at most this share of physical memory: decoding and tokenising take several times its size.
+MEMORY_SHARE = 16
+
+
+def memory_limit() -> tuple[int, int] | None:
+    """(the largest data file read, this machine's physical memory) in bytes; None where unknown."""
     try:
-        return path.read_bytes()
+        phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return (phys // MEMORY_SHARE, phys) if phys > 0 else None
+
+
+def read_bytes(path: Path, what: str, *, guard_memory: bool = True) -> bytes:
+    """The bytes of a data file (links followed): a regular file only, so a FIFO or device never blocks or
+    fills memory, and at most `memory_limit()` bytes when `guard_memory`."""
+    limit = memory_limit() if guard_memory else None
+    why = (f" (1/{MEMORY_SHARE} of this machine's {limit[1]} bytes of memory: reading and tokenising take several "
+           "times a file's size)") if limit else ""
+    try:
+        return read_regular(path, f"a {what} file", DataError, max_bytes=limit[0] if limit else None, limit_reason=why)
     except FileNotFoundError:
         raise DataError(f"{what} file {str(path)!r} does not exist.") from None
-    except IsADirectoryError:
-        raise DataError(f"{what} path {str(path)!r} is a directory; expected a file.") from None
-    except OSError as exc:
-        raise DataError(f"{what} file {str(path)!r} could not be read: {exc.strerror}.") from None
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -194,8 +209,8 @@ def _read_token_cache(path: Path) -> np.ndarray | None:
     import io
 
     try:
-        raw = path.read_bytes()
-    except OSError:
+        raw = read_bytes(path, "token cache", guard_memory=False)  # a FIFO or device planted there is skipped
+    except DataError:
         return None
     digest, payload = raw[:32], raw[32:]
     if len(raw) <= 32 or hashlib.blake2b(payload, digest_size=32).digest() != digest:

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 from flannel_repro.config import ENGINES
+from flannel_repro.errors import FlannelError
 from flannel_repro.plugin.session import SESSION_KEY
+from flannel_repro import safeio
 from flannel_repro.version import __version__
 
 def format_eta(seconds: float) -> str:
@@ -67,9 +69,8 @@ class ProgressWriter:
                 "rate": step / max(now - self.t0, 1e-9), "time": time.time()}
         if self.is_worker and self.path is not None:
             progress_file = Path(str(self.path) + ".progress")
-            tmp = progress_file.with_suffix(".progress.tmp")
-            tmp.write_text(json.dumps(info))
-            os.replace(tmp, progress_file)
+            # a fresh temporary name and a rename; a link at the progress file is refused, not followed
+            safeio.write_bytes_atomic(progress_file, json.dumps(info).encode(), "the run's progress file")
             if step == steps:
                 progress_file.unlink(missing_ok=True)
         else:
@@ -263,9 +264,9 @@ class ControllerReporter:
             done = sum(1 for name in numbers if name not in files)
             for name, f in sorted(files.items()):
                 try:
-                    info = json.loads(f.read_text())
-                except (OSError, ValueError):
-                    continue
+                    info = json.loads(safeio.read_regular(f, "a progress file", max_bytes=1 << 16))
+                except (OSError, ValueError, FlannelError):
+                    continue  # gone, half there, or not a file of ours (a FIFO there must not block this thread)
                 if not isinstance(info, dict) or "rate" not in info:
                     continue
                 number = numbers.setdefault(name, len(numbers) + 1)
@@ -308,7 +309,7 @@ class ControllerReporter:
             for r in sorted(state.runs.values(), key=lambda r: (r.device, r.seed)):
                 note = "" if r.trained_here else " (reused)"
                 if r.replaced:
-                    note = " (retrained: the stored artifact failed verification)"
+                    note = " (retrained: a stored artifact or checkpoint failed verification)"
                 tr.write_line(f"{r.seed:<12} {r.device:<7} {r.engine:<{ew}} {r.steps:>6} {r.final_loss:>11.5f} "
                               f"{r.wall_time_s:>8.1f} {r.steps_per_s:>8.2f} {r.threads:>3}  {Path(r.path).name}{note}")
             for r in sorted(state.runs.values(), key=lambda r: r.name):

@@ -53,6 +53,7 @@ from syrupy.assertion import DiffMode, SnapshotAssertion
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 from syrupy.location import PyTestLocation
 
+from flannel_repro.errors import ArtifactError, FlannelError
 from flannel_repro.plugin.report import SNAPSHOT_PROPERTY  # the user property each assertion leaves
 from flannel_repro.plugin.session import SESSION_KEY, SNAPSHOT_SUFFIX
 from flannel_repro.training.numerics import class_kind
@@ -83,6 +84,19 @@ def as_summary(data: Any) -> Summary:
         return summarize(data)
     raise TypeError(f"flannel_snapshot compares run summaries: expected a Summary (trajectory(...).summary(), "
                     f"summarize_pair(a, b)) or a Trajectory, got {type(data).__name__}.")
+
+
+def read_snapshot_text(path: str | os.PathLike[str]) -> str:
+    """A snapshot file's text, newlines read as syrupy's text mode reads them; ArtifactError naming the file and
+    the byte offset when it is not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path}: expected a UTF-8 snapshot file, got byte 0x{raw[exc.start]:02x} at offset "
+                            f"{exc.start} ({exc.reason}); restore it, or delete it and write it again with "
+                            "--snapshot-update.") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def snapshot_tag(filepath: str) -> tuple[frozenset[str], str] | None:
@@ -147,6 +161,13 @@ class FlannelSnapshotExtension(SingleFileSnapshotExtension):
 
     def diff_lines(self, serialized_data: "SerializedData", snapshot_data: "SerializedData") -> Iterator[str]:
         yield from self.comparison(serialized_data=serialized_data, snapshot_data=snapshot_data).report()
+
+    def read_snapshot_data_from_location(self, *, snapshot_location: str, snapshot_name: str,
+                                         session_id: str) -> str | None:
+        try:
+            return read_snapshot_text(snapshot_location)
+        except FileNotFoundError:
+            return None
 
     # -- discovery: our files only, and only for the device classes this session runs -------------
 
@@ -249,7 +270,7 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
         (no snapshot stored, or one written by --snapshot-update instead of compared)."""
         result = self._execution_results.get(self.num_executions - 1)
         outcome = "passed" if ok else "failed"
-        if result is None:
+        if result is None or result.exception is not None:
             _record(self, "none", outcome, klass, None, reason="error")
         elif result.created or result.updated:
             _record(self, "none", outcome, klass, None, reason="written")
@@ -319,7 +340,11 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
                 f"{head}.\n  Nothing was compared: comparing with another class needs a noise band for scale {scale}, "
                 f"and {shown} has none.\n  To {record};\n  or measure a band: flannel-repro noise --config FILE "
                 f"-o {shown} (see README, 'Numerics classes').\n  {choose}.")
-        stored = others[nearest].read_text(encoding="utf-8")
+        try:
+            stored = read_snapshot_text(others[nearest])
+        except FlannelError as exc:
+            _record(self, "none", "failed", klass, nearest, reason="error")
+            raise AssertionError(f"flannel snapshot {self._last_name}: {exc}") from None
         cmp = compare_within_band(stored, summary, band)
         _record(self, "band", "passed" if cmp.ok else "failed", klass, nearest)
         if cmp.ok:
@@ -339,6 +364,8 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
 
     def get_assert_diff(self, *, diff_mode: DiffMode = DiffMode.DETAILED) -> list[str]:
         result = self._execution_results[self.num_executions - 1]
+        if isinstance(result.exception, FlannelError):  # a snapshot file that cannot be read: said, no traceback
+            return [f"flannel snapshot {result.snapshot_name}: {result.exception}"]
         if result.exception is not None:
             return super().get_assert_diff(diff_mode=diff_mode)
         location = result.snapshot_location

@@ -38,6 +38,7 @@ from flannel_repro.report.compute import Collected, collect
 from flannel_repro.report.names import SOURCES_PLOT, STALL_PLOT, pair_class_plot, plot_for_claim
 from flannel_repro.report.figures import Figure, all_figures, require_matplotlib
 from flannel_repro.report.schema import FORMAT, SCHEMA
+from flannel_repro import safeio
 from flannel_repro.storage.jsonfile import read_json, write_bytes_atomic, write_text_atomic
 from flannel_repro.version import __version__
 
@@ -88,6 +89,8 @@ def write_report(runs: Sequence[str | os.PathLike[str]], folder: str | os.PathLi
     files["steps.csv"] = _steps_csv(data).encode()
     files["report.md"] = markdown(doc).encode()
     files["index.html"] = page_html(doc).encode()
+    for name in [*files, "report.json"]:  # a link or special file at any of them: refused before anything is written
+        safeio.own_file(out / name, f"the report's {name}")
     previous = read_json(out / "report.json", "a report JSON file", missing=None) if (out / "report.json").exists() else None
     for name, payload in files.items():
         write_bytes_atomic(out / name, payload, f"the report's {name}")
@@ -263,25 +266,36 @@ def _snapshot_sentence(s: dict[str, Any]) -> str:
             f"{s['not_compared']} not compared.")
 
 
+def _md(value: Any, *, cell: bool = False) -> str:
+    """Text quoted into report.md, escaped as the HTML page escapes it: &, < and > as entities (a test id or a
+    message cannot add markup); in a table cell also | and ` escaped and line breaks as spaces."""
+    text = html.escape(str(value), quote=False)
+    if cell:
+        text = text.replace("|", "\\|").replace("`", "\\`").replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    return text
+
+
 def markdown(doc: dict[str, Any], *, images: bool = True) -> str:
+    env = doc["environment"]
     lines = ["# flannel-repro report", "",
-             f"{len(doc['runs'])} run(s); {doc['environment']['platform']}; torch {doc['environment']['torch']}; "
-             f"numerics {', '.join(doc['environment']['numerics_classes']) or '-'}; created {doc['created']}.", ""]
+             f"{len(doc['runs'])} run(s); {_md(env['platform'])}; torch {_md(env['torch'])}; "
+             f"numerics {_md(', '.join(env['numerics_classes']) or '-')}; created {_md(doc['created'])}.", ""]
     if doc["claims"]:
         v = doc["verdicts"]
         lines += [f"Claims: {v['passed']} passed, {v['failed']} failed, {v['skipped']} skipped.", ""]
     if doc.get("snapshots"):
-        lines += [_snapshot_sentence(doc["snapshots"]), ""]
+        lines += [_md(_snapshot_sentence(doc["snapshots"])), ""]
     for title, head, rows in _tables(doc):
-        lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(_fmt(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in rows]
+        lines += [f"## {_md(title)}", "", "| " + " | ".join(_md(h, cell=True) for h in head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(_md(_fmt(c), cell=True) for c in row) + " |" for row in rows]
         lines.append("")
     lines += ["## Plots", ""]
     for f in doc["figures"]:
-        lines += [f"### {f['title']}", ""] + ([f"![{f['title']}]({f['file']})", ""] if images else [f"`{f['file']}`", ""])
-        lines += [f["shows"], ""]
+        title = _md(f["title"])
+        lines += [f"### {title}", ""] + ([f"![{title}]({f['file']})", ""] if images else [f"`{f['file']}`", ""])
+        lines += [_md(f["shows"]), ""]
     for n in doc["notes"]:
-        lines.append(f"Note: {n}")
+        lines.append(f"Note: {_md(n)}")
     return "\n".join(lines) + "\n"
 
 

@@ -6,8 +6,10 @@ tensor replaced by a reference, the step, and what the caller adds (the run key,
 recorded tensor at that step, ...). Nothing is pickled: a checkpoint can be read by anything that reads
 safetensors and JSON, and loading one runs no code.
 
-It is written to a temporary name, fsynced and renamed, so a kill at any moment leaves either the
-previous checkpoint or the new one, never half of one.
+It is written to a fresh temporary file (`mkstemp`: exclusive, unpredictable), fsynced and renamed, so a
+kill at any moment leaves either the previous checkpoint or the new one, never half of one. The digest of
+every tensor and of the metadata is written with it and checked by `load`: a checkpoint changed on disk
+is refused (`ResumeError`), and the run it belonged to trains from the start.
 
 What "the full state" is for a run:
 
@@ -25,7 +27,6 @@ import json
 import math
 import os
 import random
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,7 +35,7 @@ import torch
 
 from flannel_repro.errors import ArtifactError
 
-CHECKPOINT_FORMAT = "flannel-repro/checkpoint/1"
+CHECKPOINT_FORMAT = "flannel-repro/checkpoint/2"  # 2: digests of every tensor and of the metadata
 _REF = "__tensor__"
 _TUPLE = "__tuple__"
 _FLOAT = "__float__"  # non-finite floats, which strict JSON cannot hold
@@ -127,38 +128,70 @@ class Checkpoint:
     info: dict[str, Any]  # what the writer added (run key, digests, ...)
 
 
-def save(path: str | os.PathLike[str], step: int, state: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> Path:
-    """Write the checkpoint of `step` atomically (temp file, fsync, rename, fsync of the directory)."""
-    from safetensors.torch import save_file
+def _metadata_digest(fields: Mapping[str, str]) -> str:
+    """blake2b-256 of the metadata fields a checkpoint is read by (format, step, state, info)."""
+    import hashlib
 
-    from flannel_repro.storage.stream import fsync_dir
+    text = json.dumps([fields.get(k) for k in _CHECKED_FIELDS])
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=32).hexdigest()
+
+
+_CHECKED_FIELDS = ("format", "step", "state", "info")
+
+
+def require_own_file(path: Path, what: str) -> bool:
+    """True when `path` is a regular file, False when nothing is there; ArtifactError when something else is
+    (a directory, a link, a FIFO, a device): flannel-repro neither follows nor replaces what it did not write."""
+    from flannel_repro.safeio import own_file
+
+    return own_file(path, what) is not None
+
+
+def save(path: str | os.PathLike[str], step: int, state: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> Path:
+    """Write the checkpoint of `step` atomically (a fresh temporary file, fsync, rename, fsync of the folder).
+
+    Every tensor's digest and a digest of the metadata are computed here, from what is being written, and
+    checked by `load`: a checkpoint changed on disk afterwards is refused, never resumed."""
+    import shutil
+
+    from safetensors.torch import save as to_bytes
+
+    from flannel_repro.safeio import write_bytes_atomic
+    from flannel_repro.storage.stream import digest_tensor, fsync_dir
 
     final = Path(path)
+    require_own_file(final, "a checkpoint")
     tensors: dict[str, torch.Tensor] = {}
     skeleton = pack(dict(state), tensors)
     metadata = {"format": CHECKPOINT_FORMAT, "step": str(int(step)), "state": json.dumps(skeleton),
                 "info": json.dumps(dict(info or {}), sort_keys=True)}
-    temp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    metadata["checksums"] = json.dumps({"tensors": {k: digest_tensor(t).hex() for k, t in sorted(tensors.items())},
+                                        "metadata": _metadata_digest(metadata)}, sort_keys=True)
+    blob = to_bytes(tensors, metadata=metadata)
+    size = f"{len(blob) / 1e6:.1f} MB"
     try:
-        save_file(tensors, str(temp), metadata=metadata)
-        fd = os.open(temp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, final)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+        free = shutil.disk_usage(final.parent).free
+    except OSError as exc:
+        raise ArtifactError(f"{final}: could not write the checkpoint ({exc.strerror or exc}).") from None
+    if free < len(blob):
+        raise ArtifactError(f"{final}: the checkpoint needs {size} and the file system of {final.parent} has "
+                            f"{free / 1e6:.1f} MB free; free some space or checkpoint less often.")
+    write_bytes_atomic(final, blob, f"the checkpoint of step {step} ({size})")
     fsync_dir(final.parent)
     return final
 
 
 def load(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a checkpoint (ArtifactError naming the file when it is not one)."""
+    """Read a checkpoint and verify it: every tensor and the metadata must hash to the digests written with
+    them (ArtifactError naming the file when it is no checkpoint, ResumeError when it was changed on disk)."""
     from safetensors import safe_open
 
+    from flannel_repro.errors import ResumeError
+    from flannel_repro.storage.stream import digest_tensor
+
     p = Path(path)
+    if not require_own_file(p, "a checkpoint"):
+        raise ArtifactError(f"{p}: expected a checkpoint, found no such file.")
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
@@ -166,13 +199,27 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
     except FileNotFoundError:
         raise ArtifactError(f"{p}: expected a checkpoint, found no such file.") from None
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ArtifactError(f"{p}: expected a checkpoint (safetensors), got an unreadable file ({exc}).") from None
+        raise ResumeError(f"{p}: expected a checkpoint (safetensors), got an unreadable file ({exc}).") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ArtifactError(f"{p}: expected metadata format={CHECKPOINT_FORMAT!r}, got {meta.get('format')!r}.")
+        raise ResumeError(f"{p}: expected metadata format={CHECKPOINT_FORMAT!r}, got {meta.get('format')!r}.")
+    try:
+        sums = json.loads(meta["checksums"])
+        expected_tensors, expected_meta = dict(sums["tensors"]), str(sums["metadata"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ResumeError(f"{p}: the checkpoint's checksums are missing or damaged ({exc!r}).") from None
+    if _metadata_digest(meta) != expected_meta:
+        raise ResumeError(f"{p}: the checkpoint's metadata (step, state or info) does not hash to the digest written "
+                          "with it: it was changed after it was written.")
+    if sorted(expected_tensors) != sorted(tensors):
+        raise ResumeError(f"{p}: expected the tensors {sorted(expected_tensors)[:6]}..., got {sorted(tensors)[:6]}...")
+    bad = [k for k, t in tensors.items() if digest_tensor(t).hex() != expected_tensors[k]]
+    if bad:
+        raise ResumeError(f"{p}: {len(bad)} tensor(s) do not hash to the digests written with them "
+                          f"({', '.join(sorted(bad)[:4])}): changed after the checkpoint was written.")
     try:
         state = unpack(json.loads(meta["state"]), tensors)
         info = json.loads(meta.get("info", "{}"))
         step = int(meta["step"])
     except (KeyError, ValueError, TypeError) as exc:
-        raise ArtifactError(f"{p}: the checkpoint's metadata is damaged ({exc!r}).") from None
+        raise ResumeError(f"{p}: the checkpoint's metadata is damaged ({exc!r}).") from None
     return Checkpoint(path=p, step=step, state=state, info=info)

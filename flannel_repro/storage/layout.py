@@ -181,3 +181,30 @@ def run_env(reader: TrajectoryReader) -> dict[str, Any]:
     if META_ENV not in reader.metadata:
         return {}
     return _json_meta(reader, META_ENV)
+
+
+def header_metadata(path: str | os.PathLike[str]) -> dict[str, str] | str:
+    """A safetensors file's header metadata, read without trusting the rest of the file (a truncated run
+    still names itself); else why not, as a string. Never blocks: a FIFO or device is not read."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "expected a regular file, got another kind"
+        head = os.pread(fd, 8, 0)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if not 0 < n <= 100_000_000:
+            return f"expected a safetensors header length, got {head.hex() or 'an empty file'}"
+        header = json.loads(os.pread(fd, n, 8))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    except ValueError:
+        return "expected a JSON header, got other bytes"
+    finally:
+        os.close(fd)
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else "expected header metadata, got none"

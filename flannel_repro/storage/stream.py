@@ -43,7 +43,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from flannel_repro.errors import ArtifactError
+from flannel_repro.errors import ArtifactError, ResumeError
+from flannel_repro import safeio
+from flannel_repro.storage.jsonfile import MAX_DEPTH, check_depth
 
 
 # --- digests ------------------------------------------------------------------------------------
@@ -207,6 +209,7 @@ class TrajectoryWriter:
         self._fd: int | None = None
         self._finished = False
         self._coverage: dict[str, np.ndarray | None] = {}
+        self._prefix_hash: dict[str, tuple[int, Any]] = {}  # name -> (bytes hashed, running blake2b)
 
     # -- header ---------------------------------------------------------------------------------
 
@@ -235,11 +238,13 @@ class TrajectoryWriter:
         self._header_len = n
         return body
 
-    def reopen(self, completed: Mapping[str, int | None]) -> "TrajectoryWriter":
+    def reopen(self, completed: Mapping[str, int | None], digests: Mapping[str, str] | None = None) -> "TrajectoryWriter":
         """Enter by adopting the temporary file an earlier writer of this artifact left (a resumed run):
         same specs and metadata, checked byte for byte against the header this writer would write.
         `completed` says what is already written: name -> number of leading rows, or None for the whole
-        tensor. The rest is written as usual; finish() checks that everything was."""
+        tensor. `digests` (from `prefix_digests` when the checkpoint was taken): what those rows must hash
+        to; a file whose written part changed since is refused (ResumeError). The rest is written as usual;
+        finish() checks that everything was."""
         _require_little_endian()
         if self._fd is not None or self._finished:
             raise ArtifactError(f"{self.path}: a TrajectoryWriter can be entered only once.")
@@ -248,9 +253,10 @@ class TrajectoryWriter:
         body = self._initial_header()
         expected_size = 8 + self._header_len + self._data_len
         try:
-            fd = os.open(self._fixed_temp, os.O_RDWR)
+            fd = safeio.open_nofollow(self._fixed_temp, os.O_RDWR, what="the partial artifact to resume",
+                                      error=ResumeError)
         except FileNotFoundError:
-            raise ArtifactError(f"{self._fixed_temp}: expected the partial artifact to resume, found none.") from None
+            raise ResumeError(f"{self._fixed_temp}: expected the partial artifact to resume, found none.") from None
         try:
             size = os.fstat(fd).st_size
             found = os.pread(fd, 8 + self._header_len, 0)
@@ -259,10 +265,19 @@ class TrajectoryWriter:
             raise
         if size != expected_size or found != b"\0" * 8 + self._padded(body):
             os.close(fd)
-            raise ArtifactError(f"{self._fixed_temp}: expected a partial artifact of this run ({expected_size} bytes with "
-                                f"this header), got {size} bytes with {'another' if size == expected_size else 'a'} header; "
-                                "it cannot be resumed.")
+            raise ResumeError(f"{self._fixed_temp}: expected a partial artifact of this run ({expected_size} bytes with "
+                              f"this header), got {size} bytes with {'another' if size == expected_size else 'a'} header; "
+                              "it cannot be resumed.")
         self.temp_path, self._fd = self._fixed_temp, fd
+        if digests is not None:
+            got = self.prefix_digests(completed)
+            changed = sorted(n for n in completed if got.get(n) != digests.get(n))
+            if changed:
+                os.close(fd)
+                self.temp_path, self._fd = None, None
+                raise ResumeError(f"{self._fixed_temp}: the rows written before the checkpoint no longer hash to the "
+                                  f"digests the checkpoint recorded ({', '.join(changed)}): the partial file changed "
+                                  "on disk; it cannot be resumed.")
         for name, s in self.specs.items():
             self._coverage[name] = cov = self._new_coverage(s)
             if name in completed and cov is not None:
@@ -278,6 +293,46 @@ class TrajectoryWriter:
         self._require_open("sync")
         assert self._fd is not None
         os.fsync(self._fd)
+
+    def prefix_digests(self, completed: Mapping[str, int | None]) -> dict[str, str]:
+        """blake2b-256 of what is on disk of each tensor's written part (`completed`: name -> leading rows,
+        None for the whole tensor), read back from the file: a checkpoint records them, and `reopen` checks
+        the partial file still holds those bytes. Incremental: rows hashed at an earlier call are not read
+        again, so checkpointing a long run reads each row once."""
+        self._require_open("hash what was written")
+        assert self._fd is not None
+        out: dict[str, str] = {}
+        for name, rows in sorted(completed.items()):
+            s = self._spec(name)
+            row_bytes = s.nbytes // s.shape[0] if s.shape and s.shape[0] else s.nbytes
+            stop = s.nbytes if rows is None or not s.shape else rows * row_bytes
+            done, h = self._prefix_hash.get(name, (0, None))
+            if h is None or done > stop:
+                done, h = 0, hashlib.blake2b(digest_size=DIGEST_SIZE)
+            begin, _ = self._offsets[name]
+            base = 8 + self._header_len + begin
+            while done < stop:
+                chunk = min(stop - done, 1 << 24)
+                data = os.pread(self._fd, chunk, base + done)
+                if len(data) != chunk:
+                    raise ArtifactError(f"{self.temp_path}: expected {chunk} bytes of {name!r} at offset {base + done}, "
+                                        f"read {len(data)}; the partial file is shorter than its header says.")
+                h.update(data)
+                done += chunk
+            self._prefix_hash[name] = (done, h)
+            out[name] = h.copy().hexdigest()
+        return out
+
+    def rows_on_disk(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of `name` as the file holds them (uint8, one row per line): what an earlier
+        writer of a reopened file left there."""
+        self._require_open(f"read {name!r}")
+        assert self._fd is not None
+        s = self._spec(name)
+        row_bytes = s.nbytes // s.shape[0]
+        begin, _ = self._offsets[name]
+        data = os.pread(self._fd, (stop - start) * row_bytes, 8 + self._header_len + begin + start * row_bytes)
+        return np.frombuffer(data, dtype=np.uint8).reshape(-1, row_bytes)
 
     def __enter__(self) -> "TrajectoryWriter":
         _require_little_endian()
@@ -298,7 +353,9 @@ class TrajectoryWriter:
             f"{self.path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
         if self._fixed_temp is not None:
             self._fixed_temp.unlink(missing_ok=True)  # a fresh start replaces what a killed run left
-        self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        # O_EXCL and O_NOFOLLOW: never through a link or over a file someone planted under this name
+        self._fd = safeio.open_nofollow(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644,
+                                        what="a partial artifact")
         try:
             self._reserve(8 + n + self._data_len)  # the whole file's space first: a disk that cannot hold it fails now
             # Length field stays 0 until finish(): a partial file never parses as a complete one.
@@ -630,13 +687,19 @@ class TrajectoryReader:
         self._cache: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()  # guards the lazy map and the view cache
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # a link to a file is read; a FIFO, device or directory is refused before it is opened (a FIFO
+            # would block), and opening without blocking covers one swapped in meanwhile
+            safeio.regular_file(self.path, "a safetensors file")
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise ArtifactError(f"{self.path}: expected a safetensors file, found no such file.") from None
+        except OSError as exc:
+            raise ArtifactError(f"{self.path}: expected a safetensors file, could not open it ({exc.strerror or exc}).") from None
         try:
             st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise ArtifactError(f"{self.path}: expected a safetensors file, found a directory.")
+            if not stat.S_ISREG(st.st_mode):
+                raise ArtifactError(f"{self.path}: expected a safetensors file (a regular file), got {safeio.kind(st.st_mode)}.")
+            os.set_blocking(fd, True)
             size = st.st_size
             self.file_size = size
             if size < 8:
@@ -668,16 +731,23 @@ class TrajectoryReader:
         self._fd = fd
 
     def _parse_header(self, raw: bytes, size: int) -> None:
+        check_depth(raw, str(self.path), "a JSON header")  # before json: deep nesting is a RecursionError there
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ArtifactError(f"{self.path}: expected a JSON header, got unparsable bytes ({e}).") from None
+        except RecursionError:
+            raise ArtifactError(f"{self.path}: expected a JSON header nested at most {MAX_DEPTH} levels deep, "
+                                "got deeper nesting.") from None
         if not isinstance(header, dict):
             raise ArtifactError(f"{self.path}: expected a JSON object header, got {type(header).__name__}.")
         meta = header.pop(_METADATA_KEY, None) or {}
         if not isinstance(meta, dict):
             raise ArtifactError(f"{self.path}: expected __metadata__ to be an object, got {type(meta).__name__}.")
         self.metadata: dict[str, str] = _check_metadata(meta, str(self.path))
+        for key, value in self.metadata.items():  # values are JSON text parsed later: bound their nesting now
+            if "[" in value or "{" in value:
+                check_depth(value, f"{self.path}: metadata {key!r}", "JSON")
         self._specs: dict[str, TensorSpec] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
         for name, info in header.items():

@@ -28,7 +28,7 @@ from flannel_repro.training.allocator import tune_malloc
 from flannel_repro.data.corpus import DataOrder, TokenDataset, load_data, make_batch
 from flannel_repro.training.determinism import deterministic_mode, environment_fingerprint, torch_threads
 from flannel_repro.devices import device_present, parse_device
-from flannel_repro.errors import ConfigError, DeterminismError
+from flannel_repro.errors import ConfigError, DeterminismError, ResumeError
 from flannel_repro.training.head import model_loss, verify_fused_head
 from flannel_repro.training.model import build_model, embedding, shared_init_W
 from flannel_repro.training.numerics import apply as apply_numerics, arithmetic, numerics_info
@@ -63,7 +63,7 @@ def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None
     and a run killed or stopped before the end resumes from its last checkpoint when it is trained again
     (same `out_path` and `run_key`): the artifact is bitwise the uninterrupted run's (training.resume).
     `stop_at` = k checkpoints at step k and raises `TrainingStopped` (tests of resume, `resume_at`)."""
-    from flannel_repro.training.resume import Checkpointer, find_resumable, resumable_path
+    from flannel_repro.training.resume import Checkpointer, discard, find_resumable
 
     check_device(config.device)
     run_key = run_key if run_key is not None else str((metadata or {}).get("run_key", ""))
@@ -83,14 +83,29 @@ def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None
     tune_malloc()
     data = data if data is not None else load_data(config)
     W0 = W_initial if W_initial is not None else shared_init_W(config)
+    # a checkpoint of this run left by a killed or stopped process is resumed, whatever the interval now;
+    # one that fails verification, before or while resuming, is discarded and the run trains from the start
+    resume, discarded = find_resumable(out_path, run_key) if config.engine == "torch" and run_key else (None, "")
+    while True:
+        try:
+            return _train_once(config, out_path, data, W0, metadata, progress, policy, resume, discarded)
+        except ResumeError as exc:
+            if resume is None:
+                raise
+            resume, discarded = None, discard(out_path, str(exc))
+
+
+def _train_once(config: "RunConfig", out_path: str | Path, data: "CorpusData", W0: torch.Tensor,
+                metadata: dict[str, Any] | None, progress: Progress | None, policy: Any, resume: Any,
+                discarded: str) -> RunResult:
+    from flannel_repro.training.resume import resumable_path
+
     with contextlib.ExitStack() as stack:
         threads = stack.enter_context(torch_threads(config.threads))
         stack.enter_context(deterministic_mode(config.deterministic))
         env = environment_fingerprint(config.device, numerics=numerics_info(
             config.device, threads=threads, deterministic=config.deterministic, mode=config.numerics))
         meta = {"env": env, "engine": config.engine, **(metadata or {})}
-        # a checkpoint of this run left by a killed or stopped process is resumed, whatever the interval now
-        resume = find_resumable(out_path, run_key) if config.engine == "torch" and run_key else None
         resumable = policy.enabled or resume is not None
         recorder = stack.enter_context(Recorder(config, out_path, data, meta, resume=resume,
                                                 temp_path=resumable_path(out_path) if resumable else None))
@@ -104,6 +119,8 @@ def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None
         final_loss = recorder.last_loss
         if resume is not None:
             engine_meta["resumed_from"] = str(resume.step)  # wall time is then this process's share
+        if discarded:
+            engine_meta["resume_discarded"] = discarded[:2000]
         path = recorder.finish({"wall_time_s": f"{wall:.3f}", "steps_per_s": f"{config.steps / wall:.4f}",
                                 "final_loss": repr(final_loss), "threads": str(threads), **engine_meta})
         policy.done()

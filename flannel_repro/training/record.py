@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from flannel_repro.config import EngineRunConfig
-from flannel_repro.errors import ArtifactError, ConfigError
+from flannel_repro.errors import ArtifactError, ConfigError, ResumeError
 from flannel_repro.storage import layout, stream
 from flannel_repro.storage.stream import TensorSpec, TrajectoryWriter, digest_tensor
 from flannel_repro.training.recorder import UpdateTracker
@@ -126,6 +126,9 @@ class TrajectoryRecorder:
         self.start = 0
         self.last_loss = math.nan
         self.resumed_from: int | None = None
+        self.resume_discarded = ""  # why a checkpoint of this run was not resumed ("" when none was discarded)
+        self._resume: Any = None
+        self._prior: dict[int, bytes] = {}  # after a resume: step -> digest the stopped run recorded there
 
     # -- reading the tensors -------------------------------------------------------------------
 
@@ -151,7 +154,7 @@ class TrajectoryRecorder:
     def __enter__(self) -> "TrajectoryRecorder":
         from flannel_repro.training.determinism import environment_fingerprint
         from flannel_repro.training.numerics import numerics_info
-        from flannel_repro.training.resume import check_restored, find_resumable, resumable_path
+        from flannel_repro.training.resume import check_restored, discard, find_resumable, prior_digests, resumable_path
 
         self._started = time.perf_counter()
         current = {name: self._read(name) for name in self.sources}
@@ -162,23 +165,7 @@ class TrajectoryRecorder:
             raise ConfigError(f"{self.path}: live_mask must be a bool tensor of shape ({W.shape[0]},) (one entry per "
                               f"row of {self.primary!r}), got {live.dtype} {tuple(live.shape)}.")
         n_live = int(live.sum())
-        resume = find_resumable(self.path, self._run_key) if self._state.objects else None
-        if resume is not None:
-            meta = dict(resume.info["artifact_metadata"])
-        else:
-            device = str(current[self.primary].device)
-            env = environment_fingerprint(device, numerics=numerics_info(
-                device, threads=torch.get_num_threads(), deterministic=self.config.deterministic,
-                mode=self.config.numerics))
-            extra = {"env": env, "engine": self.config.engine, "recorded": {"primary": self.primary, "tensors": {
-                name: {"dtype": str(dt).removeprefix("torch."), "shape": list(shp)} for name, (dt, shp) in shapes.items()}},
-                **self._extra_meta}
-            meta = layout.run_metadata(self.config.to_dict(), {"n_live": n_live, "n_dead": W.shape[0] - n_live, **self._data},
-                                       digest_algo=stream.DIGEST_ALGO,
-                                       **{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in extra.items()})
-        temp = resumable_path(self.path) if (self._policy.enabled or resume is not None) else None
-        self.writer = TrajectoryWriter(self.path, self._specs(shapes), meta, checksum_exclude=(layout.KEY_W,),
-                                       temp_path=temp)
+        resume, self.resume_discarded = find_resumable(self.path, self._run_key) if self._state.objects else (None, "")
         if self.optimizer is not None and hasattr(self.optimizer, "register_step_pre_hook"):
             param = self.sources[self.primary]
             if isinstance(param, torch.Tensor):
@@ -186,14 +173,43 @@ class TrajectoryRecorder:
                     lambda opt, args, kwargs: self._tracker.before_step(param, opt))
         if resume is not None:
             k = resume.step
-            self.writer.reopen(layout.written_through(self.writer.specs, k))
+            self.writer = TrajectoryWriter(self.path, self._specs(shapes), dict(resume.info["artifact_metadata"]),
+                                           checksum_exclude=(layout.KEY_W,), temp_path=resumable_path(self.path))
+            try:  # the partial file's rows through k must hash as they did when the checkpoint was taken
+                self.writer.reopen(layout.written_through(self.writer.specs, k), resume.info["partial_digests"])
+            except ResumeError as exc:
+                resume, self.resume_discarded = None, discard(self.path, str(exc))
+        if resume is not None:
+            self._prior = prior_digests(self.writer, layout.KEY_DIGESTS, k + 1, self.steps + 1)
+            self._resume = resume
             self._state.restore(resume.state)
-            check_restored(resume, self._read(self.primary))
+            try:
+                check_restored(resume, self._read(self.primary))
+            except ResumeError as exc:  # the objects now hold a state that is not the checkpoint's: start again
+                self.writer.__exit__(type(exc), exc, None)
+                self.writer = None
+                discard(self.path, str(exc), warn=False)
+                raise ResumeError(f"{exc} The checkpoint was discarded: run the training again, from step 0.") from None
             self._tracker.restore(self._param_for_tracker(), self.optimizer)
             self._written = k + 1
             self.start = self.resumed_from = k
             self.last_loss = float(resume.info.get("last_loss", math.nan))
             return self
+        device = str(current[self.primary].device)
+        env = environment_fingerprint(device, numerics=numerics_info(
+            device, threads=torch.get_num_threads(), deterministic=self.config.deterministic,
+            mode=self.config.numerics))
+        extra = {"env": env, "engine": self.config.engine, "recorded": {"primary": self.primary, "tensors": {
+            name: {"dtype": str(dt).removeprefix("torch."), "shape": list(shp)} for name, (dt, shp) in shapes.items()}},
+            **self._extra_meta}
+        if self.resume_discarded:
+            extra["resume_discarded"] = self.resume_discarded[:2000]
+        meta = layout.run_metadata(self.config.to_dict(), {"n_live": n_live, "n_dead": W.shape[0] - n_live, **self._data},
+                                   digest_algo=stream.DIGEST_ALGO,
+                                   **{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in extra.items()})
+        temp = resumable_path(self.path) if self._policy.enabled else None
+        self.writer = TrajectoryWriter(self.path, self._specs(shapes), meta, checksum_exclude=(layout.KEY_W,),
+                                       temp_path=temp)
         self.writer.__enter__()
         self.writer.write(layout.KEY_LIVE_MASK, live.contiguous())
         self._write_row(0, math.nan, None)
@@ -230,7 +246,18 @@ class TrajectoryRecorder:
     def _write_row(self, t: int, loss: float, batch: Any) -> None:
         assert self.writer is not None
         W = _as_rows(self._read(self.primary)).to("cpu")
-        self.writer.write_row(layout.KEY_DIGESTS, t, stream.digest_as_tensor(digest_tensor(W)))
+        digest = digest_tensor(W)
+        if self._prior:  # resumed: the stopped run's steps after its checkpoint must come out again
+            from flannel_repro.training.resume import check_resumed_digest
+
+            try:
+                check_resumed_digest(self._resume, self._prior, t, digest, self.writer.temp_path)
+            except ResumeError as exc:  # the objects are past the checkpoint: this process cannot start again
+                from flannel_repro.training.resume import discard
+
+                discard(self.path, str(exc), warn=False)
+                raise ResumeError(f"{exc} The checkpoint was discarded: run the training again, from step 0.") from None
+        self.writer.write_row(layout.KEY_DIGESTS, t, stream.digest_as_tensor(digest))
         self.writer.write_row(layout.KEY_W, t, W.contiguous())
         self.writer.write_row(layout.KEY_LOSSES, t, torch.tensor(loss, dtype=torch.float32))
         self.writer.write_row(layout.KEY_UPDATES, t, self._tracker.after_step(self._param_for_tracker(), self.optimizer))

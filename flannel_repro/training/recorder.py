@@ -128,6 +128,7 @@ class Recorder:
         self._pending_grad: torch.Tensor | None = None
         self._last_loss = math.nan
         self._resume = resume
+        self._prior: dict[int, bytes] = {}  # after a resume: step -> digest the stopped run recorded there
         if resume is not None:
             meta = dict(resume.info["artifact_metadata"])  # byte-equal header: the adopted file is checked against it
             self._last_loss = float(resume.info.get("last_loss", math.nan))
@@ -148,8 +149,11 @@ class Recorder:
 
     def __enter__(self) -> "Recorder":
         if self._resume is not None:
+            from flannel_repro.training.resume import prior_digests
+
             k = self._resume.step
-            self.writer.reopen(layout.written_through(self.writer.specs, k))
+            self.writer.reopen(layout.written_through(self.writer.specs, k), self._resume.info["partial_digests"])
+            self._prior = prior_digests(self.writer, layout.KEY_DIGESTS, k + 1, self.config.steps + 1)
             self._steps_written = k + 1
             return self
         self.writer.__enter__()
@@ -192,7 +196,12 @@ class Recorder:
         cfg = self.config
         W = embedding(model).detach()
         W_cpu = W.to("cpu")  # (V, H); a view on CPU, one device->host copy on GPUs
-        self.writer.write_row(layout.KEY_DIGESTS, step, stream.digest_as_tensor(digest_tensor(W_cpu)))
+        digest = digest_tensor(W_cpu)
+        if self._prior:  # resumed: the stopped run's steps after its checkpoint must come out again
+            from flannel_repro.training.resume import check_resumed_digest
+
+            check_resumed_digest(self._resume, self._prior, step, digest, self.writer.temp_path)
+        self.writer.write_row(layout.KEY_DIGESTS, step, stream.digest_as_tensor(digest))
         if cfg.record_W:
             self.writer.write_row(layout.KEY_W, step, W_cpu)
         loss_value = math.nan if loss is None else float(loss)

@@ -339,6 +339,10 @@ def first_divergent_operation(a: "RunConfig | str | Path", b: "RunConfig | str |
                                    "operation of a step is to blame; the config changes are: "
                                    + ", ".join(sorted(k for k in cfg_a.to_dict() if cfg_a.to_dict()[k] != cfg_b.to_dict()[k])))
         step = next(t for t in range(1, step + 1) if trace_a[t] != trace_b[t])
+    counts = [len(d) - 1 if d is not None else c.steps for d, c in zip(digests, configs)]
+    if not 1 <= step <= min(counts):
+        raise ConfigError(f"step {step}: expected a step in 1..{min(counts)} (the runs' step counts: {counts[0]} and "
+                          f"{counts[1]}), got {step}.")
     for i, d in enumerate(digests):
         expect.append(None if d is None else bytes(d[step - 1].tolist()).hex())
     log_a, _ = record_step(cfg_a, step, expect_W_before=expect[0], label=_side_label(a, cfg_a))

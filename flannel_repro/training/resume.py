@@ -12,6 +12,13 @@ and the checkpoint is deleted; a checkpoint left beside a published artifact is 
 Resuming rebuilds the loop from the config, loads the state, checks that the restored tensor's digest
 is the checkpoint's, adopts the temporary file (its header checked byte for byte) and continues at
 step k + 1. Data orders are pure functions of (data seed, step), so the data position is the step.
+
+Nothing on disk is trusted between the two processes. The checkpoint carries the digest of every tensor
+and of its metadata (checked by `checkpoint.load`), and the digest of each tensor's rows through step k
+of the partial file as they were on disk when it was taken (checked by `TrajectoryWriter.reopen`). The
+steps a stopped run recorded after k are compared, as the resumed run writes them again, with what it
+writes. Any mismatch is a `ResumeError`: the checkpoint and partial file are discarded, and the run
+trains from the start (`resume_discarded` in its metadata says why).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any, Mapping
 
 import torch
 
-from flannel_repro.errors import ArtifactError, ConfigError
+from flannel_repro.errors import ArtifactError, ArtifactWarning, ConfigError, ResumeError
 from flannel_repro.storage import checkpoint
 from flannel_repro.storage.stream import digest_tensor
 
@@ -51,23 +58,61 @@ def resumable_path(artifact: str | Path) -> Path:
     return Path(f"{artifact}{RESUMABLE_SUFFIX}")
 
 
-def find_resumable(artifact: str | Path, run_key: str) -> checkpoint.Checkpoint | None:
-    """The checkpoint to resume `artifact` from, or None (no checkpoint, no partial file, or another run's).
+def find_resumable(artifact: str | Path, run_key: str) -> tuple[checkpoint.Checkpoint | None, str]:
+    """The checkpoint to resume `artifact` from, or None (no checkpoint, no partial file, or another run's),
+    and why a checkpoint of this run was discarded ("" when none was).
 
-    A checkpoint beside a published artifact is stale (the run finished after it) and is removed."""
+    A checkpoint beside a published artifact is stale (the run finished after it) and is removed. A
+    checkpoint that fails verification (`checkpoint.load` checks every tensor's and the metadata's digest)
+    is discarded with its partial file: the run trains from the start, and the reason is returned. Anything
+    but a regular file at either name (a directory, a link, a FIFO) is an ArtifactError: not ours to remove."""
     ckpt_file, partial = checkpoint_path(artifact), resumable_path(artifact)
+    has_ckpt = checkpoint.require_own_file(ckpt_file, "a checkpoint")
+    has_partial = checkpoint.require_own_file(partial, "a resumable partial artifact")
     if Path(artifact).exists():
         ckpt_file.unlink(missing_ok=True)
-        return None
-    if not ckpt_file.exists() or not partial.exists():
-        return None
+        return None, ""
+    if not has_ckpt or not has_partial:
+        return None, ""
     try:
         ckpt = checkpoint.load(ckpt_file)
-    except ArtifactError:
-        return None  # cannot happen through our atomic writes; train from the start rather than fail
+    except ResumeError as exc:
+        return None, discard(artifact, str(exc))
     if ckpt.info.get("run_key") != run_key or "artifact_metadata" not in ckpt.info:
-        return None
-    return ckpt
+        return None, ""
+    if not isinstance(ckpt.info.get("partial_digests"), dict):
+        return None, discard(artifact, f"{ckpt_file}: the checkpoint records no digests of the partial file's rows")
+    return ckpt, ""
+
+
+def discard(artifact: str | Path, reason: str, *, warn: bool = True) -> str:
+    """Remove the checkpoint and partial file of `artifact` that failed verification, warn with `reason`
+    (an ArtifactWarning: the run trains from the start) and return it, for the run's metadata
+    (`resume_discarded`). `warn=False` where the caller raises instead."""
+    import warnings
+
+    for path in (checkpoint_path(artifact), resumable_path(artifact)):
+        if checkpoint.require_own_file(path, "a checkpoint or resumable partial artifact"):
+            path.unlink(missing_ok=True)
+    if warn:
+        warnings.warn(f"{Path(artifact).name}: not resumed, trained from the start: {reason}", ArtifactWarning, stacklevel=3)
+    return reason
+
+
+def check_resumed_digest(ckpt: checkpoint.Checkpoint, prior: Mapping[int, bytes], step: int, digest: bytes,
+                         partial: Path) -> None:
+    """After resuming from `ckpt`: step `step`'s digest must be the one the stopped run recorded there
+    (`prior`, read from the partial file before it was continued), where that run got so far."""
+    want = prior.get(step)
+    if want is not None and want != digest:
+        raise ResumeError(f"{partial}: resumed from step {ckpt.step}, step {step} has digest {digest.hex()[:16]}..., the "
+                          f"stopped run recorded {want.hex()[:16]}... there: resuming does not continue that run.")
+
+
+def prior_digests(writer: Any, digests_key: str, start: int, stop: int) -> dict[int, bytes]:
+    """The per-step digests a stopped run wrote after its checkpoint (rows start..stop-1 that are not zero)."""
+    rows = writer.rows_on_disk(digests_key, start, stop)
+    return {start + i: bytes(r) for i, r in enumerate(rows) if r.any()}
 
 
 @dataclass
@@ -98,9 +143,13 @@ class Checkpointer:
         """fsync the artifact's rows, then write the checkpoint of `step` (see the module docstring)."""
         from flannel_repro.training.determinism import code_version
 
+        from flannel_repro.storage.layout import written_through
+
         writer.sync()
         info = {"code": code_version(), "run_key": self.run_key, "artifact_metadata": [list(kv) for kv in writer.metadata.items()],  # ordered "last_loss": repr(float(last_loss)),
-                "digest": digest_tensor(tensor.detach().to("cpu")).hex(), **(extra or {})}
+                "digest": digest_tensor(tensor.detach().to("cpu")).hex(),
+                # what the partial file's rows through `step` hash to: a resume checks them before continuing
+                "partial_digests": writer.prefix_digests(written_through(writer.specs, step)), **(extra or {})}
         path = checkpoint.save(checkpoint_path(self.artifact), step, state, info)
         writer.keep_partial = True  # from now on an interrupted run leaves what its resume needs
         if self.stop_at is not None and step == self.stop_at:
@@ -115,8 +164,8 @@ def check_restored(ckpt: checkpoint.Checkpoint, tensor: torch.Tensor) -> None:
     """The restored recorded tensor must be the one the checkpoint was taken of."""
     got = digest_tensor(tensor.detach().to("cpu")).hex()
     if got != ckpt.info.get("digest"):
-        raise ArtifactError(f"{ckpt.path}: the restored state at step {ckpt.step} has digest {got[:16]}..., the "
-                            f"checkpoint recorded {str(ckpt.info.get('digest'))[:16]}...; it cannot be resumed.")
+        raise ResumeError(f"{ckpt.path}: the restored state at step {ckpt.step} has digest {got[:16]}..., the "
+                          f"checkpoint recorded {str(ckpt.info.get('digest'))[:16]}...; it cannot be resumed.")
 
 
 # --- the training state ---------------------------------------------------------------------------

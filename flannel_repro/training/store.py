@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from flannel_repro import safeio
 from flannel_repro.storage import stream
 from flannel_repro.errors import ArtifactError, ArtifactWarning, ConfigError
 from flannel_repro.config import EngineRunConfig
@@ -173,8 +175,6 @@ class RunStore:
 
         `resume_at` = k: a separate run, stopped after step k in a fresh process and resumed in another
         (training.resume); equal to the uninterrupted run bitwise when resuming changes nothing."""
-        from filelock import FileLock
-
         from flannel_repro.data.corpus import load_data
         from flannel_repro.analysis.trajectory import Trajectory
 
@@ -201,18 +201,20 @@ class RunStore:
             material["resume_at"] = resume_at
         key = key_of(material)
         path = self.path_for(config, repeat, key)
+        # a link, directory, FIFO or device at the run's path is refused, not read (a FIFO blocks) nor trained over
+        safeio.own_file(path, "a run artifact")
         hit = self._usable(path, key, material)
         if hit is not None:
             return Obtained(hit, trained=False)
         mark_cache_dir(self.root)
         stream.cleanup_partials(self.root)
-        with FileLock(str(path) + ".lock", timeout=self.lock_timeout_s):
+        with _lock(str(path) + ".lock", timeout=self.lock_timeout_s):
             hit = self._usable(path, key, material)  # another worker may have finished it while we waited
             if hit is not None:
                 return Obtained(hit, trained=False)
-            if path.is_dir() and not path.is_symlink():
-                raise ArtifactError(f"{path}: expected a run artifact (a file) or nothing at this path, got a directory; "
-                                    "remove it so the run can be stored.")
+            safeio.own_file(path, "a run artifact")
+            if os.path.islink(self.root / "training.log"):  # refused before training; other faults of the log only warn
+                safeio.own_file(self.root / "training.log", "the training log")
             if on_train_start is not None:
                 on_train_start(path)
             from flannel_repro.training.harness import train  # transformers is imported only when something trains
@@ -240,7 +242,12 @@ class RunStore:
                 result = train(config, path, data=data, progress=progress, metadata=metadata, run_key=key,
                                checkpoint_every=self.checkpoint_every if config.engine == "torch" else 0)
                 self._log_training(path, key, result.wall_time_s)
-        return Obtained(Trajectory(path), trained=True, replaced=self._rejected.pop(path, ""))
+        traj = Trajectory(path)
+        replaced = self._rejected.pop(path, "")
+        discarded = traj.metadata.get("resume_discarded", "")
+        if discarded:  # a checkpoint of it failed verification: trained from the start instead of resumed
+            replaced = "; ".join(filter(None, [replaced, f"checkpoint discarded ({discarded})"]))
+        return Obtained(traj, trained=True, replaced=replaced)
 
     def _log_training(self, path: Path, key: str, wall: float) -> None:
         """One line per training in `training.log`: an audit trail of what was trained, by whom, when."""
@@ -248,11 +255,15 @@ class RunStore:
                            "worker": os.environ.get("PYTEST_XDIST_WORKER", ""), "wall_time_s": round(wall, 3),
                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         log = self.root / "training.log"
-        try:
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(line + "\n")  # one short append per line: atomic on POSIX under O_APPEND
-        except OSError as exc:  # the run itself is published: an audit line must not fail it
-            warnings.warn(f"{log}: could not append the training record ({exc.strerror or exc}); the run "
+        try:  # never through a link, never blocking on a FIFO
+            fd = safeio.open_nofollow(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644, what="the training log")
+            try:
+                os.write(fd, (line + "\n").encode())  # one short append per line: atomic on POSIX under O_APPEND
+            finally:
+                os.close(fd)
+        except (OSError, ArtifactError) as exc:  # the run itself is published: an audit line must not fail it
+            why = exc.strerror or exc if isinstance(exc, OSError) else str(exc).removeprefix(f"{log}: ")
+            warnings.warn(f"{log}: could not append the training record ({why}); the run "
                           f"{path.name} is complete and is used", ArtifactWarning, stacklevel=3)
 
 
@@ -290,7 +301,7 @@ def clean_leftovers(root: str | Path, *, older_than_s: float = 60.0) -> list[Pat
     run's lock (a trainer holds it for the whole training), a partial only when its writer's pid is
     not running and the file has not changed for `older_than_s` (a live writer on another machine sharing
     the directory keeps it fresh). Returns the removed paths."""
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
     directory = Path(root)
     if not directory.is_dir():
@@ -299,7 +310,7 @@ def clean_leftovers(root: str | Path, *, older_than_s: float = 60.0) -> list[Pat
     for progress in sorted(directory.glob("*.safetensors.progress")):
         run = str(progress)[: -len(".progress")]
         try:
-            with FileLock(run + ".lock", timeout=0):
+            with _lock(run + ".lock", timeout=0):
                 progress.unlink()
         except (Timeout, FileNotFoundError):
             continue  # being trained now, or removed by another session
@@ -314,7 +325,7 @@ def clean_leftovers(root: str | Path, *, older_than_s: float = 60.0) -> list[Pat
         try:
             if time.time() - partial.stat().st_mtime < older_than_s:
                 continue
-            with FileLock(run + ".lock", timeout=0):
+            with _lock(run + ".lock", timeout=0):
                 if not Path(run + ".ckpt").exists():
                     partial.unlink()
                     removed.append(partial)
@@ -328,23 +339,94 @@ def clean_leftovers(root: str | Path, *, older_than_s: float = 60.0) -> list[Pat
 
 @dataclass(frozen=True)
 class Orphan:
-    """A file in an artifacts directory that no run of this installation can reuse."""
+    """A file in an artifacts directory: one the store wrote that no run of this installation can reuse
+    (`owned`: prune deletes it), or one the store did not write (not `owned`: listed, never deleted)."""
 
     path: Path
     size: int  # bytes
     reason: str
+    owned: bool = True
 
 
-def find_orphans(root: str | Path) -> list[Orphan]:
-    """Artifacts whose run key can no longer match: trained by other code of this package or other
-    package versions (every edit of the code changes every key), unreadable or incomplete files,
-    partial files of killed writers, and lock files of runs that are gone.
+# The name the store gives a run (`run_name` + .safetensors): group 1 its repeat, group 2 its run key's first 12 hex digits.
+_RUN_FILE = re.compile(r"(?:seed\d+|m\d+-d\d+)-.+-r(\d+)-([0-9a-f]{12})\.safetensors")
+# The store's side files of a run: its lock, progress file, checkpoint pair (training.resume) and partial files.
+_SIDE_FILE = re.compile(r"(.+\.safetensors)(\.lock|\.progress|\.ckpt|\.resumable|\.partial-\d+-[0-9a-f]+)")
+NOT_OURS = "not ours, kept"
+
+
+def _artifact_verdict(path: Path, code: str, packages: dict[str, str]) -> tuple[bool, str] | None:
+    """(owned, reason) for a *.safetensors file; None for a run of this store that runs here can reuse.
+
+    Owned: the store's name for its run key, and the store's run-key material (KEY_FORMAT) beside that key."""
+    from flannel_repro.storage.layout import header_metadata
+    from flannel_repro.storage.run import RunFile
+
+    named = _RUN_FILE.fullmatch(path.name)
+    if named is None:
+        return False, f"{NOT_OURS}: a name the run store does not give"
+    if path.is_symlink() or not path.is_file():
+        return False, f"{NOT_OURS}: expected a regular file, got {'a link' if path.is_symlink() else 'another kind'}"
+    meta = header_metadata(path)
+    if isinstance(meta, str):
+        return False, f"{NOT_OURS}: unreadable header ({meta})"
+    try:
+        material = json.loads(meta.get("run_key_material", "null"))
+    except (TypeError, ValueError):
+        material = None
+    got = material.get("format") if isinstance(material, dict) else None
+    if got != KEY_FORMAT:
+        return False, f"{NOT_OURS}: expected run-key material of format {KEY_FORMAT!r}, got {got!r}"
+    key = meta.get("run_key", "")
+    if (not isinstance(key, str) or re.fullmatch(r"[0-9a-f]{20}", key) is None or key[:12] != named.group(2)
+            or str(material.get("repeat")) != named.group(1)):
+        return False, f"{NOT_OURS}: its name does not carry its run key {key!r} and repeat {material.get('repeat')!r}"
+    try:
+        traj = RunFile(path)
+    except ArtifactError as exc:
+        return True, f"damaged run of this store ({str(exc).split(': ', 1)[-1][:80]}); retrained when needed"
+    try:
+        expected = run_name(traj.config, int(material["repeat"]), key) + ".safetensors"
+    except (ArtifactError, ConfigError, KeyError, TypeError, ValueError) as exc:
+        return True, f"damaged run of this store ({str(exc).split(': ', 1)[-1][:80]}); retrained when needed"
+    finally:
+        traj.close()
+    if expected != path.name:
+        return False, f"{NOT_OURS}: the run store names this run {expected}"
+    if key_of(material) != key:
+        return True, "damaged run of this store (its run-key material does not hash to its run key)"
+    reasons = []
+    if material.get("code") not in (None, code):
+        reasons.append(f"flannel-repro code {material.get('code')} (now {code})")
+    for name, version in sorted((material.get("packages") or {}).items()):
+        if packages.get(name) != version:
+            reasons.append(f"{name} {version} (now {packages.get(name, 'absent')})")
+    return (True, "; ".join(reasons)) if reasons else None
+
+
+def _side_file_is_ours(path: Path) -> bool:
+    """A regular file named after a run name the store gives, with one of the store's side-file suffixes."""
+    side = _SIDE_FILE.fullmatch(path.name)
+    return (side is not None and _RUN_FILE.fullmatch(side.group(1)) is not None and not path.is_symlink()
+            and path.is_file())
+
+
+def scan_artifacts(root: str | Path) -> list[Orphan]:
+    """What prune finds in an artifacts directory: the store's files no run of this installation can reuse
+    (owned) and the artifacts and side files the store did not write (not owned: kept).
+
+    Owned, deleted by prune: runs of this store trained by other code of this package or other package
+    versions (every edit of the code changes every key), runs of this store that are damaged (the store
+    trains them again), partial files of killed writers, resume files no run can resume, and lock and
+    progress files of runs that are gone. Ownership is the store's own: the name it gives a run key and,
+    for an artifact, its run-key material (KEY_FORMAT) in the metadata. Anything else is kept and listed:
+    an unreadable file, a file without that material (a run recorded with TrajectoryRecorder), a name
+    the store does not give.
 
     Runs of other numerics classes or thread counts are *not* orphans: another machine sharing the
     directory, or another setting, still reuses them.
     """
     from flannel_repro.training.determinism import code_version, package_versions
-    from flannel_repro.storage.run import RunFile
 
     directory = Path(root)
     if not directory.is_dir():
@@ -352,46 +434,44 @@ def find_orphans(root: str | Path) -> list[Orphan]:
     code, packages = code_version(), package_versions()
     found: list[Orphan] = []
 
-    def add(path: Path, reason: str) -> None:
+    def add(path: Path, reason: str, owned: bool = True) -> None:
         try:
-            found.append(Orphan(path, path.stat().st_size, reason))
+            found.append(Orphan(path, path.lstat().st_size, reason, owned))
         except FileNotFoundError:
             pass  # removed meanwhile by another process
 
-    for path in sorted(directory.glob("*.safetensors")):
-        try:
-            traj = RunFile(path)
-        except ArtifactError as exc:
-            add(path, f"unreadable or incomplete ({str(exc).split(': ', 1)[-1][:80]})")
-            continue
-        try:
-            material = traj.key_material or {}
-        finally:
-            traj.close()
-        reasons = []
-        if material.get("format") != KEY_FORMAT:
-            reasons.append(f"run-key format {material.get('format')!r} (now {KEY_FORMAT!r})")
-        if material.get("code") not in (None, code):
-            reasons.append(f"flannel-repro code {material.get('code')} (now {code})")
-        for name, version in sorted((material.get("packages") or {}).items()):
-            if packages.get(name) != version:
-                reasons.append(f"{name} {version} (now {packages.get(name, 'absent')})")
-        if reasons:
-            add(path, "; ".join(reasons))
+    entries = sorted(directory.iterdir())
+    for path in entries:
+        if path.name.endswith(".safetensors"):
+            verdict = _artifact_verdict(path, code, packages)
+            if verdict is not None:
+                add(path, verdict[1], owned=verdict[0])
+        elif _SIDE_FILE.fullmatch(path.name) and not _side_file_is_ours(path):
+            add(path, f"{NOT_OURS}: a side file of no run name the store gives", owned=False)
     for path in stream.stale_partials(directory):
-        add(path, "partial file of a writer that is gone")
+        if _side_file_is_ours(path):
+            add(path, "partial file of a writer that is gone")
     _resume_orphans(directory, code, add)
-    going = {o.path for o in found}
+    going = {o.path for o in found if o.owned}
     for path in sorted(directory.glob("*.safetensors.lock")):
+        if not _side_file_is_ours(path):
+            continue
         run = Path(str(path)[: -len(".lock")])
         resumable = Path(f"{run}.ckpt").exists() and Path(f"{run}.ckpt") not in going
         if (run in going or not run.exists()) and not resumable and _lock_is_free(path):
             add(path, "lock of a run that is gone" if run not in going else "lock of a run pruned with it")
     for path in sorted(directory.glob("*.safetensors.progress")):
+        if not _side_file_is_ours(path):
+            continue
         if not Path(str(path)[: -len(".progress")]).exists() and not any(
                 p.name.startswith(path.name[: -len(".progress")] + ".partial-") for p in directory.iterdir()):
             add(path, "progress file of a run that is gone")
     return found
+
+
+def find_orphans(root: str | Path) -> list[Orphan]:
+    """The files prune deletes: `scan_artifacts`'s owned ones."""
+    return [o for o in scan_artifacts(root) if o.owned]
 
 
 def _resume_orphans(directory: Path, code: str, add: Callable[[Path, str], None]) -> None:
@@ -403,6 +483,8 @@ def _resume_orphans(directory: Path, code: str, add: Callable[[Path, str], None]
 
     for suffix, partner in ((CHECKPOINT_SUFFIX, RESUMABLE_SUFFIX), (RESUMABLE_SUFFIX, CHECKPOINT_SUFFIX)):
         for path in sorted(directory.glob(f"*.safetensors{suffix}")):
+            if not _side_file_is_ours(path):
+                continue  # listed as not ours by scan_artifacts
             artifact = Path(str(path)[: -len(suffix)])
             lock = Path(f"{artifact}.lock")
             if lock.exists() and not _lock_is_free(lock):
@@ -423,19 +505,31 @@ def _resume_orphans(directory: Path, code: str, add: Callable[[Path, str], None]
                     add(Path(f"{artifact}{partner}"), f"partial artifact of flannel-repro code {made_by} (now {code})")
 
 
+def _lock(path: str, timeout: float):  # noqa: ANN202
+    """A run's FileLock; a link or special file at the lock's path is an ArtifactError naming it (FileLock
+    would open, and truncate, what a link points to)."""
+    from filelock import FileLock
+
+    safeio.own_file(path, "a lock file")
+    return FileLock(path, timeout=timeout)
+
+
 def _lock_is_free(path: Path) -> bool:
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
     try:
-        with FileLock(str(path), timeout=0):
+        with _lock(str(path), timeout=0):
             return True
     except Timeout:
         return False
+    except ArtifactError:
+        return False  # a link or special file: not ours to take, so never counted free
 
 
-def prune(root: str | Path, *, dry_run: bool = False) -> list[Orphan]:
-    """Delete what `find_orphans` finds (nothing with `dry_run`); returns what was (or would be) deleted."""
-    orphans = find_orphans(root)
+def prune(root: str | Path, *, dry_run: bool = False, found: list[Orphan] | None = None) -> list[Orphan]:
+    """Delete the owned files of `found` (`scan_artifacts(root)` when None; nothing with `dry_run`); returns
+    what was (or would be) deleted. Files the store did not write are never deleted."""
+    orphans = [o for o in (scan_artifacts(root) if found is None else found) if o.owned]
     if not dry_run:
         for orphan in orphans:
             try:
