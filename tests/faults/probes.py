@@ -9,7 +9,9 @@ loader, the command line, a pytest session in a subprocess) and classifies what 
   entry rebuilt, a killed run's partial file removed and the run trained again bitwise equal);
 - ``silent``: it went through and the result is wrong (or not checked to be right);
 - ``unclear``: an error, but not a named one, or one that does not name the thing;
-- ``crash``: a traceback, a signal, a hang.
+- ``crash``: a traceback or a signal;
+- ``hang``: still running when the probe's time was up (a FIFO read, a lock never released);
+- ``outside``: something outside the probe's folder was written or deleted (through a planted link).
 
 `tests/faults/test_faults.py` asserts every probe is clear or fine; ``python -m tests.faults`` runs
 them all and prints the table recorded in tests/faults/README.md.
@@ -48,7 +50,7 @@ from flannel_repro.training.store import RunStore
 REPO = Path(__file__).resolve().parents[2]
 # The tiny embedded data set (512 tokens); 4 steps train in a fraction of a second once torch is warm.
 CFG = RunConfig(dataset="tiny", vocab_size=512, steps=4, batch_size=8, seq_len=32, threads=1)
-KINDS = ("clear", "fine", "silent", "unclear", "crash")
+KINDS = ("clear", "fine", "silent", "unclear", "crash", "hang", "outside")
 
 
 @dataclass(frozen=True)

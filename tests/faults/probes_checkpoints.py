@@ -174,7 +174,7 @@ def _ckpt_link(workdir: Path) -> Outcome:
     outcome = expect_error(lambda: RunStore(root, checkpoint_every=EVERY).obtain(CFG), str(checkpoint_path(artifact)),
                            "symbolic link")
     if outside.read_bytes() != b"not yours":
-        return Outcome("silent", "the file outside the folder was written through the link")
+        return Outcome("outside", "the file outside the folder was written through the link")
     return outcome
 
 

@@ -46,7 +46,7 @@ def _bounded(action: Callable[[], object], fifos: tuple[Path, ...] = (), seconds
 def _expect_bounded(action: Callable[[], object], *needles: str, fifos: tuple[Path, ...] = ()) -> Outcome:
     box = _bounded(action, fifos)
     if box is None:
-        return Outcome("crash", f"hung: still running after {HANG_S:.0f} s")
+        return Outcome("hang", f"hung: still running after {HANG_S:.0f} s")
     if "error" in box:
         return named(box["error"], *needles)
     return Outcome("silent", "accepted without an error")
@@ -55,7 +55,7 @@ def _expect_bounded(action: Callable[[], object], *needles: str, fifos: tuple[Pa
 def _cli_bounded(argv: list[str], fifos: tuple[Path, ...] = ()) -> tuple[int, str, str] | Outcome:
     box = _bounded(lambda: _quiet(lambda: cli.main(argv)), fifos)
     if box is None:
-        return Outcome("crash", f"hung: flannel-repro {' '.join(argv)} still running after {HANG_S:.0f} s")
+        return Outcome("hang", f"hung: flannel-repro {' '.join(argv)} still running after {HANG_S:.0f} s")
     if "error" in box:
         return Outcome("crash", f"{type(box['error']).__name__}: {box['error']}")
     return box["value"]
@@ -71,7 +71,7 @@ def _outside(workdir: Path, data: bytes = b"a file outside the folder\n") -> Pat
 def _kept(outcome: Outcome, outside: Path, data: bytes) -> Outcome:
     """`outcome`, unless the file outside the folder changed (silent)."""
     if not outside.is_file() or outside.is_symlink() or outside.read_bytes() != data:
-        return Outcome("silent", f"{outside}, outside the folder, was written through the link")
+        return Outcome("outside", f"{outside}, outside the folder, was written through the link")
     return outcome
 
 
@@ -279,7 +279,7 @@ def _log_fifo(workdir: Path) -> Outcome:
 
     box = _bounded(action, (fifo,))
     if box is None:
-        return Outcome("crash", f"hung: still running after {HANG_S:.0f} s")
+        return Outcome("hang", f"hung: still running after {HANG_S:.0f} s")
     if "error" in box:
         return Outcome("crash", f"{type(box['error']).__name__}: {box['error']}")
     if not any("could not append" in s and "FIFO" in s for s in box["value"]):
@@ -426,7 +426,7 @@ def _token_cache_fifo(workdir: Path) -> Outcome:
     with _env(FLANNEL_REPRO_CACHE=str(cache)):
         box = _bounded(lambda: load_data(CFG), (entry,))
     if box is None:
-        return Outcome("crash", f"hung: still running after {HANG_S:.0f} s")
+        return Outcome("hang", f"hung: still running after {HANG_S:.0f} s")
     if "error" in box:
         return named(box["error"], str(entry))
     from tests.faults.probes import _reference_ids
