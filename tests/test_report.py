@@ -1,4 +1,5 @@
-"""The report: every plot written and showing its data, the page holding them, the JSON document in its
+"""The report: every plot written and showing its data with ticks a reader can use, an identical pair said in
+words instead of an empty chart, verdicts styled per kind, the page holding them, the JSON document in its
 documented shape, the CSV files, errors that leave nothing behind, and the page in a real headless browser."""
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,6 +31,7 @@ from flannel_repro.report import SCHEMA, write_report  # noqa: E402
 from flannel_repro.report.names import STALL_PLOT  # noqa: E402
 
 STEPS = 12
+IDENTICAL_PLOT = "divergence-same-config-separate-trainings.png"  # the class of repeats: bitwise identical, not drawn
 BASE = TINY.replace(steps=STEPS)
 
 # what each source of divergence needs, plus float32 weights for the stall plot's cure
@@ -65,14 +69,63 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+class _Page(HTMLParser):
+    """What the checks read of a page: its images, its table cells (class, text), each h3 of the Plots section
+    with the images and text under it, and the inline style."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.cells: list[tuple[str, str]] = []
+        self.sections: list[dict] = []
+        self.style = ""
+        self._in: str | None = None
+        self._cell: list[str] | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a["src"])
+            if self.sections:
+                self.sections[-1]["images"].append(a["src"])
+        elif tag == "td":
+            self._cell = [a.get("class") or "", ""]
+        elif tag == "h3":
+            self.sections.append({"id": a.get("id"), "title": "", "images": [], "text": ""})
+            self._in = "h3"
+        elif tag in ("p", "style"):
+            self._in = tag
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self.cells.append((self._cell[0], self._cell[1]))
+            self._cell = None
+        elif tag in ("h3", "p", "style"):
+            self._in = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell[1] += data
+        elif self._in == "h3":
+            self.sections[-1]["title"] += data
+        elif self._in == "p" and self.sections:
+            self.sections[-1]["text"] += data
+        elif self._in == "style":
+            self.style += data
+
+
 def test_every_plot_is_written_and_not_blank(report) -> None:  # noqa: ANN001
     doc = report.document
     files = {f["file"] for f in doc["figures"]}
     expected = {"divergence-different-train-seeds.png", "divergence-data-order-only-model-seed-fixed.png",
-                "divergence-model-init-only-data-seed-fixed.png", "divergence-same-config-separate-trainings.png",
-                "divergence-different-threads.png", "live-dead-share.png", "loss.png", "seed-matrix.png",
+                "divergence-model-init-only-data-seed-fixed.png", "live-dead-share.png", "loss.png", "seed-matrix.png",
                 STALL_PLOT, "sources.png"}
     assert expected <= files, expected - files
+    assert IDENTICAL_PLOT not in files and not (report.folder / IDENTICAL_PLOT).exists()  # said in words instead
+    for c in doc["pair_classes"]:  # a class is drawn where a pair parted (threads: machine-dependent), else said
+        drawn = c["identical"] < c["n_pairs"]
+        assert (c["plot"] in files) == drawn and (c["plot"] is None) == (not drawn), c
     for name in files:
         pixels = _png_pixels(report.folder / name)
         assert pixels.shape[0] > 200 and pixels.shape[1] > 300, name
@@ -82,9 +135,18 @@ def test_every_plot_is_written_and_not_blank(report) -> None:  # noqa: ANN001
         assert rgb.std() > 0.05, name
 
 
-def test_axes_show_the_data(report) -> None:  # noqa: ANN001
+@pytest.fixture(scope="module")
+def figures(report):  # noqa: ANN001, ANN201
+    """The Figure objects (with axis limits and ticks) of the same report, drawn again from the same runs."""
+    from flannel_repro.report.compute import collect
+    from flannel_repro.report.figures import all_figures
+
+    runs = [r["path"] for r in report.document["runs"]]
+    return {f.file: f for f in all_figures(collect(runs))}
+
+
+def test_axes_show_the_data(report, figures) -> None:  # noqa: ANN001
     """Each plot's axis limits hold the data's range, read back independently from the CSV files."""
-    figures = {f.file: f for f in _figures_of(report)}
     rows = _read_csv(report.folder / "divergence.csv")
     seeds = [r for r in rows if r["pair_class"] == "different train seeds"]
     frob = np.array([float(r["frobenius"]) for r in seeds if r["frobenius"] and float(r["frobenius"]) > 0])
@@ -104,13 +166,118 @@ def test_axes_show_the_data(report) -> None:  # noqa: ANN001
     assert fig.ylim[0] <= changed[changed > 0].min() and fig.ylim[1] >= changed.max()
 
 
-def _figures_of(report):  # noqa: ANN001, ANN202
-    """The Figure objects (with axis limits) of the same report, drawn again from the same runs."""
-    from flannel_repro.report.compute import collect
-    from flannel_repro.report.figures import all_figures
+def test_axes_have_ticks_a_reader_can_use(figures) -> None:  # noqa: ANN001
+    """Every log value axis has at least two labelled ticks in view; the step axis of a short run (here 12
+    steps) is linear with at least three labelled steps."""
+    assert set(figures) >= {"divergence-different-train-seeds.png", "sources.png", STALL_PLOT}
+    for f in figures.values():
+        if f.yscale == "log":
+            assert len(f.yticks) >= 2, (f.file, f.ylim, f.yticks)
+        if f.file.startswith("divergence-") or f.file == "sources.png":
+            assert f.yscale == "log" and f.xscale == "linear", f.file
+            assert len(f.xticks) >= 3, (f.file, f.xlim, f.xticks)
+            assert all(float(label) == pos and pos == int(pos) for pos, label in f.xticks), f.xticks  # whole steps
 
-    runs = [r["path"] for r in report.document["runs"]]
-    return all_figures(collect(runs))
+
+def _pair(steps: int, frobenius: np.ndarray, first_step: int | None):  # noqa: ANN202
+    from flannel_repro.report.compute import PairResult
+
+    return PairResult(a=0, b=1, pair_class="x", steps=np.arange(steps + 1), frobenius=frobenius,
+                      frobenius_live=frobenius, max_abs=frobenius / 3, rows_differ=np.zeros(steps + 1),
+                      first_step=first_step)
+
+
+@pytest.mark.parametrize("steps, frobenius, scale", [
+    (8, np.r_[0.0, np.geomspace(1e-4, 1e-1, 8)], "linear"),  # the issue's 8-step run
+    (8, np.r_[0.0, np.linspace(3.1, 3.4, 8)], "linear"),  # a value axis spanning less than one mantissa step
+    (1000, np.r_[0.0, np.geomspace(1e-6, 1.0, 1000)], "symlog"),
+    (100, np.r_[0.0, np.linspace(0.02, 0.03, 100)], "symlog"),
+], ids=["8-steps", "8-steps-narrow", "1000-steps", "100-steps-narrow"])
+def test_step_and_value_axes_of_short_and_long_runs(steps: int, frobenius: np.ndarray, scale: str) -> None:
+    """Drawn from made-up divergence curves: a short run's step axis labels every step, a long run's a
+    1-2-5 log sequence; the log value axis has at least two labelled ticks however narrow its range."""
+    from flannel_repro.report.compute import Collected
+    from flannel_repro.report.figures import pair_class_figure, require_matplotlib
+
+    data = Collected(runs=[SimpleNamespace(name="a"), SimpleNamespace(name="b")])
+    fig = pair_class_figure(require_matplotlib(), data, "x", [_pair(steps, frobenius, 1)])
+    assert fig.xscale == scale and fig.yscale == "log"
+    shown = [pos for pos, _ in fig.xticks]
+    if steps == 8:
+        assert shown == list(range(1, 9)), fig.xticks  # every step with a value (0 is equal: not on a log axis)
+    else:
+        assert {1, 10, 100} <= set(shown) and len(shown) >= 5 and 2 in shown, fig.xticks
+        assert all(label == str(int(pos)) for pos, label in fig.xticks), fig.xticks  # plain step numbers
+    assert len(fig.yticks) >= 2 and len({label for _, label in fig.yticks}) == len(fig.yticks), fig.yticks
+    assert fig.ylim[0] <= frobenius[1:].min() and fig.ylim[1] >= frobenius.max()
+
+
+def test_an_identical_pair_is_a_line_of_text_not_a_chart(report) -> None:  # noqa: ANN001
+    """The repeats of one config are bitwise identical: no chart (and no empty log axes), a line of text in its
+    place on both pages, under a heading whose anchor is the plot's name; a class that parted keeps its chart."""
+    from flannel_repro.report.compute import Collected
+    from flannel_repro.report.figures import pair_class_figure, require_matplotlib
+
+    doc = report.document
+    same = next(c for c in doc["pair_classes"] if c["class"] == "same config, separate trainings")
+    assert same["plot"] is None and same["steps"] == STEPS and same["identical"] == same["n_pairs"]
+    page = _Page((report.folder / "index.html").read_text())
+    assert IDENTICAL_PLOT not in page.images
+    section = next(s for s in page.sections if s["id"] == IDENTICAL_PLOT)
+    assert section["images"] == [] and f"bitwise identical over all {STEPS} steps" in section["text"], section
+    for c in doc["pair_classes"]:
+        if c["plot"] is not None:
+            assert next(s for s in page.sections if s["id"] == c["plot"])["images"] == [c["plot"]]
+    md = (report.folder / "report.md").read_text()
+    block = md.split("### Divergence: same config, separate trainings\n", 1)[1].split("\n### ", 1)[0]
+    assert f"bitwise identical over all {STEPS} steps" in block and "![" not in block, block
+    data = Collected(runs=[SimpleNamespace(name="a"), SimpleNamespace(name="b")])
+    assert pair_class_figure(require_matplotlib(), data, "x", [_pair(8, np.zeros(9), None)]) is None
+
+
+VERDICT_WORDS = {"EXACT": "exact", "WITHIN BAND": "band", "PARTED": "parted", "PASSED": "passed", "FAILED": "failed",
+                 "SKIPPED": "skipped", "NOT COMPARED": "none"}
+
+
+def _verdict_kind(text: str) -> str | None:
+    return next((kind for word, kind in VERDICT_WORDS.items() if text.startswith(word)), None)
+
+
+def test_verdict_cells_carry_a_word_and_their_class(report) -> None:  # noqa: ANN001
+    """Every verdict in the tables (exact, within band, parted; passed, failed, skipped; not compared) starts with
+    its word and carries `verdict v-<kind>`, which the page's own style colours: colour is never alone."""
+    from flannel_repro.report import markdown, page_html
+
+    items = [{"nodeid": f"t.py::test_{c}", "snapshot": f"test_{c}[k]", "comparison": c, "outcome": o,
+              "reason": None if c != "none" else "no-band", "class": "k", "stored": None}
+             for c, o in (("exact", "passed"), ("band", "passed"), ("none", "skipped"))]
+    doc = dict(report.document,
+               claims=[{"nodeid": f"t.py::test_{o}", "outcome": o, "message": None, "plots": [], "duration_s": 0.1}
+                       for o in ("passed", "failed", "skipped")],
+               verdicts={"passed": 1, "failed": 1, "skipped": 1},
+               snapshots={"assertions": 3, "compared_exactly": 1, "within_band": 1, "not_compared": 1,
+                          "not_compared_by_reason": {"no-band": 1}, "policy": "tolerant", "items": items})
+    for text in (page_html(doc), (report.folder / "index.html").read_text()):
+        page = _Page(text)
+        seen = set()
+        for cls, cell in page.cells:
+            kind = _verdict_kind(cell)
+            if "verdict" in cls.split():
+                assert kind is not None and cls.split() == ["verdict", f"v-{kind}"], (cls, cell)
+                seen.add(kind)
+            elif kind is not None:
+                pytest.fail(f"a verdict cell without its class: {cell!r}")
+        for kind in seen:
+            rule = re.search(rf"\.v-{kind}\{{([^}}]*)\}}", page.style)
+            assert rule and "background:" in rule.group(1) and "color:" in rule.group(1), (kind, page.style)
+    assert seen >= {"exact", "parted"}  # the report's own page: the pair classes and the sources
+    page = _Page(page_html(doc))
+    assert {_verdict_kind(cell) for cls, cell in page.cells if "verdict" in cls} == set(VERDICT_WORDS.values())
+    colours = {kind: re.search(rf"\.v-{kind}\{{background:([^;]+);", page.style).group(1) for kind in ("exact", "parted", "failed")}
+    assert len(set(colours.values())) == 3, colours
+    md = markdown(doc)
+    assert "| FAILED |" in md and "| WITHIN BAND | PASSED |" in md and "| NOT COMPARED | SKIPPED |" in md
+    assert re.search(r"\| same config, separate trainings \| EXACT \|", md) and "| PARTED |" in md
 
 
 def test_page_references_every_image_and_table(report) -> None:  # noqa: ANN001
@@ -239,6 +406,12 @@ def test_page_renders_in_a_headless_browser(report, tmp_path: Path) -> None:  # 
     assert dom.returncode == 0, dom.stderr[-2000:]
     n = len(report.document["figures"])
     assert f'data-images-loaded="{n}/{n}"' in dom.stdout, re.findall(r"data-images-loaded=\"[^\"]*\"", dom.stdout)
+    # the style coloured every verdict cell, and the identical pair is a line of text (no image) in the browser too
+    v = sum(1 for cls, _ in _Page((report.folder / "index.html").read_text()).cells if "verdict" in cls.split())
+    assert v > 0 and f'data-verdicts-coloured="{v}/{v}"' in dom.stdout, re.findall(r"data-verdicts-\w+=\"[^\"]*\"", dom.stdout)
+    rendered = _Page(dom.stdout)
+    section = next(s for s in rendered.sections if s["id"] == IDENTICAL_PLOT)
+    assert section["images"] == [] and f"bitwise identical over all {STEPS} steps" in section["text"]
     shot = tmp_path / "page.png"
     got = subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1280,2400", url],
                          capture_output=True, text=True, timeout=120)

@@ -12,7 +12,13 @@ Files written into the report folder, each atomically (temporary file, then a re
 | `steps.csv` | per run and step: loss and the update statistics |
 | `*.png` | the plots (`figures.py`) |
 
-Plots a previous report left and this one does not draw are removed (only files that report listed).
+Plots a previous report left and this one does not draw are removed (only files that report listed). A pair
+class whose pairs are all bitwise identical gets no plot: the page says so in a line of text where its plot
+would be (under a heading whose anchor is the plot's name, which a failing claim names).
+
+Verdicts in the page's tables (exact, within band, parted; passed, failed, skipped; not compared) are
+`Verdict` cells: a word first, so that they read without colour (Markdown, a screen reader), and in the HTML
+page a CSS class per verdict (`verdict v-exact`, ...) with a colour, from the page's own inline style.
 """
 
 from __future__ import annotations
@@ -42,8 +48,30 @@ from flannel_repro import safeio
 from flannel_repro.storage.jsonfile import read_json, write_bytes_atomic, write_text_atomic
 from flannel_repro.version import __version__
 
-__all__ = ["FORMAT", "SCHEMA", "SOURCES_PLOT", "STALL_PLOT", "ReportResult", "SessionInfo", "plot_for_claim",
-           "step_summary", "write_report"]
+__all__ = ["FORMAT", "SCHEMA", "SOURCES_PLOT", "STALL_PLOT", "VERDICT_COLOURS", "ReportResult", "SessionInfo", "Verdict",
+           "plot_for_claim", "step_summary", "write_report"]
+
+# verdict kind -> (background, text colour) of its table cell on the page
+VERDICT_COLOURS = {
+    "exact": ("#dcf1dc", "#145a1e"), "passed": ("#dcf1dc", "#145a1e"),
+    "band": ("#fff1c2", "#6b4d00"),
+    "parted": ("#fde3cc", "#8a3a00"),
+    "failed": ("#f9d3d3", "#9b0000"),
+    "skipped": ("#e9e9e9", "#4a4a4a"), "none": ("#e9e9e9", "#4a4a4a"),
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A table cell that is a verdict: `kind` (a key of VERDICT_COLOURS) picks its CSS class on the page,
+    `text` leads with the word (EXACT, WITHIN BAND, PARTED, PASSED, FAILED, SKIPPED, NOT COMPARED)."""
+
+    kind: str
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
 
 @dataclass
 class SessionInfo:
@@ -126,11 +154,13 @@ def document(data: Collected, figures: Sequence[Figure], session: SessionInfo | 
     import torch
 
     classes = []
+    drawn = {f.file for f in figures}
     for cls, pairs in data.classes().items():
         firsts = [p.first_step for p in pairs if p.first_step is not None]
         classes.append({
             "class": cls,
-            "plot": pair_class_plot(cls),
+            "plot": pair_class_plot(cls) if pair_class_plot(cls) in drawn else None,  # None: all bitwise identical
+            "steps": max(int(p.steps[-1]) for p in pairs),
             "n_pairs": len(pairs),
             "identical": sum(1 for p in pairs if p.first_step is None),
             "first_step_min": min(firsts) if firsts else None,
@@ -233,31 +263,77 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _outcome(outcome: str) -> Verdict:
+    return Verdict(outcome if outcome in VERDICT_COLOURS else "none", outcome.upper())
+
+
+def _class_verdict(c: dict[str, Any]) -> Verdict:
+    if c["identical"] == c["n_pairs"]:
+        return Verdict("exact", "EXACT")
+    return Verdict("parted", "PARTED" if not c["identical"] else f"PARTED ({c['identical']} of {c['n_pairs']} exact)")
+
+
+_COMPARISON = {"exact": Verdict("exact", "EXACT"), "band": Verdict("band", "WITHIN BAND")}
+
+
 def _tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
-    """(title, header, rows) of every table the page shows."""
+    """(title, header, rows) of every table the page shows; a verdict is a `Verdict` cell."""
     out = []
     if doc["claims"]:
         out.append(("Claims", ["outcome", "test", "plot", "message"],
-                    [[c["outcome"].upper(), c["nodeid"], ", ".join(c.get("plots") or []) or "-",
+                    [[_outcome(c["outcome"]), c["nodeid"], ", ".join(c.get("plots") or []) or "-",
                       (c.get("message") or "")[:200]] for c in doc["claims"]]))
+    items = (doc.get("snapshots") or {}).get("items") or []
+    if items:
+        out.append(("Snapshots", ["comparison", "outcome", "test", "snapshot", "why not compared"],
+                    [[_COMPARISON.get(i["comparison"], Verdict("none", "NOT COMPARED")), _outcome(i["outcome"]),
+                      i["nodeid"], i["snapshot"], i["reason"]] for i in items]))
     out.append(("Runs", ["run", "steps", "final loss", "numerics class", "stalled at (<1% changed)"],
                 [[r["name"], r["steps"], r["final_loss"], r["numerics_class"], r["stalled_at"]] for r in doc["runs"]]))
-    out.append(("Divergence by pair class", ["class", "pairs", "bitwise identical", "first divergent step", "final ‖ΔW‖_F", "plot"],
-                [[c["class"], c["n_pairs"], c["identical"],
+    out.append(("Divergence by pair class",
+                ["class", "verdict", "pairs", "bitwise identical", "first divergent step", "final ‖ΔW‖_F", "plot"],
+                [[c["class"], _class_verdict(c), c["n_pairs"], c["identical"],
                   "-" if c["first_step_min"] is None else f"{c['first_step_min']}..{c['first_step_max']}",
-                  f"{_fmt(c['final_frobenius_min'])}..{_fmt(c['final_frobenius_max'])}", c["plot"]]
+                  f"{_fmt(c['final_frobenius_min'])}..{_fmt(c['final_frobenius_max'])}",
+                  c["plot"] or "none: bitwise identical"]
                  for c in doc["pair_classes"]]))
     if doc["sources"]:
         steps = doc["sources"]["rows"][0]["steps"] if doc["sources"]["rows"] else []
         out.append((f"Divergence by source (base {doc['sources']['base']})",
                     ["source", "parts at", *[f"‖ΔW‖_F @{s}" for s in steps]],
-                    [[r["description"], "never" if r["first_step"] is None else r["first_step"], *r["frobenius"]]
+                    [[r["description"], Verdict("exact", "EXACT: never parts") if r["first_step"] is None
+                      else Verdict("parted", f"PARTED at {r['first_step']}"), *r["frobenius"]]
                      for r in doc["sources"]["rows"]]))
     stall_rows = []
     for s in doc["stall"]:
         stall_rows.append([s["run"], s["dtype"], s["stalled_at"],
                            ", ".join(f"{a['step']}: {100 * a['changed']:.3g}%" for a in s["at"] if a["changed"] is not None)])
     out.append(("Update fraction (share of W's entries changed)", ["run", "dtype", "stalled at", "changed at step"], stall_rows))
+    return out
+
+
+def _identical_sentence(c: dict[str, Any]) -> str:
+    """What the page says where the plot of a pair class whose pairs are all bitwise identical would be."""
+    who = (f"{c['pairs'][0]['a']} and {c['pairs'][0]['b']} are" if c["n_pairs"] == 1 and c["pairs"]
+           else f"all {c['n_pairs']} pairs are")
+    return (f"{c['class']}: {who} bitwise identical over all {c['steps']} steps (every recorded W equal), "
+            "so there is no divergence to plot.")
+
+
+def _plot_entries(doc: dict[str, Any]) -> list[tuple[str, str, bool, str]]:
+    """(anchor, title, has an image, text) of the page's Plots section in order: per pair class its plot, or
+    where all its pairs are bitwise identical a line saying so in its place; then the other plots."""
+    figures = {f["file"]: f for f in doc["figures"]}
+    out: list[tuple[str, str, bool, str]] = []
+    used: set[str] = set()
+    for c in doc["pair_classes"]:
+        f = figures.get(c["plot"] or "")
+        if f is not None:
+            used.add(f["file"])
+            out.append((f["file"], f["title"], True, f["shows"]))
+        else:
+            out.append((pair_class_plot(c["class"]), f"Divergence: {c['class']}", False, _identical_sentence(c)))
+    out += [(f["file"], f["title"], True, f["shows"]) for f in doc["figures"] if f["file"] not in used]
     return out
 
 
@@ -290,13 +366,22 @@ def markdown(doc: dict[str, Any], *, images: bool = True) -> str:
         lines += ["| " + " | ".join(_md(_fmt(c), cell=True) for c in row) + " |" for row in rows]
         lines.append("")
     lines += ["## Plots", ""]
-    for f in doc["figures"]:
-        title = _md(f["title"])
-        lines += [f"### {title}", ""] + ([f"![{title}]({f['file']})", ""] if images else [f"`{f['file']}`", ""])
-        lines += [_md(f["shows"]), ""]
+    for file, title, has_image, text in _plot_entries(doc):
+        title = _md(title)
+        lines += [f"### {title}", ""]
+        if has_image:
+            lines += [f"![{title}]({file})", ""] if images else [f"`{file}`", ""]
+        lines += [_md(text), ""]
     for n in doc["notes"]:
         lines.append(f"Note: {_md(n)}")
     return "\n".join(lines) + "\n"
+
+
+def _td(cell: Any) -> str:
+    if isinstance(cell, Verdict):
+        kind = cell.kind if cell.kind in VERDICT_COLOURS else "none"
+        return f'<td class="verdict v-{kind}">{html.escape(cell.text)}</td>'
+    return f"<td>{html.escape(_fmt(cell))}</td>"
 
 
 def page_html(doc: dict[str, Any]) -> str:
@@ -304,7 +389,10 @@ def page_html(doc: dict[str, Any]) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>flannel-repro report</title>",
              "<style>body{font-family:sans-serif;max-width:1250px;margin:1em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
-             "th{background:#f3f3f3}img{max-width:100%;border:1px solid #ddd}.failed{color:#b00}.passed{color:#070}</style>",
+             "th{background:#f3f3f3}img{max-width:100%;border:1px solid #ddd}"
+             ".verdict{font-weight:bold;white-space:nowrap}"
+             + "".join(f".v-{k}{{background:{bg};color:{fg}}}" for k, (bg, fg) in VERDICT_COLOURS.items())
+             + ".identical{border-left:4px solid #3a8a3a;background:#eef7ee;padding:.5em .8em}</style>",
              "</head><body>", "<h1>flannel-repro report</h1>",
              f"<p>{len(doc['runs'])} run(s); {e(doc['environment']['platform'])}; torch {e(doc['environment']['torch'])}; "
              f"numerics {e(', '.join(doc['environment']['numerics_classes']) or '-')}; created {e(doc['created'])}.</p>"]
@@ -316,18 +404,24 @@ def page_html(doc: dict[str, Any]) -> str:
     for title, head, rows in _tables(doc):
         parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
         for row in rows:
-            cls = f' class="{e(str(row[0]).lower())}"' if title == "Claims" else ""
-            parts.append(f"<tr{cls}>" + "".join(f"<td>{e(_fmt(c))}</td>" for c in row) + "</tr>")
+            parts.append("<tr>" + "".join(_td(c) for c in row) + "</tr>")
         parts.append("</table>")
     parts.append("<h2>Plots</h2>")
-    for f in doc["figures"]:
-        parts.append(f'<h3 id="{e(f["file"])}">{e(f["title"])}</h3><img src="{e(f["file"])}" alt="{e(f["title"])}">'
-                     f"<p>{e(f['shows'])}</p>")
+    for file, title, has_image, text in _plot_entries(doc):
+        if has_image:
+            parts.append(f'<h3 id="{e(file)}">{e(title)}</h3><img src="{e(file)}" alt="{e(title)}"><p>{e(text)}</p>')
+        else:
+            parts.append(f'<h3 id="{e(file)}">{e(title)}</h3><p class="identical">{e(text)}</p>')
     for n in doc["notes"]:
         parts.append(f"<p>Note: {e(n)}</p>")
     # a check a headless browser can read back (tests/test_report.py): how many images loaded
+    # and how many verdict cells the style coloured
     parts.append("<script>window.addEventListener('load', function () { var n = 0, imgs = document.images;"
                  " for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) n++; }"
-                 " document.body.setAttribute('data-images-loaded', n + '/' + imgs.length); });</script>")
+                 " document.body.setAttribute('data-images-loaded', n + '/' + imgs.length);"
+                 " var v = document.querySelectorAll('td.verdict'), k = 0;"
+                 " for (var j = 0; j < v.length; j++) { var bg = getComputedStyle(v[j]).backgroundColor;"
+                 " if (bg && bg !== 'transparent' && bg !== 'rgba(0, 0, 0, 0)') k++; }"
+                 " document.body.setAttribute('data-verdicts-coloured', k + '/' + v.length); });</script>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

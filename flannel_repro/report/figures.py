@@ -1,7 +1,16 @@
 """The report's plots (matplotlib, headless: the Agg backend, never a window).
 
 Each function draws one figure from `collect.Collected` and returns its PNG bytes and a description
-of what it shows (the page prints it under the image; the JSON report lists it).
+of what it shows (the page prints it under the image; the JSON report lists it), or None where there is
+nothing to draw: a pair class whose pairs are all bitwise identical gets no chart (the page says so in words).
+
+Axes a reader can use (`_step_axis`, `_log_value_axis`): a run of at most `LINEAR_STEPS` steps gets a linear
+step axis with whole-step ticks (every step on an 8-step run, every 2nd or 5th on longer ones): with that
+few steps each one has room and the reader counts them, where a log axis spends half its width between
+steps 0 and 1 and, on 8 steps, labels only 10^0. Longer runs get a symlog step axis (the parting in the
+first steps needs room) ticked 0, 1, 2, 5, 10, 20, 50, ... (decades only past ~3000 steps). A log value
+axis is ticked by decades where the view spans three or more, else 1-2-5 inside them, else every mantissa,
+else evenly: at least two labelled ticks in view, written as numbers.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from flannel_repro.report.names import SOURCES_PLOT, STALL_PLOT, pair_class_plot
 
 DPI = 100
 SIZE = (8.0, 4.5)
+LINEAR_STEPS = 30  # runs of at most this many steps get a linear step axis (see the module docstring)
 
 
 def require_matplotlib() -> Any:
@@ -46,18 +56,85 @@ class Figure:
     y_range: tuple[float, float]
     xlim: tuple[float, float] = (math.nan, math.nan)
     ylim: tuple[float, float] = (math.nan, math.nan)
+    # that panel's scales and its labelled major ticks in view, (position, label) as drawn
+    xscale: str = "linear"
+    yscale: str = "linear"
+    xticks: tuple[tuple[float, str], ...] = ()
+    yticks: tuple[tuple[float, str], ...] = ()
 
 
 def _figure(plt: Any, fig: Any, ax: Any, file: str, title: str, shows: str, x_range: tuple[float, float],
             y_range: tuple[float, float]) -> Figure:
-    """Render `fig` to PNG bytes (and close it), keeping the first panel `ax`'s axis limits."""
+    """Render `fig` to PNG bytes (and close it), keeping the first panel `ax`'s axis limits and ticks."""
     fig.canvas.draw()
     xlim = tuple(float(v) for v in ax.get_xlim())
     ylim = tuple(float(v) for v in ax.get_ylim())
+    xticks, yticks = _labelled_ticks(ax.xaxis, xlim), _labelled_ticks(ax.yaxis, ylim)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     plt.close(fig)
-    return Figure(file, title, shows, buf.getvalue(), x_range, y_range, xlim, ylim)  # type: ignore[arg-type]
+    return Figure(file, title, shows, buf.getvalue(), x_range, y_range, xlim, ylim,  # type: ignore[arg-type]
+                  ax.get_xscale(), ax.get_yscale(), xticks, yticks)
+
+
+def _labelled_ticks(axis: Any, lim: tuple[float, ...]) -> tuple[tuple[float, str], ...]:
+    """The major ticks of a drawn `axis` inside its view `lim` that carry a label: (position, label)."""
+    lo, hi = sorted(lim)
+    slack = 1e-9 * max(abs(lo), abs(hi), 1e-300)
+    labels = [t.get_text() for t in axis.get_majorticklabels()]
+    return tuple((float(v), text) for v, text in zip(axis.get_majorticklocs(), labels)
+                 if lo - slack <= v <= hi + slack and text.strip())
+
+
+def _number(v: float, _pos: Any = None) -> str:
+    """A tick label: a plain number where that is short (0.002, 0.5, 20, 5000), else a x 10^n."""
+    if v == 0 or not math.isfinite(v):
+        return f"{v:g}"
+    if v == round(v) and abs(v) < 1e7:  # a step, or a whole number of anything
+        return str(int(round(v)))
+    if 1e-3 <= abs(v) < 1e5:
+        return f"{v:.4g}"
+    mantissa, exponent = f"{v:.3e}".split("e")
+    m, e = float(mantissa), int(exponent)
+    return f"$10^{{{e}}}$" if m == 1 else f"${m:g}\\times10^{{{e}}}$"
+
+
+def _step_axis(ax: Any, last_step: int) -> None:
+    """The step axis of `ax` for steps 0..`last_step` (see the module docstring)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter, SymmetricalLogLocator
+
+    if last_step <= LINEAR_STEPS:
+        ax.set_xscale("linear")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=max(1, min(last_step, 12)), integer=True, steps=[1, 2, 5, 10]))
+        ax.set_xlabel("step")
+    else:
+        ax.set_xscale("symlog", linthresh=1)  # linear below 1, so step 0 is drawn
+        decades = math.log10(max(last_step, 1))
+        ax.xaxis.set_major_locator(SymmetricalLogLocator(linthresh=1, base=10, subs=[1, 2, 5] if decades <= 3.5 else [1]))
+        ax.xaxis.set_minor_locator(SymmetricalLogLocator(linthresh=1, base=10, subs=list(range(1, 10))))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("step (log scale past 1)")
+    ax.xaxis.set_major_formatter(FuncFormatter(_number))
+
+
+def _log_value_axis(ax: Any) -> None:
+    """Log-scale the value (y) axis of `ax`, ticked so that at least two labelled ticks are in view (see the
+    module docstring); minor ticks stay unlabelled."""
+    from matplotlib.ticker import AutoLocator, FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    lo, hi = sorted(ax.get_ylim())
+    chosen: Any = None
+    for subs in ((1.0,), (1.0, 2.0, 5.0), tuple(float(k) for k in range(1, 10))):
+        locator = LogLocator(base=10, subs=subs, numticks=12)
+        if sum(1 for t in locator.tick_values(lo, hi) if lo <= t <= hi) >= 3:
+            chosen = locator
+            break
+    if chosen is None:  # a view narrower than the mantissas' spacing: evenly spaced, positive ticks
+        chosen = FixedLocator([t for t in AutoLocator().tick_values(lo, hi) if t > 0])
+    ax.yaxis.set_major_locator(chosen)
+    ax.yaxis.set_major_formatter(FuncFormatter(_number))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _positive(x: np.ndarray) -> np.ndarray:
@@ -71,7 +148,11 @@ def _range(values: list[np.ndarray]) -> tuple[float, float]:
     return (float(finite.min()), float(finite.max())) if finite.size else (math.nan, math.nan)
 
 
-def pair_class_figure(plt: Any, data: Collected, cls: str, pairs: list[PairResult]) -> Figure:
+def pair_class_figure(plt: Any, data: Collected, cls: str, pairs: list[PairResult]) -> Figure | None:
+    """‖ΔW‖_F and max |ΔW| against step for the pairs of one class; None where every pair is bitwise identical
+    (there is nothing to draw: the page says so in words)."""
+    if all(p.first_step is None for p in pairs):
+        return None
     fig, (ax_f, ax_m) = plt.subplots(1, 2, figsize=(SIZE[0] * 1.5, SIZE[1]), sharex=True)
     ys: list[np.ndarray] = []
     xs: list[np.ndarray] = []
@@ -86,12 +167,11 @@ def pair_class_figure(plt: Any, data: Collected, cls: str, pairs: list[PairResul
         ys.append(_positive(p.frobenius))
         xs.append(p.steps.astype(np.float64))
     identical = sum(1 for p in pairs if p.first_step is None)
+    last = max(int(p.steps[-1]) for p in pairs)
     for ax, what in ((ax_f, "‖ΔW‖_F"), (ax_m, "max |ΔW|")):
-        ax.set_xlabel("step (log scale past 1)")
         ax.set_ylabel(what)
-        ax.set_xscale("symlog", linthresh=1)  # the parting happens in the first steps
-        if any(np.isfinite(y).any() for y in ys):
-            ax.set_yscale("log")
+        _step_axis(ax, last)  # the parting happens in the first steps
+        _log_value_axis(ax)  # a pair that parted has some ‖ΔW‖_F > 0
         ax.grid(True, which="both", alpha=0.3)
     note = f"; {identical} of {len(pairs)} pairs bitwise identical (not drawn)" if identical else ""
     ax_f.set_title(f"{cls}: ‖ΔW‖_F ({len(pairs)} pairs{note})", fontsize=9)
@@ -212,7 +292,7 @@ def update_figure(plt: Any, data: Collected) -> Figure | None:
             axes[1][0].plot(p.steps[1:], p.lost[1:], style, color=color, lw=0.9, label=f"lost: {r.name} ({p.dtype})")
             axes[1][0].plot(p.steps[1:], p.second_moment_moved[1:], ":", color=color, lw=0.9,
                             label=f"v moved: {r.name}")
-    ax.set_yscale("log")
+    _log_value_axis(ax)
     ax.set_ylabel("share of W's entries changed")
     ax.set_title("Update fraction per step (dashed: float32 weights)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -280,9 +360,8 @@ def sources_figure(plt: Any, data: Collected) -> Figure | None:
         ys.append(y)
         xs.append(x)
     if any(np.isfinite(y).any() for y in ys):
-        ax.set_yscale("log")
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("step")
+        _log_value_axis(ax)
+    _step_axis(ax, int(max(max(row.steps) for row in table.rows)))
     ax.set_ylabel("‖ΔW‖_F against the base run")
     ax.set_title(f"Divergence by source (base {table.base}); a source not drawn never parted", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)

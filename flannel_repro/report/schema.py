@@ -4,6 +4,8 @@ Every number that is not finite is written as null. `session`, the `claims` and 
 session (`--flannel-report`); `flannel-repro report` writes `session: null`, `snapshots: null` and no claims.
 `snapshots` counts the session's flannel_snapshot assertions: compared exactly (the run's own class had a
 snapshot), within the noise band (another class's, tolerantly), and not compared at all, with why.
+A pair class's `plot` is null where all its pairs are bitwise identical over all its `steps` (nothing to plot:
+the page says so in words).
 """
 
 from __future__ import annotations
@@ -49,10 +51,11 @@ SCHEMA: dict[str, Any] = {
             }}},
         "pair_classes": {"type": "array", "items": {
             "type": "object",
-            "required": ["class", "plot", "n_pairs", "identical", "first_step_min", "first_step_max",
+            "required": ["class", "plot", "steps", "n_pairs", "identical", "first_step_min", "first_step_max",
                          "final_frobenius_min", "final_frobenius_max", "pairs"],
             "properties": {
-                "class": {"type": "string"}, "plot": {"type": "string", "pattern": r"^[a-z0-9-]+\.png$"},
+                "class": {"type": "string"}, "plot": {"type": ["string", "null"], "pattern": r"^[a-z0-9-]+\.png$"},
+                "steps": {"type": "integer", "minimum": 0},
                 "n_pairs": {"type": "integer", "minimum": 1}, "identical": {"type": "integer", "minimum": 0},
                 "first_step_min": _int_or_null, "first_step_max": _int_or_null,
                 "final_frobenius_min": _num, "final_frobenius_max": _num,

@@ -131,15 +131,16 @@ def test_progress_lines_under_xdist(tiny_experiment):
     tiny_experiment.makepyfile("""
         import pytest
 
-        @pytest.mark.flannel(steps=200)
+        @pytest.mark.flannel(steps=20)
         @pytest.mark.parametrize("seed", [42, 43])
         def test_train(trajectory, seed):
-            assert trajectory(seed).steps == 200
+            assert trajectory(seed).steps == 20
     """)
-    result = tiny_experiment.runpytest_subprocess("-n", "2", "--flannel-progress=0.3")
+    # 20 steps print the same lines as 200 did; a short interval so that a fast machine still shows some
+    result = tiny_experiment.runpytest_subprocess("-n", "2", "--flannel-progress=0.02")
     result.assert_outcomes(passed=2)
     lines = [line for line in result.stdout.lines if line.startswith("flannel: run ")]
     assert lines, result.stdout.str()
     for line in lines:
-        assert re.fullmatch(r"flannel: run [12] of >= 2 \([012] done\) seed4[23]-cpu-torch-r0-\w+: step \d+/200 "
+        assert re.fullmatch(r"flannel: run [12] of >= 2 \([012] done\) seed4[23]-cpu-torch-r0-\w+: step \d+/20 "
                             r"\(\d+%\), loss [\d.]+, [\d.]+ steps/s, ETA (\d+s|\d+m\d\ds|\?)", line), line
