@@ -447,3 +447,14 @@ def test_the_markdown_page_escapes_what_it_quotes_as_the_html_page_does(report) 
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; a\\|b \\`c\\` next" in row
     assert row.count(" | ") == 3  # four cells: the pipe in the text does not add one
     assert "Note: &lt;script&gt;" in md
+
+
+def test_a_failing_claim_names_a_place_that_exists() -> None:
+    """A claim that found its pair bitwise identical names the page's section (a class of identical pairs has
+    no plot file); a pair that parted names its plot."""
+    from flannel_repro.report.names import plots_for
+
+    same = {"claim": "identical", "pair_class": "same config, separate trainings", "identical": True}
+    parted = {"claim": "identical", "pair_class": "different threads", "identical": False}
+    assert plots_for([same]) == ["index.html#divergence-same-config-separate-trainings.png"]
+    assert plots_for([parted]) == ["divergence-different-threads.png"]

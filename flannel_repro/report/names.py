@@ -19,10 +19,13 @@ def pair_class_plot(pair_class: str) -> str:
 
 
 def plot_for_claim(claim: dict[str, Any]) -> str:
-    """The report plot that shows what a recorded claim checked (its file name in the report folder)."""
+    """The report plot that shows what a recorded claim checked (its file name in the report folder). A pair
+    the claim found bitwise identical may have no plot (a class whose pairs are all identical is a line of
+    text on the page): it is named by its place on the page, `index.html#<plot name>`, which always exists."""
     if claim.get("claim") == "not_stalled":
         return STALL_PLOT
-    return pair_class_plot(str(claim.get("pair_class", "")))
+    plot = pair_class_plot(str(claim.get("pair_class", "")))
+    return f"index.html#{plot}" if claim.get("identical") is True else plot
 
 
 def plots_for(claims: list[dict[str, Any]], *, sources: bool = False) -> list[str]:
