@@ -5,7 +5,7 @@
     python benchmarks/divergence.py --paths a.safetensors b.safetensors ...   # existing artifacts
 
 Without --paths it synthesizes R artifacts of S steps (default 10 x 1000, V=10000, H=64, bf16:
-1.28 GB each) with `TrajectoryWriter` in --workdir (deleted at the end unless --keep): a shared
+1.28 GB each) with `ArtifactWriter` in --workdir (deleted at the end unless --keep): a shared
 random start W_0, then per run a bf16 random walk (every live token row moves by ~1e-3 per step,
 dead rows never move). Run r follows run 0's walk exactly up to step r*S/(2R) and then its own,
 so first divergent steps differ between pairs and some pairs agree for a while.
@@ -280,10 +280,10 @@ def synthesize(workdir: Path, R: int, S: int, V: int, H: int, seed: int = 0) -> 
 def child(impl: str, paths: list[str], out: str) -> None:
     import torch
 
-    from flannel_repro.storage.stream import TrajectoryReader
+    from flannel_repro.storage.reader import ArtifactReader
     from flannel_repro.analysis.divergence import all_pairs
 
-    readers = [TrajectoryReader(p) for p in paths]
+    readers = [ArtifactReader(p) for p in paths]
     rss0 = _status_bytes("VmRSS")
     jiff0 = _cpu_jiffies()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -364,9 +364,9 @@ def main() -> None:
         print(f"  synthesis took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     try:
         from flannel_repro.storage.layout import KEY_W
-        from flannel_repro.storage.stream import TrajectoryReader
+        from flannel_repro.storage.reader import ArtifactReader
 
-        with TrajectoryReader(paths[0]) as r:
+        with ArtifactReader(paths[0]) as r:
             n, V, H = r.spec(KEY_W).shape
             dtype = r.spec(KEY_W).dtype
         R = len(paths)

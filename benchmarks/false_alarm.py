@@ -69,7 +69,8 @@ def stdlib_docstrings(max_chars: int = 2_000_000) -> str:
 
 
 def stdlib_data(folder: Path, vocab_size: int = 10_000) -> tuple[Path, Path]:
-    from flannel_repro.data.embedded import UNK_TOKEN, tokenizer_json
+    from flannel_repro.data.generator import tokenizer_json
+    from flannel_repro.data.vocabulary import UNK_TOKEN
 
     text = stdlib_docstrings()
     chars = sorted(set(text), key=ord)
@@ -89,7 +90,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     from flannel_repro.analysis.assertions import measure_divergence, relative_divergence
     from flannel_repro.config import PRESETS, parse_seeds
-    from flannel_repro.training.store import RunStore
+    from flannel_repro.runs.store import RunStore
 
     torch.set_num_threads(args.threads)
     run = PRESETS["ci"]().run.replace(threads=args.threads, steps=args.steps)

@@ -8,7 +8,7 @@ is stepped in blocks of `--steps` optimizer steps, the variants interleaved roun
 noisy machine disturbs them alike:
 
 - bare: `loop.step()` alone, the baseline;
-- flannel6 recorder: the harness's `Recorder` (W, its digest, the loss, the batch, the update statistics)
+- flannel6 recorder: the harness's `RunRecorder` (W, its digest, the loss, the batch, the update statistics)
   after every step, into a pre-sized artifact, as every Flannel 6 run records;
 - public recorder: `TrajectoryRecorder` recording `transformer.wte.weight` with the optimizer handed
   over (the same W, digest, loss, batch and update statistics) into its artifact;
@@ -44,8 +44,8 @@ def main() -> None:
     from flannel_repro.data.corpus import load_data
     from flannel_repro.training.harness import TorchLoop
     from flannel_repro.training.model import embedding, shared_init_W
-    from flannel_repro.training.record import TrajectoryRecorder
-    from flannel_repro.training.recorder import Recorder
+    from flannel_repro.training.own_training import TrajectoryRecorder
+    from flannel_repro.training.run_recorder import RunRecorder
 
     torch.set_num_threads(args.threads)
     n = 4 * args.steps * args.rounds
@@ -70,7 +70,7 @@ def main() -> None:
         return got
 
     # each recording variant writes its own artifact of n steps: the first row, then a block per round
-    f6 = Recorder(config.replace(steps=args.steps * args.rounds), out / "f6.safetensors", data, {})
+    f6 = RunRecorder(config.replace(steps=args.steps * args.rounds), out / "f6.safetensors", data, {})
     f6.__enter__()
     f6.record(0, loop.model)
     f6_step = [0]

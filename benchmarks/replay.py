@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flannel_repro.config import PRESETS  # noqa: E402
 from flannel_repro.training.harness import train  # noqa: E402
-from flannel_repro.training.replay import record_step  # noqa: E402
+from flannel_repro.runs.replay import record_step  # noqa: E402
 
 
 def main() -> int:

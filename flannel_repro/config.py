@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Self
 
 from flannel_repro.devices import parse_device
 from flannel_repro.errors import ConfigError
@@ -46,9 +46,44 @@ def _doc(text: str, **extra: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class RunConfig:
+class BaseRunConfig:
+    """What every run's config offers, whoever trains it: `RunConfig` (the notebook's model) and `EngineRunConfig`
+    (your own training) both have model_seed, data_seed, steps, engine, device, threads, numerics, deterministic
+    and dtype, and these members.
+
+    It holds no fields on purpose: a dataclass puts a base's fields first, which would move those fields in each
+    config's `to_dict()` (and in the artifacts that store it). The fingerprints sort their keys, so field order
+    never reaches a run key either way."""
+
+    @property
+    def train_seed(self) -> int | None:
+        """The notebook's single training seed, when model_seed == data_seed; None otherwise."""
+        return self.model_seed if self.model_seed == self.data_seed else None  # type: ignore[attr-defined]
+
+    def with_train_seed(self, seed: int) -> Self:
+        """This config with the notebook's train_seed: model_seed = data_seed = seed."""
+        return self.replace(model_seed=seed, data_seed=seed)
+
+    def replace(self, **changes: Any) -> Self:
+        """`dataclasses.replace` with unknown keys reported as ConfigError (not TypeError)."""
+        _check_keys(type(self), changes, type(self).__name__)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Stable hex digest of every field that can change the run's numbers: the fields of `to_dict()`, less
+        those whose metadata says `fingerprint=False` (such as file paths: the same file moved is the same
+        data; the run key used for caching adds the data files' content hashes instead)."""
+        counted = {f.name for f in dataclasses.fields(self) if f.metadata.get("fingerprint", True)}
+        return _digest({k: v for k, v in self.to_dict().items() if k in counted})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig(BaseRunConfig):
     """One training run of the notebook's experiment. Defaults are the notebook's values, except
-    `label_mode` (the notebook's labels are off by one; see README) and `steps`-independent knobs the
+    `label_mode` (the notebook's labels are off by one; see docs/index.md) and `steps`-independent knobs the
     notebook left implicit, which take the transformers Trainer's defaults."""
 
     # --- model (GPT2LMHeadModel) ---
@@ -161,33 +196,7 @@ class RunConfig:
             )
         parse_device(self.device)  # ConfigError naming the expected forms
 
-    # -- derived views -------------------------------------------------------------------------
-
-    @property
-    def train_seed(self) -> int | None:
-        """The notebook's single training seed, when model_seed == data_seed; None otherwise."""
-        return self.model_seed if self.model_seed == self.data_seed else None
-
-    def with_train_seed(self, seed: int) -> "RunConfig":
-        """This config with the notebook's train_seed: model_seed = data_seed = seed."""
-        return self.replace(model_seed=seed, data_seed=seed)
-
-    def replace(self, **changes: Any) -> "RunConfig":
-        """`dataclasses.replace` with unknown keys reported as ConfigError (not TypeError)."""
-        _check_keys(type(self), changes, "RunConfig")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def fingerprint(self) -> str:
-        """Stable hex digest of every field that can change the run's numbers.
-
-        File paths are left out (the same file moved is the same data); the run key used for caching
-        adds the data files' content hashes instead.
-        """
-        payload = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("fingerprint", True)}
-        return _digest(payload)
+    # train_seed, with_train_seed, replace, to_dict, fingerprint: BaseRunConfig's
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base: "RunConfig | None" = None, source: str = "config") -> "RunConfig":
@@ -354,7 +363,7 @@ ENGINE_RUN_KIND = "engine"  # `kind` in an EngineRunConfig's dict: how an artifa
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class EngineRunConfig:
+class EngineRunConfig(BaseRunConfig):
     """One run of *your* training: a registered engine (`flannel_repro.register_engine`) or a loop recorded
     with `flannel_repro.TrajectoryRecorder`. What the suite needs to know of a run, and your own
     hyperparameters in `params` (JSON values: they enter the fingerprint and the run key)."""
@@ -390,12 +399,7 @@ class EngineRunConfig:
     def kind(self) -> str:
         return ENGINE_RUN_KIND
 
-    @property
-    def train_seed(self) -> int | None:
-        return self.model_seed if self.model_seed == self.data_seed else None
-
-    def with_train_seed(self, seed: int) -> "EngineRunConfig":
-        return self.replace(model_seed=seed, data_seed=seed)
+    # train_seed, with_train_seed and fingerprint (every field; `kind` is not one): BaseRunConfig's
 
     def replace(self, **changes: Any) -> "EngineRunConfig":
         """Fields by name; any other keyword is one of the engine's params."""
@@ -410,9 +414,6 @@ class EngineRunConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["params"] = dict(self.params)
         return {"kind": ENGINE_RUN_KIND, **out}
-
-    def fingerprint(self) -> str:
-        return _digest({k: v for k, v in self.to_dict().items() if k != "kind"})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "EngineRunConfig":

@@ -6,6 +6,11 @@ the input without reading our source.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
 
 class FlannelError(Exception):
     """Base class of every error flannel-repro raises deliberately."""
@@ -35,6 +40,21 @@ class DeterminismError(FlannelError):
     """A run did not behave as the determinism settings promise (e.g. the data order drifted)."""
 
 
+class NumericsError(FlannelError):
+    """The numerics a run asked for are not the numerics it would get (too late, or this CPU lacks them)."""
+
+
+class TrainingStopped(Exception):
+    """Raised by a run told to stop after a step (`stop_at`): its checkpoint and partial file are kept.
+
+    Not a FlannelError: no fault, but the stop a test of resume asked for (`training.resume`)."""
+
+    def __init__(self, step: int, checkpoint_path: Path) -> None:
+        super().__init__(f"stopped after step {step}; checkpoint {checkpoint_path}")
+        self.step = step
+        self.checkpoint_path = checkpoint_path
+
+
 class ArtifactWarning(UserWarning):
     """An artifact was set aside (it failed verification) and its run is trained again."""
 
@@ -45,3 +65,7 @@ class DataCacheWarning(UserWarning):
 
 class DataWarning(UserWarning):
     """The data is usable but not as clean as it should be (e.g. unknown tokens accepted by the config)."""
+
+
+class DeterminismWarning(UserWarning):
+    """A determinism setting is missing or came too late to have an effect."""

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from flannel_repro.errors import ArtifactError, ArtifactWarning
-from flannel_repro.storage import stream
+from flannel_repro.storage import writer
 from flannel_repro.storage.layout import run_artifact_specs
-from flannel_repro.training.store import RunStore
+from flannel_repro.runs.store import RunStore
 from tests.conftest import TINY
 
 Usage = namedtuple("Usage", "total used free")
@@ -24,11 +24,11 @@ Usage = namedtuple("Usage", "total used free")
 
 def _writer(path):
     specs = run_artifact_specs(steps=2, vocab_size=512, hidden_dim=64, batch_size=4)
-    return stream.TrajectoryWriter(path, specs, {"format": "test"})
+    return writer.ArtifactWriter(path, specs, {"format": "test"})
 
 
 def test_a_run_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(ArtifactError, match=r"run\.safetensors: the artifact needs 0\.\d MB, and the file system of "
                                             r".* has 0\.0 MB free\. Free some space \(flannel-repro prune\)"):
         with _writer(tmp_path / "run.safetensors"):
@@ -50,7 +50,7 @@ def test_a_disk_that_fills_while_writing_names_the_path_and_leaves_nothing(tmp_p
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, offset)
 
-    monkeypatch.setattr(stream.os, "pwrite", filling)
+    monkeypatch.setattr(writer.os, "pwrite", filling)
     with pytest.raises(ArtifactError, match=r"run\.safetensors: out of space while writing \(No space left on "
                                             r"device\): the artifact needs 0\.\d MB and .* free\. Nothing was published"):
         with _writer(tmp_path / "run.safetensors") as w:
@@ -73,7 +73,7 @@ import resource, sys
 from pathlib import Path
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
 from flannel_repro.errors import ArtifactError
-from flannel_repro.training.store import RunStore
+from flannel_repro.runs.store import RunStore
 sys.path.insert(0, sys.argv[3])
 from tests.conftest import TINY
 try:

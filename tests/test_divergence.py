@@ -1,4 +1,4 @@
-"""Tests of flannel_repro.analysis.divergence on small synthetic run artifacts."""
+"""Tests of flannel_repro.analysis.divergence (and its kernel and bitwise scans) on small synthetic run artifacts."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import torch
 
 from flannel_repro.storage import layout
 from flannel_repro.storage.layout import KEY_W
-from flannel_repro.storage.stream import TrajectoryReader
-from flannel_repro.analysis.divergence import NEVER, all_pairs, first_divergent_step, pair_divergence, update_counts, update_fraction
+from flannel_repro.storage.reader import ArtifactReader
+from flannel_repro.analysis.bitwise import NEVER, first_divergent_step, update_counts, update_fraction
+from flannel_repro.analysis.divergence import all_pairs, pair_divergence
 from flannel_repro.errors import ArtifactError
 
 V, H, S, B = 50, 8, 6, 4
@@ -156,9 +157,10 @@ def test_frobenius_against_numpy(tmp_path: Path) -> None:
     assert pd.first_step == 1
     np.testing.assert_array_equal(pd.max_abs, ref["max_abs"])
     np.testing.assert_allclose(pd.frobenius, ref["frobenius"], rtol=1e-14, atol=0)
-    for t in range(S + 1):  # one pair: each step is one float64 torch reduction, bitwise as before
+    for t in range(S + 1):  # the kernel's order of additions: per token row, then over the rows (bitwise)
         d = (Wa[t].float() - Wb[t].float()).double()
-        assert pd.frobenius[t] == math.sqrt(float(d.square().sum()))
+        assert pd.frobenius[t] == math.sqrt(float(d.square().sum(dim=1).sum()))
+        assert pd.frobenius_live[t] == math.sqrt(float(d.square().sum(dim=1)[LIVE].sum()))
     for f in ("rows_differ", "rows_differ_live", "rows_differ_dead"):
         np.testing.assert_array_equal(getattr(pd, f), ref[f])
     sub = pair_divergence(a, b, steps=[6, 0, 3])
@@ -185,7 +187,7 @@ def test_float32_runs(tmp_path: Path) -> None:
     np.testing.assert_allclose(pair_divergence(a, c).frobenius, np.sqrt((d**2).sum(axis=(1, 2))), rtol=1e-14)
 
 
-class CountingReader(TrajectoryReader):
+class CountingReader(ArtifactReader):
     """Counts row reads per (key, step), in rows' worth: reading W[t, v0:v1] counts (v1-v0)/V, so
     a step read in parts by several worker threads still counts 1 if its parts tile the row."""
 
@@ -216,9 +218,8 @@ def test_all_pairs_matches_pairs_and_reads_once(tmp_path: Path) -> None:
     for p, (i, j) in enumerate(ap.pairs.tolist()):
         assert ap.pair_index(i, j) == p == ap.pair_index(j, i)
         pd = pair_divergence(paths[i], paths[j])
-        for f in ("max_abs", "rows_differ", "rows_differ_live", "rows_differ_dead"):
+        for f in FIELDS:  # one kernel: bitwise the same alone as among five runs
             np.testing.assert_array_equal(getattr(ap, f)[p], getattr(pd, f), err_msg=f"{f} {(i, j)}")
-        np.testing.assert_allclose(ap.frobenius[p], pd.frobenius, rtol=1e-13, atol=0)
         assert (None if ap.first_step[p] == NEVER else ap.first_step[p]) == pd.first_step
         assert ap.pair(i, j).first_step == pd.first_step
         np.testing.assert_array_equal(ap.pair(i, j).rows_differ, pd.rows_differ)
@@ -297,16 +298,16 @@ def f32_reference(Ws: list[torch.Tensor], live: torch.Tensor) -> dict[str, np.nd
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_all_pairs_threads_chunks_and_special_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, R: int,
                                                       dtype: torch.dtype) -> None:
-    """Two worker threads, chunks of 3 token rows (97 rows: a short last chunk in each thread's
-    part), odd and even run counts, NaN, ±0, inf and exponent gaps beyond float32's exact range:
-    everything equals the float32-difference reference; frobenius to 2 float64 ulps, since its
-    float64 additions happen in another order (per chunk, then over chunks and threads)."""
-    import flannel_repro.analysis.divergence as dv
+    """Two worker threads sharing the steps, chunks of 3 token rows (97 rows: a short last chunk),
+    odd and even run counts, NaN, ±0, inf and exponent gaps beyond float32's exact range: everything
+    equals the float32-difference reference (frobenius to a few float64 ulps: numpy adds in another order),
+    and every pair's numbers are bitwise those of `pair_divergence` in one thread and one chunk."""
+    import flannel_repro.analysis.pair_kernel as pk
 
     vocab, hidden = 97, 8
     live = torch.arange(vocab) % 4 != 0
-    monkeypatch.setattr(dv, "_PARALLEL_MIN_PAIR_ELEMS", 0)
-    monkeypatch.setattr(dv, "_CHUNK_PAIR_ELEMS", 3 * (R * (R - 1) // 2) * hidden)
+    monkeypatch.setattr(pk, "_PARALLEL_MIN_PAIR_ELEMS", 0)
+    monkeypatch.setattr(pk, "_CHUNK_PAIR_ELEMS", 3 * (R * (R - 1) // 2) * hidden)
     g = torch.Generator().manual_seed(R)
     w0 = 0.02 * torch.randn(vocab, hidden, generator=g)
     Ws = []
@@ -332,7 +333,7 @@ def test_all_pairs_threads_chunks_and_special_values(tmp_path: Path, monkeypatch
     finally:
         torch.set_num_threads(threads_before)
     for r in readers:
-        assert r.reads == Counter({(KEY_W, t): 1 for t in range(S + 1)})  # the parts tile every row once
+        assert r.reads == Counter({(KEY_W, t): 1 for t in range(S + 1)})  # every row read once
         r.close()
     ref = f32_reference(Ws, live)
     for f in ("max_abs", "rows_differ", "rows_differ_live", "rows_differ_dead"):
@@ -341,19 +342,21 @@ def test_all_pairs_threads_chunks_and_special_values(tmp_path: Path, monkeypatch
     # float64 sums in other orders (numpy, per token row then over rows, one flat sum): a few ulps apart
     for f in ("frobenius", "frobenius_live"):
         np.testing.assert_allclose(getattr(ap, f), ref[f], rtol=1e-15, atol=0, err_msg=f)
+    monkeypatch.setattr(pk, "_PARALLEL_MIN_PAIR_ELEMS", 1 << 20)  # one thread for one small pair
+    monkeypatch.setattr(pk, "_CHUNK_PAIR_ELEMS", 1 << 19)  # all 97 rows in one chunk
     for p, (i, j) in enumerate(ap.pairs.tolist()):
         pd = pair_divergence(paths[i], paths[j], live_mask=live)
-        for f in FIELDS:
-            np.testing.assert_allclose(getattr(pd, f), getattr(ap, f)[p], rtol=1e-15, atol=0, err_msg=f)
+        for f in FIELDS:  # one kernel, one order of additions: bitwise, whatever the runs, chunks and threads
+            np.testing.assert_array_equal(getattr(pd, f), getattr(ap, f)[p], err_msg=f)
         assert (None if ap.first_step[p] == NEVER else ap.first_step[p]) == pd.first_step == first_divergent_step(
             paths[i], paths[j])
 
 
 def test_first_divergent_step_scans_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 2 steps (one buffer per run, reused); the difference in the middle of a block."""
-    import flannel_repro.analysis.divergence as dv
+    import flannel_repro.analysis.bitwise as bw
 
-    monkeypatch.setattr(dv, "_SCAN_BLOCK_BYTES", 2 * V * H * 2)
+    monkeypatch.setattr(bw, "_SCAN_BLOCK_BYTES", 2 * V * H * 2)
     W = trajectory(7)
     a = write_run(tmp_path / "a.safetensors", W)
     for t in range(S + 1):

@@ -55,8 +55,8 @@ _PROBE = textwrap.dedent(
     """
     import json, sys
     import torch
-    from flannel_repro.storage.stream import TrajectoryReader
-    from flannel_repro.analysis import divergence as dv
+    from flannel_repro.storage.reader import ArtifactReader
+    from flannel_repro.analysis import bitwise as bw, divergence as dv, pair_kernel as pk
 
     def status(key):
         with open("/proc/self/status") as f:
@@ -67,8 +67,8 @@ _PROBE = textwrap.dedent(
 
     mode, a, b = sys.argv[1:4]
     torch.set_num_threads(2)
-    dv._PARALLEL_MIN_PAIR_ELEMS = 0  # two worker threads even for one pair
-    ra, rb = TrajectoryReader(a), TrajectoryReader(b)
+    pk._PARALLEL_MIN_PAIR_ELEMS = 0  # two worker threads even for one pair
+    ra, rb = ArtifactReader(a), ArtifactReader(b)
     if mode == "pread":  # warm up: load the code and start the threads before measuring
         dv.pair_divergence(ra, rb, steps=[0, 1])
         dv.all_pairs([ra, rb, a], steps=[0, 1])
@@ -82,9 +82,9 @@ _PROBE = textwrap.dedent(
     if mode == "pread":
         pd = dv.pair_divergence(ra, rb)
         ap = dv.all_pairs([ra, rb, a])
-        entries, rows = dv.update_counts(rb)
+        entries, rows = bw.update_counts(rb)
         out = {"first": pd.first_step, "first_ap": int(ap.first_step[0]),
-               "first_scan": dv.first_divergent_step(ra, rb),
+               "first_scan": bw.first_divergent_step(ra, rb),
                "first_sub": int(dv.all_pairs([ra, rb], steps=[0, 5]).first_step[0]),
                "changed_rows": int(rows.sum())}
     else:  # control: the same steps through the memory-mapped view

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from flannel_repro.storage.stream import digest_tensor
+from flannel_repro.storage.format import digest_tensor
 from flannel_repro.data.corpus import DataOrder, load_data
 from flannel_repro.errors import ConfigError
 from flannel_repro.training.harness import train

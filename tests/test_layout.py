@@ -2,7 +2,8 @@
 
 Rooms, bottom to top (a module may import its own room and the rooms below it):
 
-    version, errors, devices, bits, safeio, config  <  data  <  storage  <  analysis  <  training  <  report  <  plugin  <  cli
+    version, errors, devices, bits, safeio, config  <  data  <  storage  <  analysis  <  training  <  runs  <  report
+      <  plugin  <  cli
 
 Every import counts, at the top of a module or inside a function (a lazy import is still a
 dependency); only `if TYPE_CHECKING:` blocks are left out.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flannel_repro"
 ROOMS = {"version": 0, "errors": 0, "devices": 0, "bits": 0, "safeio": 0, "config": 0, "data": 1, "storage": 2, "analysis": 3, "training": 4,
-         "report": 5, "plugin": 6, "cli": 7, "__main__": 7, "__init__": 7}
+         "runs": 5, "report": 6, "plugin": 7, "cli": 8, "__main__": 8, "__init__": 8}
 
 
 def _modules() -> dict[str, Path]:

@@ -12,7 +12,7 @@ from flannel_repro.config import RunConfig
 from flannel_repro.errors import ArtifactError, ConfigError
 from flannel_repro.analysis.noise import (BANDS_FORMAT, NoiseBand, compare_within_band, derive_band, read_bands,
                                          summary_scale, write_bands)
-from flannel_repro.training.variants import derive_from_training, parse_variants
+from flannel_repro.runs.variants import derive_from_training, parse_variants
 from flannel_repro.analysis.summary import Summary, summarize, summarize_pair
 
 TINY = RunConfig(dataset="tiny", vocab_size=512, steps=10, batch_size=8, seq_len=32)

@@ -173,7 +173,7 @@ def test_config_field_is_validated_and_not_in_the_fingerprint():
 
 
 def test_run_key_changes_with_the_numerics_class(monkeypatch):
-    from flannel_repro.training import store
+    from flannel_repro.runs import store
 
     def fake(name):
         return lambda device, **kw: {"class": name, "mode": "native", "probe": {"digest": "0"}}

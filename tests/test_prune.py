@@ -10,7 +10,8 @@ import pytest
 from flannel_repro import cli
 from flannel_repro.training import determinism
 from flannel_repro.errors import ArtifactError
-from flannel_repro.training.store import RunStore, find_orphans, prune, scan_artifacts
+from flannel_repro.runs.prune import find_orphans, prune, scan_artifacts
+from flannel_repro.runs.store import RunStore
 from tests.conftest import TINY
 
 
@@ -54,7 +55,7 @@ def test_runs_of_other_code_and_leftovers_are_found(store_dir, monkeypatch, caps
 
 
 def _recorded_run(path):  # noqa: ANN001, ANN202
-    """A run recorded by hand with TrajectoryRecorder (README, "Your own training"): no store can retrain it."""
+    """A run recorded by hand with TrajectoryRecorder (docs/your-own-training.md): no store can retrain it."""
     import torch
 
     from flannel_repro import TrajectoryRecorder
@@ -124,7 +125,7 @@ def test_session_start_cleans_what_killed_runs_left_but_not_a_run_in_training(tm
     whose run lock is held (a training in another session) stays."""
     from filelock import FileLock
 
-    from flannel_repro.training.store import clean_leftovers
+    from flannel_repro.runs.store import clean_leftovers
 
     root = tmp_path / "artifacts"
     root.mkdir()

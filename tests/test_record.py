@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from flannel_repro import EngineRunConfig, Trajectory, TrajectoryRecorder, assert_identical, register_engine
-from flannel_repro.analysis.divergence import first_divergent_step, pair_divergence
+from flannel_repro.analysis.bitwise import first_divergent_step
+from flannel_repro.analysis.divergence import pair_divergence
 from flannel_repro.bits import bits_view
 from flannel_repro.errors import ArtifactError, ArtifactWarning, ConfigError, ResumeError
 from flannel_repro.training.resume import checkpoint_path, resumable_path
@@ -199,7 +200,7 @@ def test_report_on_recorded_runs_of_your_own_model(tmp_path):
 
 def test_an_engine_without_state_trains_where_checkpoints_are_on_and_refuses_resume_at(tmp_path):
     from flannel_repro.training.engines import get_engine
-    from flannel_repro.training.store import RunStore
+    from flannel_repro.runs.store import RunStore
 
     store = RunStore(tmp_path, checkpoint_every=2)  # the session's default is on (100)
     cfg = get_engine("test-stateless").config(model_seed=1, data_seed=1)

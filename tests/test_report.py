@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from flannel_repro.errors import ArtifactError, ConfigError
-from flannel_repro.training.store import RunStore
+from flannel_repro.runs.store import RunStore
 
 from tests.conftest import TINY
 

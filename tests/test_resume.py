@@ -239,7 +239,7 @@ def test_resume_at_claim_in_a_session(pytester):
 
 
 def test_prune_keeps_a_resumable_run_and_removes_what_cannot_resume(tmp_path):
-    from flannel_repro.training.store import prune
+    from flannel_repro.runs.prune import prune
 
     # names the run store gives (prune touches only the store's files)
     live = tmp_path / "seed42-cpu-torch-r0-00000000000a.safetensors"
@@ -261,7 +261,7 @@ def test_prune_keeps_a_resumable_run_and_removes_what_cannot_resume(tmp_path):
 
 
 def test_session_start_removes_a_resumable_file_without_checkpoint_and_keeps_one_with(tmp_path):
-    from flannel_repro.training.store import clean_leftovers
+    from flannel_repro.runs.store import clean_leftovers
 
     keep = tmp_path / "keep.safetensors"
     with pytest.raises(TrainingStopped):

@@ -12,7 +12,7 @@ from flannel_repro.data import files as data_files
 from flannel_repro.errors import ArtifactError, DataError
 from flannel_repro import safeio
 from flannel_repro.storage import jsonfile
-from flannel_repro.storage.stream import TrajectoryReader
+from flannel_repro.storage.reader import ArtifactReader
 
 
 @pytest.fixture
@@ -122,13 +122,13 @@ def test_json_nesting_is_bounded_before_parsing(tmp_path):
 def test_reader_refuses_special_files_and_deep_headers(tmp_path):
     os.mkfifo(tmp_path / "fifo.safetensors")
     with pytest.raises(ArtifactError, match="fifo.safetensors: expected a safetensors file .*a FIFO"):
-        TrajectoryReader(tmp_path / "fifo.safetensors")
+        ArtifactReader(tmp_path / "fifo.safetensors")
     with pytest.raises(ArtifactError, match="a character device"):
-        TrajectoryReader("/dev/zero")
+        ArtifactReader("/dev/zero")
     body = b"{" + b'"a":[' * 200 + b"]" * 200 + b"}"
     (tmp_path / "deep.safetensors").write_bytes(struct.pack("<Q", len(body)) + body)
     with pytest.raises(ArtifactError, match="deep.safetensors: expected a JSON header nested at most 64 levels deep"):
-        TrajectoryReader(tmp_path / "deep.safetensors")
+        ArtifactReader(tmp_path / "deep.safetensors")
 
 
 def test_data_files_are_regular_and_fit_in_memory(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from flannel_repro import cli
 from flannel_repro.analysis.sources import (assert_source_parts, checkpoints, divergence_by_source,
                                             source_configs)
 from flannel_repro.errors import ConfigError
-from flannel_repro.training.store import RunStore
+from flannel_repro.runs.store import RunStore
 from tests.conftest import TINY
 
 BASE = TINY.replace(steps=3, threads=1).with_train_seed(42)

@@ -58,7 +58,7 @@ def test_statistics_of_bf16_and_float32(tmp_path: Path) -> None:
     assert (bf16.lost[1:] <= 1 - bf16.changed[1:] + 1e-6).all() and (bf16.lost[1:] >= 0).all()
     assert bf16.lost[1:].sum() > f32.lost[1:].sum()
     # the changed share agrees with W itself
-    from flannel_repro.analysis.divergence import update_fraction
+    from flannel_repro.analysis.bitwise import update_fraction
 
     np.testing.assert_allclose(bf16.changed[1:], update_fraction(bf16_path := tmp_path / "bf16.safetensors")[1:], rtol=0,
                                atol=1e-7)

@@ -15,9 +15,12 @@ import torch
 
 from flannel_repro import cli
 from flannel_repro.config import RunConfig
-from flannel_repro.analysis.divergence import update_fraction
+from flannel_repro.analysis.bitwise import update_fraction
 from flannel_repro.errors import ArtifactError, ConfigError
-from flannel_repro.analysis.summary import ENV_KEYS, PREFIX_HEX, SUMMARY_FORMAT, DigestChain, Summary, Tolerance, compare, compare_run_to_chain, default_steps, device_class, summarize_pair
+from flannel_repro.analysis.chain import PREFIX_HEX, DigestChain
+from flannel_repro.analysis.compare import Tolerance, compare, compare_run_to_chain
+from flannel_repro.analysis.provenance import ENV_KEYS, device_class
+from flannel_repro.analysis.summary import SUMMARY_FORMAT, Summary, default_steps, summarize_pair
 from flannel_repro.analysis.trajectory import Trajectory
 
 # 12 steps: the default summary steps are then 0, 1, 10 and 12.

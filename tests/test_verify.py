@@ -14,7 +14,7 @@ import pytest
 from flannel_repro import cli
 from flannel_repro.errors import ArtifactWarning
 from flannel_repro.storage.run import RunFile
-from flannel_repro.training.store import RunStore
+from flannel_repro.runs.store import RunStore
 from tests.conftest import TINY
 
 CFG = TINY.replace(steps=3)

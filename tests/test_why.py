@@ -16,8 +16,8 @@ from flannel_repro.analysis.assertions import assert_identical
 from flannel_repro.analysis.oplog import OpLog, compare_logs, ulp_distance
 from flannel_repro.errors import ArtifactError, DeterminismError
 from flannel_repro.training.harness import train
-from flannel_repro.training.plant import planted_noise, planted_reduction_order, unseeded_data_order
-from flannel_repro.training.replay import first_divergent_operation, record_step
+from flannel_repro.training.planted_nondeterminism import planted_noise, planted_reduction_order, unseeded_data_order
+from flannel_repro.runs.replay import first_divergent_operation, record_step
 from tests.conftest import TINY
 
 CFG = TINY.replace(steps=2, threads=1)
@@ -115,7 +115,7 @@ _CHILD = """
 import sys
 sys.path.insert(0, sys.argv[3])
 from tests.test_why import CFG
-from flannel_repro.training.replay import record_step
+from flannel_repro.runs.replay import record_step
 record_step(CFG.replace(threads=int(sys.argv[2])), 2)[0].write(sys.argv[1])
 """
 

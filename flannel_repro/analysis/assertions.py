@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterator, Union
 
 import torch
 
-from flannel_repro.analysis.divergence import PairDivergence, first_divergent_step, pair_divergence
+from flannel_repro.analysis.bitwise import first_divergent_step
+from flannel_repro.analysis.divergence import PairDivergence, pair_divergence
 from flannel_repro.analysis.trajectory import Trajectory
 
 TrajectoryLike = Union[Trajectory, str, Path]

@@ -19,7 +19,7 @@ What the band says is also what it does not allow:
 
 Bands are stored as JSON (`flannel_noise_bands.json` beside the tests, or `--flannel-noise-bands`),
 one entry per scale (`bounds.scale_key`: the data's hashes and the config with seeds, device, engine and threads
-neutralised), with how they were measured. `flannel-repro noise` (`training.variants`) trains the
+neutralised), with how they were measured. `flannel-repro noise` (`runs.variants`) trains the
 variants and derives them with `derive_band`.
 """
 
@@ -34,7 +34,8 @@ from typing import Any, Iterable, Mapping
 
 from flannel_repro.errors import ArtifactError, ConfigError
 from flannel_repro.storage.jsonfile import read_json, write_text_atomic
-from flannel_repro.analysis.summary import Comparison, FieldChange, Summary, compare
+from flannel_repro.analysis.compare import Comparison, FieldChange, compare
+from flannel_repro.analysis.summary import Summary
 
 BANDS_FORMAT = "flannel-repro/noise-bands/1"
 MARGIN = 2.0

@@ -4,7 +4,7 @@ An `OpLog` lists every aten operation of one optimizer step in the order it ran:
 the step (head-check, forward, backward, clip, optimizer), the innermost module it ran in (forward or
 backward, e.g. `transformer.h.0.attn.c_attn`), and for each tensor input and output its dtype, shape,
 a blake2b-128 digest of its bytes and its largest magnitude. It is recorded by
-`flannel_repro.training.replay.record_step` and is a small JSON file: written on machine A, compared on
+`flannel_repro.runs.replay.record_step` and is a small JSON file: written on machine A, compared on
 machine B, exactly like a digest chain.
 
 `compare_logs(a, b)` finds:

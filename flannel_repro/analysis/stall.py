@@ -5,7 +5,7 @@ an ulp of the weight (|w| * 2^-9) leaves it unchanged; as Adam's steps shrink wi
 more and more of W stops moving, and `exp_avg_sq.mul_(0.999)` is a no-op (0.999 is 1.0 in bf16). The
 recorder stores, per step, the share of W's entries that changed, the share of proposed updates lost
 to rounding and the share of the second moment that moved (`storage.layout.KEY_UPDATES`; see
-`training.recorder.UpdateTracker` for how the proposed update is recomputed). Runs written before those
+`training.run_recorder.UpdateTracker` for how the proposed update is recomputed). Runs written before those
 statistics existed still give the changed share, recomputed from W.
 
     profile = stall_profile(run)              # per-step arrays
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from flannel_repro.analysis.assertions import notify
-from flannel_repro.analysis.divergence import update_fraction
+from flannel_repro.analysis.bitwise import update_fraction
 from flannel_repro.analysis.trajectory import Trajectory
 from flannel_repro.errors import ArtifactError, ConfigError
 from flannel_repro.storage import layout

@@ -43,7 +43,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # Portable numerics must be in the environment before oneDNN and MKL start (they read it once): set
     # here, before any test runs; xdist workers inherit it. Whether it took effect is checked when a
     # run trains (numerics.check), which refuses rather than train with other arithmetic.
-    from flannel_repro.training.numerics import NumericsError, arrange
+    from flannel_repro.errors import NumericsError
+    from flannel_repro.training.numerics import arrange
 
     try:
         arrange(session.run_template.numerics)
@@ -53,7 +54,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_XdistHooks(), "flannel-xdist")
     if not hasattr(config, "workerinput"):
         # what killed sessions left (partial artifacts, progress files) goes before anything trains
-        from flannel_repro.training.store import clean_leftovers
+        from flannel_repro.runs.store import clean_leftovers
 
         session.leftovers_removed = [p.name for p in clean_leftovers(session.artifacts_dir)]
         config.pluginmanager.register(ControllerReporter(config), "flannel-reporter")
@@ -66,7 +67,7 @@ def _hide_summary_snapshots_from_other_extensions(config: pytest.Config) -> None
     syrupy's default (amber) discovery walks `__snapshots__` recursively and counts every file no
     test used as unused; summaries of a device class this session does not run (a cuda snapshot on
     a CPU-only machine) would be reported, and deleted by --snapshot-update. Our extension discovers
-    its own files, filtered by device class (flannel_repro.snapshot)."""
+    its own files, filtered by device class (flannel_repro.plugin.snapshot)."""
     if not hasattr(config.option, "ignore_file_extensions"):
         return  # syrupy not loaded
     current = list(config.option.ignore_file_extensions or [])
@@ -290,7 +291,7 @@ def flannel_snapshot(request: pytest.FixtureRequest):  # noqa: ANN201
     `pytest --snapshot-update`.
     """
     from flannel_repro.plugin.snapshot import snapshot_assertion
-    from flannel_repro.analysis.summary import Tolerance
+    from flannel_repro.analysis.compare import Tolerance
 
     tolerance = {**_state(request).tolerance, **marker_tolerance(request.node)}
     return snapshot_assertion(request, Tolerance(**tolerance))

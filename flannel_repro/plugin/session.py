@@ -21,14 +21,14 @@ from flannel_repro.devices import DEVICE_KINDS, device_present, parse_device
 from flannel_repro.errors import ConfigError
 
 if TYPE_CHECKING:
-    from flannel_repro.training.store import RunStore
+    from flannel_repro.runs.store import RunStore
 
 GROUP = "flannel"
 MARKER = "flannel"
 TOLERANCE_KEYS = ("rtol", "atol")  # @pytest.mark.flannel kwargs for flannel_snapshot, not RunConfig fields
 MISSING_CLASS_POLICIES = ("skip", "fail", "tolerant")  # --flannel-missing-class
 DEFAULT_THREADS = 1  # --flannel-threads when not given: a run's bits must not depend on -n
-SNAPSHOT_SUFFIX = "flannel"  # file suffix of flannel_snapshot files (flannel_repro.snapshot)
+SNAPSHOT_SUFFIX = "flannel"  # file suffix of flannel_snapshot files (flannel_repro.plugin.snapshot)
 
 # option name (after --flannel-) -> (ini key, help, parser of the raw string)
 _OPTIONS: dict[str, tuple[str, str]] = {
@@ -145,7 +145,7 @@ class FlannelSession:
 
     def store(self) -> "RunStore":
         if self._store is None:
-            from flannel_repro.training.store import RunStore
+            from flannel_repro.runs.store import RunStore
 
             self._store = RunStore(self.artifacts_dir, session=self.session_id, reuse_earlier=self.reuse_earlier,
                                    checkpoint_every=self.checkpoint_every)
@@ -376,7 +376,7 @@ def build_session(config: pytest.Config) -> FlannelSession:
     if workerinput is None and (given or artifacts_dir.exists()):
         # Checked by a real write before any test runs. The default directory is created only by a session
         # that trains, so a suite that does not use the plugin never writes into its project for it.
-        from flannel_repro.training.store import writable_problem
+        from flannel_repro.runs.store import writable_problem
 
         problem = writable_problem(artifacts_dir)
         if problem is not None:

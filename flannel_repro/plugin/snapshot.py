@@ -57,7 +57,9 @@ from flannel_repro.errors import ArtifactError, FlannelError
 from flannel_repro.plugin.report import SNAPSHOT_PROPERTY  # the user property each assertion leaves
 from flannel_repro.plugin.session import SESSION_KEY, SNAPSHOT_SUFFIX
 from flannel_repro.training.numerics import class_kind
-from flannel_repro.analysis.summary import DEVICE_CLASSES, Comparison, Summary, Tolerance, display_path, compare
+from flannel_repro.analysis.compare import Comparison, Tolerance, compare, display_path
+from flannel_repro.analysis.provenance import DEVICE_CLASSES
+from flannel_repro.analysis.summary import Summary
 
 if TYPE_CHECKING:
     from syrupy.data import SnapshotCollections
@@ -339,7 +341,7 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
             raise AssertionError(
                 f"{head}.\n  Nothing was compared: comparing with another class needs a noise band for scale {scale}, "
                 f"and {shown} has none.\n  To {record};\n  or measure a band: flannel-repro noise --config FILE "
-                f"-o {shown} (see README, 'Numerics classes').\n  {choose}.")
+                f"-o {shown} (see docs/gate.md, 'Numerics classes').\n  {choose}.")
         try:
             stored = read_snapshot_text(others[nearest])
         except FlannelError as exc:

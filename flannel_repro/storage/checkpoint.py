@@ -157,7 +157,7 @@ def save(path: str | os.PathLike[str], step: int, state: Mapping[str, Any], info
     from safetensors.torch import save as to_bytes
 
     from flannel_repro.safeio import write_bytes_atomic
-    from flannel_repro.storage.stream import digest_tensor, fsync_dir
+    from flannel_repro.storage.format import digest_tensor, fsync_dir
 
     final = Path(path)
     require_own_file(final, "a checkpoint")
@@ -187,7 +187,7 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
     from safetensors import safe_open
 
     from flannel_repro.errors import ResumeError
-    from flannel_repro.storage.stream import digest_tensor
+    from flannel_repro.storage.format import digest_tensor
 
     p = Path(path)
     if not require_own_file(p, "a checkpoint"):

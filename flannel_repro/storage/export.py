@@ -12,7 +12,9 @@ import torch
 from flannel_repro.bits import same_bits
 from flannel_repro.errors import ArtifactError
 from flannel_repro.storage.layout import KEY_LOSSES, KEY_W, META_FORMAT, run_config, run_data
-from flannel_repro.storage.stream import TensorSpec, TrajectoryReader, TrajectoryWriter
+from flannel_repro.storage.format import TensorSpec
+from flannel_repro.storage.reader import ArtifactReader
+from flannel_repro.storage.writer import ArtifactWriter
 
 NOTEBOOK_FORMAT = "flannel-repro/notebook/1"
 # The original notebook's export: key -> dtype. Shapes: W (R, S+1, V, H), losses (R, S+1),
@@ -61,15 +63,15 @@ def export_notebook(run_paths: Sequence[str | os.PathLike[str]], out_path: str |
     paths = [Path(p) for p in run_paths]
     if not paths:
         raise ArtifactError(f"{out_path}: expected at least one run artifact to export, got none.")
-    readers: list[TrajectoryReader] = []
+    readers: list[ArtifactReader] = []
     try:
         for p in paths:
-            readers.append(TrajectoryReader(p))
+            readers.append(ArtifactReader(p))
         configs = [run_config(r) for r in readers]
         datas = [run_data(r) for r in readers]
         first, cfg0, data0 = readers[0], configs[0], datas[0]
 
-        def field(cfg: dict[str, Any], r: TrajectoryReader, key: str) -> Any:
+        def field(cfg: dict[str, Any], r: ArtifactReader, key: str) -> Any:
             if key not in cfg:
                 raise ArtifactError(f"{r.path}: config: expected a {key!r} entry, got none.")
             return cfg[key]
@@ -134,7 +136,7 @@ def export_notebook(run_paths: Sequence[str | os.PathLike[str]], out_path: str |
             "recorded_W": True,
             "recorded_losses": True,
         }
-        with TrajectoryWriter(out_path, specs, metadata, reserve_metadata_bytes=4096, checksum_exclude=("W",)) as w:
+        with ArtifactWriter(out_path, specs, metadata, reserve_metadata_bytes=4096, checksum_exclude=("W",)) as w:
             w.write("W_initial", w0.to(torch.bfloat16))
             for name, value in scalars.items():
                 w.write(name, torch.tensor(value, dtype=NOTEBOOK_KEYS[name]))

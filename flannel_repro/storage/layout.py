@@ -1,7 +1,7 @@
 """The run layout: what one run's artifact holds (tensor names, shapes, metadata keys), written by the
 training harness and read by the analysis.
 
-One run is one safetensors file (`flannel_repro.storage.stream`): W after every step, the losses,
+One run is one safetensors file (`flannel_repro.storage.format`): W after every step, the losses,
 W's per-step digests, the batches' example offsets and the live-token mask, plus optional
 recordings, and metadata with the config, the data description and the environment.
 """
@@ -18,7 +18,9 @@ import torch
 
 from flannel_repro.bits import bits_view
 from flannel_repro.errors import ArtifactError
-from flannel_repro.storage.stream import DIGEST_SIZE, TensorSpec, TrajectoryReader, TrajectoryWriter, digest_as_tensor, digest_tensor
+from flannel_repro.storage.format import DIGEST_SIZE, TensorSpec, digest_as_tensor, digest_tensor
+from flannel_repro.storage.reader import ArtifactReader
+from flannel_repro.storage.writer import ArtifactWriter
 
 # --- per-run artifact layout (written by the harness, read by divergence and export) -----------
 
@@ -84,7 +86,7 @@ def run_artifact_specs(
 
 
 def written_through(names: Iterable[str], step: int) -> dict[str, int | None]:
-    """What of a run artifact is written once step `step` is recorded, for `TrajectoryWriter.reopen`: the
+    """What of a run artifact is written once step `step` is recorded, for `ArtifactWriter.reopen`: the
     live mask whole (None), `step` rows of batch starts (one per optimizer step), `step + 1` of the rest."""
     return {name: None if name == KEY_LIVE_MASK else step if name == KEY_BATCH_STARTS else step + 1 for name in names}
 
@@ -133,7 +135,7 @@ def write_run(
     specs = run_artifact_specs(steps=steps, vocab_size=vocab, hidden_dim=hidden, batch_size=batch_size,
                                dtype=first.dtype)
     meta = run_metadata(config, data if data is not None else {"n_live": n_live, "n_dead": vocab - n_live})
-    with TrajectoryWriter(Path(path), specs, meta, checksum_exclude=(KEY_W,)) as w:
+    with ArtifactWriter(Path(path), specs, meta, checksum_exclude=(KEY_W,)) as w:
         w.write(KEY_LIVE_MASK, live_mask)
         w.write(KEY_LOSSES, losses if losses is not None else torch.full((steps + 1,), float("nan")))
         w.write(KEY_BATCH_STARTS, batch_starts if batch_starts is not None
@@ -150,7 +152,7 @@ def write_run(
         return w.finish()
 
 
-def _json_meta(reader: TrajectoryReader, key: str) -> dict[str, Any]:
+def _json_meta(reader: ArtifactReader, key: str) -> dict[str, Any]:
     fmt = reader.metadata.get(META_FORMAT)
     if fmt != RUN_FORMAT:
         raise ArtifactError(f"{reader.path}: expected metadata format={RUN_FORMAT!r}, got {fmt!r}.")
@@ -166,17 +168,17 @@ def _json_meta(reader: TrajectoryReader, key: str) -> dict[str, Any]:
     return value
 
 
-def run_config(reader: TrajectoryReader) -> dict[str, Any]:
+def run_config(reader: ArtifactReader) -> dict[str, Any]:
     """The run's config dict from the metadata (ArtifactError if missing or not a run artifact)."""
     return _json_meta(reader, META_CONFIG)
 
 
-def run_data(reader: TrajectoryReader) -> dict[str, Any]:
+def run_data(reader: ArtifactReader) -> dict[str, Any]:
     """The run's data dict (n_live, n_dead, hashes) from the metadata."""
     return _json_meta(reader, META_DATA)
 
 
-def run_env(reader: TrajectoryReader) -> dict[str, Any]:
+def run_env(reader: ArtifactReader) -> dict[str, Any]:
     """The run's environment fingerprint from the metadata ({} when it was written without one)."""
     if META_ENV not in reader.metadata:
         return {}

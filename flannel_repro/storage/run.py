@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from flannel_repro.storage import layout
-from flannel_repro.storage.stream import TrajectoryReader, digest_tensor
+from flannel_repro.storage.format import digest_tensor
+from flannel_repro.storage.reader import ArtifactReader
 from flannel_repro.config import EngineRunConfig, RunConfig, run_config_from_dict
 from flannel_repro.errors import ArtifactError, ConfigError
 
@@ -30,7 +31,7 @@ class RunFile:
     subclass, `flannel_repro.Trajectory`."""
 
     def __init__(self, path: str | Path) -> None:
-        self.reader = TrajectoryReader(Path(path))
+        self.reader = ArtifactReader(Path(path))
         fmt = self.reader.metadata.get(layout.META_FORMAT)
         if fmt != layout.RUN_FORMAT:
             raise ArtifactError(f"{self.reader.path}: format {fmt!r} is not {layout.RUN_FORMAT!r}; "
@@ -250,9 +251,9 @@ class RunFile:
         return self
 
     def _recorded_specs(self, config: EngineRunConfig) -> list:
-        """The layout a recorded run of your own training implies (training.record): its metadata names the
+        """The layout a recorded run of your own training implies (training.own_training): its metadata names the
         tensors, their dtypes and shapes, the primary one stored as W in 2-D."""
-        from flannel_repro.storage.stream import TensorSpec
+        from flannel_repro.storage.format import TensorSpec
 
         recorded = json.loads(self.metadata["recorded"])
         tensors = recorded["tensors"]
@@ -269,7 +270,7 @@ class RunFile:
 
     def release_pages(self) -> None:
         """Drop the resident pages of the memory map behind `W`, `batch_starts` and `optional()`
-        views (see `TrajectoryReader.release_pages`); the views stay usable."""
+        views (see `ArtifactReader.release_pages`); the views stay usable."""
         self.reader.release_pages()
 
     def close(self) -> None:

@@ -18,14 +18,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from flannel_repro.devices import parse_device
+from flannel_repro.errors import DeterminismWarning
 
 PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "safetensors", "numpy")
 ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                  "MALLOC_TOP_PAD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY", "CUBLAS_WORKSPACE_CONFIG")
-
-
-class DeterminismWarning(UserWarning):
-    """A determinism setting is missing or came too late to have an effect."""
 
 
 @contextlib.contextmanager

@@ -139,7 +139,7 @@ class EngineRun:
 
     def recorder(self, tensors: Mapping[str, Any], **kwargs: Any) -> Any:
         """A TrajectoryRecorder for this run (its path, config, run key and checkpoint policy set)."""
-        from flannel_repro.training.record import TrajectoryRecorder
+        from flannel_repro.training.own_training import TrajectoryRecorder
 
         if self.recorders:
             raise ConfigError(f"engine {self.config.engine!r}: one recorder per run (recorder() was called twice).")

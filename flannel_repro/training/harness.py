@@ -32,7 +32,7 @@ from flannel_repro.errors import ConfigError, DeterminismError, ResumeError
 from flannel_repro.training.head import model_loss, verify_fused_head
 from flannel_repro.training.model import build_model, embedding, shared_init_W
 from flannel_repro.training.numerics import apply as apply_numerics, arithmetic, numerics_info
-from flannel_repro.training.recorder import Recorder
+from flannel_repro.training.run_recorder import RunRecorder
 
 if TYPE_CHECKING:
     from flannel_repro.config import RunConfig
@@ -107,7 +107,7 @@ def _train_once(config: "RunConfig", out_path: str | Path, data: "CorpusData", W
             config.device, threads=threads, deterministic=config.deterministic, mode=config.numerics))
         meta = {"env": env, "engine": config.engine, **(metadata or {})}
         resumable = policy.enabled or resume is not None
-        recorder = stack.enter_context(Recorder(config, out_path, data, meta, resume=resume,
+        recorder = stack.enter_context(RunRecorder(config, out_path, data, meta, resume=resume,
                                                 temp_path=resumable_path(out_path) if resumable else None))
         stack.enter_context(arithmetic(config.numerics, config.device))  # portable: explicit bf16 products
         start = time.perf_counter()
@@ -231,7 +231,7 @@ def _no_phase(_name: str) -> contextlib.AbstractContextManager[Any]:
 class TorchLoop:
     """The torch engine: its model, optimizer, schedule and data order, and one optimizer step.
 
-    `_torch_engine` drives it with the recorder; `flannel_repro.training.replay` drives it to replay a
+    `_torch_engine` drives it with the recorder; `flannel_repro.runs.replay` drives it to replay a
     run to a step and record every operation of that step. `step(t, phase=...)` wraps each part of the
     step (head-check, forward, backward, clip, optimizer) in `phase(name)`.
     """
@@ -324,7 +324,7 @@ class TorchLoop:
                                    sort_keys=True)}
 
 
-def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: Recorder,
+def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: RunRecorder,
                   progress: Progress | None, policy: Any = None, resume: Any = None) -> dict[str, str]:
     from flannel_repro.training.resume import check_restored
 
@@ -347,7 +347,7 @@ def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, rec
     return loop.engine_metadata()
 
 
-def _hf_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: Recorder,
+def _hf_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: RunRecorder,
                progress: Progress | None) -> dict[str, str]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging

@@ -13,8 +13,9 @@ if TYPE_CHECKING:
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
-# Called with every model `build_model` makes, after W is in place: how `flannel_repro.training.plant`
-# plants nondeterminism into a run on purpose (tests of the suite). Empty in normal use.
+# Called with every model `build_model` makes, after W is in place: how
+# `flannel_repro.training.planted_nondeterminism` plants nondeterminism into a run on purpose (tests of the suite).
+# Empty in normal use.
 BUILD_HOOKS: list[Callable[["GPT2LMHeadModel"], None]] = []
 
 

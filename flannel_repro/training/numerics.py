@@ -48,7 +48,7 @@ from typing import Any, Iterator, Mapping
 
 from flannel_repro.config import NUMERICS
 from flannel_repro.devices import parse_device
-from flannel_repro.errors import FlannelError
+from flannel_repro.errors import NumericsError
 from flannel_repro.training.determinism import cpu_name, cpuinfo_field, device_description, torch_threads
 
 MODES = NUMERICS  # the config field's choices: one source
@@ -69,7 +69,7 @@ EXPECTED_ATEN = {"portable": "AVX2", "avx512bf16": "AVX512"}  # torch.backends.c
 REQUIRED_FLAG = {"portable": ("avx2", "AVX2"), "avx512bf16": ("avx512_bf16", "AVX-512 BF16")}  # /proc/cpuinfo, name
 NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")  # what steers the CPU kernels (recorded)
 
-# Arithmetic variants for deriving noise bands (analysis.noise, training.variants): each a mode and an
+# Arithmetic variants for deriving noise bands (analysis.noise, runs.variants): each a mode and an
 # environment for a fresh process (None removes the variable). Each is a path some CPU actually takes;
 # the capped ones are how an AVX-512 machine runs the kernels of a CPU without AVX-512 (BF16).
 _UNPINNED = dict.fromkeys(NUMERICS_ENV)
@@ -84,10 +84,6 @@ VARIANT_ENV: dict[str, dict[str, str | None]] = {
     # AVX2 only (Zen 3 runners, laptops), native kernels: oneDNN's bf16 path there is ~10x slower
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"},
 }
-
-
-class NumericsError(FlannelError):
-    """The numerics a run asked for are not the numerics it would get (too late, or this CPU lacks them)."""
 
 
 # --- probing the CPU libraries ---------------------------------------------------------------------

@@ -15,7 +15,7 @@ step k + 1. Data orders are pure functions of (data seed, step), so the data pos
 
 Nothing on disk is trusted between the two processes. The checkpoint carries the digest of every tensor
 and of its metadata (checked by `checkpoint.load`), and the digest of each tensor's rows through step k
-of the partial file as they were on disk when it was taken (checked by `TrajectoryWriter.reopen`). The
+of the partial file as they were on disk when it was taken (checked by `ArtifactWriter.reopen`). The
 steps a stopped run recorded after k are compared, as the resumed run writes them again, with what it
 writes. Any mismatch is a `ResumeError`: the checkpoint and partial file are discarded, and the run
 trains from the start (`resume_discarded` in its metadata says why).
@@ -33,21 +33,12 @@ from typing import Any, Mapping
 
 import torch
 
-from flannel_repro.errors import ArtifactError, ArtifactWarning, ConfigError, ResumeError
+from flannel_repro.errors import ArtifactError, ArtifactWarning, ConfigError, ResumeError, TrainingStopped
 from flannel_repro.storage import checkpoint
-from flannel_repro.storage.stream import digest_tensor
+from flannel_repro.storage.format import digest_tensor
 
 CHECKPOINT_SUFFIX = ".ckpt"
 RESUMABLE_SUFFIX = ".resumable"
-
-
-class TrainingStopped(Exception):
-    """Raised by a run told to stop after a step (`stop_at`): its checkpoint and partial file are kept."""
-
-    def __init__(self, step: int, checkpoint_path: Path) -> None:
-        super().__init__(f"stopped after step {step}; checkpoint {checkpoint_path}")
-        self.step = step
-        self.checkpoint_path = checkpoint_path
 
 
 def checkpoint_path(artifact: str | Path) -> Path:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from flannel_repro.training.resume import TrainingStopped
+from flannel_repro.errors import TrainingStopped
 
 
 CHILD_KINDS: dict[str, Callable[[dict[str, Any]], None]] = {}

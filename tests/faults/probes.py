@@ -45,7 +45,7 @@ from flannel_repro.data.embedded import embedded_paths
 from flannel_repro.data.files import compute_token_mask, load_token_mask, save_token_mask
 from flannel_repro.errors import ArtifactError, FlannelError
 from flannel_repro.storage.run import RunFile
-from flannel_repro.training.store import RunStore
+from flannel_repro.runs.store import RunStore
 
 REPO = Path(__file__).resolve().parents[2]
 # The tiny embedded data set (512 tokens); 4 steps train in a fraction of a second once torch is warm.
@@ -796,7 +796,7 @@ from pathlib import Path
 signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {repo!r})
 from tests.faults.probes import CFG
-from flannel_repro.training.store import RunStore
+from flannel_repro.runs.store import RunStore
 print("START", flush=True)
 RunStore(Path(sys.argv[1])).obtain(CFG.replace(steps=int(sys.argv[2])))
 print("DONE", flush=True)
@@ -877,7 +877,7 @@ def kill_trials(workdir: Path, trials: int, steps: int = 30, seed: int = 0) -> d
         seen_partials |= before
         for p in root.glob("*.safetensors"):  # a run that finished before the kill: start the next trial clean
             p.unlink()
-    from flannel_repro.training.store import clean_leftovers
+    from flannel_repro.runs.store import clean_leftovers
 
     partials_before = len(list(root.glob("*.partial-*")))
     removed = clean_leftovers(root, older_than_s=0)
@@ -928,7 +928,7 @@ def _concurrent(workdir: Path) -> Outcome:
 def _fsize(workdir: Path) -> Outcome:
     script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY));"
               f"sys.path.insert(0, {str(REPO)!r});"
-              "from tests.faults.probes import CFG; from flannel_repro.training.store import RunStore;"
+              "from tests.faults.probes import CFG; from flannel_repro.runs.store import RunStore;"
               "from flannel_repro.errors import ArtifactError\n"
               "try:\n    RunStore(sys.argv[1]).obtain(CFG)\n"
               "except ArtifactError as e:\n    print(e); raise SystemExit(3)\n")
@@ -946,7 +946,7 @@ def _fsize(workdir: Path) -> Outcome:
 def _enospc(workdir: Path) -> Outcome:
     import errno
 
-    from flannel_repro.storage import stream
+    from flannel_repro.storage import writer
 
     real, calls = os.pwrite, {"n": 0}
 
@@ -956,11 +956,11 @@ def _enospc(workdir: Path) -> Outcome:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data, offset)
 
-    stream.os.pwrite = filling  # type: ignore[attr-defined]
+    writer.os.pwrite = filling  # type: ignore[attr-defined]
     try:
         outcome = expect_error(lambda: RunStore(workdir / "artifacts").obtain(CFG), "out of space while writing", "MB")
     finally:
-        stream.os.pwrite = real  # type: ignore[attr-defined]
+        writer.os.pwrite = real  # type: ignore[attr-defined]
     left = [p.name for p in (workdir / "artifacts").iterdir() if ".partial-" in p.name or p.name.endswith(".safetensors")]
     return Outcome("silent", f"left behind: {left}") if left else outcome
 
@@ -969,14 +969,14 @@ def _enospc(workdir: Path) -> Outcome:
 def _too_small(workdir: Path) -> Outcome:
     from collections import namedtuple
 
-    from flannel_repro.storage import stream
+    from flannel_repro.storage import writer
 
-    real = stream.shutil.disk_usage
-    stream.shutil.disk_usage = lambda p: namedtuple("U", "total used free")(10 ** 9, 10 ** 9 - 1000, 1000)  # type: ignore[assignment]
+    real = writer.shutil.disk_usage
+    writer.shutil.disk_usage = lambda p: namedtuple("U", "total used free")(10 ** 9, 10 ** 9 - 1000, 1000)  # type: ignore[assignment]
     try:
         return expect_error(lambda: RunStore(workdir / "artifacts").obtain(CFG), "the artifact needs", "free")
     finally:
-        stream.shutil.disk_usage = real  # type: ignore[assignment]
+        writer.shutil.disk_usage = real  # type: ignore[assignment]
 
 
 @probe("disk", "training.log cannot be appended")

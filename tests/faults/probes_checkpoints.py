@@ -19,7 +19,7 @@ from typing import Callable
 
 from flannel_repro.errors import FlannelError
 from flannel_repro.training.resume import checkpoint_path, resumable_path
-from flannel_repro.training.store import RunStore
+from flannel_repro.runs.store import RunStore
 from tests.faults.probes import CFG, REPO, Outcome, _reference, expect_error, good_store, probe
 
 EVERY = 2  # checkpoint every 2 steps; the run is interrupted after step 3
@@ -183,7 +183,7 @@ import os, subprocess, sys, warnings
 sys.path.insert(0, sys.argv[2])
 from tests.faults.probes import CFG
 from flannel_repro.errors import ArtifactError
-from flannel_repro.training.store import RunStore
+from flannel_repro.runs.store import RunStore
 try:
     RunStore(sys.argv[1], checkpoint_every=1).obtain(CFG)
 except ArtifactError as e:

@@ -14,7 +14,7 @@ from typing import Callable
 from flannel_repro.data import files as data_files
 from flannel_repro.data.embedded import embedded_paths
 from flannel_repro.errors import ArtifactWarning
-from flannel_repro.training.store import RunStore
+from flannel_repro.runs.store import RunStore
 from tests.faults.probes import (CFG, PROBES, Outcome, Probe, _env, _header, _quiet, _tiny_files, artifact_fault, cli,
                                  copy_store, edit_meta, good_store, load_data, named, probe)
 

@@ -89,7 +89,7 @@ probe("prune", "a stale partial file of a hand recorder")(_prune_keeps(_user_par
 def _damaged_own_run(workdir: Path) -> Outcome:
     import warnings
 
-    from flannel_repro.training.store import RunStore
+    from flannel_repro.runs.store import RunStore
 
     _, _, ref = good_store()
     root, path = copy_store(workdir)

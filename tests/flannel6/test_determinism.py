@@ -48,7 +48,7 @@ def test_different_seeds_part_at_step_1(trajectory, train_seed, device, flannel_
 def test_final_divergence_within_derived_bound(trajectory, train_seed, device, flannel_config, derived_bound,
                                                flannel_record):
     """‖W_a − W_b‖_F at the last step stays below the upper prediction limit derived from held-out pairs, at a
-    stated false-alarm rate (1% per clean session over all claim seeds; README, "Bounds")."""
+    stated false-alarm rate (1% per clean session over all claim seeds; docs/writing-claims.md, "Bounds")."""
     other = partner_seed(train_seed, flannel_config.train_seeds)
     a, b = trajectory(other), trajectory(train_seed)
     final = measure_divergence(a, b).at(a.steps)
@@ -68,7 +68,7 @@ def test_data_order_share_within_derived_band(trajectory, train_seed, device, fl
     both changed (seed s). Checked: data order alone parts the runs at step 1, and the share
     ‖ΔW(order only)‖ / ‖ΔW(both)‖ at the last step is below 1 (the model seed's initialisation is a part
     of the divergence too: with no part it would be exactly 1) and lies in the prediction band derived
-    from held-out seeds at a stated false-alarm rate (bounds.toml or in-session; README, "Bounds"). Where
+    from held-out seeds at a stated false-alarm rate (bounds.toml or in-session; docs/writing-claims.md, "Bounds"). Where
     the share is noisy (real text at CI scale, 6 pairs at full scale) the band's lower end is near 0 and
     its upper end above 1, and the two statements before it are what can fail. The measured shares are
     recorded and printed in the terminal summary.

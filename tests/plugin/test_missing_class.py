@@ -77,7 +77,7 @@ def test_default_fails_without_a_band_naming_the_classes_and_the_commands(other_
         "E*Nothing was compared: comparing with another class needs a noise band for scale *, and "
         "flannel_noise_bands.json has none.",
         "E*To record this class: pytest test_mc.py::test_loss --snapshot-update (then review and commit the new file);",
-        "E*or measure a band: flannel-repro noise --config FILE -o flannel_noise_bands.json (see README, *",
+        "E*or measure a band: flannel-repro noise --config FILE -o flannel_noise_bands.json (see docs/gate.md, *",
         "E*policy: --flannel-missing-class=tolerant|fail|skip (ini flannel_missing_class; this session: tolerant).",
     ])
     result.stdout.fnmatch_lines([

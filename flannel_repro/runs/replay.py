@@ -28,7 +28,7 @@ import torch
 
 from flannel_repro.analysis.oplog import OpDiff, OpLog, OpRecord, OpTensor, compare_logs, ulp_distance
 from flannel_repro.errors import ConfigError, DeterminismError
-from flannel_repro.storage.stream import digest_tensor
+from flannel_repro.storage.format import digest_tensor
 
 if TYPE_CHECKING:
     from flannel_repro.config import RunConfig

@@ -15,7 +15,7 @@ so any run trained or replayed inside is affected:
 - `unseeded_data_order()`: the example order is drawn from an unseeded generator instead of `data_seed`.
 
 The planted operations run inside the module's own forward, so the first-divergent-operation report
-(`flannel_repro.training.replay`) attributes them to it.
+(`flannel_repro.runs.replay`) attributes them to it.
 """
 
 from __future__ import annotations

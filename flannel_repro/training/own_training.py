@@ -1,7 +1,7 @@
 """Record your own training: named tensors and the loss after every optimizer step, into the same
 streaming, atomic safetensors artifacts the Flannel 6 runs use, so every tool here reads them.
 
-Three ways in (README, "Your own training"):
+Three ways in (docs/your-own-training.md):
 
 * `TrajectoryRecorder`, a context manager for a plain PyTorch loop;
 * `FlannelCallback`, a `transformers.TrainerCallback` for the Trainer;
@@ -27,9 +27,10 @@ import torch
 
 from flannel_repro.config import EngineRunConfig
 from flannel_repro.errors import ArtifactError, ConfigError, ResumeError
-from flannel_repro.storage import layout, stream
-from flannel_repro.storage.stream import TensorSpec, TrajectoryWriter, digest_tensor
-from flannel_repro.training.recorder import UpdateTracker
+from flannel_repro.storage import layout
+from flannel_repro.storage.format import DIGEST_ALGO, TensorSpec, digest_as_tensor, digest_tensor
+from flannel_repro.storage.writer import ArtifactWriter
+from flannel_repro.training.run_recorder import UpdateTracker
 
 TENSOR_PREFIX = "tensor."  # artifact key of a recorded tensor other than the primary one
 
@@ -119,7 +120,7 @@ class TrajectoryRecorder:
         self._live_mask = live_mask
         self._data = dict(data or {})
         self._extra_meta = dict(metadata or {})
-        self.writer: TrajectoryWriter | None = None
+        self.writer: ArtifactWriter | None = None
         self._written = 0
         self._tracker = UpdateTracker()
         self._hook = None
@@ -173,7 +174,7 @@ class TrajectoryRecorder:
                     lambda opt, args, kwargs: self._tracker.before_step(param, opt))
         if resume is not None:
             k = resume.step
-            self.writer = TrajectoryWriter(self.path, self._specs(shapes), dict(resume.info["artifact_metadata"]),
+            self.writer = ArtifactWriter(self.path, self._specs(shapes), dict(resume.info["artifact_metadata"]),
                                            checksum_exclude=(layout.KEY_W,), temp_path=resumable_path(self.path))
             try:  # the partial file's rows through k must hash as they did when the checkpoint was taken
                 self.writer.reopen(layout.written_through(self.writer.specs, k), resume.info["partial_digests"])
@@ -205,10 +206,10 @@ class TrajectoryRecorder:
         if self.resume_discarded:
             extra["resume_discarded"] = self.resume_discarded[:2000]
         meta = layout.run_metadata(self.config.to_dict(), {"n_live": n_live, "n_dead": W.shape[0] - n_live, **self._data},
-                                   digest_algo=stream.DIGEST_ALGO,
+                                   digest_algo=DIGEST_ALGO,
                                    **{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in extra.items()})
         temp = resumable_path(self.path) if self._policy.enabled else None
-        self.writer = TrajectoryWriter(self.path, self._specs(shapes), meta, checksum_exclude=(layout.KEY_W,),
+        self.writer = ArtifactWriter(self.path, self._specs(shapes), meta, checksum_exclude=(layout.KEY_W,),
                                        temp_path=temp)
         self.writer.__enter__()
         self.writer.write(layout.KEY_LIVE_MASK, live.contiguous())
@@ -257,7 +258,7 @@ class TrajectoryRecorder:
 
                 discard(self.path, str(exc), warn=False)
                 raise ResumeError(f"{exc} The checkpoint was discarded: run the training again, from step 0.") from None
-        self.writer.write_row(layout.KEY_DIGESTS, t, stream.digest_as_tensor(digest))
+        self.writer.write_row(layout.KEY_DIGESTS, t, digest_as_tensor(digest))
         self.writer.write_row(layout.KEY_W, t, W.contiguous())
         self.writer.write_row(layout.KEY_LOSSES, t, torch.tensor(loss, dtype=torch.float32))
         self.writer.write_row(layout.KEY_UPDATES, t, self._tracker.after_step(self._param_for_tracker(), self.optimizer))

@@ -1,8 +1,8 @@
 """What is captured at every step, streamed straight into a pre-sized safetensors artifact.
 
-One `Recorder` serves both engines: the lean loop calls it directly, the HF engine through a
+One `RunRecorder` serves both engines: the lean loop calls it directly, the HF engine through a
 `TrainerCallback`. Memory does not grow with the number of steps: each step's tensors go to disk
-as soon as they exist (see `stream.TrajectoryWriter`).
+as soon as they exist (see `storage.writer.ArtifactWriter`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flannel_repro.storage import layout, stream
-from flannel_repro.storage.stream import TensorSpec, TrajectoryWriter, digest_tensor
+from flannel_repro.storage import layout
+from flannel_repro.storage.format import DIGEST_ALGO, TensorSpec, digest_as_tensor, digest_tensor
+from flannel_repro.storage.writer import ArtifactWriter
 from flannel_repro.bits import bits_view
 from flannel_repro.data.corpus import make_batch
 from flannel_repro.training.model import embedding, torch_dtype
@@ -114,7 +115,7 @@ class UpdateTracker:
         return torch.tensor([changed, lost, moved], dtype=torch.float32)
 
 
-class Recorder:
+class RunRecorder:
     """Streams one run's trajectory into `path` (atomically: the file appears only when complete)."""
 
     def __init__(self, config: "RunConfig", path: str | Path, data: "CorpusData", metadata: dict[str, Any], *,
@@ -134,10 +135,10 @@ class Recorder:
             self._last_loss = float(resume.info.get("last_loss", math.nan))
         else:
             meta = layout.run_metadata(
-                config.to_dict(), data.describe(), digest_algo=stream.DIGEST_ALGO,
+                config.to_dict(), data.describe(), digest_algo=DIGEST_ALGO,
                 **{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()})
         # W is covered row by row by its digests; every other tensor gets a checksum at finish
-        self.writer = TrajectoryWriter(Path(path), artifact_specs(config), meta, checksum_exclude=(layout.KEY_W,),
+        self.writer = ArtifactWriter(Path(path), artifact_specs(config), meta, checksum_exclude=(layout.KEY_W,),
                                        temp_path=temp_path)
         self._updates = UpdateTracker()
         self._probe = None
@@ -147,7 +148,7 @@ class Recorder:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def __enter__(self) -> "Recorder":
+    def __enter__(self) -> "RunRecorder":
         if self._resume is not None:
             from flannel_repro.training.resume import prior_digests
 
@@ -201,7 +202,7 @@ class Recorder:
             from flannel_repro.training.resume import check_resumed_digest
 
             check_resumed_digest(self._resume, self._prior, step, digest, self.writer.temp_path)
-        self.writer.write_row(layout.KEY_DIGESTS, step, stream.digest_as_tensor(digest))
+        self.writer.write_row(layout.KEY_DIGESTS, step, digest_as_tensor(digest))
         if cfg.record_W:
             self.writer.write_row(layout.KEY_W, step, W_cpu)
         loss_value = math.nan if loss is None else float(loss)

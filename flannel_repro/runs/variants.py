@@ -54,7 +54,7 @@ def train_variant(config_json: str, name: str, threads: int, seeds: Sequence[int
     """Train (or reuse) `seeds` under variant `name` at `threads` in a fresh process; their artifact paths."""
     spec = json.dumps({"config": json.loads(config_json), "variant": name, "threads": threads, "seeds": list(seeds),
                        "artifacts": str(artifacts)})
-    proc = subprocess.run([sys.executable, "-m", "flannel_repro.training.variants", spec], env=variant_environment(name),
+    proc = subprocess.run([sys.executable, "-m", "flannel_repro.runs.variants", spec], env=variant_environment(name),
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise ArtifactError(f"noise variant {name}:{threads}: the training process failed (exit {proc.returncode}):\n"
@@ -104,7 +104,7 @@ def derive_from_training(config: Any, seeds: Sequence[int], variants: Sequence[t
 def _train_main(spec_text: str) -> int:
     """Child process of `train_variant`: train the seeds with the variant's environment already in place."""
     from flannel_repro.config import RunConfig
-    from flannel_repro.training.store import RunStore  # the child process only
+    from flannel_repro.runs.store import RunStore  # the child process only
 
     import torch
 

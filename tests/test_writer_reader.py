@@ -1,4 +1,5 @@
-"""Tests of flannel_repro.storage (stream, layout, export): streaming writer, lazy reader, safetensors interop, export."""
+"""Tests of the artifact files (flannel_repro.storage: format, writer, reader, partials): the streaming writer,
+the lazy reader, safetensors interop, atomic publication and partial files, digests."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from flannel_repro.storage import layout
-from flannel_repro.storage.stream import DIGEST_SIZE, TensorSpec, TrajectoryReader, TrajectoryWriter, cleanup_partials, digest_tensor
-from flannel_repro.storage.layout import KEY_DIGESTS, KEY_LIVE_MASK, KEY_LOSSES, KEY_W, META_FORMAT, RUN_FORMAT, run_config
-from flannel_repro.storage.export import NOTEBOOK_KEYS, export_notebook
 from flannel_repro.errors import ArtifactError
+from flannel_repro.storage import layout
+from flannel_repro.storage.format import TensorSpec, digest_tensor
+from flannel_repro.storage.layout import KEY_LIVE_MASK, KEY_LOSSES, KEY_W
+from flannel_repro.storage.partials import cleanup_partials
+from flannel_repro.storage.reader import ArtifactReader
+from flannel_repro.storage.writer import ArtifactWriter
 
 REPO = Path(__file__).resolve().parents[1]
 V, H, S, B = 50, 8, 6, 4
@@ -61,6 +64,16 @@ def write_run(path: Path, W: torch.Tensor, *, config: dict[str, Any], losses: to
         batch_starts=torch.arange(steps * B, dtype=torch.int64).reshape(steps, B))
 
 
+def make_runs(tmp_path: Path, n: int = 3) -> tuple[list[Path], list[torch.Tensor], torch.Tensor]:
+    w0 = (0.02 * torch.randn(V, H, generator=torch.Generator().manual_seed(42))).to(torch.bfloat16)
+    paths, Ws = [], []
+    for i in range(n):
+        W = make_trajectory(100 + i, w0)
+        Ws.append(W)
+        paths.append(write_run(tmp_path / f"run{i}.safetensors", W, config=base_config(model_seed=42 + i, data_seed=42 + i)))
+    return paths, Ws, w0
+
+
 ALL_DTYPES = [torch.bfloat16, torch.float32, torch.int64, torch.uint8, torch.bool, torch.float16, torch.int32]
 
 
@@ -78,7 +91,7 @@ def write_all_dtypes(path: Path, metadata: dict[str, str] | None = None) -> dict
     tensors["scalar"] = torch.tensor(7, dtype=torch.int64)
     tensors["empty"] = torch.zeros((0, 4), dtype=torch.float32)
     specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-    with TrajectoryWriter(path, specs, metadata or {"k": "v"}) as w:
+    with ArtifactWriter(path, specs, metadata or {"k": "v"}) as w:
         for k, v in tensors.items():
             if v.dim() and v.shape[0]:
                 for i in reversed(range(v.shape[0])):  # out of order on purpose
@@ -101,7 +114,7 @@ def test_round_trip_all_dtypes(tmp_path: Path) -> None:
     p = tmp_path / "a.safetensors"
     tensors = write_all_dtypes(p)
     assert not list(tmp_path.glob("*.partial-*"))
-    with TrajectoryReader(p) as r:
+    with ArtifactReader(p) as r:
         assert set(r.keys()) == set(tensors)
         for k, v in tensors.items():
             assert_same(r[k], v)
@@ -123,13 +136,13 @@ def test_metadata_round_trip_and_finish_extra(tmp_path: Path) -> None:
     p = tmp_path / "m.safetensors"
     meta = {"format": "x/1", "config": json.dumps({"a": [1, 2]}), "unicode": "ΔW ‖·‖"}
     spec = TensorSpec("x", torch.float32, (2,))
-    with TrajectoryWriter(p, [spec], meta) as w:
+    with ArtifactWriter(p, [spec], meta) as w:
         w.write("x", torch.ones(2))
         w.finish({"status": "complete", "format": "x/2"})
     final = {**meta, "status": "complete", "format": "x/2"}
     checksums = {"x": hashlib.blake2b(torch.ones(2).numpy().tobytes(), digest_size=32).hexdigest(),
                  "__metadata__": hashlib.blake2b(json.dumps(final, sort_keys=True).encode(), digest_size=32).hexdigest()}
-    with TrajectoryReader(p) as r:
+    with ArtifactReader(p) as r:
         assert r.metadata == {**final, "checksums": json.dumps(checksums, sort_keys=True)}
         assert r.checksum_problems() == []
     with safe_open(str(p), framework="pt") as f:
@@ -138,8 +151,8 @@ def test_metadata_round_trip_and_finish_extra(tmp_path: Path) -> None:
 
 def test_metadata_must_be_str(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="str"):
-        TrajectoryWriter(tmp_path / "x", [], {"n": 3})  # type: ignore[dict-item]
-    with TrajectoryWriter(tmp_path / "y", [], {}) as w:
+        ArtifactWriter(tmp_path / "x", [], {"n": 3})  # type: ignore[dict-item]
+    with ArtifactWriter(tmp_path / "y", [], {}) as w:
         with pytest.raises(ArtifactError, match="str"):
             w.finish({"n": 1.5})  # type: ignore[dict-item]
 
@@ -165,7 +178,7 @@ def test_we_read_safetensors_files(tmp_path: Path) -> None:
     tensors = {f"t{i}": sample(dt, (4, 3), i) for i, dt in enumerate(ALL_DTYPES)}
     tensors["scalar"] = torch.tensor(1.5, dtype=torch.float64)
     save_file(tensors, str(p), metadata={"a": "b"})
-    with TrajectoryReader(p) as r:
+    with ArtifactReader(p) as r:
         assert r.metadata == {"a": "b"}
         assert set(r.keys()) == set(tensors)
         for k, v in tensors.items():
@@ -174,7 +187,7 @@ def test_we_read_safetensors_files(tmp_path: Path) -> None:
 
 def test_reader_tensors_never_write_back(tmp_path: Path) -> None:
     p = tmp_path / "ro.safetensors"
-    with TrajectoryWriter(p, [TensorSpec("x", torch.float32, (4,))], {}) as w:
+    with ArtifactWriter(p, [TensorSpec("x", torch.float32, (4,))], {}) as w:
         w.write("x", torch.arange(4.0))
         w.finish()
     before = p.read_bytes()
@@ -182,13 +195,13 @@ def test_reader_tensors_never_write_back(tmp_path: Path) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "non-writable array" UserWarning from torch
-        r = TrajectoryReader(p)
+        r = ArtifactReader(p)
         x = r["x"]
     x.add_(100.0)  # copy-on-write: private to this process
     r.close()
     assert x[0].item() == 100.0  # views stay valid after close
     assert p.read_bytes() == before
-    with TrajectoryReader(p) as r2:
+    with ArtifactReader(p) as r2:
         assert torch.equal(r2["x"], torch.arange(4.0))
 
 
@@ -198,7 +211,7 @@ def test_reader_tensors_never_write_back(tmp_path: Path) -> None:
 def test_exception_inside_with_leaves_nothing(tmp_path: Path) -> None:
     p = tmp_path / "boom.safetensors"
     with pytest.raises(RuntimeError):
-        with TrajectoryWriter(p, [TensorSpec("x", torch.float32, (3, 2))], {}) as w:
+        with ArtifactWriter(p, [TensorSpec("x", torch.float32, (3, 2))], {}) as w:
             w.write_row("x", 0, torch.ones(2))
             assert w.temp_path is not None and w.temp_path.exists()
             raise RuntimeError("boom")
@@ -207,7 +220,7 @@ def test_exception_inside_with_leaves_nothing(tmp_path: Path) -> None:
 
 def test_no_finish_leaves_nothing(tmp_path: Path) -> None:
     p = tmp_path / "nofinish.safetensors"
-    with TrajectoryWriter(p, [TensorSpec("x", torch.float32, (3,))], {}) as w:
+    with ArtifactWriter(p, [TensorSpec("x", torch.float32, (3,))], {}) as w:
         w.write("x", torch.ones(3))
     assert list(tmp_path.iterdir()) == []
 
@@ -216,15 +229,15 @@ def test_unwritten_rows_refused_unless_allowed(tmp_path: Path) -> None:
     p = tmp_path / "holes.safetensors"
     spec = TensorSpec("x", torch.float32, (3, 2))
     with pytest.raises(ArtifactError, match="never written"):
-        with TrajectoryWriter(p, [spec], {}) as w:
+        with ArtifactWriter(p, [spec], {}) as w:
             w.write_row("x", 0, torch.ones(2))
             w.finish()
     assert list(tmp_path.iterdir()) == []
-    with TrajectoryWriter(p, [spec], {}) as w:
+    with ArtifactWriter(p, [spec], {}) as w:
         w.write_row("x", 0, torch.ones(2))
         assert w.unwritten() == {"x": 2}
         w.finish(allow_unwritten=True)
-    with TrajectoryReader(p) as r:
+    with ArtifactReader(p) as r:
         assert torch.equal(r["x"], torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
 
 
@@ -233,8 +246,9 @@ def test_killed_writer_leaves_only_partial(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os, signal, torch
-        from flannel_repro.storage.stream import TensorSpec, TrajectoryWriter
-        w = TrajectoryWriter({str(final)!r}, [TensorSpec("W", torch.bfloat16, (10, 50, 8))], {{"a": "b"}})
+        from flannel_repro.storage.format import TensorSpec
+        from flannel_repro.storage.writer import ArtifactWriter
+        w = ArtifactWriter({str(final)!r}, [TensorSpec("W", torch.bfloat16, (10, 50, 8))], {{"a": "b"}})
         w.__enter__()
         for t in range(3):
             w.write_row("W", t, torch.ones(50, 8, dtype=torch.bfloat16))
@@ -248,14 +262,14 @@ def test_killed_writer_leaves_only_partial(tmp_path: Path) -> None:
     partials = list(tmp_path.glob("killed.safetensors.partial-*"))
     assert len(partials) == 1
     with pytest.raises(ArtifactError, match="incomplete"):
-        TrajectoryReader(partials[0])
+        ArtifactReader(partials[0])
     assert cleanup_partials(tmp_path, older_than_s=3600) == []  # too recent
     assert cleanup_partials(tmp_path, older_than_s=0) == partials  # writer pid is gone
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cleanup_keeps_live_writers(tmp_path: Path) -> None:
-    with TrajectoryWriter(tmp_path / "live", [TensorSpec("x", torch.uint8, (1,))], {}) as w:
+    with ArtifactWriter(tmp_path / "live", [TensorSpec("x", torch.uint8, (1,))], {}) as w:
         assert cleanup_partials(tmp_path, older_than_s=0) == []
         assert w.temp_path is not None and w.temp_path.exists()
 
@@ -267,30 +281,30 @@ def test_truncated_file(tmp_path: Path) -> None:
     with open(p, "r+b") as f:
         f.truncate(size - 3)
     with pytest.raises(ArtifactError, match=f"truncated or incomplete: expected {size} bytes, got {size - 3}"):
-        TrajectoryReader(p)
+        ArtifactReader(p)
     with open(p, "r+b") as f:
         f.truncate(5)
     with pytest.raises(ArtifactError, match="truncated or incomplete"):
-        TrajectoryReader(p)
+        ArtifactReader(p)
     with open(p, "r+b") as f:
         f.truncate(0)
         f.write((1000).to_bytes(8, "little") + b"{")
     with pytest.raises(ArtifactError, match="expected at least 1008 bytes"):
-        TrajectoryReader(p)
+        ArtifactReader(p)
 
 
 def test_garbage_header(tmp_path: Path) -> None:
     p = tmp_path / "g.safetensors"
     p.write_bytes((8).to_bytes(8, "little") + b"not json")
     with pytest.raises(ArtifactError, match="JSON"):
-        TrajectoryReader(p)
+        ArtifactReader(p)
     with pytest.raises(ArtifactError, match="no such file"):
-        TrajectoryReader(tmp_path / "missing.safetensors")
+        ArtifactReader(tmp_path / "missing.safetensors")
 
 
 def test_write_row_validation(tmp_path: Path) -> None:
     spec = TensorSpec("W", torch.bfloat16, (3, 4, 2))
-    with TrajectoryWriter(tmp_path / "v", [spec], {}) as w:
+    with ArtifactWriter(tmp_path / "v", [spec], {}) as w:
         with pytest.raises(ArtifactError, match="expected dtype torch.bfloat16, got torch.float32"):
             w.write_row("W", 0, torch.zeros(4, 2))
         with pytest.raises(ArtifactError, match=r"expected shape \(4, 2\), got \(4, 3\)"):
@@ -304,30 +318,30 @@ def test_write_row_validation(tmp_path: Path) -> None:
         with pytest.raises(ArtifactError, match=r"expected shape \(3, 4, 2\)"):
             w.write("W", torch.zeros(4, 2, dtype=torch.bfloat16))
     with pytest.raises(ArtifactError, match="not entered"):
-        TrajectoryWriter(tmp_path / "v", [spec], {}).write_row("W", 0, torch.zeros(4, 2, dtype=torch.bfloat16))
+        ArtifactWriter(tmp_path / "v", [spec], {}).write_row("W", 0, torch.zeros(4, 2, dtype=torch.bfloat16))
 
 
 def test_tuple_index_write(tmp_path: Path) -> None:
     p = tmp_path / "tuple.safetensors"
     x = sample(torch.bfloat16, (2, 3, 4, 5))
-    with TrajectoryWriter(p, [TensorSpec("x", x.dtype, tuple(x.shape))], {}) as w:
+    with ArtifactWriter(p, [TensorSpec("x", x.dtype, tuple(x.shape))], {}) as w:
         for i in range(2):
             for j in range(3):
                 w.write_row("x", (i, j), x[i, j])
         w.finish()
-    with TrajectoryReader(p) as r:
+    with ArtifactReader(p) as r:
         assert_same(r["x"], x)
 
 
 def test_metadata_too_large(tmp_path: Path) -> None:
     p = tmp_path / "big.safetensors"
     with pytest.raises(ArtifactError, match="reserve"):
-        with TrajectoryWriter(p, [TensorSpec("x", torch.float32, (1,))], {"a": "b"}, reserve_metadata_bytes=100) as w:
+        with ArtifactWriter(p, [TensorSpec("x", torch.float32, (1,))], {"a": "b"}, reserve_metadata_bytes=100) as w:
             w.write("x", torch.ones(1))
             w.finish({"huge": "z" * 200})
     assert list(tmp_path.iterdir()) == []
     # a little extra fits in the reserve
-    with TrajectoryWriter(p, [TensorSpec("x", torch.float32, (1,))], {"a": "b"}, reserve_metadata_bytes=100) as w:
+    with ArtifactWriter(p, [TensorSpec("x", torch.float32, (1,))], {"a": "b"}, reserve_metadata_bytes=100) as w:
         w.write("x", torch.ones(1))
         w.finish({"small": "z" * 50})
     assert load_file(str(p))["x"].item() == 1.0
@@ -353,11 +367,11 @@ def test_lazy_rows(tmp_path: Path) -> None:
     p = tmp_path / "lazy.safetensors"
     spec = TensorSpec("W", torch.bfloat16, (steps, vocab, hidden))
     row = sample(torch.bfloat16, (vocab, hidden), 3)
-    with TrajectoryWriter(p, [spec], {}) as w:
+    with ArtifactWriter(p, [spec], {}) as w:
         w.write_row("W", 5, row)
         w.write_row("W", 60, row)
         w.finish(allow_unwritten=True)
-    with TrajectoryReader(p) as r:
+    with ArtifactReader(p) as r:
         before = _rss_bytes() if os.path.exists("/proc/self/statm") else None
         W = r["W"]
         assert W.shape == (steps, vocab, hidden) and W.dtype == torch.bfloat16
@@ -378,7 +392,7 @@ def test_positional_reads(tmp_path: Path) -> None:
     """row/rows/read copy from the file without mapping it; out= buffers are filled and reused."""
     paths, Ws, _ = make_runs(tmp_path, 1)
     W = Ws[0]
-    with TrajectoryReader(paths[0]) as r:
+    with ArtifactReader(paths[0]) as r:
         assert_same(r.row(KEY_W, 3), W[3])
         assert_same(r.row(KEY_W, -1), W[-1])  # negative indices count from the end, as W[-1]
         assert_same(r.row(KEY_W, (2, 7)), W[2, 7])
@@ -434,7 +448,7 @@ def test_positional_reads_from_threads(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     paths, Ws, _ = make_runs(tmp_path, 1)
-    with TrajectoryReader(paths[0]) as r:
+    with ArtifactReader(paths[0]) as r:
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda t: r.row(KEY_W, t % (S + 1)), range(64)))
         for t, row in enumerate(got):
@@ -443,7 +457,7 @@ def test_positional_reads_from_threads(tmp_path: Path) -> None:
 
 def test_truncated_after_open(tmp_path: Path) -> None:
     paths, _, _ = make_runs(tmp_path, 1)
-    with TrajectoryReader(paths[0]) as r:
+    with ArtifactReader(paths[0]) as r:
         os.truncate(paths[0], r.file_size - 1)  # replaced by something shorter under our feet
         with pytest.raises(ArtifactError, match="truncated"):
             r.read(KEY_LIVE_MASK)  # the last tensor in the file
@@ -453,13 +467,13 @@ def test_truncated_after_open(tmp_path: Path) -> None:
 def test_release_pages_drops_the_map_from_rss(tmp_path: Path) -> None:
     steps, vocab, hidden = 16, 1024, 1024  # 32 MiB of W
     p = tmp_path / "big.safetensors"
-    with TrajectoryWriter(p, [TensorSpec("W", torch.bfloat16, (steps, vocab, hidden))], {}) as w:
+    with ArtifactWriter(p, [TensorSpec("W", torch.bfloat16, (steps, vocab, hidden))], {}) as w:
         for t in range(steps):
             w.write_row("W", t, torch.full((vocab, hidden), float(t), dtype=torch.bfloat16))
         w.finish()
     # File-backed resident pages only (RssFile): heap growth from temporaries, which an allocator
     # may keep, must not count.
-    with TrajectoryReader(p) as r:
+    with ArtifactReader(p) as r:
         buf = torch.zeros((vocab, hidden), dtype=torch.bfloat16)
         before = _rss_file_bytes()
         for t in range(steps):
@@ -474,49 +488,6 @@ def test_release_pages_drops_the_map_from_rss(tmp_path: Path) -> None:
         assert W[5, 3, 3].item() == 5.0  # the view still works: pages come back from the file
 
 
-def test_trajectory_reads_without_mapping(tmp_path: Path) -> None:
-    from flannel_repro.analysis.trajectory import Trajectory
-
-    paths, Ws, _ = make_runs(tmp_path, 1)
-    traj = Trajectory(paths[0])
-    try:
-        assert torch.isnan(traj.losses[0]) and traj.digests.shape == (S + 1, DIGEST_SIZE)
-        assert int(traj.live_mask.sum()) == 40
-        assert_same(traj.W_at(4), Ws[0][4])
-        buf = torch.empty(V, H, dtype=torch.bfloat16)
-        assert traj.W_at(5, out=buf) is buf and torch.equal(buf.view(torch.int16), Ws[0][5].view(torch.int16))
-        assert_same(traj.W_initial, Ws[0][0])
-        assert traj.reader._mm is None
-        assert_same(traj.W[6], Ws[0][6])  # the array-like view maps the file
-        traj.release_pages()
-        assert_same(traj.W[6], Ws[0][6])
-    finally:
-        traj.close()
-
-
-# --- notebook export --------------------------------------------------------------------------
-
-
-def make_runs(tmp_path: Path, n: int = 3) -> tuple[list[Path], list[torch.Tensor], torch.Tensor]:
-    w0 = (0.02 * torch.randn(V, H, generator=torch.Generator().manual_seed(42))).to(torch.bfloat16)
-    paths, Ws = [], []
-    for i in range(n):
-        W = make_trajectory(100 + i, w0)
-        Ws.append(W)
-        paths.append(write_run(tmp_path / f"run{i}.safetensors", W, config=base_config(model_seed=42 + i, data_seed=42 + i)))
-    return paths, Ws, w0
-
-
-def test_run_artifact_layout(tmp_path: Path) -> None:
-    paths, Ws, _ = make_runs(tmp_path, 1)
-    with TrajectoryReader(paths[0]) as r:
-        assert r.metadata[META_FORMAT] == RUN_FORMAT
-        assert run_config(r)["steps"] == S
-        assert r.spec(KEY_W).shape == (S + 1, V, H)
-        assert r.spec(KEY_DIGESTS).shape == (S + 1, DIGEST_SIZE)
-        assert bytes(r[KEY_DIGESTS][2].numpy()) == digest_tensor(Ws[0][2])
-
-
 def test_digest() -> None:
     x = sample(torch.bfloat16, (3, 4))
     d = digest_tensor(x)
@@ -525,71 +496,3 @@ def test_digest() -> None:
     y.view(torch.int16)[1, 2] += 1
     assert digest_tensor(y) != d
     assert digest_tensor(x.t()) == digest_tensor(x.t().contiguous())
-
-
-def test_export_notebook(tmp_path: Path) -> None:
-    paths, Ws, w0 = make_runs(tmp_path)
-    out = export_notebook(paths, tmp_path / "notebook.safetensors")
-    assert out == tmp_path / "notebook.safetensors" and not list(tmp_path.glob("*.partial-*"))
-    nb = load_file(str(out))
-    assert set(nb) == set(NOTEBOOK_KEYS)
-    shapes = {"W": (3, S + 1, V, H), "losses": (3, S + 1), "W_initial": (V, H)}
-    for k, dt in NOTEBOOK_KEYS.items():
-        assert nb[k].dtype == dt, k
-        assert tuple(nb[k].shape) == shapes.get(k, ()), k
-    assert_same(nb["W"], torch.stack(Ws))
-    assert_same(nb["W_initial"], w0)
-    assert torch.isnan(nb["losses"][:, 0]).all()
-    expected_losses = torch.linspace(5.0, 3.0, S + 1).to(torch.bfloat16)
-    assert torch.equal(nb["losses"][:, 1:], expected_losses[1:].expand(3, S))
-    ints = dict(n_runs=3, init_seed=42, base_train_seed=42, n_steps=S, n_live=40, n_dead=10, vocab_size=V, hidden_dim=H)
-    for k, v in ints.items():
-        assert nb[k].item() == v, k
-    floats = dict(init_scale=0.02, learning_rate=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999)
-    for k, v in floats.items():
-        assert nb[k].item() == torch.tensor(v, dtype=torch.float32).item(), k
-    assert nb["recorded_W"].item() is True and nb["recorded_losses"].item() is True
-
-
-def test_export_converts_float32_runs(tmp_path: Path) -> None:
-    w0 = torch.randn(V, H, generator=torch.Generator().manual_seed(1)) * 0.02
-    W = torch.stack([w0 + 0.001 * t for t in range(S + 1)])
-    paths = [write_run(tmp_path / f"f{i}.safetensors", W, config=base_config()) for i in range(2)]
-    nb = load_file(str(export_notebook(paths, tmp_path / "nb.safetensors")))
-    assert_same(nb["W"][1], W.to(torch.bfloat16))
-
-
-def test_export_refuses_mismatched_runs(tmp_path: Path) -> None:
-    paths, Ws, w0 = make_runs(tmp_path, 2)
-    other0 = w0.clone()
-    other0.view(torch.int16)[0, 0] += 1
-    bad = write_run(tmp_path / "bad_init.safetensors", make_trajectory(7, other0), config=base_config())
-    with pytest.raises(ArtifactError, match=r"bad_init.*W_initial"):
-        export_notebook([*paths, bad], tmp_path / "nb.safetensors")
-    small = (0.02 * torch.randn(V, H - 2)).to(torch.bfloat16)
-    bad_shape = write_run(tmp_path / "bad_shape.safetensors", make_trajectory(8, small), config=base_config(hidden_dim=H - 2))
-    with pytest.raises(ArtifactError, match=r"bad_shape.*hidden_dim"):
-        export_notebook([*paths, bad_shape], tmp_path / "nb.safetensors")
-    bad_steps = write_run(tmp_path / "bad_steps.safetensors", make_trajectory(9, w0, S - 1), config=base_config(steps=S - 1))
-    with pytest.raises(ArtifactError, match=r"bad_steps.*steps"):
-        export_notebook([paths[0], bad_steps], tmp_path / "nb.safetensors")
-    lying = write_run(tmp_path / "lying.safetensors", make_trajectory(9, w0, S - 1), config=base_config())
-    with pytest.raises(ArtifactError, match=r"lying.*expected shape"):
-        export_notebook([paths[0], lying], tmp_path / "nb.safetensors")
-    assert not (tmp_path / "nb.safetensors").exists()
-    assert not list(tmp_path.glob("*.partial-*"))
-
-
-def test_write_run_checks_the_number_of_steps(tmp_path: Path) -> None:
-    W = torch.zeros(4, 6, 3, dtype=torch.bfloat16)  # steps 0..3
-    live = torch.ones(6, dtype=torch.bool)
-    with pytest.raises(ArtifactError, match=r"expected W for steps 0\.\.2, got more"):
-        layout.write_run(tmp_path / "long.safetensors", W, steps=2, live_mask=live, config={})
-    with pytest.raises(ArtifactError, match=r"expected W for steps 0\.\.2, got no step"):
-        layout.write_run(tmp_path / "empty.safetensors", [], steps=2, live_mask=live, config={})
-    with pytest.raises(ArtifactError, match=r"rows never written: \{'updates': 1, 'W': 1, 'digests': 1\}"):
-        layout.write_run(tmp_path / "short.safetensors", W[:2], steps=2, live_mask=live, config={})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing half-written may stay behind"
-    ok = layout.write_run(tmp_path / "ok.safetensors", W[:3], steps=2, live_mask=live, config={})
-    with TrajectoryReader(ok) as r:
-        assert r["W"].shape == (3, 6, 3) and torch.isnan(r["losses"]).all()
