@@ -9,17 +9,24 @@ import json
 import os
 import time
 
-_t: dict[str, float] = {"start": time.perf_counter(), "collect": 0.0, "setup": 0.0, "call": 0.0, "teardown": 0.0,
-                        "obtain": 0.0, "obtain_calls": 0}
+_t: dict[str, float] = {
+    "start": time.perf_counter(),
+    "collect": 0.0,
+    "setup": 0.0,
+    "call": 0.0,
+    "teardown": 0.0,
+    "obtain": 0.0,
+    "obtain_calls": 0,
+}
 
 
-def pytest_configure(config) -> None:  # noqa: ANN001
+def pytest_configure(config) -> None:
     """Time the plugin's run lookup (run key, lock, store, open), which tests call from their bodies."""
     import flannel_repro.plugin.hooks as plugin
 
     real = plugin.obtain
 
-    def timed(*args, **kwargs):  # noqa: ANN002, ANN003
+    def timed(*args, **kwargs):
         t0 = time.perf_counter()
         try:
             return real(*args, **kwargs)
@@ -30,22 +37,24 @@ def pytest_configure(config) -> None:  # noqa: ANN001
     plugin.obtain = timed
 
 
-def pytest_sessionstart(session) -> None:  # noqa: ANN001
+def pytest_sessionstart(session) -> None:
     _t["start"] = time.perf_counter()
 
 
-def pytest_collection_finish(session) -> None:  # noqa: ANN001
+def pytest_collection_finish(session) -> None:
     _t["collect"] = time.perf_counter() - _t["start"]
 
 
-def pytest_runtest_logreport(report) -> None:  # noqa: ANN001
+def pytest_runtest_logreport(report) -> None:
     _t[report.when] += report.duration
 
 
-def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001
+def pytest_sessionfinish(session, exitstatus) -> None:
     out = os.environ.get("FLANNEL_PHASE_REPORT")
     if out:
-        data = {k: v for k, v in _t.items() if k != "start"} | {"total": time.perf_counter() - _t["start"],
-                                                                "exitstatus": int(exitstatus)}
+        data = {k: v for k, v in _t.items() if k != "start"} | {
+            "total": time.perf_counter() - _t["start"],
+            "exitstatus": int(exitstatus),
+        }
         with open(out, "w", encoding="utf-8") as f:
             json.dump(data, f)

@@ -116,32 +116,39 @@ def _old_all_pairs(readers: Sequence[Any]) -> dict[str, np.ndarray]:
                 xc, bc, live = self.x[:, v0:v1], bits[:, v0:v1], self.live[v0:v1]
                 for i in range(self.R - 1):
                     m, p = self.R - 1 - i, self.starts[i]
-                    d = torch.sub(xc[i + 1:], xc[i], out=self.d[:m, :n])
+                    d = torch.sub(xc[i + 1 :], xc[i], out=self.d[:m, :n])
                     if n * self.H:
                         big = torch.maximum(d.amax(dim=(1, 2)), d.amin(dim=(1, 2)).neg_()).to(torch.float64)
-                        cur = self.max_abs[p:p + m]
+                        cur = self.max_abs[p : p + m]
                         torch.maximum(cur, big, out=cur)
                         d64 = self.d64[:m, :n]
                         d64.copy_(d)
-                        self.sumsq[p:p + m] += d64.square_().sum(dim=(1, 2))
-                    ne = torch.ne(bc[i + 1:], bc[i], out=self.ne[:m, :n])
+                        self.sumsq[p : p + m] += d64.square_().sum(dim=(1, 2))
+                    ne = torch.ne(bc[i + 1 :], bc[i], out=self.ne[:m, :n])
                     differ = ne.any(dim=2)
-                    self.rows[p:p + m] += differ.sum(dim=1)
-                    self.rows_live[p:p + m] += (differ & live).sum(dim=1)
-            return (self.max_abs.numpy().copy(), self.sumsq.sqrt().numpy(), self.rows.numpy().copy(),
-                    self.rows_live.numpy().copy())
+                    self.rows[p : p + m] += differ.sum(dim=1)
+                    self.rows_live[p : p + m] += (differ & live).sum(dim=1)
+            return (
+                self.max_abs.numpy().copy(),
+                self.sumsq.sqrt().numpy(),
+                self.rows.numpy().copy(),
+                self.rows_live.numpy().copy(),
+            )
 
     n, vocab, hidden = readers[0].spec(KEY_W).shape
     dtype = readers[0].spec(KEY_W).dtype
     live = readers[0].read(KEY_LIVE_MASK).clone()
     R = len(readers)
     P = R * (R - 1) // 2
-    out = {k: np.zeros((P, n), dtype=np.float64 if k in ("max_abs", "frobenius") else np.int64)
-           for k in ("max_abs", "frobenius", "rows_differ", "rows_differ_live")}
+    out = {
+        k: np.zeros((P, n), dtype=np.float64 if k in ("max_abs", "frobenius") else np.int64)
+        for k in ("max_abs", "frobenius", "rows_differ", "rows_differ_live")
+    }
     kernel = _OldAllPairsKernel(R, vocab, hidden, dtype, live)
     for t in range(n):
-        (out["max_abs"][:, t], out["frobenius"][:, t], out["rows_differ"][:, t],
-         out["rows_differ_live"][:, t]) = kernel(t)
+        (out["max_abs"][:, t], out["frobenius"][:, t], out["rows_differ"][:, t], out["rows_differ_live"][:, t]) = (
+            kernel(t)
+        )
     first = np.full(P, NEVER, dtype=np.int64)
     for p in range(P):
         hits = np.flatnonzero(out["rows_differ"][p])
@@ -269,8 +276,11 @@ def synthesize(workdir: Path, R: int, S: int, V: int, H: int, seed: int = 0) -> 
 
         write_run(path, walk(), steps=S, live_mask=live, config=config, batch_size=B)
         paths.append(path)
-        print(f"  wrote {path.name} ({path.stat().st_size / GB:.2f} GB, parts from run 0 after step {min(part, S)})",
-              file=sys.stderr, flush=True)
+        print(
+            f"  wrote {path.name} ({path.stat().st_size / GB:.2f} GB, parts from run 0 after step {min(part, S)})",
+            file=sys.stderr,
+            flush=True,
+        )
     return paths
 
 
@@ -302,17 +312,29 @@ def child(impl: str, paths: list[str], out: str) -> None:
     hz = os.sysconf("SC_CLK_TCK")
     other = None if jiff0 is None or jiff1 is None else max(0.0, (jiff1[0] - jiff0[0]) / hz - cpu)
     np.savez(out, **res)
-    print(json.dumps({
-        "wall_s": wall, "cpu_s": cpu, "other_cpu_s": other, "threads": torch.get_num_threads(),
-        "maxrss_bytes": ru1.ru_maxrss * (1 if sys.platform == "darwin" else 1024),
-        "rss_before_bytes": rss0, "hwm_bytes": _status_bytes("VmHWM"),
-        "rss_file_bytes": _status_bytes("RssFile"), "rss_anon_bytes": _status_bytes("RssAnon"),
-    }))
+    print(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "other_cpu_s": other,
+                "threads": torch.get_num_threads(),
+                "maxrss_bytes": ru1.ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+                "rss_before_bytes": rss0,
+                "hwm_bytes": _status_bytes("VmHWM"),
+                "rss_file_bytes": _status_bytes("RssFile"),
+                "rss_anon_bytes": _status_bytes("RssAnon"),
+            }
+        )
+    )
 
 
 def run_child(impl: str, paths: Sequence[Path], out: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", impl, "--out", str(out), "--paths", *map(str, paths)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", impl, "--out", str(out), "--paths", *map(str, paths)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{impl} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -333,8 +355,9 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", type=Path, help="existing run artifacts (skips synthesis)")
     ap.add_argument("--workdir", type=Path, default=None, help="where synthetic runs go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic runs")
-    ap.add_argument("--order", default="old,old-1t,new",
-                    help=f"which implementations, in which order, from {', '.join(IMPLS)}")
+    ap.add_argument(
+        "--order", default="old,old-1t,new", help=f"which implementations, in which order, from {', '.join(IMPLS)}"
+    )
     ap.add_argument("--no-warm", action="store_true", help="do not read the files into the page cache first")
     ap.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -383,11 +406,15 @@ def main() -> None:
             avail = _meminfo("MemAvailable")
             if avail is None or avail > 1.2 * total:
                 secs = warm_page_cache(paths)
-                lines.append(f"page cache: {100 * (cached0 or 0):.0f}% of the files cached at the start; "
-                             f"read once to warm it ({secs:.1f} s)")
+                lines.append(
+                    f"page cache: {100 * (cached0 or 0):.0f}% of the files cached at the start; "
+                    f"read once to warm it ({secs:.1f} s)"
+                )
             else:
-                lines.append(f"page cache: {100 * (cached0 or 0):.0f}% cached; files larger than available "
-                             "memory, not warmed (passes read from disk)")
+                lines.append(
+                    f"page cache: {100 * (cached0 or 0):.0f}% cached; files larger than available "
+                    "memory, not warmed (passes read from disk)"
+                )
         results: dict[str, dict] = {}
         arrays: dict[str, Any] = {}
         with tempfile.TemporaryDirectory() as tmp:
@@ -411,7 +438,8 @@ def main() -> None:
             fin = np.isfinite(o["frobenius"]) & (o["frobenius"] != 0)
             rel = np.abs(nw["frobenius"][fin] - o["frobenius"][fin]) / o["frobenius"][fin]
             same_special = np.array_equal(np.isfinite(o["frobenius"]), np.isfinite(nw["frobenius"])) and np.array_equal(
-                o["frobenius"][~fin & np.isfinite(o["frobenius"])], nw["frobenius"][~fin & np.isfinite(o["frobenius"])])
+                o["frobenius"][~fin & np.isfinite(o["frobenius"])], nw["frobenius"][~fin & np.isfinite(o["frobenius"])]
+            )
             eps = np.finfo(np.float64).eps
             fields = "max_abs, rows_differ, rows_differ_live, first_step"
             worst = float(rel.max()) if rel.size else 0.0
@@ -421,8 +449,10 @@ def main() -> None:
                 + ("" if same_special else "; frobenius zeros/NaN/inf DIFFER")
             )
             agree[base] = "(baseline)"
-        head = ("| implementation | wall (s) | s/step | CPU user+sys (s) | other processes' CPU (s) "
-                "| peak RSS ru_maxrss (GB) | RSS before (GB) | files in page cache before | agreement |")
+        head = (
+            "| implementation | wall (s) | s/step | CPU user+sys (s) | other processes' CPU (s) "
+            "| peak RSS ru_maxrss (GB) | RSS before (GB) | files in page cache before | agreement |"
+        )
         lines += ["", head, "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for impl in impls:
             i = results[impl]
@@ -434,10 +464,16 @@ def main() -> None:
                 f"{agree.get(impl, '')} |"
             )
         lines.append("")
-        lines.append("Peak RSS counts mapped file pages (the old path maps every step it reads) but not the page "
-                     "cache; the page cache held " + ", ".join(
-                         f"{results[i]['page_cache_gb']:.1f} GB before {i}" for i in impls
-                         if results[i]['page_cache_gb'] is not None) + " (system-wide 'Cached').")
+        lines.append(
+            "Peak RSS counts mapped file pages (the old path maps every step it reads) but not the page "
+            "cache; the page cache held "
+            + ", ".join(
+                f"{results[i]['page_cache_gb']:.1f} GB before {i}"
+                for i in impls
+                if results[i]['page_cache_gb'] is not None
+            )
+            + " (system-wide 'Cached')."
+        )
         print("\n".join(lines))
     finally:
         if cleanup is not None:

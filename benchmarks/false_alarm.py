@@ -32,7 +32,6 @@ import argparse
 import ast
 import json
 import math
-import os
 import random
 import sys
 import sysconfig
@@ -123,8 +122,11 @@ def measure(args: argparse.Namespace) -> dict:
             for p in (path, Path(str(path) + ".lock")):
                 p.unlink(missing_ok=True)
         cache.write_text(json.dumps(state, indent=1))
-        print(f"seed {s}: final F = {final:.6g}, share = {share:.4f} ({time.perf_counter() - t0:.1f} s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"seed {s}: final F = {final:.6g}, share = {share:.4f} ({time.perf_counter() - t0:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     return state
 
 
@@ -136,7 +138,7 @@ def clopper_pearson_upper(k: int, n: int, conf: float = 0.95) -> float:
         return 1.0
 
     def cdf(p: float) -> float:  # P(X <= k | n, p)
-        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+        return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
 
     lo, hi = 0.0, 1.0
     for _ in range(80):
@@ -148,36 +150,48 @@ def clopper_pearson_upper(k: int, n: int, conf: float = 0.95) -> float:
     return hi
 
 
-def legacy(frob: list[float], share: list[float]):  # noqa: ANN201
+def legacy(frob: list[float], share: list[float]):
     """The limits before issue 21: 1.5 x the largest value, [min / 1.5, max x 1.5] (no stated rate)."""
     from flannel_repro.analysis.bounds import LEGACY_MARGIN, Bound
 
-    return Bound(scale="", max_frobenius=max(frob) * LEGACY_MARGIN, order_share_min=min(share) / LEGACY_MARGIN,
-                 order_share_max=max(share) * LEGACY_MARGIN, measured="")
+    return Bound(
+        scale="",
+        max_frobenius=max(frob) * LEGACY_MARGIN,
+        order_share_min=min(share) / LEGACY_MARGIN,
+        order_share_max=max(share) * LEGACY_MARGIN,
+        measured="",
+    )
 
 
 def table(states: list[dict], n_derive: int, k: int, family: float, resamples: int) -> str:
     from flannel_repro.analysis.bounds import METHOD, derive
 
-    rows = ["| corpus | claim | method | limit from the first n = %d seeds | held-out comparisons outside | upper 95%% "
-            "(per comparison) | held-out sessions of %d failing | upper 95%% (per session) | resampled in-session "
-            "derivations: sessions failing | nominal per session |" % (n_derive, k), "|" + "---|" * 10]
+    rows = [
+        "| corpus | claim | method | limit from the first n = %d seeds | held-out comparisons outside | upper 95%% "
+        "(per comparison) | held-out sessions of %d failing | upper 95%% (per session) | resampled in-session "
+        "derivations: sessions failing | nominal per session |" % (n_derive, k),
+        "|" + "---|" * 10,
+    ]
     for st in states:
         seeds = sorted(int(s) for s in st["pairs"])
         figs = [st["pairs"][str(s)] for s in seeds]
         frob = [f["final_frobenius"] for f in figs]
         share = [f["order_share"] for f in figs]
-        d, h = slice(0, n_derive), slice(n_derive, None)
+        h = slice(n_derive, None)
         held = seeds[n_derive:]
         if not held:
             continue
         checks = {
             "final divergence": (frob, lambda x, b: x <= b.max_frobenius, lambda b: f"≤ {b.max_frobenius:.4g}"),
-            "data-order share": (share, lambda x, b: b.order_share_min <= x <= b.order_share_max,
-                                 lambda b: f"[{b.order_share_min:.3g}, {b.order_share_max:.3g}]"),
+            "data-order share": (
+                share,
+                lambda x, b: b.order_share_min <= x <= b.order_share_max,
+                lambda b: f"[{b.order_share_min:.3g}, {b.order_share_max:.3g}]",
+            ),
         }
         for method in (METHOD, "margin-1.5x (before)"):
-            def make(idx: list[int]):  # noqa: ANN202
+
+            def make(idx: list[int], frob=frob, share=share, method=method):  # bound now: called in this iteration
                 fr, sh = [frob[i] for i in idx], [share[i] for i in idx]
                 if method == METHOD:
                     return derive(fr, sh, scale="", measured="", comparisons=k, false_alarm=family)
@@ -189,7 +203,7 @@ def table(states: list[dict], n_derive: int, k: int, family: float, resamples: i
                 test = values[h]
                 outside = [x for x in test if not ok(x, bound)]
                 n_sessions = len(test) // k
-                failing = sum(any(not ok(x, bound) for x in test[i * k:(i + 1) * k]) for i in range(n_sessions))
+                failing = sum(any(not ok(x, bound) for x in test[i * k : (i + 1) * k]) for i in range(n_sessions))
                 fails = 0  # resampling: derive from n_derive random pairs of the pool, judge k others
                 for _ in range(resamples):
                     pick = rng.sample(range(len(seeds)), n_derive + k)
@@ -200,11 +214,13 @@ def table(states: list[dict], n_derive: int, k: int, family: float, resamples: i
                     f"{len(test)} (seeds {held[0]}–{held[-1]}; values {min(test):.4g}–{max(test):.4g}) | "
                     f"{clopper_pearson_upper(len(outside), len(test)):.1%} | {failing} of {n_sessions} | "
                     f"{clopper_pearson_upper(failing, n_sessions):.0%} | {fails} of {resamples} "
-                    f"({fails / resamples:.2%}) | {family:.0%} |" if method == METHOD else
-                    f"| {st['corpus']} ({st['steps']} steps) | {claim} | {method} | {show(bound)} | {len(outside)} of "
+                    f"({fails / resamples:.2%}) | {family:.0%} |"
+                    if method == METHOD
+                    else f"| {st['corpus']} ({st['steps']} steps) | {claim} | {method} | {show(bound)} | {len(outside)} of "
                     f"{len(test)} | {clopper_pearson_upper(len(outside), len(test)):.1%} | {failing} of {n_sessions} | "
                     f"{clopper_pearson_upper(failing, n_sessions):.0%} | {fails} of {resamples} "
-                    f"({fails / resamples:.2%}) | not stated |")
+                    f"({fails / resamples:.2%}) | not stated |"
+                )
     return "\n".join(rows)
 
 
@@ -214,8 +230,11 @@ def fit_check(states: list[dict]) -> str:
     what a limit relies on, so the table counts values beyond the 10% / 2.5% tails on each side."""
     from flannel_repro.analysis.bounds import LogFit, t_cdf
 
-    rows = ["| corpus | quantity | pairs | log sd | below 10% (expected) | below 2.5% | above 90% | above 97.5% | "
-            "most extreme percentile |", "|" + "---|" * 9]
+    rows = [
+        "| corpus | quantity | pairs | log sd | below 10% (expected) | below 2.5% | above 90% | above 97.5% | "
+        "most extreme percentile |",
+        "|" + "---|" * 9,
+    ]
     for st in states:
         figs = list(st["pairs"].values())
         for name, key in (("final divergence", "final_frobenius"), ("data-order share", "order_share")):
@@ -223,15 +242,17 @@ def fit_check(states: list[dict]) -> str:
             n = len(values)
             u = []
             for i, v in enumerate(values):
-                fit = LogFit.of(values[:i] + values[i + 1:], name)
+                fit = LogFit.of(values[:i] + values[i + 1 :], name)
                 z = (math.log(v) - fit.mean) / (fit.sd * math.sqrt(1 + 1 / fit.n))
                 u.append(t_cdf(z, fit.n - 1))
             lo10, lo25 = sum(x < 0.1 for x in u), sum(x < 0.025 for x in u)
             hi90, hi975 = sum(x > 0.9 for x in u), sum(x > 0.975 for x in u)
             extreme = min(min(u), 1 - max(u))
-            rows.append(f"| {st['corpus']} | {name} | {n} | {LogFit.of(values, name).sd:.3f} | {lo10} ({0.1 * n:.1f}) "
-                        f"| {lo25} ({0.025 * n:.1f}) | {hi90} ({0.1 * n:.1f}) | {hi975} ({0.025 * n:.1f}) | "
-                        f"{extreme:.4f} {'(low)' if min(u) <= 1 - max(u) else '(high)'} |")
+            rows.append(
+                f"| {st['corpus']} | {name} | {n} | {LogFit.of(values, name).sd:.3f} | {lo10} ({0.1 * n:.1f}) "
+                f"| {lo25} ({0.025 * n:.1f}) | {hi90} ({0.1 * n:.1f}) | {hi975} ({0.025 * n:.1f}) | "
+                f"{extreme:.4f} {'(low)' if min(u) <= 1 - max(u) else '(high)'} |"
+            )
     return "\n".join(rows)
 
 

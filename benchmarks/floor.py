@@ -60,11 +60,19 @@ def main() -> None:
         ("LM head forward: logits = h @ W.T (bf16 GEMM, 4096 x 64 x 10000)", 1, lambda: torch.mm(h, W.t())),
         ("LM head backward: grad_h = G @ W", 1, lambda: torch.mm(G, W)),
         ("LM head backward: grad_W = G.T @ h", 1, lambda: torch.mm(G.t(), h)),
-        ("log_softmax over 4096 x 10000 (float32), in 32-row chunks as the fused head runs it", 1,
-         lambda: [torch._log_softmax(x32[r:r + 32], 1, False) for r in range(0, N, 32)]),
-        ("log_softmax backward, in 32-row chunks", 1,
-         lambda: [torch._log_softmax_backward_data(x32[r:r + 32], out32[r:r + 32], 1, torch.float32)
-                  for r in range(0, N, 32)]),
+        (
+            "log_softmax over 4096 x 10000 (float32), in 32-row chunks as the fused head runs it",
+            1,
+            lambda: [torch._log_softmax(x32[r : r + 32], 1, False) for r in range(0, N, 32)],
+        ),
+        (
+            "log_softmax backward, in 32-row chunks",
+            1,
+            lambda: [
+                torch._log_softmax_backward_data(x32[r : r + 32], out32[r : r + 32], 1, torch.float32)
+                for r in range(0, N, 32)
+            ],
+        ),
         ("attention forward (SDPA, per layer)", 2, sdpa_fwd),
         ("attention backward (SDPA, per layer)", 2, sdpa_bwd),
     ]
@@ -82,9 +90,11 @@ def main() -> None:
     parallel = max(1, cores // args.threads)
     floor_s = 10 * 1000 * total / 1000 / parallel
     print(f"| **sum of these kernels** | | | **{total:.1f}** | |")
-    print(f"\nFloor for 10 runs x 1000 steps with {parallel} run(s) side by side on {cores} cores: "
-          f"{floor_s:.0f} s = {floor_s / 60:.1f} min, before the transformer blocks' other kernels, AdamW, "
-          "clipping and recording.")
+    print(
+        f"\nFloor for 10 runs x 1000 steps with {parallel} run(s) side by side on {cores} cores: "
+        f"{floor_s:.0f} s = {floor_s / 60:.1f} min, before the transformer blocks' other kernels, AdamW, "
+        "clipping and recording."
+    )
 
 
 if __name__ == "__main__":

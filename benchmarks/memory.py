@@ -34,8 +34,12 @@ print(json.dumps({"steps_per_s": r.steps_per_s, "wall_s": time.perf_counter() - 
 
 
 def run_child(steps: int, out: Path, seed: int, engine: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(steps), str(out), str(seed), engine],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(steps), str(out), str(seed), engine],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -62,7 +66,9 @@ def main() -> None:
         if rows:
             print("\n| steps | peak RSS (MB) | artifact (MB) | steps/s | wall (s) |\n|---:|---:|---:|---:|---:|")
         for steps, info, size_mb in rows:
-            print(f"| {steps} | {info['peak_rss_mb']:.0f} | {size_mb:.0f} | {info['steps_per_s']:.2f} | {info['wall_s']:.1f} |")
+            print(
+                f"| {steps} | {info['peak_rss_mb']:.0f} | {size_mb:.0f} | {info['steps_per_s']:.2f} | {info['wall_s']:.1f} |"
+            )
         if len(rows) > 1:
             lo, hi = rows[0][1]["peak_rss_mb"], rows[-1][1]["peak_rss_mb"]
             print(f"\npeak RSS {rows[-1][0]} steps / {rows[0][0]} steps = {hi / lo:.3f}")
@@ -79,16 +85,20 @@ def main() -> None:
             export_notebook(runs, out)
             export_s = time.perf_counter() - t0
             loaded = load_file(str(out))
-            print(f"\nexport: {args.export_runs} runs x {args.export_steps} steps trained in {train_s:.0f} s, "
-                  f"exported in {export_s:.1f} s, {out.stat().st_size / 1e6:.0f} MB; load_file keys/shapes/dtypes:")
+            print(
+                f"\nexport: {args.export_runs} runs x {args.export_steps} steps trained in {train_s:.0f} s, "
+                f"exported in {export_s:.1f} s, {out.stat().st_size / 1e6:.0f} MB; load_file keys/shapes/dtypes:"
+            )
             for key in NOTEBOOK_KEYS:
                 t = loaded[key]
                 print(f"  {key:<16} {str(tuple(t.shape)):<24} {t.dtype}")
             assert set(loaded) == set(NOTEBOOK_KEYS), sorted(set(loaded) ^ set(NOTEBOOK_KEYS))
             assert loaded["W"].shape == (args.export_runs, args.export_steps + 1, 10000, 64)
             assert loaded["W"].dtype == torch.bfloat16 and loaded["losses"].dtype == torch.bfloat16
-            print(f"  n_live={int(loaded['n_live'])} n_dead={int(loaded['n_dead'])} "
-                  f"W[:,0] equal across runs: {bool((loaded['W'][:, 0] == loaded['W_initial']).all())}")
+            print(
+                f"  n_live={int(loaded['n_live'])} n_dead={int(loaded['n_dead'])} "
+                f"W[:,0] equal across runs: {bool((loaded['W'][:, 0] == loaded['W_initial']).all())}"
+            )
     print(f"\n(self peak RSS of this driver: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
 
 

@@ -71,10 +71,13 @@ def main() -> int:
             for variant in chosen:
                 rows.append(measure(variant, args.steps, tmp, r))
                 row = rows[-1]
-                print(f"{variant:<12} {row['class']:<36} {row['steps_per_s']:>8.3f} steps/s  {row['wall_s']:>7.1f} s  "
-                      f"last digest {row['last_digest']}", flush=True)
+                print(
+                    f"{variant:<12} {row['class']:<36} {row['steps_per_s']:>8.3f} steps/s  {row['wall_s']:>7.1f} s  "
+                    f"last digest {row['last_digest']}",
+                    flush=True,
+                )
     print(f"\nmachine: {machine_line()}; CI-scale config, seed 42, 1 thread, {args.steps} steps, {args.rounds} rounds")
-    print(f"| variant | class | median steps/s | min | max | / native | bitwise repeatable |")
+    print("| variant | class | median steps/s | min | max | / native | bitwise repeatable |")
     print("|---|---|---:|---:|---:|---:|---|")
     med = {v: statistics.median(r["steps_per_s"] for r in rows if r["variant"] == v) for v in chosen}
     base = med.get("native")

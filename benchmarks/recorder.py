@@ -53,12 +53,16 @@ def main() -> None:
     data = load_data(config)
     loop = TorchLoop(config, data, shared_init_W(config))
     out = Path(args.out or tempfile.mkdtemp(prefix="flannel-recorder-bench-"))
-    times: dict[str, list[float]] = {"bare": [], "flannel6 recorder": [], "public recorder": [],
-                                     "public + checkpoint/10": []}
+    times: dict[str, list[float]] = {
+        "bare": [],
+        "flannel6 recorder": [],
+        "public recorder": [],
+        "public + checkpoint/10": [],
+    }
     per_round: dict[str, list[float]] = {k: [] for k in times}
     step = 0
 
-    def block(record) -> list[float]:  # noqa: ANN001
+    def block(record) -> list[float]:
         nonlocal step
         got = []
         for _ in range(args.steps):
@@ -75,18 +79,22 @@ def main() -> None:
     f6.record(0, loop.model)
     f6_step = [0]
 
-    def rec_f6(loss, starts):  # noqa: ANN001, ANN202
+    def rec_f6(loss, starts):
         f6_step[0] += 1
         f6.capture_grads(loop.model, loop.optimizer)  # after the step here: only the lost-update share is off
         f6.record(f6_step[0], loop.model, loss=loss, batch_starts=starts, optimizer=loop.optimizer)
 
     publics = {}
     for name, every in (("public recorder", 0), ("public + checkpoint/10", 10)):
-        rec = TrajectoryRecorder(out / f"{name.split()[0]}-{every}.safetensors", {"wte": embedding(loop.model)},
-                                 steps=args.steps * args.rounds, optimizer=loop.optimizer, batch_size=config.batch_size,
-                                 checkpoint_every=every,
-                                 state={"model": loop.model, "optimizer": loop.optimizer, "scheduler": loop.scheduler}
-                                 if every else None)
+        rec = TrajectoryRecorder(
+            out / f"{name.split()[0]}-{every}.safetensors",
+            {"wte": embedding(loop.model)},
+            steps=args.steps * args.rounds,
+            optimizer=loop.optimizer,
+            batch_size=config.batch_size,
+            checkpoint_every=every,
+            state={"model": loop.model, "optimizer": loop.optimizer, "scheduler": loop.scheduler} if every else None,
+        )
         rec.__enter__()
         publics[name] = rec
 

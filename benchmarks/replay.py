@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flannel_repro.config import PRESETS  # noqa: E402
-from flannel_repro.training.harness import train  # noqa: E402
-from flannel_repro.runs.replay import record_step  # noqa: E402
+from flannel_repro.config import PRESETS
+from flannel_repro.training.harness import train
+from flannel_repro.runs.replay import record_step
 
 
 def main() -> int:
@@ -46,8 +46,10 @@ def main() -> int:
             t_replay = time.perf_counter() - t0
             rows.append((k, t_train, t_replay, len(log.ops)))
     one = next((r for r in rows if r[0] == 1), None)
-    print(f"config: {args.preset} preset (vocab {base.vocab_size}, batch {base.batch_size}, seq {base.seq_len}), "
-          f"{args.threads} thread(s)\n")
+    print(
+        f"config: {args.preset} preset (vocab {base.vocab_size}, batch {base.batch_size}, seq {base.seq_len}), "
+        f"{args.threads} thread(s)\n"
+    )
     print("| k | train k steps (s) | replay to k, recording step k (s) | operations of step k | replay - train (s) |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for k, t_train, t_replay, n_ops in rows:

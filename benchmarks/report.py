@@ -68,8 +68,19 @@ def single_seed_runs(folder: Path) -> list[Path]:
 def measure(kind: str, paths: list[Path], verify: bool) -> dict:
     root = str(Path(__file__).resolve().parents[1])
     with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run([sys.executable, "-c", CHILD.format(root=root), kind, "1" if verify else "0",
-                              str(Path(tmp) / "report"), *map(str, paths)], capture_output=True, text=True)
+        got = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CHILD.format(root=root),
+                kind,
+                "1" if verify else "0",
+                str(Path(tmp) / "report"),
+                *map(str, paths),
+            ],
+            capture_output=True,
+            text=True,
+        )
     if got.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{got.stderr[-3000:]}")
     return json.loads(got.stdout.strip().splitlines()[-1])
@@ -89,13 +100,16 @@ def main() -> None:
     steps, shape = first.steps, tuple(first.reader.spec("W").shape[1:])
     first.close()
     print(f"runs: {len(runs)} single-seed artifacts of {steps} steps, W {shape}, in {args.runs}")
-    print(f"| runs | pairs | plots | report s | report peak RSS MB | divergence s | divergence peak RSS MB |")
-    print(f"|---:|---:|---:|---:|---:|---:|---:|")
+    print("| runs | pairs | plots | report s | report peak RSS MB | divergence s | divergence peak RSS MB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in counts:
         rep = measure("report", runs[:n], args.verify)
         div = measure("divergence", runs[:n], args.verify)
-        print(f"| {n} | {rep['pairs']} | {rep['plots']} | {rep['wall_s']:.1f} | {rep['peak_rss_mb']:.0f} | "
-              f"{div['wall_s']:.1f} | {div['peak_rss_mb']:.0f} |", flush=True)
+        print(
+            f"| {n} | {rep['pairs']} | {rep['plots']} | {rep['wall_s']:.1f} | {rep['peak_rss_mb']:.0f} | "
+            f"{div['wall_s']:.1f} | {div['peak_rss_mb']:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -42,11 +42,24 @@ REPO = Path(__file__).resolve().parents[1]
 # name: (RunConfig overrides, env, threads, what it is). 'notebook' is the notebook's own setup:
 # the HF Trainer, glibc's malloc defaults, torch's default thread count (every core).
 VARIANTS: dict[str, tuple[dict, dict, int, str]] = {
-    "notebook": ({"engine": "hf"}, {"FLANNEL_REPRO_MALLOC": "0"}, 0,
-                 "(a) HF Trainer as the notebook runs it: glibc defaults, all cores"),
-    "notebook-1t": ({"engine": "hf"}, {"FLANNEL_REPRO_MALLOC": "0"}, 1,
-                    "(a') the same, 1 thread: reference for the 1-thread variants"),
-    "default": ({}, {}, 1, "(b) default path of one `pytest -n auto` worker: lean loop, fused head, malloc tuned, 1 thread"),
+    "notebook": (
+        {"engine": "hf"},
+        {"FLANNEL_REPRO_MALLOC": "0"},
+        0,
+        "(a) HF Trainer as the notebook runs it: glibc defaults, all cores",
+    ),
+    "notebook-1t": (
+        {"engine": "hf"},
+        {"FLANNEL_REPRO_MALLOC": "0"},
+        1,
+        "(a') the same, 1 thread: reference for the 1-thread variants",
+    ),
+    "default": (
+        {},
+        {},
+        1,
+        "(b) default path of one `pytest -n auto` worker: lean loop, fused head, malloc tuned, 1 thread",
+    ),
     "default-all-cores": ({}, {}, 0, "(b') default path in a single process (`pytest` without -n): all cores"),
     "hf-tuned": ({"engine": "hf"}, {}, 0, "(c) HF Trainer with the malloc tuning, all cores"),
     "reference-head": ({"head": "reference"}, {}, 1, "(c) lean loop with the model's own head, 1 thread"),
@@ -85,13 +98,16 @@ def machine() -> str:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     isa = ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "no bf16 ISA flags"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} x {cpu} ({isa}), {mem:.0f} GiB, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}")
+    return (
+        f"{os.cpu_count()} x {cpu} ({isa}), {mem:.0f} GiB, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}"
+    )
 
 
 def spawn(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, float]:
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=REPO), time.perf_counter()
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    ), time.perf_counter()
 
 
 def reap(proc: subprocess.Popen, t0: float) -> dict:
@@ -105,9 +121,10 @@ def reap(proc: subprocess.Popen, t0: float) -> dict:
     result = {}
     for line in out.splitlines():
         if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-    result.update(wall_s=wall, user_s=ru.ru_utime, sys_s=ru.ru_stime, minflt=ru.ru_minflt,
-                  peak_rss_mb=ru.ru_maxrss / 1024)
+            result = json.loads(line[len("RESULT ") :])
+    result.update(
+        wall_s=wall, user_s=ru.ru_utime, sys_s=ru.ru_stime, minflt=ru.ru_minflt, peak_rss_mb=ru.ru_maxrss / 1024
+    )
     return result
 
 
@@ -162,30 +179,41 @@ def side_by_side(args: argparse.Namespace, work: Path, lines: list[str]) -> None
         print(f"  {name}: {results[name]['steps_per_s']:.2f} steps/s", flush=True)
     base = results.get("notebook")
     lines += [
-        f"Command: `python benchmarks/speed.py {' '.join(args.argv)}`", "",
+        f"Command: `python benchmarks/speed.py {' '.join(args.argv)}`",
+        "",
         f"{args.steps} steps of the default config (10,000-token vocabulary, batch 32, seq 128, bf16, correct labels), "
         f"training seed {args.seed}, embedded data, W recorded every step, one subprocess per variant, run one after another.",
-        "", "| variant | threads | steps/s (steady) | steps/s (whole run) | x notebook | 1000-step run (s) | 10-run experiment (min) | wall (s) | user (s) | sys (s) | "
-            "minor faults | peak RSS (MB) | bitwise = reference |",
+        "",
+        "| variant | threads | steps/s (steady) | steps/s (whole run) | x notebook | 1000-step run (s) | 10-run experiment (min) | wall (s) | user (s) | sys (s) | "
+        "minor faults | peak RSS (MB) | bitwise = reference |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in results.items():
         threads = r["threads"]
         ref_name = "notebook" if threads == results.get("notebook", {}).get("threads") else "notebook-1t"
         ref = results.get(ref_name)
-        same = "(reference)" if name == ref_name else (same_trajectory(r["path"], ref["path"]) + f" vs {ref_name}"
-                                                       if ref is not None else "n/a")
+        same = (
+            "(reference)"
+            if name == ref_name
+            else (same_trajectory(r["path"], ref["path"]) + f" vs {ref_name}" if ref is not None else "n/a")
+        )
         per_run = 1000 / r["steps_per_s"]
         parallel = max(1, (os.cpu_count() or 1) // threads)  # runs that fit side by side on the cores
         experiment_min = 10 * per_run / parallel / 60
         speedup = f"{r['steps_per_s'] * parallel / base['steps_per_s']:.2f}" if base else "n/a"
-        lines.append(f"| {name} | {threads} | {r['steps_per_s']:.2f} | {r['overall_steps_per_s']:.2f} | {speedup} | {per_run:.0f} | {experiment_min:.1f} | "
-                     f"{r['wall_s']:.1f} | {r['user_s']:.1f} | {r['sys_s']:.1f} | {r['minflt']:,} | {r['peak_rss_mb']:.0f} | {same} |")
-    lines += ["", "Variants: " + "; ".join(f"`{n}` {VARIANTS[n][3]}" for n in results) + ".",
-              "Steady steps/s times the train loop after its first 10 steps (compilation, warm-up and the fused head's one-time check fall before); whole-run steps/s includes them. 'x notebook' is aggregate throughput on this machine: steps/s times the runs that fit side by side "
-              "(cores / threads), over the notebook's steps/s. The 1000-step and 10-run columns extrapolate the "
-              "measured rate (train loop only) and assume that perfect side-by-side scaling; `--pair` and "
-              "`--experiment` measure it.", ""]
+        lines.append(
+            f"| {name} | {threads} | {r['steps_per_s']:.2f} | {r['overall_steps_per_s']:.2f} | {speedup} | {per_run:.0f} | {experiment_min:.1f} | "
+            f"{r['wall_s']:.1f} | {r['user_s']:.1f} | {r['sys_s']:.1f} | {r['minflt']:,} | {r['peak_rss_mb']:.0f} | {same} |"
+        )
+    lines += [
+        "",
+        "Variants: " + "; ".join(f"`{n}` {VARIANTS[n][3]}" for n in results) + ".",
+        "Steady steps/s times the train loop after its first 10 steps (compilation, warm-up and the fused head's one-time check fall before); whole-run steps/s includes them. 'x notebook' is aggregate throughput on this machine: steps/s times the runs that fit side by side "
+        "(cores / threads), over the notebook's steps/s. The 1000-step and 10-run columns extrapolate the "
+        "measured rate (train loop only) and assume that perfect side-by-side scaling; `--pair` and "
+        "`--experiment` measure it.",
+        "",
+    ]
 
 
 def pair(args: argparse.Namespace, work: Path, lines: list[str]) -> None:
@@ -203,14 +231,20 @@ def pair(args: argparse.Namespace, work: Path, lines: list[str]) -> None:
         res = [reap(p, t) for p, t in procs]
         wall = time.perf_counter() - t0
         rows.append((pinned, res, wall))
-    lines += [f"Two default-path runs at once ({args.steps} steps, seeds {args.seed} and {args.seed + 1}, 1 thread each), "
-              "as the two workers of `pytest -n 2`:", "",
-              "| placement | steps/s run 1 | steps/s run 2 | aggregate steps/s | peak RSS (MB) |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        f"Two default-path runs at once ({args.steps} steps, seeds {args.seed} and {args.seed + 1}, 1 thread each), "
+        "as the two workers of `pytest -n 2`:",
+        "",
+        "| placement | steps/s run 1 | steps/s run 2 | aggregate steps/s | peak RSS (MB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for pinned, res, _ in rows:
         agg = sum(r["steps_per_s"] for r in res)
-        lines.append(f"| {'each pinned to its own CPU (what the plugin does)' if pinned else 'unpinned'} | "
-                     f"{res[0]['steps_per_s']:.2f} | {res[1]['steps_per_s']:.2f} | {agg:.2f} | "
-                     f"{max(r['peak_rss_mb'] for r in res):.0f} |")
+        lines.append(
+            f"| {'each pinned to its own CPU (what the plugin does)' if pinned else 'unpinned'} | "
+            f"{res[0]['steps_per_s']:.2f} | {res[1]['steps_per_s']:.2f} | {agg:.2f} | "
+            f"{max(r['peak_rss_mb'] for r in res):.0f} |"
+        )
     lines.append("")
 
 
@@ -218,9 +252,25 @@ def experiment(args: argparse.Namespace, work: Path, lines: list[str]) -> None:
     import resource
 
     artifacts = work / "experiment"
-    argv = [sys.executable, "-m", "pytest", "tests/flannel6/test_determinism.py", "-n", "auto", "-q", "-p", "no:cacheprovider",
-            "--flannel-preset=full", f"--flannel-runs={args.experiment_runs}", f"--flannel-steps={args.experiment_steps}",
-            f"--flannel-artifacts={artifacts}", "--flannel-fresh", "--flannel-progress=60", "-k", "shared_W"]
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/flannel6/test_determinism.py",
+        "-n",
+        "auto",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--flannel-preset=full",
+        f"--flannel-runs={args.experiment_runs}",
+        f"--flannel-steps={args.experiment_steps}",
+        f"--flannel-artifacts={artifacts}",
+        "--flannel-fresh",
+        "--flannel-progress=60",
+        "-k",
+        "shared_W",
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(argv, cwd=REPO, env=child_env({}), capture_output=True, text=True)
@@ -232,12 +282,16 @@ def experiment(args: argparse.Namespace, work: Path, lines: list[str]) -> None:
         raise RuntimeError(f"experiment failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     runs = sorted(artifacts.glob("seed*-r0-*.safetensors"))
     total_steps = args.experiment_runs * args.experiment_steps
-    lines += [f"Command: `{shlex.join(argv[2:])}` (`python -m pytest` run by `benchmarks/speed.py --experiment`)", "",
-              "| runs x steps | wall (min) | aggregate steps/s | user (s) | sys (s) | largest process's peak RSS (MB) | result |",
-              "|---|---:|---:|---:|---:|---:|---|",
-              f"| {args.experiment_runs} x {args.experiment_steps} | {wall / 60:.1f} | {total_steps / wall:.2f} | "
-              f"{after.ru_utime - before.ru_utime:.0f} | {after.ru_stime - before.ru_stime:.0f} | {after.ru_maxrss / 1024:.0f} | "
-              f"{tail.splitlines()[-1] if tail else '?'} |", ""]
+    lines += [
+        f"Command: `{shlex.join(argv[2:])}` (`python -m pytest` run by `benchmarks/speed.py --experiment`)",
+        "",
+        "| runs x steps | wall (min) | aggregate steps/s | user (s) | sys (s) | largest process's peak RSS (MB) | result |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        f"| {args.experiment_runs} x {args.experiment_steps} | {wall / 60:.1f} | {total_steps / wall:.2f} | "
+        f"{after.ru_utime - before.ru_utime:.0f} | {after.ru_stime - before.ru_stime:.0f} | {after.ru_maxrss / 1024:.0f} | "
+        f"{tail.splitlines()[-1] if tail else '?'} |",
+        "",
+    ]
     seed_run = next((p for p in runs if p.name.startswith(f"seed{args.seed}-")), None)
     if seed_run is not None and args.experiment_reference:
         ref = work / "experiment-reference-hf.safetensors"
@@ -246,9 +300,12 @@ def experiment(args: argparse.Namespace, work: Path, lines: list[str]) -> None:
         cfg = Trajectory(seed_run).config.replace(engine="hf", threads=1, head="auto").to_dict()
         proc_ref, t_ref = spawn(child_argv(cfg, ref), child_env({"FLANNEL_REPRO_MALLOC": "0"}))
         r = reap(proc_ref, t_ref)
-        lines += [f"Seed {args.seed} of the experiment against the notebook-faithful Trainer (engine hf, glibc defaults, "
-                  f"1 thread like each worker) trained at the same scale: bitwise equal: **{same_trajectory(seed_run, ref)}** "
-                  f"(the Trainer took {r['train_s']:.0f} s, {r['steps_per_s']:.2f} steps/s, peak RSS {r['peak_rss_mb']:.0f} MB).", ""]
+        lines += [
+            f"Seed {args.seed} of the experiment against the notebook-faithful Trainer (engine hf, glibc defaults, "
+            f"1 thread like each worker) trained at the same scale: bitwise equal: **{same_trajectory(seed_run, ref)}** "
+            f"(the Trainer took {r['train_s']:.0f} s, {r['steps_per_s']:.2f} steps/s, peak RSS {r['peak_rss_mb']:.0f} MB).",
+            "",
+        ]
     if len(runs) >= 2:
         from flannel_repro.analysis.divergence import all_pairs
 
@@ -256,16 +313,31 @@ def experiment(args: argparse.Namespace, work: Path, lines: list[str]) -> None:
         res = all_pairs(runs)
         took = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in runs) / 1e9
-        lines += [f"Pairwise divergence of the experiment (`all_pairs`, {len(runs)} runs, {len(res.pairs)} pairs x "
-                  f"{len(res.steps)} steps, {size:.1f} GB of artifacts): {took:.1f} s; final ‖ΔW‖_F from "
-                  f"{res.frobenius[:, -1].min():.2f} to {res.frobenius[:, -1].max():.2f}.", ""]
+        lines += [
+            f"Pairwise divergence of the experiment (`all_pairs`, {len(runs)} runs, {len(res.pairs)} pairs x "
+            f"{len(res.steps)} steps, {size:.1f} GB of artifacts): {took:.1f} s; final ‖ΔW‖_F from "
+            f"{res.frobenius[:, -1].min():.2f} to {res.frobenius[:, -1].max():.2f}.",
+            "",
+        ]
 
 
 def overhead(args: argparse.Namespace, work: Path, lines: list[str]) -> None:
     artifacts = work / "overhead"
     plugin_dir = Path(__file__).resolve().parent
-    base = [sys.executable, "-m", "pytest", "tests/flannel6", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
-            "-p", "_phase_timer", f"--flannel-artifacts={artifacts}"]
+    base = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/flannel6",
+        "-p",
+        "no:xdist",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-p",
+        "_phase_timer",
+        f"--flannel-artifacts={artifacts}",
+    ]
     env = child_env({"PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")])})
     phases = []
     for label in ("first session (trains)", "second session (all reused)"):
@@ -275,22 +347,41 @@ def overhead(args: argparse.Namespace, work: Path, lines: list[str]) -> None:
         if proc.returncode != 0:
             raise RuntimeError(f"overhead run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         phases.append((label, json.loads(report.read_text())))
-    imports = subprocess.run([sys.executable, "-c", "import time; t=time.perf_counter(); import torch, transformers, "
-                              "flannel_repro.training.harness; from transformers import GPT2LMHeadModel, Trainer; print(time.perf_counter()-t)"],
-                             cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    lines += [f"Command: `{shlex.join(base[2:-1])}` twice, timed by `benchmarks/_phase_timer.py` (the CI-scale suite: "
-              "4 seeds x 20 steps).", "",
-              "| session | total (s) | collection (s) | fixture setup (s) | test bodies (s) | of which run lookup/training: `obtain` (s, calls) | teardown (s) | plugin overhead (s) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    imports = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import time; t=time.perf_counter(); import torch, transformers, "
+            "flannel_repro.training.harness; from transformers import GPT2LMHeadModel, Trainer; print(time.perf_counter()-t)",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines += [
+        f"Command: `{shlex.join(base[2:-1])}` twice, timed by `benchmarks/_phase_timer.py` (the CI-scale suite: "
+        "4 seeds x 20 steps).",
+        "",
+        "| session | total (s) | collection (s) | fixture setup (s) | test bodies (s) | of which run lookup/training: `obtain` (s, calls) | teardown (s) | plugin overhead (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for label, p in phases:
         plugin_s = p["collect"] + p["setup"] + p["teardown"] + (p["obtain"] if "reused" in label else 0.0)
-        lines.append(f"| {label} | {p['total']:.2f} | {p['collect']:.2f} | {p['setup']:.2f} | {p['call']:.2f} | "
-                     f"{p['obtain']:.2f} ({p['obtain_calls']}) | {p['teardown']:.2f} | "
-                     f"{plugin_s:.2f}{'' if 'reused' in label else ' + training'} |")
-    lines += ["", f"For scale: importing torch, transformers and the harness takes {float(imports.stdout):.2f} s in a "
-              "fresh interpreter (paid during collection, by any test suite that uses torch). Plugin overhead = collection "
-              "+ fixture setup + teardown + (in the reused session) every `obtain` call: run keys, locks, store lookups, "
-              "opening artifacts. The rest of the test bodies is the claims' own divergence arithmetic.", ""]
+        lines.append(
+            f"| {label} | {p['total']:.2f} | {p['collect']:.2f} | {p['setup']:.2f} | {p['call']:.2f} | "
+            f"{p['obtain']:.2f} ({p['obtain_calls']}) | {p['teardown']:.2f} | "
+            f"{plugin_s:.2f}{'' if 'reused' in label else ' + training'} |"
+        )
+    lines += [
+        "",
+        f"For scale: importing torch, transformers and the harness takes {float(imports.stdout):.2f} s in a "
+        "fresh interpreter (paid during collection, by any test suite that uses torch). Plugin overhead = collection "
+        "+ fixture setup + teardown + (in the reused session) every `obtain` call: run keys, locks, store lookups, "
+        "opening artifacts. The rest of the test bodies is the claims' own divergence arithmetic.",
+        "",
+    ]
 
 
 def main() -> None:
@@ -302,8 +393,12 @@ def main() -> None:
     ap.add_argument("--experiment", action="store_true")
     ap.add_argument("--experiment-runs", type=int, default=10)
     ap.add_argument("--experiment-steps", type=int, default=1000)
-    ap.add_argument("--no-experiment-reference", dest="experiment_reference", action="store_false",
-                    help="skip training the Trainer at experiment scale for the bitwise check")
+    ap.add_argument(
+        "--no-experiment-reference",
+        dest="experiment_reference",
+        action="store_false",
+        help="skip training the Trainer at experiment scale for the bitwise check",
+    )
     ap.add_argument("--overhead", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None, help="where artifacts go (default: a temp dir, removed)")
     ap.add_argument("--results", type=Path, default=None, help="append the tables to this markdown file")

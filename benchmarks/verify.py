@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flannel_repro.storage.layout import write_run  # noqa: E402
-from flannel_repro.storage.run import RunFile  # noqa: E402
+from flannel_repro.storage.layout import write_run
+from flannel_repro.storage.run import RunFile
 
 
-def best(fn, rounds: int) -> float:  # noqa: ANN001
+def best(fn, rounds: int) -> float:
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -56,7 +56,7 @@ def hash_in_memory(data: bytes) -> None:
 
     view = memoryview(data)
     for i in range(0, len(view), 1 << 20):
-        hashlib.blake2b(view[i:i + (1 << 20)], digest_size=32).digest()
+        hashlib.blake2b(view[i : i + (1 << 20)], digest_size=32).digest()
 
 
 def open_only(path: Path) -> None:
@@ -95,8 +95,15 @@ def notebook_artifact(directory: Path, steps: int) -> Path:
     from flannel_repro.config import RunConfig
 
     cfg = RunConfig(steps=steps)
-    return write_run(directory / "notebook.safetensors", rows, steps=steps, live_mask=live, config=cfg.to_dict(),
-                     losses=torch.linspace(9.2, 4.0, steps + 1), batch_size=32)
+    return write_run(
+        directory / "notebook.safetensors",
+        rows,
+        steps=steps,
+        live_mask=live,
+        config=cfg.to_dict(),
+        losses=torch.linspace(9.2, 4.0, steps + 1),
+        batch_size=32,
+    )
 
 
 def main() -> int:
@@ -119,17 +126,23 @@ def main() -> int:
     if ci:
         rows.append((f"CI scale: {len(ci)} runs x {args.ci_steps} steps", *measure(ci, args.rounds)))
     else:
-        print(f"no CI-scale artifacts in {args.ci_artifacts}: run `pytest tests/flannel6 -n auto` first", file=sys.stderr)
+        print(
+            f"no CI-scale artifacts in {args.ci_artifacts}: run `pytest tests/flannel6 -n auto` first", file=sys.stderr
+        )
     with tempfile.TemporaryDirectory(dir=os.environ.get("FLANNEL_BENCH_TMP")) as d:
         t0 = time.perf_counter()
         path = notebook_artifact(Path(d), args.notebook_steps)
         written = time.perf_counter() - t0
         rows.append((f"notebook scale: 1 run x {args.notebook_steps} steps", *measure([path], args.rounds)))
-    print("| artifacts | size (MB) | open (s) | verify (s) | read once (s) | blake2b in memory (s) | verify / blake2b |")
+    print(
+        "| artifacts | size (MB) | open (s) | verify (s) | read once (s) | blake2b in memory (s) | verify / blake2b |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, t_open, t_verify, t_read, t_hash, size in rows:
-        print(f"| {name} | {size / 1e6:.1f} | {t_open:.3f} | {t_verify:.3f} | {t_read:.3f} | {t_hash:.3f} | "
-              f"{t_verify / t_hash:.2f}x |")
+        print(
+            f"| {name} | {size / 1e6:.1f} | {t_open:.3f} | {t_verify:.3f} | {t_read:.3f} | {t_hash:.3f} | "
+            f"{t_verify / t_hash:.2f}x |"
+        )
     print(f"\n(notebook-scale artifact written in {written:.1f} s; best of {args.rounds} rounds, page cache warm)")
     return 0
 

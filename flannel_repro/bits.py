@@ -17,5 +17,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors hold the same bits. Of the same dtype: same shape and bytes. Of different
     floating dtypes: equal float32 bit patterns (bf16 -> float32 is exact)."""
     if a.dtype == b.dtype:
-        return a.shape == b.shape and bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+        return a.shape == b.shape and bool(
+            torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+        )
     return a.shape == b.shape and bool(torch.equal(a.float().view(torch.int32), b.float().view(torch.int32)))

@@ -94,57 +94,120 @@ class RunConfig(BaseRunConfig):
     seq_len: int = field(default=128, metadata=_doc("Tokens per example (n_positions)."))
 
     # --- the shared initial embedding matrix W ---
-    init_seed: int = field(default=42, metadata=_doc("Seed of W_initial = randn(V, H) * init_scale, shared by all runs."))
+    init_seed: int = field(
+        default=42, metadata=_doc("Seed of W_initial = randn(V, H) * init_scale, shared by all runs.")
+    )
     init_scale: float = field(default=0.02, metadata=_doc("Standard deviation of W_initial."))
 
     # --- the two seeds the notebook's single train_seed drove ---
-    model_seed: int = field(default=42, metadata=_doc("torch.manual_seed before building the model: every parameter but W."))
+    model_seed: int = field(
+        default=42, metadata=_doc("torch.manual_seed before building the model: every parameter but W.")
+    )
     data_seed: int = field(default=42, metadata=_doc("Seed of the example order (randperm over all examples)."))
 
     # --- optimisation (HF Trainer defaults where the notebook was silent) ---
     batch_size: int = field(default=32, metadata=_doc("Examples per optimizer step."))
     steps: int = field(default=1000, metadata=_doc("Optimizer steps; the trajectory has steps + 1 entries."))
     lr: float = field(default=1e-3, metadata=_doc("Peak learning rate."))
-    weight_decay: float = field(default=0.0, metadata=_doc("AdamW weight decay (not applied to biases and LayerNorm, as the Trainer does)."))
+    weight_decay: float = field(
+        default=0.0, metadata=_doc("AdamW weight decay (not applied to biases and LayerNorm, as the Trainer does).")
+    )
     adam_beta1: float = field(default=0.9, metadata=_doc("AdamW beta1."))
     adam_beta2: float = field(default=0.999, metadata=_doc("AdamW beta2."))
     adam_eps: float = field(default=1e-8, metadata=_doc("AdamW epsilon."))
-    max_grad_norm: float = field(default=1.0, metadata=_doc("Global gradient-norm clip (Trainer default 1.0); 0 disables."))
-    lr_schedule: str = field(default="linear", metadata=_doc("'linear' decay to 0 (Trainer default) or 'constant'.", choices=LR_SCHEDULES))
+    max_grad_norm: float = field(
+        default=1.0, metadata=_doc("Global gradient-norm clip (Trainer default 1.0); 0 disables.")
+    )
+    lr_schedule: str = field(
+        default="linear", metadata=_doc("'linear' decay to 0 (Trainer default) or 'constant'.", choices=LR_SCHEDULES)
+    )
     warmup_steps: int = field(default=0, metadata=_doc("Linear warm-up steps before the schedule."))
-    optim: str = field(default="adamw_torch", metadata=_doc("'adamw_torch' (per-tensor loop, the notebook's) or 'adamw_torch_fused'.", choices=OPTIMIZERS))
+    optim: str = field(
+        default="adamw_torch",
+        metadata=_doc("'adamw_torch' (per-tensor loop, the notebook's) or 'adamw_torch_fused'.", choices=OPTIMIZERS),
+    )
 
     # --- numerics ---
-    dtype: str = field(default="bfloat16", metadata=_doc("Parameter dtype (the notebook casts the model to bfloat16).", choices=DTYPES))
-    amp: str = field(default="bfloat16", metadata=_doc("Autocast dtype, as TrainingArguments(bf16=True); 'none' disables.", choices=AMP_DTYPES))
-    label_mode: str = field(default="next_token", metadata=_doc("'next_token' (correct) or 'notebook' (labels=chunk[1:], trains on the token two ahead).", choices=LABEL_MODES))
+    dtype: str = field(
+        default="bfloat16", metadata=_doc("Parameter dtype (the notebook casts the model to bfloat16).", choices=DTYPES)
+    )
+    amp: str = field(
+        default="bfloat16",
+        metadata=_doc("Autocast dtype, as TrainingArguments(bf16=True); 'none' disables.", choices=AMP_DTYPES),
+    )
+    label_mode: str = field(
+        default="next_token",
+        metadata=_doc(
+            "'next_token' (correct) or 'notebook' (labels=chunk[1:], trains on the token two ahead).",
+            choices=LABEL_MODES,
+        ),
+    )
 
     # --- execution ---
-    engine: str = field(default="torch", metadata=_doc("'torch' (lean loop) or 'hf' (transformers Trainer); bitwise equal on CPU.", choices=ENGINES))
+    engine: str = field(
+        default="torch",
+        metadata=_doc("'torch' (lean loop) or 'hf' (transformers Trainer); bitwise equal on CPU.", choices=ENGINES),
+    )
     device: str = field(default="cpu", metadata=_doc("torch device string: 'cpu', 'cuda', 'cuda:1', 'mps'."))
-    threads: int = field(default=0, metadata=_doc("torch intra-op threads; 0 keeps the process default. Recorded: results may depend on it."))
-    deterministic: bool = field(default=False, metadata=_doc("torch.use_deterministic_algorithms and friends for the run."))
-    compile: str = field(default="none", metadata=_doc("'none' (eager, bitwise equal to the Trainer) or 'default' (torch.compile; faster, not bitwise).", choices=COMPILE_MODES))
-    numerics: str = field(default="native", metadata=_doc(
-        "CPU arithmetic: 'native' (the fastest kernels this CPU has), 'portable' (ATen, oneDNN and MKL pinned to AVX2 "
-        "and bf16 products as float32 GEMMs rounded explicitly: one class on every x86-64 CPU with AVX2) or "
-        "'avx512bf16' (a faster class for CPUs with AVX-512 BF16). Not in the fingerprint: the numerics class it "
-        "yields is measured, recorded and part of the run key.", choices=NUMERICS,
-        fingerprint=False))
-    head: str = field(default="auto", metadata=_doc(
-        "LM head + loss of the torch engine: 'fused' (row chunks, half the memory; bitwise checked against the model's "
-        "own loss before use), 'reference' (the model's forward), 'auto' (fused on CPU where the check passes). "
-        "Not in the fingerprint: it never changes a bit of the trajectory.", choices=HEADS, fingerprint=False))
+    threads: int = field(
+        default=0,
+        metadata=_doc("torch intra-op threads; 0 keeps the process default. Recorded: results may depend on it."),
+    )
+    deterministic: bool = field(
+        default=False, metadata=_doc("torch.use_deterministic_algorithms and friends for the run.")
+    )
+    compile: str = field(
+        default="none",
+        metadata=_doc(
+            "'none' (eager, bitwise equal to the Trainer) or 'default' (torch.compile; faster, not bitwise).",
+            choices=COMPILE_MODES,
+        ),
+    )
+    numerics: str = field(
+        default="native",
+        metadata=_doc(
+            "CPU arithmetic: 'native' (the fastest kernels this CPU has), 'portable' (ATen, oneDNN and MKL pinned to AVX2 "
+            "and bf16 products as float32 GEMMs rounded explicitly: one class on every x86-64 CPU with AVX2) or "
+            "'avx512bf16' (a faster class for CPUs with AVX-512 BF16). Not in the fingerprint: the numerics class it "
+            "yields is measured, recorded and part of the run key.",
+            choices=NUMERICS,
+            fingerprint=False,
+        ),
+    )
+    head: str = field(
+        default="auto",
+        metadata=_doc(
+            "LM head + loss of the torch engine: 'fused' (row chunks, half the memory; bitwise checked against the model's "
+            "own loss before use), 'reference' (the model's forward), 'auto' (fused on CPU where the check passes). "
+            "Not in the fingerprint: it never changes a bit of the trajectory.",
+            choices=HEADS,
+            fingerprint=False,
+        ),
+    )
 
     # --- data ---
-    dataset: str = field(default="default", metadata=_doc("Embedded data set used where no path is given: 'default' or 'tiny'.", choices=DATASETS))
-    tokenizer_path: str | None = field(default=None, metadata=_doc("tokenizers JSON file; None uses the embedded data.", fingerprint=False))
-    corpus_path: str | None = field(default=None, metadata=_doc("UTF-8 corpus; None uses the embedded data.", fingerprint=False))
-    token_mask_path: str | None = field(default=None, metadata=_doc("live/dead mask safetensors; None computes it from the corpus.", fingerprint=False))
-    allow_unknown_tokens: bool = field(default=False, metadata=_doc(
-        "Train corpus text the tokenizer has no token for as its unknown token (with a warning) instead of refusing "
-        "the corpus. Not in the fingerprint: it decides whether a corpus is accepted, never what an accepted one "
-        "trains on (the data files' hashes are in the run key).", fingerprint=False))
+    dataset: str = field(
+        default="default",
+        metadata=_doc("Embedded data set used where no path is given: 'default' or 'tiny'.", choices=DATASETS),
+    )
+    tokenizer_path: str | None = field(
+        default=None, metadata=_doc("tokenizers JSON file; None uses the embedded data.", fingerprint=False)
+    )
+    corpus_path: str | None = field(
+        default=None, metadata=_doc("UTF-8 corpus; None uses the embedded data.", fingerprint=False)
+    )
+    token_mask_path: str | None = field(
+        default=None, metadata=_doc("live/dead mask safetensors; None computes it from the corpus.", fingerprint=False)
+    )
+    allow_unknown_tokens: bool = field(
+        default=False,
+        metadata=_doc(
+            "Train corpus text the tokenizer has no token for as its unknown token (with a warning) instead of refusing "
+            "the corpus. Not in the fingerprint: it decides whether a corpus is accepted, never what an accepted one "
+            "trains on (the data files' hashes are in the run key).",
+            fingerprint=False,
+        ),
+    )
 
     # --- recording (the notebook's RECORD_CONFIG) ---
     record_W: bool = field(default=True, metadata=_doc("Record W after every step (steps + 1, V, H)."))
@@ -162,7 +225,16 @@ class RunConfig(BaseRunConfig):
                 raise ConfigError(
                     f"{f.name!r} must be one of {', '.join(map(repr, choices))} (got {getattr(self, f.name)!r})."
                 )
-        for name in ("vocab_size", "hidden_dim", "n_layer", "n_head", "seq_len", "batch_size", "steps", "probe_examples"):
+        for name in (
+            "vocab_size",
+            "hidden_dim",
+            "n_layer",
+            "n_head",
+            "seq_len",
+            "batch_size",
+            "steps",
+            "probe_examples",
+        ):
             _require(name, getattr(self, name) >= 1, "an integer >= 1", getattr(self, name))
         _require("warmup_steps", self.warmup_steps >= 0, "an integer >= 0", self.warmup_steps)
         _require("threads", 0 <= self.threads <= MAX_THREADS, f"an integer in 0..{MAX_THREADS}", self.threads)
@@ -183,7 +255,9 @@ class RunConfig(BaseRunConfig):
                 f"'hidden_dim' must be divisible by 'n_head' (got hidden_dim={self.hidden_dim}, n_head={self.n_head})."
             )
         if self.warmup_steps > self.steps:
-            raise ConfigError(f"'warmup_steps' must be <= 'steps' (got warmup_steps={self.warmup_steps}, steps={self.steps}).")
+            raise ConfigError(
+                f"'warmup_steps' must be <= 'steps' (got warmup_steps={self.warmup_steps}, steps={self.steps})."
+            )
         if (self.tokenizer_path is None) != (self.corpus_path is None):
             raise ConfigError(
                 "'tokenizer_path' and 'corpus_path' go together: give both to use your own data, or neither for the "
@@ -199,7 +273,9 @@ class RunConfig(BaseRunConfig):
     # train_seed, with_train_seed, replace, to_dict, fingerprint: BaseRunConfig's
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, base: "RunConfig | None" = None, source: str = "config") -> "RunConfig":
+    def from_dict(
+        cls, data: Mapping[str, Any], *, base: "RunConfig | None" = None, source: str = "config"
+    ) -> "RunConfig":
         """Build from a mapping; unknown keys and wrong types raise ConfigError naming the key."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a table of RunConfig fields (got {type(data).__name__}).")
@@ -243,16 +319,23 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig, metadata=_doc("Template run; its seeds are replaced per run."))
     n_runs: int = field(default=10, metadata=_doc("Number of training seeds."))
     base_train_seed: int = field(default=42, metadata=_doc("First training seed; the others follow consecutively."))
-    devices: tuple[str, ...] | None = field(default=None, metadata=_doc(
-        "Devices the claims run on ('cpu', 'cuda', 'cuda:N', 'mps'); a requested device that is absent is a skip "
-        "with the reason. None: cpu, plus cuda and mps where present."))
+    devices: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_doc(
+            "Devices the claims run on ('cpu', 'cuda', 'cuda:N', 'mps'); a requested device that is absent is a skip "
+            "with the reason. None: cpu, plus cuda and mps where present."
+        ),
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
         _require("n_runs", self.n_runs >= 1, "an integer >= 1", self.n_runs)
-        _require("base_train_seed", 0 <= self.base_train_seed <= MAX_SEED - self.n_runs + 1,
-                 f"an integer in 0..{MAX_SEED - self.n_runs + 1} (the last of {self.n_runs} seeds must fit in int64)",
-                 self.base_train_seed)
+        _require(
+            "base_train_seed",
+            0 <= self.base_train_seed <= MAX_SEED - self.n_runs + 1,
+            f"an integer in 0..{MAX_SEED - self.n_runs + 1} (the last of {self.n_runs} seeds must fit in int64)",
+            self.base_train_seed,
+        )
         if self.devices is not None:
             _require("devices", len(self.devices) >= 1, "at least one device", list(self.devices))
             names = [str(parse_device(d)) for d in self.devices]  # the one device parser's message
@@ -268,9 +351,14 @@ class ExperimentConfig:
         return dataclasses.replace(self, **changes)
 
     def fingerprint(self) -> str:
-        return _digest({"run": self.run.fingerprint(), "n_runs": self.n_runs,
-                        "base_train_seed": self.base_train_seed,
-                        "devices": None if self.devices is None else list(self.devices)})
+        return _digest(
+            {
+                "run": self.run.fingerprint(),
+                "n_runs": self.n_runs,
+                "base_train_seed": self.base_train_seed,
+                "devices": None if self.devices is None else list(self.devices),
+            }
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "ExperimentConfig":
@@ -374,8 +462,9 @@ class EngineRunConfig(BaseRunConfig):
     data_seed: int = field(default=0, metadata=_doc("Seed of the data order."))
     device: str = field(default="cpu", metadata=_doc("Where it trains: cpu, cuda, cuda:N, mps."))
     threads: int = field(default=0, metadata=_doc("torch intra-op threads (0: leave as is)."))
-    numerics: str = field(default="native", metadata=_doc("CPU numerics mode (see RunConfig.numerics).",
-                                                          choices=NUMERICS))
+    numerics: str = field(
+        default="native", metadata=_doc("CPU numerics mode (see RunConfig.numerics).", choices=NUMERICS)
+    )
     deterministic: bool = field(default=True, metadata=_doc("torch.use_deterministic_algorithms and friends."))
     dtype: str = field(default="float32", metadata=_doc("dtype of the recorded tensor (informational)."))
     params: Mapping[str, Any] = field(default_factory=dict, metadata=_doc("The engine's own hyperparameters."))
@@ -384,11 +473,17 @@ class EngineRunConfig(BaseRunConfig):
         _require("engine", isinstance(self.engine, str) and bool(self.engine.strip()), "a non-empty name", self.engine)
         for name in ("steps", "model_seed", "data_seed", "threads"):
             value = getattr(self, name)
-            _require(name, isinstance(value, int) and not isinstance(value, bool) and value >= (1 if name == "steps" else 0),
-                     "an integer >= 1" if name == "steps" else "an integer >= 0", value)
+            _require(
+                name,
+                isinstance(value, int) and not isinstance(value, bool) and value >= (1 if name == "steps" else 0),
+                "an integer >= 1" if name == "steps" else "an integer >= 0",
+                value,
+            )
         _require("numerics", self.numerics in NUMERICS, " or ".join(map(repr, NUMERICS)), self.numerics)
         if not isinstance(self.params, Mapping):
-            raise ConfigError(f"'params' must be a table of the engine's hyperparameters (got {type(self.params).__name__}).")
+            raise ConfigError(
+                f"'params' must be a table of the engine's hyperparameters (got {type(self.params).__name__})."
+            )
         try:
             frozen = json.loads(json.dumps(dict(self.params), sort_keys=True, allow_nan=False))
         except (TypeError, ValueError) as exc:
@@ -432,6 +527,7 @@ def run_config_from_dict(data: Mapping[str, Any], *, source: str = "config") -> 
 
 
 # --- validation helpers ---------------------------------------------------------------------------
+
 
 def _require(name: str, ok: bool, expected: str, got: Any) -> None:
     if not ok:

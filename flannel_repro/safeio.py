@@ -29,16 +29,21 @@ NO_LINKS = "flannel-repro does not follow links in its folder"
 
 def kind(mode: int) -> str:
     """What a stat mode is, in words: "a regular file", "a FIFO", "a directory", ..."""
-    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
+    for test, name in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
         if test(mode):
             return name
     return "a special file"
 
 
-def regular_file(path: str | os.PathLike[str], what: str,
-                 error: type[FlannelError] = ArtifactError) -> os.stat_result:
+def regular_file(path: str | os.PathLike[str], what: str, error: type[FlannelError] = ArtifactError) -> os.stat_result:
     """stat `path` (following links: a user's input may be a link to a file) and refuse anything but a
     regular file with `error` naming it, what was expected (`what`, e.g. "a run artifact") and what it is."""
     try:
@@ -48,14 +53,17 @@ def regular_file(path: str | os.PathLike[str], what: str,
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise error(f"{path}: expected {what} (a regular file), got a loop of symbolic links.") from None
-        raise error(f"{path}: expected {what} (a regular file), could not look at it ({exc.strerror or exc}).") from None
+        raise error(
+            f"{path}: expected {what} (a regular file), could not look at it ({exc.strerror or exc})."
+        ) from None
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{path}: expected {what} (a regular file), got {kind(st.st_mode)}.")
     return st
 
 
-def own_file(path: str | os.PathLike[str], what: str,
-             error: type[FlannelError] = ArtifactError) -> os.stat_result | None:
+def own_file(
+    path: str | os.PathLike[str], what: str, error: type[FlannelError] = ArtifactError
+) -> os.stat_result | None:
     """lstat a file the tool owns in its folder: None when there is none; a link or anything but a regular
     file is `error`."""
     try:
@@ -63,18 +71,24 @@ def own_file(path: str | os.PathLike[str], what: str,
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        raise error(f"{path}: expected {what} (a regular file) or nothing, could not look at it "
-                    f"({exc.strerror or exc}).") from None
+        raise error(
+            f"{path}: expected {what} (a regular file) or nothing, could not look at it ({exc.strerror or exc})."
+        ) from None
     if stat.S_ISLNK(st.st_mode):
-        raise error(f"{path}: expected {what} (a regular file) or nothing, got a symbolic link; {NO_LINKS}. "
-                    "Remove it.")
+        raise error(f"{path}: expected {what} (a regular file) or nothing, got a symbolic link; {NO_LINKS}. Remove it.")
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{path}: expected {what} (a regular file) or nothing, got {kind(st.st_mode)}. Remove it.")
     return st
 
 
-def open_nofollow(path: str | os.PathLike[str], flags: int, mode: int = 0o644, *, what: str = "a file",
-                  error: type[FlannelError] = ArtifactError) -> int:
+def open_nofollow(
+    path: str | os.PathLike[str],
+    flags: int,
+    mode: int = 0o644,
+    *,
+    what: str = "a file",
+    error: type[FlannelError] = ArtifactError,
+) -> int:
     """os.open a file the tool owns: a link at `path` is `error` (O_NOFOLLOW); it is opened without blocking
     (O_NONBLOCK), must be a regular file, and is then switched back to blocking. Other OSErrors (no such
     file, permissions, a full disk) are raised as they are."""
@@ -82,8 +96,9 @@ def open_nofollow(path: str | os.PathLike[str], flags: int, mode: int = 0o644, *
         fd = os.open(path, flags | _NOFOLLOW | _NONBLOCK | _CLOEXEC, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP or (exc.errno == errno.EMLINK and _NOFOLLOW):  # EMLINK: FreeBSD's O_NOFOLLOW
-            raise error(f"{path}: expected {what} (a regular file), got a symbolic link; {NO_LINKS}. "
-                        "Remove it.") from None
+            raise error(
+                f"{path}: expected {what} (a regular file), got a symbolic link; {NO_LINKS}. Remove it."
+            ) from None
         if exc.errno == errno.ENXIO:  # a FIFO with no reader, opened for writing, or a device that is not there
             with contextlib.suppress(OSError):
                 own_file(path, what, error)
@@ -101,8 +116,14 @@ def open_nofollow(path: str | os.PathLike[str], flags: int, mode: int = 0o644, *
     return fd
 
 
-def read_regular(path: str | os.PathLike[str], what: str, error: type[FlannelError] = ArtifactError, *,
-                 max_bytes: int | None = None, limit_reason: str = "") -> bytes:
+def read_regular(
+    path: str | os.PathLike[str],
+    what: str,
+    error: type[FlannelError] = ArtifactError,
+    *,
+    max_bytes: int | None = None,
+    limit_reason: str = "",
+) -> bytes:
     """The bytes of a user-given file (links followed), which must be a regular file of at most `max_bytes`;
     opened without blocking, so a FIFO never hangs the process. A missing file is FileNotFoundError (the
     caller says what that means); other problems are `error`. `limit_reason` says where `max_bytes` comes from."""
@@ -150,8 +171,14 @@ def _umask() -> int:
     return old
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, what: str, *, mode: int = 0o644,
-                       error: type[FlannelError] = ArtifactError) -> Path:
+def write_bytes_atomic(
+    path: str | os.PathLike[str],
+    data: bytes,
+    what: str,
+    *,
+    mode: int = 0o644,
+    error: type[FlannelError] = ArtifactError,
+) -> Path:
     """Write `data` to `path` through a fresh temporary file in the same folder (mkstemp: O_EXCL, an
     unpredictable name), fsync and an atomic rename: a reader never sees half a file. A link or a
     non-regular file at `path` is refused. An OSError is `error` naming the file; the temporary file is
@@ -167,7 +194,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, what: str, *, 
             os.fchmod(fd, mode & ~_umask())
             view = memoryview(data).cast("B")
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -10,8 +10,19 @@ import random
 
 import pytest
 
-from flannel_repro.analysis.bounds import (FALSE_ALARM, LEGACY_METHOD, METHOD, LogFit, bound_for, data_hashes, derive,
-                                           load_bounds, scale_key, t_quantile, to_toml)
+from flannel_repro.analysis.bounds import (
+    FALSE_ALARM,
+    LEGACY_METHOD,
+    METHOD,
+    LogFit,
+    bound_for,
+    data_hashes,
+    derive,
+    load_bounds,
+    scale_key,
+    t_quantile,
+    to_toml,
+)
 from flannel_repro.config import PRESETS
 from flannel_repro.data.embedded import embedded_paths
 from flannel_repro.errors import ConfigError
@@ -40,12 +51,15 @@ def test_a_scale_key_needs_the_data():
     assert scale_key(run, described) == scale_key(run, data_hashes(run))  # an artifact's description keys the same
 
 
-
-
 def test_t_quantiles_match_the_tables():
     # reference values: scipy.stats.t.ppf
-    for p, df, want in [(0.9975, 15, 3.2860385709462347), (0.99875, 15, 3.6239176108577182),
-                        (0.999, 2, 22.327124770119866), (0.95, 5, 2.0150483733330233), (0.3, 7, -0.5491096579472854)]:
+    for p, df, want in [
+        (0.9975, 15, 3.2860385709462347),
+        (0.99875, 15, 3.6239176108577182),
+        (0.999, 2, 22.327124770119866),
+        (0.95, 5, 2.0150483733330233),
+        (0.3, 7, -0.5491096579472854),
+    ]:
         assert t_quantile(p, df) == pytest.approx(want, rel=1e-9)
 
 
@@ -67,7 +81,11 @@ def test_derived_bounds_state_method_pairs_and_rate_and_round_trip(tmp_path):
     assert (b.method, b.n, b.false_alarm, b.comparisons) == (METHOD, 8, FALSE_ALARM, 4)
     assert b.max_frobenius > max(frobs) and b.order_share_min < min(shares) and b.order_share_max > max(shares)
     text = b.describe()
-    assert "n = 8 held-out pairs (seed 42 vs 46..53)" in text and b.share_raw_fit is not None and "0.01 per claim and clean session" in text
+    assert (
+        "n = 8 held-out pairs (seed 42 vs 46..53)" in text
+        and b.share_raw_fit is not None
+        and "0.01 per claim and clean session" in text
+    )
     f = tmp_path / "b.toml"
     f.write_text(to_toml("x", b), encoding="utf-8")
     assert load_bounds(f)["k"] == b
@@ -79,8 +97,11 @@ def test_derived_bounds_state_method_pairs_and_rate_and_round_trip(tmp_path):
 
 def test_an_old_format_table_still_loads_without_a_stated_rate(tmp_path):
     f = tmp_path / "old.toml"
-    f.write_text('[ci]\nscale = "abc"\nmax_frobenius = 9.6\norder_share_min = 0.15\norder_share_max = 0.89\n'
-                 'measured = "16 pairs"\n', encoding="utf-8")
+    f.write_text(
+        '[ci]\nscale = "abc"\nmax_frobenius = 9.6\norder_share_min = 0.15\norder_share_max = 0.89\n'
+        'measured = "16 pairs"\n',
+        encoding="utf-8",
+    )
     b = load_bounds(f)["abc"]
     assert b.method == LEGACY_METHOD and b.false_alarm is None and b.for_session(10) is b
     assert "no stated false-alarm rate" in b.describe()
@@ -89,12 +110,19 @@ def test_an_old_format_table_still_loads_without_a_stated_rate(tmp_path):
 _TABLE = '[ci]\nscale = "abc"\nmax_frobenius = 9.6\norder_share_min = 0.15\norder_share_max = 0.89\n'
 
 
-@pytest.mark.parametrize("edit, key", [
-    ("max_frobenius = 9.6", "max_frobenius = inf"), ("max_frobenius = 9.6", "max_frobenius = 0.0"),
-    ("max_frobenius = 9.6", "max_frobenius = nan"), ("order_share_min = 0.15", "order_share_min = -inf"),
-    ("order_share_max = 0.89", "order_share_max = inf"), ("order_share_min = 0.15", "order_share_min = -0.1"),
-    ("order_share_min = 0.15", "order_share_min = 0.95"),
-], ids=["max inf", "max 0", "max nan", "share min -inf", "share max inf", "share min < 0", "share band reversed"])
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        ("max_frobenius = 9.6", "max_frobenius = inf"),
+        ("max_frobenius = 9.6", "max_frobenius = 0.0"),
+        ("max_frobenius = 9.6", "max_frobenius = nan"),
+        ("order_share_min = 0.15", "order_share_min = -inf"),
+        ("order_share_max = 0.89", "order_share_max = inf"),
+        ("order_share_min = 0.15", "order_share_min = -0.1"),
+        ("order_share_min = 0.15", "order_share_min = 0.95"),
+    ],
+    ids=["max inf", "max 0", "max nan", "share min -inf", "share max inf", "share min < 0", "share band reversed"],
+)
 def test_a_bound_out_of_range_is_refused_naming_the_file_and_key(tmp_path, edit, key):
     """A hand-edited bound (inf, nan, 0, a negative or reversed share band) is not loaded as if it were derived."""
     f = tmp_path / "bounds.toml"
@@ -106,8 +134,11 @@ def test_a_bound_out_of_range_is_refused_naming_the_file_and_key(tmp_path, edit,
 
 def test_a_fit_out_of_range_is_refused(tmp_path):
     f = tmp_path / "bounds.toml"
-    f.write_text(_TABLE + "n = 16\nfalse_alarm = 0.01\nfrobenius_log_mean = 1.0\nfrobenius_log_sd = inf\n"
-                 "share_log_mean = -1.0\nshare_log_sd = 0.3\n", encoding="utf-8")
+    f.write_text(
+        _TABLE + "n = 16\nfalse_alarm = 0.01\nfrobenius_log_mean = 1.0\nfrobenius_log_sd = inf\n"
+        "share_log_mean = -1.0\nshare_log_sd = 0.3\n",
+        encoding="utf-8",
+    )
     with pytest.raises(ConfigError, match=r"\[ci\] frobenius_log_sd: expected a finite number >= 0, got inf"):
         load_bounds(f)
 
@@ -117,17 +148,34 @@ def test_the_committed_bounds_state_their_rate():
         assert b.method == METHOD and b.false_alarm == FALSE_ALARM and b.n >= 6 and b.held_out
 
 
-def _session(root, tmp_path, *extra):  # noqa: ANN001, ANN202
+def _session(root, tmp_path, *extra):
     import os
     import subprocess
     import sys
 
     exp = tmp_path / "exp.toml"  # the tiny embedded data set: no bound is committed for it
-    exp.write_text('dataset = "tiny"\nvocab_size = 512\nsteps = 2\nbatch_size = 8\nseq_len = 32\n'
-                   '[experiment]\nn_runs = 2\n')
-    cmd = [sys.executable, "-m", "pytest", str(root / "tests" / "flannel6"), "-q", "-p", "no:xdist", "-p",
-           "no:cacheprovider", "-rs", "-k", "bound or band", f"--flannel-config={exp}",
-           f"--flannel-artifacts={tmp_path / 'a'}", "--flannel-progress=0", "--flannel-threads=1", *extra]
+    exp.write_text(
+        'dataset = "tiny"\nvocab_size = 512\nsteps = 2\nbatch_size = 8\nseq_len = 32\n[experiment]\nn_runs = 2\n'
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(root / "tests" / "flannel6"),
+        "-q",
+        "-p",
+        "no:xdist",
+        "-p",
+        "no:cacheprovider",
+        "-rs",
+        "-k",
+        "bound or band",
+        f"--flannel-config={exp}",
+        f"--flannel-artifacts={tmp_path / 'a'}",
+        "--flannel-progress=0",
+        "--flannel-threads=1",
+        *extra,
+    ]
     env = {**os.environ, "FLANNEL_REPRO_CACHE": str(tmp_path / "cache")}
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900, env=env)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flannel_repro import cli
 from flannel_repro.cli import main
 from flannel_repro.training.harness import train
 
@@ -25,15 +26,33 @@ n_runs = 2
 
 @pytest.fixture
 def tiny_runs(tmp_path, tiny_config):
-    return [train(tiny_config.replace(steps=3).with_train_seed(s), tmp_path / f"r{s}.safetensors").path
-            for s in (42, 43, 44)]
+    return [
+        train(tiny_config.replace(steps=3).with_train_seed(s), tmp_path / f"r{s}.safetensors").path
+        for s in (42, 43, 44)
+    ]
 
 
 def test_bounds_prints_a_loadable_table(tmp_path, capsys):
     cfg = tmp_path / "exp.toml"
     cfg.write_text(TOML)
-    assert main(["bounds", "--config", str(cfg), "--artifacts", str(tmp_path / "art"), "--name", "tiny",
-                 "--compare-seeds", "44-46", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "bounds",
+                "--config",
+                str(cfg),
+                "--artifacts",
+                str(tmp_path / "art"),
+                "--name",
+                "tiny",
+                "--compare-seeds",
+                "44-46",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     table = tomllib.loads(capsys.readouterr().out)["tiny"]
     assert table["max_frobenius"] > 0 and 0 <= table["order_share_min"] <= table["order_share_max"]
     assert table["n"] == 3 and table["false_alarm"] > 0
@@ -106,9 +125,9 @@ def test_exit_codes_are_the_documented_ones_and_never_a_traceback(tiny_runs, tmp
 def test_json_output_of_every_command_that_prints_results(tiny_runs, tmp_path, capsys, tiny_config):
     import json
 
-    TINY_CLI = tiny_config.replace(steps=3)  # noqa: N806 -- the tiny_runs' config
+    TINY_CLI = tiny_config.replace(steps=3)
 
-    def doc(argv, code=0):  # noqa: ANN001, ANN202
+    def doc(argv, code=0):
         assert main(argv) == code, argv
         return json.loads(capsys.readouterr().out)
 
@@ -143,7 +162,7 @@ def test_every_command_that_prints_results_takes_json(tiny_runs, tmp_path, capsy
     captured: dict[str, argparse.ArgumentParser] = {}
     real = argparse._SubParsersAction.add_parser
 
-    def spy(self, name, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    def spy(self, name, **kwargs):
         captured[name] = real(self, name, **kwargs)
         return captured[name]
 
@@ -174,11 +193,17 @@ def test_an_output_never_overwrites_an_input_or_a_run_artifact(tiny_runs, tmp_pa
     os.symlink(r42, link)
     cfg = tmp_path / "exp.toml"
     cfg.write_text(TOML)
-    for argv in (["export-notebook", r42, "-o", r42], ["export-notebook", r42, "-o", str(link)],
-                 ["export-notebook", r42, "-o", r43, "--force"], ["digests", r42, "-o", r42],
-                 ["digests", r42, "-o", r43], ["oplog", r42, "--step", "1", "-o", r42],
-                 ["noise", "--config", str(cfg), "-o", str(cfg)], ["report", str(tmp_path), "-o", str(tmp_path)],
-                 ["report", r42, "-o", r42]):
+    for argv in (
+        ["export-notebook", r42, "-o", r42],
+        ["export-notebook", r42, "-o", str(link)],
+        ["export-notebook", r42, "-o", r43, "--force"],
+        ["digests", r42, "-o", r42],
+        ["digests", r42, "-o", r43],
+        ["oplog", r42, "--step", "1", "-o", r42],
+        ["noise", "--config", str(cfg), "-o", str(cfg)],
+        ["report", str(tmp_path), "-o", str(tmp_path)],
+        ["report", r42, "-o", r42],
+    ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "UsageError" in err and argv[argv.index("-o") + 1] in err and "Traceback" not in err, err
@@ -200,3 +225,27 @@ def test_usage_errors_name_the_option_and_the_value(tiny_runs, capsys):
     assert main(["why", str(tiny_runs[0]), str(tiny_runs[1]), "--step", "99"]) == 3
     err = capsys.readouterr().err
     assert "step 99: expected a step in 1..3" in err and "internal error" not in err
+
+
+def test_info_and_oplog_on_a_run_of_your_own_training(tmp_path, capsys):
+    """A run recorded with TrajectoryRecorder has an EngineRunConfig: `info` shows its engine (it has no label
+    mode), and `oplog` (a replay of the notebook's model) refuses it by name instead of an internal error."""
+    import torch
+
+    from flannel_repro import TrajectoryRecorder
+
+    w = torch.nn.Parameter(torch.ones(4, 3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    path = tmp_path / "own.safetensors"
+    with TrajectoryRecorder(path, {"w": w}, steps=2, config={"lr": 0.1}) as rec:
+        for _ in range(2):
+            opt.zero_grad()
+            (w**2).sum().backward()
+            opt.step()
+            rec.step(loss=0.5)
+    assert cli.main(["info", str(path)]) == 0
+    assert "engine custom" in capsys.readouterr().out
+    code = cli.main(["oplog", str(path), "--step", "1", "-o", str(tmp_path / "log.json")])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_INPUT and "engine 'custom' (your own training) cannot be replayed" in err, err
+    assert not (tmp_path / "log.json").exists()

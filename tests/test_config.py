@@ -15,7 +15,13 @@ def test_defaults_are_the_notebooks_parameters():
     assert (c.vocab_size, c.hidden_dim, c.n_layer, c.n_head, c.seq_len) == (10_000, 64, 2, 2, 128)
     assert (c.batch_size, c.steps, c.lr, c.weight_decay) == (32, 1000, 1e-3, 0.0)
     assert (c.adam_beta1, c.adam_beta2, c.adam_eps, c.init_scale, c.init_seed) == (0.9, 0.999, 1e-8, 0.02, 42)
-    assert (c.dtype, c.amp, c.optim, c.max_grad_norm, c.lr_schedule) == ("bfloat16", "bfloat16", "adamw_torch", 1.0, "linear")
+    assert (c.dtype, c.amp, c.optim, c.max_grad_norm, c.lr_schedule) == (
+        "bfloat16",
+        "bfloat16",
+        "adamw_torch",
+        1.0,
+        "linear",
+    )
     assert c.label_mode == "next_token"  # the one deliberate difference from the notebook
 
 

@@ -12,10 +12,15 @@ import torch
 
 from flannel_repro.config import RunConfig
 from flannel_repro.data.corpus import DataOrder, TokenDataset, load_data, make_batch
-from flannel_repro.data.files import compute_token_mask, load_corpus_text, load_token_mask, load_tokenizer, save_token_mask
+from flannel_repro.data.files import (
+    compute_token_mask,
+    load_corpus_text,
+    load_token_mask,
+    load_tokenizer,
+    save_token_mask,
+)
 from flannel_repro.data.embedded import embedded_paths
 from flannel_repro.errors import DataCacheWarning, DataError, DataWarning
-from tests.conftest import TINY
 
 TINY = RunConfig(dataset="tiny", vocab_size=512, steps=5, batch_size=4, seq_len=16)
 
@@ -97,8 +102,10 @@ def test_mask_file_round_trip_and_validation(tmp_path):
     save_file({"live_mask": mask.live_mask}, str(tmp_path / "partial.safetensors"))
     with pytest.raises(DataError, match=r"lacks key\(s\) \['dead_indices', 'dead_mask'\]"):
         load_token_mask(tmp_path / "partial.safetensors", 10)
-    save_file({"live_mask": mask.live_mask, "dead_mask": mask.live_mask.clone(), "dead_indices": mask.dead_indices},
-              str(tmp_path / "inconsistent.safetensors"))
+    save_file(
+        {"live_mask": mask.live_mask, "dead_mask": mask.live_mask.clone(), "dead_indices": mask.dead_indices},
+        str(tmp_path / "inconsistent.safetensors"),
+    )
     with pytest.raises(DataError, match="must be complements"):
         load_token_mask(tmp_path / "inconsistent.safetensors", 10)
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 3)
@@ -108,8 +115,9 @@ def test_mask_file_round_trip_and_validation(tmp_path):
 
 def test_user_mask_file_is_used(tmp_path):
     paths = embedded_paths("tiny")
-    cfg = TINY.replace(tokenizer_path=str(paths.tokenizer), corpus_path=str(paths.corpus),
-                       token_mask_path=str(paths.token_mask))
+    cfg = TINY.replace(
+        tokenizer_path=str(paths.tokenizer), corpus_path=str(paths.corpus), token_mask_path=str(paths.token_mask)
+    )
     data = load_data(cfg)
     assert "token_mask" in data.hashes
     assert torch.equal(data.mask.live_mask, compute_token_mask(data.ids, 512).live_mask)
@@ -210,8 +218,11 @@ def test_characters_the_tokenizer_lacks_are_an_error_not_unk(tmp_path):
     odd = tmp_path / "odd.txt"
     odd.write_text(text[:500] + "\u2603" + text[500:], encoding="utf-8")  # a snowman the tokenizer has no token for
     cfg = TINY.replace(tokenizer_path=str(paths.tokenizer), corpus_path=str(odd))
-    with pytest.raises(DataError, match=r"1 of \d+ tokens are the unknown token '\[UNK\]': the tokenizer has no token "
-                                        r"for '\u2603' \(first at character 500\)\. .* allow_unknown_tokens = true"):
+    with pytest.raises(
+        DataError,
+        match=r"1 of \d+ tokens are the unknown token '\[UNK\]': the tokenizer has no token "
+        r"for '\u2603' \(first at character 500\)\. .* allow_unknown_tokens = true",
+    ):
         load_data(cfg)
     # opting in trains it as [UNK], with a warning, and asks again on the next load (nothing cached hides it)
     with pytest.warns(DataWarning, match=r"1 of \d+ tokens are the unknown token .* \(allow_unknown_tokens\)"):
@@ -231,12 +242,19 @@ def test_a_mask_that_does_not_match_the_corpus_is_an_error(tmp_path):
     live[first_live] = False  # self-consistent file, wrong for this corpus
     wrong = compute_token_mask(live.nonzero().flatten(), 512)
     save_token_mask(wrong, tmp_path / "wrong.safetensors")
-    cfg = TINY.replace(tokenizer_path=str(paths.tokenizer), corpus_path=str(paths.corpus),
-                       token_mask_path=str(tmp_path / "wrong.safetensors"))
-    with pytest.raises(DataError, match=rf"does not match corpus .*: it marks {mask.n_live - 1} tokens live, the corpus "
-                                        rf"uses {mask.n_live}; 1 token id\(s\) differ, e.g. id {first_live} \(dead in "
-                                        r"the mask, present in the corpus\)"):
+    cfg = TINY.replace(
+        tokenizer_path=str(paths.tokenizer),
+        corpus_path=str(paths.corpus),
+        token_mask_path=str(tmp_path / "wrong.safetensors"),
+    )
+    with pytest.raises(
+        DataError,
+        match=rf"does not match corpus .*: it marks {mask.n_live - 1} tokens live, the corpus "
+        rf"uses {mask.n_live}; 1 token id\(s\) differ, e.g. id {first_live} \(dead in "
+        r"the mask, present in the corpus\)",
+    ):
         load_data(cfg)
-    right = TINY.replace(tokenizer_path=str(paths.tokenizer), corpus_path=str(paths.corpus),
-                         token_mask_path=str(paths.token_mask))
+    right = TINY.replace(
+        tokenizer_path=str(paths.tokenizer), corpus_path=str(paths.corpus), token_mask_path=str(paths.token_mask)
+    )
     assert load_data(right).mask.n_live == mask.n_live

@@ -29,8 +29,11 @@ def _writer(path):
 
 def test_a_run_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(ArtifactError, match=r"run\.safetensors: the artifact needs 0\.\d MB, and the file system of "
-                                            r".* has 0\.0 MB free\. Free some space \(flannel-repro prune\)"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"run\.safetensors: the artifact needs 0\.\d MB, and the file system of "
+        r".* has 0\.0 MB free\. Free some space \(flannel-repro prune\)",
+    ):
         with _writer(tmp_path / "run.safetensors"):
             pass
     assert list(tmp_path.iterdir()) == []
@@ -51,8 +54,11 @@ def test_a_disk_that_fills_while_writing_names_the_path_and_leaves_nothing(tmp_p
         return real(fd, data, offset)
 
     monkeypatch.setattr(writer.os, "pwrite", filling)
-    with pytest.raises(ArtifactError, match=r"run\.safetensors: out of space while writing \(No space left on "
-                                            r"device\): the artifact needs 0\.\d MB and .* free\. Nothing was published"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"run\.safetensors: out of space while writing \(No space left on "
+        r"device\): the artifact needs 0\.\d MB and .* free\. Nothing was published",
+    ):
         with _writer(tmp_path / "run.safetensors") as w:
             for t in range(3):
                 w.write_row("W", t, torch.zeros(512, 64, dtype=torch.bfloat16))
@@ -93,13 +99,20 @@ def test_a_real_file_size_limit_refuses_the_run_before_training(tmp_path):
 
     root = tmp_path / "artifacts"
     limit = 64 * 1024  # the tiny run's artifact is ~1.6 MB; its token cache and small files fit under this
-    done = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, str(root), str(limit), str(Path(__file__).parents[1])],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "FLANNEL_REPRO_CACHE": str(tmp_path / "cache")})
+    done = subprocess.run(
+        [sys.executable, "-c", _FSIZE_CHILD, str(root), str(limit), str(Path(__file__).parents[1])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "FLANNEL_REPRO_CACHE": str(tmp_path / "cache")},
+    )
     assert done.returncode == 3, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
-    assert re.search(r"\.safetensors: out of space while reserving its space \(File too large\): the artifact needs "
-                     r"\d+\.\d MB .* this process may write files of at most 0\.1 MB \(ulimit -f\)", done.stdout), done.stdout
+    assert re.search(
+        r"\.safetensors: out of space while reserving its space \(File too large\): the artifact needs "
+        r"\d+\.\d MB .* this process may write files of at most 0\.1 MB \(ulimit -f\)",
+        done.stdout,
+    ), done.stdout
     left = [p.name for p in root.iterdir()]
     assert not [n for n in left if n.endswith(".safetensors") or ".partial-" in n], left
     assert "training.log" not in left  # refused before anything trained

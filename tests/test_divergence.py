@@ -24,14 +24,28 @@ V, H, S, B = 50, 8, 6, 4
 LIVE = torch.arange(V) % 5 != 0  # tokens 0, 5, 10, ... are dead
 
 
-def write_run(path: Path, W: torch.Tensor, *, digests_of: torch.Tensor | None = None,
-              live_mask: torch.Tensor = LIVE) -> Path:
+def write_run(
+    path: Path, W: torch.Tensor, *, digests_of: torch.Tensor | None = None, live_mask: torch.Tensor = LIVE
+) -> Path:
     """A per-run artifact in the harness layout; `digests_of` lets a test record wrong digests."""
     steps, vocab, hidden = W.shape[0] - 1, W.shape[1], W.shape[2]
-    config = dict(vocab_size=vocab, hidden_dim=hidden, steps=steps, init_seed=42, init_scale=0.02, lr=1e-3,
-                  weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, model_seed=1, data_seed=1, record_W=True)
-    return layout.write_run(path, W, steps=steps, live_mask=live_mask, config=config, batch_size=B,
-                               digests_of=digests_of)
+    config = dict(
+        vocab_size=vocab,
+        hidden_dim=hidden,
+        steps=steps,
+        init_seed=42,
+        init_scale=0.02,
+        lr=1e-3,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        model_seed=1,
+        data_seed=1,
+        record_W=True,
+    )
+    return layout.write_run(
+        path, W, steps=steps, live_mask=live_mask, config=config, batch_size=B, digests_of=digests_of
+    )
 
 
 def trajectory(seed: int, dtype: torch.dtype = torch.bfloat16, w0_seed: int = 0) -> torch.Tensor:
@@ -111,8 +125,15 @@ def test_one_ulp_change(tmp_path: Path, v: int, live: bool) -> None:
     assert pd.max_abs[t] == ulp and pd.frobenius[t] == ulp  # exact, not approximately
     assert pd.max_abs[[s for s in range(S + 1) if s != t]].sum() == 0
     row = pd.at(t)
-    assert row == {"step": t, "max_abs": ulp, "frobenius": ulp, "frobenius_live": ulp if live else 0.0, "rows_differ": 1,
-                   "rows_differ_live": int(live), "rows_differ_dead": int(not live)}
+    assert row == {
+        "step": t,
+        "max_abs": ulp,
+        "frobenius": ulp,
+        "frobenius_live": ulp if live else 0.0,
+        "rows_differ": 1,
+        "rows_differ_live": int(live),
+        "rows_differ_dead": int(not live),
+    }
     assert pd.live_share()[t] == (1.0 if live else 0.0) and np.isnan(pd.live_share()[t - 1])
     # an explicit mask overrides the file's
     flipped = pair_divergence(a, b, live_mask=~LIVE)
@@ -196,8 +217,9 @@ class CountingReader(ArtifactReader):
         self.reads: Counter[tuple[str, int]] = Counter()
         self._count_lock = threading.Lock()
 
-    def row(self, name: str, index: int, out: torch.Tensor | None = None, *, start: int = 0,
-            stop: int | None = None) -> torch.Tensor:
+    def row(
+        self, name: str, index: int, out: torch.Tensor | None = None, *, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
         first_axis = self.spec(name).shape[1]
         part = Fraction((first_axis if stop is None else stop) - start, first_axis)
         with self._count_lock:
@@ -296,8 +318,9 @@ def f32_reference(Ws: list[torch.Tensor], live: torch.Tensor) -> dict[str, np.nd
 
 @pytest.mark.parametrize("R", [2, 4, 5])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_all_pairs_threads_chunks_and_special_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, R: int,
-                                                      dtype: torch.dtype) -> None:
+def test_all_pairs_threads_chunks_and_special_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, R: int, dtype: torch.dtype
+) -> None:
     """Two worker threads sharing the steps, chunks of 3 token rows (97 rows: a short last chunk),
     odd and even run counts, NaN, ±0, inf and exponent gaps beyond float32's exact range: everything
     equals the float32-difference reference (frobenius to a few float64 ulps: numpy adds in another order),
@@ -348,8 +371,11 @@ def test_all_pairs_threads_chunks_and_special_values(tmp_path: Path, monkeypatch
         pd = pair_divergence(paths[i], paths[j], live_mask=live)
         for f in FIELDS:  # one kernel, one order of additions: bitwise, whatever the runs, chunks and threads
             np.testing.assert_array_equal(getattr(pd, f), getattr(ap, f)[p], err_msg=f)
-        assert (None if ap.first_step[p] == NEVER else ap.first_step[p]) == pd.first_step == first_divergent_step(
-            paths[i], paths[j])
+        assert (
+            (None if ap.first_step[p] == NEVER else ap.first_step[p])
+            == pd.first_step
+            == first_divergent_step(paths[i], paths[j])
+        )
 
 
 def test_first_divergent_step_scans_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

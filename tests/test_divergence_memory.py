@@ -40,9 +40,16 @@ def _write(path: Path, seed: int) -> Path:
                 row[(7 * t) % V, : 1 + seed] += 0.01  # the runs part at step 60
             yield row
 
-    return write_run(path, steps(), steps=S, live_mask=torch.ones(V, dtype=torch.bool), batch_size=B,
-                     config=dict(vocab_size=V, hidden_dim=H, steps=S), data={"n_live": V, "n_dead": 0},
-                     losses=torch.zeros(S + 1))
+    return write_run(
+        path,
+        steps(),
+        steps=S,
+        live_mask=torch.ones(V, dtype=torch.bool),
+        batch_size=B,
+        config=dict(vocab_size=V, hidden_dim=H, steps=S),
+        data={"n_live": V, "n_dead": 0},
+        losses=torch.zeros(S + 1),
+    )
 
 
 @pytest.fixture(scope="module")

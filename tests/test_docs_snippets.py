@@ -51,7 +51,7 @@ def blocks() -> list[tuple[str, str, str | None, str]]:
     for page in PAGES:
         text = page.read_text(encoding="utf-8")
         for m in FENCE.finditer(text):
-            before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+            before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
             mark = MARK.search(before)
             found.append((page.relative_to(ROOT).as_posix(), m.group(1), mark.group(1) if mark else None, m.group(2)))
     return found
@@ -71,7 +71,7 @@ def run_python(code: str, cwd: Path) -> str:
     return proc.stdout
 
 
-def _no_outer_xdist(monkeypatch) -> None:  # noqa: ANN001
+def _no_outer_xdist(monkeypatch) -> None:
     for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
         monkeypatch.delenv(name, raising=False)  # the inner session is not a worker of this one
 
@@ -79,14 +79,20 @@ def _no_outer_xdist(monkeypatch) -> None:  # noqa: ANN001
 def test_every_python_block_is_run_or_a_fragment():
     found = blocks()
     assert len(found) > 20, "no fenced blocks found: has the guide moved?"
-    unmarked = [f"{page}: {code.splitlines()[0] if code else ''}" for page, lang, mark, code in found
-                if lang == "python" and mark is None]
-    assert not unmarked, ("python blocks marked neither <!-- run:NAME --> nor <!-- fragment -->:\n  "
-                          + "\n  ".join(unmarked))
+    unmarked = [
+        f"{page}: {code.splitlines()[0] if code else ''}"
+        for page, lang, mark, code in found
+        if lang == "python" and mark is None
+    ]
+    assert not unmarked, "python blocks marked neither <!-- run:NAME --> nor <!-- fragment -->:\n  " + "\n  ".join(
+        unmarked
+    )
     names = [mark.removeprefix("run:") for _, _, mark, _ in found if mark and mark.startswith("run:")]
     assert len(names) == len(set(names)), f"a run name is used twice: {sorted(names)}"
-    assert set(names) == set(RUN), (f"run blocks with no test here: {sorted(set(names) - set(RUN))}; "
-                                    f"tests whose block is gone: {sorted(set(RUN) - set(names))}")
+    assert set(names) == set(RUN), (
+        f"run blocks with no test here: {sorted(set(names) - set(RUN))}; "
+        f"tests whose block is gone: {sorted(set(RUN) - set(names))}"
+    )
 
 
 def test_plain_loop_snippet(tmp_path):
@@ -135,7 +141,13 @@ def test_claim_and_gate_snippets(pytester, monkeypatch):
         test_claims=snippet("claims").replace("# test_claims.py\n", ""),
         test_gate=snippet("gate").replace("# test_gate.py\n", ""),
     )
-    options = ("-p", "no:cacheprovider", "--flannel-config=flannel.toml", "--flannel-threads=1", "--flannel-devices=cpu")
+    options = (
+        "-p",
+        "no:cacheprovider",
+        "--flannel-config=flannel.toml",
+        "--flannel-threads=1",
+        "--flannel-devices=cpu",
+    )
     first = pytester.runpytest_subprocess(*options, "--snapshot-update")
     # README: 1 + 2 + 1; Writing claims: 1 + 3 + 1; the gate: 2 seeds + 1 pair
     first.assert_outcomes(passed=12)

@@ -41,6 +41,7 @@ def _copy_fixtures(variant: str, root: Path) -> Path:
 
 # --- tiny variant ----------------------------------------------------------------------------------
 
+
 def test_embedded_paths_uses_verified_fixtures_and_caches_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
     paths = embedded.embedded_paths("tiny")
     assert paths.variant == "tiny"
@@ -73,14 +74,16 @@ def test_unknown_variant_lists_the_variants() -> None:
 
 # --- default variant -------------------------------------------------------------------------------
 
+
 def test_default_committed_files_match_recorded_hashes() -> None:
     for name, expected in embedded.EMBEDDED_SHA256["default"].items():
         assert data.file_sha256(FIXTURES / "default" / name) == expected, name
     assert embedded.embedded_paths("default").corpus == FIXTURES / "default" / generator.CORPUS_FILE
 
 
-def test_default_falls_back_to_generating_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         _private_cache: Path) -> None:
+def test_default_falls_back_to_generating_into_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _private_cache: Path
+) -> None:
     monkeypatch.setattr(embedded, "fixtures_root", lambda: tmp_path / "no-fixtures-here")
     paths = embedded.embedded_paths("default")  # the one regeneration of the default variant
     assert paths.corpus.parent == _private_cache / "embedded" / "default"
@@ -96,14 +99,16 @@ def test_default_falls_back_to_generating_into_the_cache(tmp_path: Path, monkeyp
     assert embedded.embedded_paths("default") == paths
 
 
-def test_default_refuses_edited_fixture_when_generator_differs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               _private_cache: Path) -> None:
+def test_default_refuses_edited_fixture_when_generator_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _private_cache: Path
+) -> None:
     folder = _copy_fixtures("default", tmp_path / "fixtures")
     (folder / generator.TOKENIZER_FILE).write_bytes((folder / generator.TOKENIZER_FILE).read_bytes() + b"\n")
     monkeypatch.setattr(embedded, "fixtures_root", lambda: tmp_path / "fixtures")
     vocab = vocabulary("default")
-    fake = generator.GeneratedData(tokenizer_json=generator.tokenizer_json(vocab), corpus="a changed generator\n",
-                                 vocab_size=10_000)
+    fake = generator.GeneratedData(
+        tokenizer_json=generator.tokenizer_json(vocab), corpus="a changed generator\n", vocab_size=10_000
+    )
     monkeypatch.setattr(generator, "generate", lambda variant: fake)
     with pytest.warns(UserWarning, match="tokenizer.json"):
         with pytest.raises(DataError) as info:

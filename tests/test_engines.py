@@ -45,8 +45,9 @@ def test_engines_bitwise_equal_on_the_notebook_config(label_mode, tmp_path):
 
 def test_engines_bitwise_equal_with_weight_decay_and_constant_schedule(tiny_config, tmp_path):
     """Knobs the notebook left at defaults: the two engines must agree on them too."""
-    cfg = tiny_config.replace(steps=STEPS, weight_decay=0.1, lr_schedule="constant", warmup_steps=3,
-                              max_grad_norm=0.5).with_train_seed(44)
+    cfg = tiny_config.replace(
+        steps=STEPS, weight_decay=0.1, lr_schedule="constant", warmup_steps=3, max_grad_norm=0.5
+    ).with_train_seed(44)
     hf, lean = _train_both(cfg, tmp_path)
     _assert_bitwise(hf, lean)
 

@@ -22,8 +22,14 @@ def test_example_project_runs_under_xdist_and_trains_each_run_once(tmp_path):
     project = tmp_path / "digits"
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns(".flannel", "__pycache__"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-q", "-rA", "-W", "error::pytest.PytestWarning"],
-                          cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "-q", "-rA", "-W", "error::pytest.PytestWarning"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     passed = [line for line in proc.stdout.splitlines() if line.startswith("PASSED ")]

@@ -88,10 +88,14 @@ def test_export_refuses_mismatched_runs(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match=r"bad_init.*W_initial"):
         export_notebook([*paths, bad], tmp_path / "nb.safetensors")
     small = (0.02 * torch.randn(V, H - 2)).to(torch.bfloat16)
-    bad_shape = write_run(tmp_path / "bad_shape.safetensors", make_trajectory(8, small), config=base_config(hidden_dim=H - 2))
+    bad_shape = write_run(
+        tmp_path / "bad_shape.safetensors", make_trajectory(8, small), config=base_config(hidden_dim=H - 2)
+    )
     with pytest.raises(ArtifactError, match=r"bad_shape.*hidden_dim"):
         export_notebook([*paths, bad_shape], tmp_path / "nb.safetensors")
-    bad_steps = write_run(tmp_path / "bad_steps.safetensors", make_trajectory(9, w0, S - 1), config=base_config(steps=S - 1))
+    bad_steps = write_run(
+        tmp_path / "bad_steps.safetensors", make_trajectory(9, w0, S - 1), config=base_config(steps=S - 1)
+    )
     with pytest.raises(ArtifactError, match=r"bad_steps.*steps"):
         export_notebook([paths[0], bad_steps], tmp_path / "nb.safetensors")
     lying = write_run(tmp_path / "lying.safetensors", make_trajectory(9, w0, S - 1), config=base_config())

@@ -48,6 +48,7 @@ def _copy_fixtures(variant: str, root: Path) -> Path:
 
 # --- tiny variant ----------------------------------------------------------------------------------
 
+
 def test_tiny_generation_is_deterministic_and_matches_recorded_hashes() -> None:
     a = generator.generate("tiny")
     b = generator.generate("tiny")
@@ -94,11 +95,14 @@ def test_tiny_corpus_and_mask() -> None:
 
 
 def test_tiny_hashes_do_not_depend_on_the_hash_seed() -> None:
-    code = ("import hashlib, json; from flannel_repro.data import generator; "
-            "print(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in generator.render('tiny').items()}))")
+    code = (
+        "import hashlib, json; from flannel_repro.data import generator; "
+        "print(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in generator.render('tiny').items()}))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "271828", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
-                         check=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True, timeout=120
+    ).stdout
     assert json.loads(out.strip().splitlines()[-1]) == embedded.EMBEDDED_SHA256["tiny"]
 
 
@@ -108,6 +112,7 @@ def test_unknown_variant_is_refused() -> None:
 
 
 # --- the command line ------------------------------------------------------------------------------
+
 
 def test_tiny_committed_fixtures_match(capsys: pytest.CaptureFixture[str]) -> None:
     for name, expected in embedded.EMBEDDED_SHA256["tiny"].items():
@@ -137,6 +142,7 @@ def test_cli_writes_files_and_statistics(tmp_path: Path, capsys: pytest.CaptureF
 
 
 # --- default variant -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def default_corpus() -> str:

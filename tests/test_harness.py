@@ -36,7 +36,8 @@ def test_artifact_contents(tiny_config, tmp_path):
     assert traj.config == cfg
     env = traj.env
     assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"].startswith(
-        torch.__version__.split("+")[0])
+        torch.__version__.split("+")[0]
+    )
     assert env["threads"] >= 1 and "deterministic_algorithms" in env
     assert json.loads(traj.metadata["data"])["n_live"] == int(traj.live_mask.sum())
     assert result.final_loss == pytest.approx(float(traj.losses[-1]))
@@ -63,8 +64,9 @@ def test_model_seed_and_data_seed_act_separately(tiny_config, tmp_path):
 
 
 def test_optional_recordings(tiny_config, tmp_path):
-    cfg = tiny_config.replace(record_grads=True, record_momentum=True, record_variance=True, record_logits=True,
-                              probe_examples=2)
+    cfg = tiny_config.replace(
+        record_grads=True, record_momentum=True, record_variance=True, record_logits=True, probe_examples=2
+    )
     traj = Trajectory(train(cfg, tmp_path / "all.safetensors").path)
     S, V, H, T = cfg.steps, cfg.vocab_size, cfg.hidden_dim, cfg.seq_len
     for key in ("grads", "exp_avg", "exp_avg_sq"):
@@ -84,13 +86,16 @@ def test_not_recording_W_keeps_digests(tiny_config, tmp_path):
     from flannel_repro.errors import ArtifactError
 
     with pytest.raises(ArtifactError, match="W was not recorded"):
-        traj.W
+        _ = traj.W
 
 
 def test_absent_device_is_a_clear_error(tiny_config, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is present; this checks the message when it is absent")
-    with pytest.raises(ConfigError, match=r"device 'cuda' was asked for but is not available: CUDA is not available \(torch.cuda.is_available\(\) is False\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"device 'cuda' was asked for but is not available: CUDA is not available \(torch.cuda.is_available\(\) is False\)",
+    ):
         train(tiny_config.replace(device="cuda"), tmp_path / "x.safetensors")
     assert not list(tmp_path.iterdir())
 
@@ -108,8 +113,12 @@ def test_killed_run_leaves_no_complete_artifact(tiny_config, tmp_path):
                 os.kill(os.getpid(), signal.SIGKILL)
         train(cfg, {str(out)!r}, progress=progress)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not out.exists()
     partials = list(tmp_path.glob("killed.safetensors.partial-*"))

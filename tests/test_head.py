@@ -60,8 +60,10 @@ def test_a_short_last_chunk(tiny_config):
     multiples of 16: BLAS edge kernels for odd row counts may sum in another order; the harness's
     run-time check exists for exactly that, see test_engine_falls_back_or_refuses_when_the_check_fails.)"""
     model, inputs, labels, n = _setup(tiny_config)
-    _assert_same(_loss_and_grads(model, inputs, labels, n, False, amp=True),
-                 _loss_and_grads(model, inputs, labels, n, True, amp=True, chunk=48))
+    _assert_same(
+        _loss_and_grads(model, inputs, labels, n, False, amp=True),
+        _loss_and_grads(model, inputs, labels, n, True, amp=True, chunk=48),
+    )
 
 
 def test_fused_head_with_an_upstream_gradient_other_than_one(tiny_config):

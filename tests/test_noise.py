@@ -10,8 +10,15 @@ import pytest
 
 from flannel_repro.config import RunConfig
 from flannel_repro.errors import ArtifactError, ConfigError
-from flannel_repro.analysis.noise import (BANDS_FORMAT, NoiseBand, compare_within_band, derive_band, read_bands,
-                                         summary_scale, write_bands)
+from flannel_repro.analysis.noise import (
+    BANDS_FORMAT,
+    NoiseBand,
+    compare_within_band,
+    derive_band,
+    read_bands,
+    summary_scale,
+    write_bands,
+)
 from flannel_repro.runs.variants import derive_from_training, parse_variants
 from flannel_repro.analysis.summary import Summary, summarize, summarize_pair
 
@@ -25,8 +32,9 @@ def tiny_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("noise")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLANNEL_REPRO_CACHE", str(tmp_path_factory.getbasetemp() / "flannel-cache"))
-        band = derive_from_training(TINY, [42, 43], [("portable", 2)], ("portable", 1), out / "artifacts",
-                                    command="test")
+        band = derive_from_training(
+            TINY, [42, 43], [("portable", 2)], ("portable", 1), out / "artifacts", command="test"
+        )
     paths = sorted((out / "artifacts").glob("seed42-*.safetensors"))
     return band, paths
 
@@ -110,8 +118,14 @@ def test_bands_file_round_trip_and_errors(tiny_runs, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ArtifactError, match=f"expected format {BANDS_FORMAT!r}"):
         read_bands(tmp_path / "bad.json")
-    (tmp_path / "neg.json").write_text(json.dumps({"format": BANDS_FORMAT, "bands": [
-        {"scale": "s", "exact_through": 0, "fields": {"run": {"loss @ step 1": -1.0}}}]}))
+    (tmp_path / "neg.json").write_text(
+        json.dumps(
+            {
+                "format": BANDS_FORMAT,
+                "bands": [{"scale": "s", "exact_through": 0, "fields": {"run": {"loss @ step 1": -1.0}}}],
+            }
+        )
+    )
     with pytest.raises(ArtifactError, match="finite allowances >= 0"):
         read_bands(tmp_path / "neg.json")
 

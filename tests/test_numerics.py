@@ -14,7 +14,15 @@ import pytest
 
 from flannel_repro.training import numerics
 from flannel_repro.config import RunConfig
-from flannel_repro.training.numerics import NumericsError, cpu_class, cuda_class, mps_class, mkl_short, onednn_short, parse_probe_log
+from flannel_repro.training.numerics import (
+    NumericsError,
+    cpu_class,
+    cuda_class,
+    mps_class,
+    mkl_short,
+    onednn_short,
+    parse_probe_log,
+)
 
 # Verbose lines as oneDNN 3.12 and oneMKL 2024.0 print them (abridged to the parts the parser reads).
 INTEL_NATIVE = """\
@@ -41,23 +49,27 @@ onednn_verbose,v1,primitive,exec,cpu,matmul,gemm:jit:bf16,undef,src:bf16::blocke
 """
 
 
-def _probe(log: str = "", digest: str = "3f09a1c2deadbeef", *, aten: str = "AVX512", mode: str = "native",
-           threads: int = 1) -> numerics.CpuProbe:
+def _probe(
+    log: str = "", digest: str = "3f09a1c2deadbeef", *, aten: str = "AVX512", mode: str = "native", threads: int = 1
+) -> numerics.CpuProbe:
     p = parse_probe_log(log, digest)
     return numerics.CpuProbe(**{**p.to_json(), "aten": aten, "mode": mode, "threads": threads})
 
 
-@pytest.mark.parametrize("probe, expected", [
-    (_probe(INTEL_NATIVE), "cpu-native_avx512_amx-3f09a1c2-t1"),
-    (_probe(INTEL_PORTABLE, mode="avx512bf16"), "cpu-avx512bf16-3f09a1c2-t1"),
-    # the same arithmetic on AMD, whose MKL reports another branch: one name (from the digest, not the label)
-    (_probe(AMD_PORTABLE, mode="avx512bf16"), "cpu-avx512bf16-3f09a1c2-t1"),
-    (_probe("", aten="AVX2", mode="portable", threads=2), "cpu-portable-3f09a1c2-t2"),
-    (_probe(AVX512_NO_BF16), "cpu-native_avx512_avx512-3f09a1c2-t1"),
-    (_probe("", aten="AVX2"), "cpu-native_avx2_nodnn-3f09a1c2-t1"),
-    # other bits, other name, whatever the libraries say
-    (_probe(INTEL_PORTABLE, digest="0badc0de00000000", mode="avx512bf16"), "cpu-avx512bf16-0badc0de-t1"),
-])
+@pytest.mark.parametrize(
+    "probe, expected",
+    [
+        (_probe(INTEL_NATIVE), "cpu-native_avx512_amx-3f09a1c2-t1"),
+        (_probe(INTEL_PORTABLE, mode="avx512bf16"), "cpu-avx512bf16-3f09a1c2-t1"),
+        # the same arithmetic on AMD, whose MKL reports another branch: one name (from the digest, not the label)
+        (_probe(AMD_PORTABLE, mode="avx512bf16"), "cpu-avx512bf16-3f09a1c2-t1"),
+        (_probe("", aten="AVX2", mode="portable", threads=2), "cpu-portable-3f09a1c2-t2"),
+        (_probe(AVX512_NO_BF16), "cpu-native_avx512_avx512-3f09a1c2-t1"),
+        (_probe("", aten="AVX2"), "cpu-native_avx2_nodnn-3f09a1c2-t1"),
+        # other bits, other name, whatever the libraries say
+        (_probe(INTEL_PORTABLE, digest="0badc0de00000000", mode="avx512bf16"), "cpu-avx512bf16-0badc0de-t1"),
+    ],
+)
 def test_class_from_mode_and_probe_digest(probe, expected):
     assert cpu_class(probe) == expected
 
@@ -69,21 +81,37 @@ def test_probe_log_fields():
     assert p.onednn_max_isa == "AVX10.1 and AMX with bfloat16 and 8-bit integer support"
 
 
-@pytest.mark.parametrize("isa, max_isa, short", [
-    ("avx512_core_amx", "", "amx"), ("avx10_1_512_amx", "", "amx"), ("avx512_core_bf16", "", "avx512bf16"),
-    ("avx512_core", "", "avx512"), ("avx512_core_vnni", "", "avx512vnni"), ("avx2", "", "avx2"),
-    ("avx2_vnni_2", "", "avx2vnni"), ("jit:bf16", "Intel AVX2", "avx2"), ("", "", "nodnn"),
-])
+@pytest.mark.parametrize(
+    "isa, max_isa, short",
+    [
+        ("avx512_core_amx", "", "amx"),
+        ("avx10_1_512_amx", "", "amx"),
+        ("avx512_core_bf16", "", "avx512bf16"),
+        ("avx512_core", "", "avx512"),
+        ("avx512_core_vnni", "", "avx512vnni"),
+        ("avx2", "", "avx2"),
+        ("avx2_vnni_2", "", "avx2vnni"),
+        ("jit:bf16", "Intel AVX2", "avx2"),
+        ("", "", "nodnn"),
+    ],
+)
 def test_onednn_short_names(isa, max_isa, short):
     assert onednn_short(isa, max_isa) == short
 
 
-@pytest.mark.parametrize("arch, cnr, short", [
-    ("Intel(R) AMX with INT8 and BF16", "OFF", "amx"), ("(Intel(R) AVX-512) with support", "OFF", "avx512"),
-    ("Intel(R) AVX2 enabled processors", "OFF", "avx2"), ("anything", "AVX2,STRICT", "avx2strict"),
-    ("anything", "AVX512", "avx512"), ("x", "COMPATIBLE", "compat"), ("Intel(R) AVX2", "AUTO,STRICT", "avx2strict"),
-    ("", "", "nomkl"),
-])
+@pytest.mark.parametrize(
+    "arch, cnr, short",
+    [
+        ("Intel(R) AMX with INT8 and BF16", "OFF", "amx"),
+        ("(Intel(R) AVX-512) with support", "OFF", "avx512"),
+        ("Intel(R) AVX2 enabled processors", "OFF", "avx2"),
+        ("anything", "AVX2,STRICT", "avx2strict"),
+        ("anything", "AVX512", "avx512"),
+        ("x", "COMPATIBLE", "compat"),
+        ("Intel(R) AVX2", "AUTO,STRICT", "avx2strict"),
+        ("", "", "nomkl"),
+    ],
+)
 def test_mkl_short_names(arch, cnr, short):
     assert mkl_short(arch, cnr) == short
 
@@ -105,7 +133,9 @@ def _fake_probe(monkeypatch, log: str, flags: dict[str, bool | None], aten: str 
 
 def test_check_refuses_a_mode_the_cpu_cannot_run(monkeypatch):
     _fake_probe(monkeypatch, AVX512_NO_BF16, {"avx512_bf16": False, "avx2": True})
-    with pytest.raises(NumericsError, match="avx512bf16 numerics needs an x86-64 CPU with AVX-512 BF16, which this CPU"):
+    with pytest.raises(
+        NumericsError, match="avx512bf16 numerics needs an x86-64 CPU with AVX-512 BF16, which this CPU"
+    ):
         numerics.check("avx512bf16")
     numerics.check("native")  # native takes whatever the CPU has
     numerics.check("avx512bf16", "cuda")  # the modes pin CPU libraries only
@@ -216,8 +246,9 @@ def _run_in_clean_process(tmp_path, before: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in numerics.PORTABLE_ENV}
     script = tmp_path / "train.py"
     script.write_text(TRAIN.format(before=textwrap.dedent(before)))
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -256,12 +287,16 @@ print(json.dumps(numerics.numerics_info("cpu", threads=1, deterministic=False, m
 def _class_in_process(mode: str, env_extra: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in numerics.NUMERICS_ENV}
     env.update(env_extra)
-    proc = subprocess.run([sys.executable, "-c", PROBE_CLASS, mode], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE_CLASS, mode], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(numerics.cpu_has("avx512f") is not True, reason="needs an AVX-512 CPU to run ATen at two capabilities")
+@pytest.mark.skipif(
+    numerics.cpu_has("avx512f") is not True, reason="needs an AVX-512 CPU to run ATen at two capabilities"
+)
 def test_the_probe_separates_aten_capabilities_and_portable_ignores_them():
     """Issue 21, item 3: ATen at AVX512 and at AVX2 compute other bits, and the probe (a training step) tells
     them apart; in portable mode ATen is pinned, so setting its capability to AVX2 changes nothing."""

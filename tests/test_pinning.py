@@ -20,8 +20,13 @@ print(json.dumps({"pinned": pin_worker(worker or None, workers, threads), "now":
 
 
 def _probe(worker: str, workers: int, threads: int, **env: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, worker, str(workers), str(threads)], check=True,
-                         capture_output=True, text=True, env={**os.environ, **env})
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, worker, str(workers), str(threads)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
     return json.loads(out.stdout)
 
 

@@ -41,7 +41,9 @@ def test_runs_of_other_code_and_leftovers_are_found(store_dir, monkeypatch, caps
 
     found = {o.path.name: o for o in find_orphans(store_dir)}
     assert set(found) == {run.name, run.name + ".lock", partial.name, f"{STORE_NAME}.lock"}
-    assert found[run.name].reason.startswith("flannel-repro code ") and "(now 0123456789abcdef)" in found[run.name].reason
+    assert (
+        found[run.name].reason.startswith("flannel-repro code ") and "(now 0123456789abcdef)" in found[run.name].reason
+    )
     assert found[run.name].size == run.stat().st_size
 
     assert cli.main(["prune", "--artifacts", str(store_dir), "--dry-run"]) == 0
@@ -54,7 +56,7 @@ def test_runs_of_other_code_and_leftovers_are_found(store_dir, monkeypatch, caps
     assert find_orphans(store_dir) == []
 
 
-def _recorded_run(path):  # noqa: ANN001, ANN202
+def _recorded_run(path):
     """A run recorded by hand with TrajectoryRecorder (docs/your-own-training.md): no store can retrain it."""
     import torch
 
@@ -133,7 +135,9 @@ def test_session_start_cleans_what_killed_runs_left_but_not_a_run_in_training(tm
     dead.write_bytes(b"x" * 100)
     old = time.time() - 3600
     os.utime(dead, (old, old))
-    fresh = root / "b.safetensors.partial-999999999-0a1b2c3e"  # dead pid but touched a moment ago: maybe another machine
+    fresh = (
+        root / "b.safetensors.partial-999999999-0a1b2c3e"
+    )  # dead pid but touched a moment ago: maybe another machine
     fresh.write_bytes(b"x")
     orphan = root / "c.safetensors.progress"
     orphan.write_text("{}")

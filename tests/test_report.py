@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import os
 import re
 import shutil
 import subprocess
@@ -36,9 +34,12 @@ BASE = TINY.replace(steps=STEPS)
 
 # what each source of divergence needs, plus float32 weights for the stall plot's cure
 VARIANTS = [
-    (BASE.with_train_seed(42), 0), (BASE.with_train_seed(43), 0), (BASE.with_train_seed(44), 0),
+    (BASE.with_train_seed(42), 0),
+    (BASE.with_train_seed(43), 0),
+    (BASE.with_train_seed(44), 0),
     (BASE.with_train_seed(42), 1),
-    (BASE.replace(model_seed=42, data_seed=43), 0), (BASE.replace(model_seed=43, data_seed=42), 0),
+    (BASE.replace(model_seed=42, data_seed=43), 0),
+    (BASE.replace(model_seed=43, data_seed=42), 0),
     (BASE.with_train_seed(42).replace(threads=2), 0),
     (BASE.with_train_seed(42).replace(dtype="float32", amp="none"), 0),
 ]
@@ -54,7 +55,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def report(artifacts: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def report(artifacts: Path, tmp_path_factory: pytest.TempPathFactory):
     return write_report([artifacts], tmp_path_factory.mktemp("report") / "out")
 
 
@@ -115,12 +116,19 @@ class _Page(HTMLParser):
             self.style += data
 
 
-def test_every_plot_is_written_and_not_blank(report) -> None:  # noqa: ANN001
+def test_every_plot_is_written_and_not_blank(report) -> None:
     doc = report.document
     files = {f["file"] for f in doc["figures"]}
-    expected = {"divergence-different-train-seeds.png", "divergence-data-order-only-model-seed-fixed.png",
-                "divergence-model-init-only-data-seed-fixed.png", "live-dead-share.png", "loss.png", "seed-matrix.png",
-                STALL_PLOT, "sources.png"}
+    expected = {
+        "divergence-different-train-seeds.png",
+        "divergence-data-order-only-model-seed-fixed.png",
+        "divergence-model-init-only-data-seed-fixed.png",
+        "live-dead-share.png",
+        "loss.png",
+        "seed-matrix.png",
+        STALL_PLOT,
+        "sources.png",
+    }
     assert expected <= files, expected - files
     assert IDENTICAL_PLOT not in files and not (report.folder / IDENTICAL_PLOT).exists()  # said in words instead
     for c in doc["pair_classes"]:  # a class is drawn where a pair parted (threads: machine-dependent), else said
@@ -136,7 +144,7 @@ def test_every_plot_is_written_and_not_blank(report) -> None:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def figures(report):  # noqa: ANN001, ANN201
+def figures(report):
     """The Figure objects (with axis limits and ticks) of the same report, drawn again from the same runs."""
     from flannel_repro.report.compute import collect
     from flannel_repro.report.figures import all_figures
@@ -145,7 +153,7 @@ def figures(report):  # noqa: ANN001, ANN201
     return {f.file: f for f in all_figures(collect(runs))}
 
 
-def test_axes_show_the_data(report, figures) -> None:  # noqa: ANN001
+def test_axes_show_the_data(report, figures) -> None:
     """Each plot's axis limits hold the data's range, read back independently from the CSV files."""
     rows = _read_csv(report.folder / "divergence.csv")
     seeds = [r for r in rows if r["pair_class"] == "different train seeds"]
@@ -166,7 +174,7 @@ def test_axes_show_the_data(report, figures) -> None:  # noqa: ANN001
     assert fig.ylim[0] <= changed[changed > 0].min() and fig.ylim[1] >= changed.max()
 
 
-def test_axes_have_ticks_a_reader_can_use(figures) -> None:  # noqa: ANN001
+def test_axes_have_ticks_a_reader_can_use(figures) -> None:
     """Every log value axis has at least two labelled ticks in view; the step axis of a short run (here 12
     steps) is linear with at least three labelled steps."""
     assert set(figures) >= {"divergence-different-train-seeds.png", "sources.png", STALL_PLOT}
@@ -179,20 +187,32 @@ def test_axes_have_ticks_a_reader_can_use(figures) -> None:  # noqa: ANN001
             assert all(float(label) == pos and pos == int(pos) for pos, label in f.xticks), f.xticks  # whole steps
 
 
-def _pair(steps: int, frobenius: np.ndarray, first_step: int | None):  # noqa: ANN202
+def _pair(steps: int, frobenius: np.ndarray, first_step: int | None):
     from flannel_repro.report.compute import PairResult
 
-    return PairResult(a=0, b=1, pair_class="x", steps=np.arange(steps + 1), frobenius=frobenius,
-                      frobenius_live=frobenius, max_abs=frobenius / 3, rows_differ=np.zeros(steps + 1),
-                      first_step=first_step)
+    return PairResult(
+        a=0,
+        b=1,
+        pair_class="x",
+        steps=np.arange(steps + 1),
+        frobenius=frobenius,
+        frobenius_live=frobenius,
+        max_abs=frobenius / 3,
+        rows_differ=np.zeros(steps + 1),
+        first_step=first_step,
+    )
 
 
-@pytest.mark.parametrize("steps, frobenius, scale", [
-    (8, np.r_[0.0, np.geomspace(1e-4, 1e-1, 8)], "linear"),  # the issue's 8-step run
-    (8, np.r_[0.0, np.linspace(3.1, 3.4, 8)], "linear"),  # a value axis spanning less than one mantissa step
-    (1000, np.r_[0.0, np.geomspace(1e-6, 1.0, 1000)], "symlog"),
-    (100, np.r_[0.0, np.linspace(0.02, 0.03, 100)], "symlog"),
-], ids=["8-steps", "8-steps-narrow", "1000-steps", "100-steps-narrow"])
+@pytest.mark.parametrize(
+    "steps, frobenius, scale",
+    [
+        (8, np.r_[0.0, np.geomspace(1e-4, 1e-1, 8)], "linear"),  # the issue's 8-step run
+        (8, np.r_[0.0, np.linspace(3.1, 3.4, 8)], "linear"),  # a value axis spanning less than one mantissa step
+        (1000, np.r_[0.0, np.geomspace(1e-6, 1.0, 1000)], "symlog"),
+        (100, np.r_[0.0, np.linspace(0.02, 0.03, 100)], "symlog"),
+    ],
+    ids=["8-steps", "8-steps-narrow", "1000-steps", "100-steps-narrow"],
+)
 def test_step_and_value_axes_of_short_and_long_runs(steps: int, frobenius: np.ndarray, scale: str) -> None:
     """Drawn from made-up divergence curves: a short run's step axis labels every step, a long run's a
     1-2-5 log sequence; the log value axis has at least two labelled ticks however narrow its range."""
@@ -212,7 +232,7 @@ def test_step_and_value_axes_of_short_and_long_runs(steps: int, frobenius: np.nd
     assert fig.ylim[0] <= frobenius[1:].min() and fig.ylim[1] >= frobenius.max()
 
 
-def test_an_identical_pair_is_a_line_of_text_not_a_chart(report) -> None:  # noqa: ANN001
+def test_an_identical_pair_is_a_line_of_text_not_a_chart(report) -> None:
     """The repeats of one config are bitwise identical: no chart (and no empty log axes), a line of text in its
     place on both pages, under a heading whose anchor is the plot's name; a class that parted keeps its chart."""
     from flannel_repro.report.compute import Collected
@@ -235,28 +255,55 @@ def test_an_identical_pair_is_a_line_of_text_not_a_chart(report) -> None:  # noq
     assert pair_class_figure(require_matplotlib(), data, "x", [_pair(8, np.zeros(9), None)]) is None
 
 
-VERDICT_WORDS = {"EXACT": "exact", "WITHIN BAND": "band", "PARTED": "parted", "PASSED": "passed", "FAILED": "failed",
-                 "SKIPPED": "skipped", "NOT COMPARED": "none"}
+VERDICT_WORDS = {
+    "EXACT": "exact",
+    "WITHIN BAND": "band",
+    "PARTED": "parted",
+    "PASSED": "passed",
+    "FAILED": "failed",
+    "SKIPPED": "skipped",
+    "NOT COMPARED": "none",
+}
 
 
 def _verdict_kind(text: str) -> str | None:
     return next((kind for word, kind in VERDICT_WORDS.items() if text.startswith(word)), None)
 
 
-def test_verdict_cells_carry_a_word_and_their_class(report) -> None:  # noqa: ANN001
+def test_verdict_cells_carry_a_word_and_their_class(report) -> None:
     """Every verdict in the tables (exact, within band, parted; passed, failed, skipped; not compared) starts with
     its word and carries `verdict v-<kind>`, which the page's own style colours: colour is never alone."""
     from flannel_repro.report import markdown, page_html
 
-    items = [{"nodeid": f"t.py::test_{c}", "snapshot": f"test_{c}[k]", "comparison": c, "outcome": o,
-              "reason": None if c != "none" else "no-band", "class": "k", "stored": None}
-             for c, o in (("exact", "passed"), ("band", "passed"), ("none", "skipped"))]
-    doc = dict(report.document,
-               claims=[{"nodeid": f"t.py::test_{o}", "outcome": o, "message": None, "plots": [], "duration_s": 0.1}
-                       for o in ("passed", "failed", "skipped")],
-               verdicts={"passed": 1, "failed": 1, "skipped": 1},
-               snapshots={"assertions": 3, "compared_exactly": 1, "within_band": 1, "not_compared": 1,
-                          "not_compared_by_reason": {"no-band": 1}, "policy": "tolerant", "items": items})
+    items = [
+        {
+            "nodeid": f"t.py::test_{c}",
+            "snapshot": f"test_{c}[k]",
+            "comparison": c,
+            "outcome": o,
+            "reason": None if c != "none" else "no-band",
+            "class": "k",
+            "stored": None,
+        }
+        for c, o in (("exact", "passed"), ("band", "passed"), ("none", "skipped"))
+    ]
+    doc = dict(
+        report.document,
+        claims=[
+            {"nodeid": f"t.py::test_{o}", "outcome": o, "message": None, "plots": [], "duration_s": 0.1}
+            for o in ("passed", "failed", "skipped")
+        ],
+        verdicts={"passed": 1, "failed": 1, "skipped": 1},
+        snapshots={
+            "assertions": 3,
+            "compared_exactly": 1,
+            "within_band": 1,
+            "not_compared": 1,
+            "not_compared_by_reason": {"no-band": 1},
+            "policy": "tolerant",
+            "items": items,
+        },
+    )
     for text in (page_html(doc), (report.folder / "index.html").read_text()):
         page = _Page(text)
         seen = set()
@@ -273,14 +320,17 @@ def test_verdict_cells_carry_a_word_and_their_class(report) -> None:  # noqa: AN
     assert seen >= {"exact", "parted"}  # the report's own page: the pair classes and the sources
     page = _Page(page_html(doc))
     assert {_verdict_kind(cell) for cls, cell in page.cells if "verdict" in cls} == set(VERDICT_WORDS.values())
-    colours = {kind: re.search(rf"\.v-{kind}\{{background:([^;]+);", page.style).group(1) for kind in ("exact", "parted", "failed")}
+    colours = {
+        kind: re.search(rf"\.v-{kind}\{{background:([^;]+);", page.style).group(1)
+        for kind in ("exact", "parted", "failed")
+    }
     assert len(set(colours.values())) == 3, colours
     md = markdown(doc)
     assert "| FAILED |" in md and "| WITHIN BAND | PASSED |" in md and "| NOT COMPARED | SKIPPED |" in md
     assert re.search(r"\| same config, separate trainings \| EXACT \|", md) and "| PARTED |" in md
 
 
-def test_page_references_every_image_and_table(report) -> None:  # noqa: ANN001
+def test_page_references_every_image_and_table(report) -> None:
     doc = report.document
     page = (report.folder / "index.html").read_text()
     md = (report.folder / "report.md").read_text()
@@ -295,7 +345,7 @@ def test_page_references_every_image_and_table(report) -> None:  # noqa: ANN001
         assert (report.folder / f).is_file(), f
 
 
-def test_json_has_its_documented_shape_and_agrees_with_the_csv(report) -> None:  # noqa: ANN001
+def test_json_has_its_documented_shape_and_agrees_with_the_csv(report) -> None:
     doc = json.loads((report.folder / "report.json").read_text())
     jsonschema.validate(doc, SCHEMA)
     assert len(doc["runs"]) == len(VARIANTS)
@@ -314,7 +364,7 @@ def test_json_has_its_documented_shape_and_agrees_with_the_csv(report) -> None: 
     assert sources["none"]["first_step"] is None and sources["data_order"]["first_step"] == 1
 
 
-def test_update_statistics_in_the_report(report) -> None:  # noqa: ANN001
+def test_update_statistics_in_the_report(report) -> None:
     rows = _read_csv(report.folder / "steps.csv")
     by_run: dict[str, list[dict[str, str]]] = {}
     for r in rows:
@@ -337,13 +387,18 @@ def test_a_second_report_removes_plots_it_no_longer_draws(artifacts: Path, tmp_p
     assert (out / "sources.png").exists()
     two = [r["path"] for r in first.document["runs"] if r["name"] in ("s42", "s43")]
     second = write_report(two, out)
-    assert not (out / "sources.png").exists() and not (out / "seed-matrix.png").exists() or \
-        "seed-matrix.png" in second.files
+    assert (
+        not (out / "sources.png").exists()
+        and not (out / "seed-matrix.png").exists()
+        or "seed-matrix.png" in second.files
+    )
     assert set(second.document["files"]) <= {p.name for p in out.iterdir()}
     assert len(first.document["figures"]) > len(second.document["figures"])
 
 
-def test_errors_name_the_thing_and_leave_nothing(artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_errors_name_the_thing_and_leave_nothing(
+    artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(ArtifactError, match=r"report: expected a run artifact or a directory of them, got .*nope"):
         write_report([tmp_path / "nope"], tmp_path / "a")
     assert not (tmp_path / "a").exists()
@@ -394,13 +449,23 @@ def _browser() -> str | None:
     return None
 
 
-def test_page_renders_in_a_headless_browser(report, tmp_path: Path) -> None:  # noqa: ANN001
+def test_page_renders_in_a_headless_browser(report, tmp_path: Path) -> None:
     browser = _browser()
     if browser is None:
         pytest.skip("no headless browser installed (Debian: apt-get install chromium; .ci/run installs it)")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files", "--virtual-time-budget=10000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=10000",
+    ]
     url = (report.folder / "index.html").resolve().as_uri()
     dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -408,13 +473,19 @@ def test_page_renders_in_a_headless_browser(report, tmp_path: Path) -> None:  # 
     assert f'data-images-loaded="{n}/{n}"' in dom.stdout, re.findall(r"data-images-loaded=\"[^\"]*\"", dom.stdout)
     # the style coloured every verdict cell, and the identical pair is a line of text (no image) in the browser too
     v = sum(1 for cls, _ in _Page((report.folder / "index.html").read_text()).cells if "verdict" in cls.split())
-    assert v > 0 and f'data-verdicts-coloured="{v}/{v}"' in dom.stdout, re.findall(r"data-verdicts-\w+=\"[^\"]*\"", dom.stdout)
+    assert v > 0 and f'data-verdicts-coloured="{v}/{v}"' in dom.stdout, re.findall(
+        r"data-verdicts-\w+=\"[^\"]*\"", dom.stdout
+    )
     rendered = _Page(dom.stdout)
     section = next(s for s in rendered.sections if s["id"] == IDENTICAL_PLOT)
     assert section["images"] == [] and f"bitwise identical over all {STEPS} steps" in section["text"]
     shot = tmp_path / "page.png"
-    got = subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1280,2400", url],
-                         capture_output=True, text=True, timeout=120)
+    got = subprocess.run(
+        [browser, *flags, f"--screenshot={shot}", "--window-size=1280,2400", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert got.returncode == 0 and shot.is_file(), got.stderr[-2000:]
     rgb = _png_pixels(shot)[..., :3]
     assert (rgb.min(axis=2) < 0.9).mean() > 0.02  # the page drew text, tables and plots, not a blank window
@@ -433,14 +504,17 @@ def test_runs_recorded_without_W_are_listed_not_compared(artifacts: Path, tmp_pa
     assert all("s45" not in (p["a"], p["b"]) for c in doc["pair_classes"] for p in c["pairs"])
 
 
-def test_the_markdown_page_escapes_what_it_quotes_as_the_html_page_does(report) -> None:  # noqa: ANN001
+def test_the_markdown_page_escapes_what_it_quotes_as_the_html_page_does(report) -> None:
     """A test id or a message holding markup, a pipe or a backtick is quoted as text in report.md too."""
     from flannel_repro.report import markdown, page_html
 
     evil = "<script>alert(1)</script> & a|b `c`\nnext"
-    doc = dict(report.document, claims=[{"nodeid": f"test_x.py::test[{evil}]", "outcome": "failed", "message": evil,
-                                         "plots": []}], verdicts={"passed": 0, "failed": 1, "skipped": 0},
-               notes=[evil])
+    doc = dict(
+        report.document,
+        claims=[{"nodeid": f"test_x.py::test[{evil}]", "outcome": "failed", "message": evil, "plots": []}],
+        verdicts={"passed": 0, "failed": 1, "skipped": 0},
+        notes=[evil],
+    )
     md, page = markdown(doc), page_html(doc)
     assert "<script>alert" not in md and "<script>alert" not in page
     row = next(line for line in md.splitlines() if line.startswith("| FAILED"))

@@ -100,7 +100,9 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
-def test_a_damaged_checkpoint_or_partial_file_is_discarded_and_the_run_trained_from_the_start(tmp_path, reference, damage):
+def test_a_damaged_checkpoint_or_partial_file_is_discarded_and_the_run_trained_from_the_start(
+    tmp_path, reference, damage
+):
     """Nothing on disk is trusted between the stopped and the resuming process: whatever was changed, the
     published run is the uninterrupted one, and its metadata says why the checkpoint was not resumed."""
     path = tmp_path / "run.safetensors"
@@ -118,13 +120,19 @@ def test_a_damaged_checkpoint_or_partial_file_is_discarded_and_the_run_trained_f
 def test_a_checkpoint_or_partial_path_that_is_not_a_file_is_a_named_error(tmp_path):
     path = tmp_path / "run.safetensors"
     checkpoint_path(path).mkdir()
-    with pytest.raises(ArtifactError, match=r"run\.safetensors\.ckpt: expected a checkpoint .a regular file. or nothing"
-                                            r", got a directory"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"run\.safetensors\.ckpt: expected a checkpoint .a regular file. or nothing"
+        r", got a directory",
+    ):
         train(FULL, path, metadata={"run_key": "k"}, checkpoint_every=2)
     checkpoint_path(path).rmdir()
     resumable_path(path).mkdir()
-    with pytest.raises(ArtifactError, match=r"run\.safetensors\.resumable: expected a resumable partial artifact .a "
-                                            r"regular file. or nothing, got a directory"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"run\.safetensors\.resumable: expected a resumable partial artifact .a "
+        r"regular file. or nothing, got a directory",
+    ):
         train(FULL, path, metadata={"run_key": "k"}, checkpoint_every=2)
     assert resumable_path(path).is_dir() and not path.exists()  # not ours: left as it was
 
@@ -149,8 +157,12 @@ train(cfg, sys.argv[1], metadata={"run_key": "k"}, checkpoint_every=2)
 def _train_in_child_and_kill(path, steps: int, min_step: int) -> int:
     """Start the run in a child process, SIGKILL it once its checkpoint reaches `min_step`; the checkpoint's step."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(steps)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path), str(steps)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and child.poll() is None:
@@ -187,9 +199,16 @@ def test_kill_9_while_training_then_resume_equals_uninterrupted(tmp_path):
 
 
 def test_checkpoint_state_round_trips_without_pickle(tmp_path):
-    state = {"a": torch.arange(4, dtype=torch.bfloat16), "ints": {0: {"step": torch.tensor(3.0)}, 7: [1, 2]},
-             "tuple": (0.9, 0.999), "floats": [math.inf, -math.inf, 1e-300], "nan": math.nan, "none": None,
-             "flag": True, "text": "x"}
+    state = {
+        "a": torch.arange(4, dtype=torch.bfloat16),
+        "ints": {0: {"step": torch.tensor(3.0)}, 7: [1, 2]},
+        "tuple": (0.9, 0.999),
+        "floats": [math.inf, -math.inf, 1e-300],
+        "nan": math.nan,
+        "none": None,
+        "flag": True,
+        "text": "x",
+    }
     path = checkpoint.save(tmp_path / "c.ckpt", 5, state, {"run_key": "r"})
     got = checkpoint.load(path)
     assert got.step == 5 and got.info == {"run_key": "r"}
@@ -206,11 +225,16 @@ def test_checkpoint_state_round_trips_without_pickle(tmp_path):
 
 
 def test_checkpoint_errors_name_the_thing(tmp_path):
-    with pytest.raises(ArtifactError, match=r"checkpoint state opt\.fn: .*got builtin_function_or_method; it cannot be stored without pickling"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"checkpoint state opt\.fn: .*got builtin_function_or_method; it cannot be stored without pickling",
+    ):
         checkpoint.save(tmp_path / "c.ckpt", 1, {"opt": {"fn": len}})
     assert not list(tmp_path.iterdir())  # nothing half-written
     (tmp_path / "bad.ckpt").write_bytes(b"not safetensors")
-    with pytest.raises(ArtifactError, match=r"bad\.ckpt: expected a checkpoint \(safetensors\), got an unreadable file"):
+    with pytest.raises(
+        ArtifactError, match=r"bad\.ckpt: expected a checkpoint \(safetensors\), got an unreadable file"
+    ):
         checkpoint.load(tmp_path / "bad.ckpt")
     with pytest.raises(ArtifactError, match=r"missing\.ckpt: expected a checkpoint, found no such file"):
         checkpoint.load(tmp_path / "missing.ckpt")
@@ -233,7 +257,9 @@ def test_resume_at_claim_in_a_session(pytester):
         def test_resume_at_out_of_range(trajectory):
             trajectory(42, resume_at=5)
     """)
-    result = pytester.runpytest_subprocess("--flannel-config=flannel.toml", "--flannel-threads=1", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess(
+        "--flannel-config=flannel.toml", "--flannel-threads=1", "-p", "no:cacheprovider"
+    )
     result.assert_outcomes(passed=2, errors=0, failed=1)
     result.stdout.fnmatch_lines(["*resume_at must be a step in [[]1, 4[]] (got 5)*"])
 

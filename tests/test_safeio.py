@@ -27,8 +27,13 @@ def test_regular_file_follows_links_to_files_and_refuses_other_kinds(tmp_path, o
     assert safeio.regular_file(tmp_path / "link", "a run artifact").st_size == 4
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    for path, got in ((tmp_path / "fifo", "a FIFO"), (tmp_path, "a directory"), ("/dev/null", "a character device"),
-                      (tmp_path / "none", "no such file"), (tmp_path / "loop", "a loop of symbolic links")):
+    for path, got in (
+        (tmp_path / "fifo", "a FIFO"),
+        (tmp_path, "a directory"),
+        ("/dev/null", "a character device"),
+        (tmp_path / "none", "no such file"),
+        (tmp_path / "loop", "a loop of symbolic links"),
+    ):
         with pytest.raises(ArtifactError, match=f"{path}: expected a run artifact .*{got}"):
             safeio.regular_file(path, "a run artifact")
     with pytest.raises(DataError, match="a FIFO"):
@@ -39,7 +44,9 @@ def test_own_file_refuses_links_and_special_files(tmp_path, outside):
     assert safeio.own_file(tmp_path / "none", "a lock file") is None
     assert safeio.own_file(outside, "a lock file").st_size == 4
     (tmp_path / "link").symlink_to(outside)
-    with pytest.raises(ArtifactError, match="link: expected a lock file .*symbolic link; flannel-repro does not follow"):
+    with pytest.raises(
+        ArtifactError, match="link: expected a lock file .*symbolic link; flannel-repro does not follow"
+    ):
         safeio.own_file(tmp_path / "link", "a lock file")
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(ArtifactError, match="fifo: expected a lock file .*got a FIFO"):
@@ -98,7 +105,7 @@ def test_write_bytes_atomic(tmp_path, outside):
 
 
 def test_write_bytes_atomic_removes_its_temporary_file_on_error(tmp_path, monkeypatch):
-    def full(fd, data):  # noqa: ANN001, ANN202
+    def full(fd, data):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safeio.os, "write", full)
@@ -140,7 +147,10 @@ def test_data_files_are_regular_and_fit_in_memory(tmp_path, monkeypatch):
     big = tmp_path / "big.txt"
     big.write_bytes(b"x" * 100)
     monkeypatch.setattr(data_files, "memory_limit", lambda: (99, 99 * 16))
-    with pytest.raises(DataError, match=r"big.txt: expected a corpus file of at most 99 bytes \(1/16 of this machine's 1584 bytes of memory.*got 100 bytes"):
+    with pytest.raises(
+        DataError,
+        match=r"big.txt: expected a corpus file of at most 99 bytes \(1/16 of this machine's 1584 bytes of memory.*got 100 bytes",
+    ):
         data_files.read_bytes(big, "corpus")
     assert data_files.read_bytes(big, "token cache", guard_memory=False) == b"x" * 100
 
@@ -150,5 +160,7 @@ def test_a_config_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
     from flannel_repro.errors import ConfigError
 
     os.mkfifo(tmp_path / "flannel.toml")
-    with pytest.raises(ConfigError, match=r"flannel.toml: expected a config file \(TOML\) \(a regular file\), got a FIFO"):
+    with pytest.raises(
+        ConfigError, match=r"flannel.toml: expected a config file \(TOML\) \(a regular file\), got a FIFO"
+    ):
         ExperimentConfig.from_toml(tmp_path / "flannel.toml")

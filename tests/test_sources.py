@@ -7,8 +7,7 @@ import json
 import pytest
 
 from flannel_repro import cli
-from flannel_repro.analysis.sources import (assert_source_parts, checkpoints, divergence_by_source,
-                                            source_configs)
+from flannel_repro.analysis.sources import assert_source_parts, checkpoints, divergence_by_source, source_configs
 from flannel_repro.errors import ConfigError
 from flannel_repro.runs.store import RunStore
 from tests.conftest import TINY
@@ -49,8 +48,21 @@ def test_bad_requests_are_named():
 def test_the_command_line(tmp_path, capsys):
     cfg = tmp_path / "exp.toml"
     cfg.write_text('dataset = "tiny"\nvocab_size = 512\nsteps = 3\nbatch_size = 8\nseq_len = 32\n')
-    assert cli.main(["sources", "--config", str(cfg), "--sources", "data_order,none", "--artifacts",
-                     str(tmp_path / "a"), "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "sources",
+                "--config",
+                str(cfg),
+                "--sources",
+                "data_order,none",
+                "--artifacts",
+                str(tmp_path / "a"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     table = json.loads(capsys.readouterr().out)
     assert [r["source"] for r in table["rows"]] == ["data_order", "none"]
     assert table["rows"][1]["first_step"] is None

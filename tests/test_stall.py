@@ -22,7 +22,7 @@ from tests.conftest import TINY
 BASE = TINY.replace(steps=10).with_train_seed(42)
 
 
-def _run(tmp_path: Path, name: str, **changes) -> Path:  # noqa: ANN003
+def _run(tmp_path: Path, name: str, **changes) -> Path:
     return train(BASE.replace(**changes), tmp_path / f"{name}.safetensors").path
 
 
@@ -60,8 +60,9 @@ def test_statistics_of_bf16_and_float32(tmp_path: Path) -> None:
     # the changed share agrees with W itself
     from flannel_repro.analysis.bitwise import update_fraction
 
-    np.testing.assert_allclose(bf16.changed[1:], update_fraction(bf16_path := tmp_path / "bf16.safetensors")[1:], rtol=0,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        bf16.changed[1:], update_fraction(bf16_path := tmp_path / "bf16.safetensors")[1:], rtol=0, atol=1e-7
+    )
     assert bf16_path.exists()
 
 
@@ -86,8 +87,9 @@ def test_stall_claim_fails_with_a_located_message(tmp_path: Path) -> None:
     assert "Adam's second moment (exp_avg_sq) changed in" in text
     assert f"Plot: {stall.PLOT}" in text and "float32 weights" in text and str(path) in text
     # the same seed with float32 weights does not stall: the cure
-    assert_not_stalled(_run(tmp_path, "cured", lr=1e-6, dtype="float32", amp="none"), by_step=BASE.steps,
-                       min_changed=0.05, window=3)
+    assert_not_stalled(
+        _run(tmp_path, "cured", lr=1e-6, dtype="float32", amp="none"), by_step=BASE.steps, min_changed=0.05, window=3
+    )
 
 
 def test_stall_claim_passes_while_training_moves(tmp_path: Path) -> None:

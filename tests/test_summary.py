@@ -156,9 +156,16 @@ def test_changed_learning_rate_names_the_fields_and_the_first_divergent_step(run
     result = compare(runs["base"].summary().to_text(), runs["lr"].summary())
     assert not result.ok
     moved = {c.path: c for c in result.changes}
-    assert moved["config.lr"].stored == 1e-3 and moved["config.lr"].obtained == 2e-3 and moved["config.lr"].kind == "exact"
-    assert {"config_fingerprint", "digests.last", "digests.chain_sha256", "loss @ step 12",
-            "W.frobenius @ step 12"} <= set(moved)
+    assert (
+        moved["config.lr"].stored == 1e-3 and moved["config.lr"].obtained == 2e-3 and moved["config.lr"].kind == "exact"
+    )
+    assert {
+        "config_fingerprint",
+        "digests.last",
+        "digests.chain_sha256",
+        "loss @ step 12",
+        "W.frobenius @ step 12",
+    } <= set(moved)
     assert "digests.first" not in moved and not any("step 0" in p for p in moved)  # same W_initial
     assert "loss @ step 1" not in moved  # the first loss is computed before any update
     assert moved["digest_chain"].detail == "parts at step 1"
@@ -171,24 +178,34 @@ def test_changed_learning_rate_names_the_fields_and_the_first_divergent_step(run
 
 
 def _tree(**step1) -> Summary:
-    return Summary({"format": SUMMARY_FORMAT, "kind": "run", "config": {"lr": 0.001}, "label": "x",
-                    "steps": [{"step": 1, **step1}]})
+    return Summary(
+        {
+            "format": SUMMARY_FORMAT,
+            "kind": "run",
+            "config": {"lr": 0.001},
+            "label": "x",
+            "steps": [{"step": 1, **step1}],
+        }
+    )
 
 
-@pytest.mark.parametrize(("tol", "stored", "obtained", "ok"), [
-    (Tolerance(), 1.0, 1.0, True),
-    (Tolerance(), 1.0, 1.0000000000000002, False),                 # default exact: one ulp fails
-    (Tolerance(atol=0.5), 1.0, 1.5, True),                         # just inside: |d| == atol
-    (Tolerance(atol=0.5), 1.0, 1.5000000000000002, False),         # just outside
-    (Tolerance(rtol=0.25), 2.0, 2.5, True),                        # |d| == rtol * |stored|
-    (Tolerance(rtol=0.25), 2.0, 2.5000000000000004, False),
-    (Tolerance(rtol=0.25, atol=1.0), 2.0, 3.0, True),              # the larger of the two allowances
-    (Tolerance(rtol=0.25, atol=1.0), 2.0, 3.0000000000000004, False),
-    (Tolerance(atol=1.0), math.nan, math.nan, True),
-    (Tolerance(atol=1.0), math.nan, 1.0, False),
-    (Tolerance(atol=1.0), math.inf, math.inf, True),
-    (Tolerance(atol=1.0), math.inf, 1e308, False),
-])
+@pytest.mark.parametrize(
+    ("tol", "stored", "obtained", "ok"),
+    [
+        (Tolerance(), 1.0, 1.0, True),
+        (Tolerance(), 1.0, 1.0000000000000002, False),  # default exact: one ulp fails
+        (Tolerance(atol=0.5), 1.0, 1.5, True),  # just inside: |d| == atol
+        (Tolerance(atol=0.5), 1.0, 1.5000000000000002, False),  # just outside
+        (Tolerance(rtol=0.25), 2.0, 2.5, True),  # |d| == rtol * |stored|
+        (Tolerance(rtol=0.25), 2.0, 2.5000000000000004, False),
+        (Tolerance(rtol=0.25, atol=1.0), 2.0, 3.0, True),  # the larger of the two allowances
+        (Tolerance(rtol=0.25, atol=1.0), 2.0, 3.0000000000000004, False),
+        (Tolerance(atol=1.0), math.nan, math.nan, True),
+        (Tolerance(atol=1.0), math.nan, 1.0, False),
+        (Tolerance(atol=1.0), math.inf, math.inf, True),
+        (Tolerance(atol=1.0), math.inf, 1e308, False),
+    ],
+)
 def test_tolerance_edges(tol, stored, obtained, ok):
     assert compare(_tree(loss=stored), _tree(loss=obtained), tol).ok is ok
 
@@ -213,9 +230,16 @@ def test_tolerance_is_validated(bad):
 
 def test_environment_is_stored_and_reported_but_not_compared(runs):
     stored = runs["base"].summary()
-    older = Summary({**stored.tree, "environment": {**stored.tree["environment"],
-                                                    "packages": {**stored.tree["environment"]["packages"],
-                                                                 "torch": "2.12.0"}, "threads": 2}})
+    older = Summary(
+        {
+            **stored.tree,
+            "environment": {
+                **stored.tree["environment"],
+                "packages": {**stored.tree["environment"]["packages"], "torch": "2.12.0"},
+                "threads": 2,
+            },
+        }
+    )
     assert compare(older, stored).ok  # same numbers: a different environment alone is no failure
     result = compare(older, runs["lr"].summary())
     report = "\n".join(result.report())
@@ -236,7 +260,9 @@ def test_different_step_sets_are_reported_per_step(runs):
     stored = runs["base"].summary(steps=[0, 1, 12])
     obtained = runs["base"].summary(steps=[0, 1, 10, 12])
     result = compare(stored, obtained)
-    assert [(c.path, c.kind, c.detail) for c in result.changes] == [("step 10", "added", "step not in the stored summary")]
+    assert [(c.path, c.kind, c.detail) for c in result.changes] == [
+        ("step 10", "added", "step not in the stored summary")
+    ]
     assert [(c.path, c.kind) for c in compare(obtained, stored).changes] == [("step 10", "removed")]
 
 
@@ -269,7 +295,9 @@ def test_digest_chain_round_trip_and_first_divergent_step(runs, tmp_path):
 def test_digest_chain_file_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "something else"}))
-    with pytest.raises(ArtifactError, match=r"bad.json: expected format 'flannel-repro/digest-chain/1', got 'something else'"):
+    with pytest.raises(
+        ArtifactError, match=r"bad.json: expected format 'flannel-repro/digest-chain/1', got 'something else'"
+    ):
         DigestChain.read(bad)
     with pytest.raises(ArtifactError, match="found no such file"):
         DigestChain.read(tmp_path / "absent.json")
@@ -345,8 +373,14 @@ def flag_states() -> dict[str, dict[str, bool]]:
 
 def test_deterministic_mode_sets_the_flags_inside(flag_states):
     inside = flag_states["inside"]
-    assert inside == {"algorithms": True, "warn_only": True, "cudnn_deterministic": True, "cudnn_benchmark": False,
-                      "matmul_tf32": False, "cudnn_tf32": False}
+    assert inside == {
+        "algorithms": True,
+        "warn_only": True,
+        "cudnn_deterministic": True,
+        "cudnn_benchmark": False,
+        "matmul_tf32": False,
+        "cudnn_tf32": False,
+    }
     assert flag_states["inside_raising"]["warn_only"] is False and flag_states["inside_det"]["warn_only"] is False
 
 

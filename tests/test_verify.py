@@ -23,7 +23,7 @@ CFG = TINY.replace(steps=3)
 def _header(path) -> tuple[int, dict]:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return n, json.loads(raw[8:8 + n])
+    return n, json.loads(raw[8 : 8 + n])
 
 
 def _patch_bytes(path, old: bytes, new: bytes) -> None:
@@ -60,8 +60,9 @@ def test_a_good_artifact_verifies(trained):
 def test_a_flipped_bit_in_W_is_found_and_the_run_is_trained_again(trained, capsys):
     store, path, digests = trained
     _flip_bit_of_W(path, step=2)
-    assert RunFile(path).verify() == ["W at step 2 does not hash to its stored digest (the file changed after it "
-                                      "was written)"]
+    assert RunFile(path).verify() == [
+        "W at step 2 does not hash to its stored digest (the file changed after it was written)"
+    ]
     for command in (["digests"], ["info"], ["divergence", str(path)], ["export-notebook", "-o", str(path) + ".nb"]):
         assert cli.main([*command, str(path)]) == 3, command  # computed from the bytes, not from what the file claims
         assert "failed verification: W at step 2 does not hash" in capsys.readouterr().err
@@ -88,5 +89,6 @@ def test_an_edited_config_or_dtype_in_the_header_is_found(trained):
         assert store.obtain(CFG).trained
     path = next((store.root).glob("*.safetensors"))
     _patch_bytes(path, b'"dtype":"BF16"', b'"dtype":"F16" ')
-    assert RunFile(path).verify() == ["W: expected bfloat16 of shape [4, 512, 64] (from the config), got float16 of "
-                                      "shape [4, 512, 64]"]
+    assert RunFile(path).verify() == [
+        "W: expected bfloat16 of shape [4, 512, 64] (from the config), got float16 of shape [4, 512, 64]"
+    ]

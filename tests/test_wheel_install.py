@@ -31,8 +31,7 @@ OPT_IN = "FLANNEL_REPRO_WHEEL_TEST"
 
 pytestmark = pytest.mark.skipif(
     os.environ.get(OPT_IN) != "1",
-    reason=f"builds the wheel and installs it with torch into a fresh venv (~1 min): set {OPT_IN}=1 "
-           f"(.ci/run does)",
+    reason=f"builds the wheel and installs it with torch into a fresh venv (~1 min): set {OPT_IN}=1 (.ci/run does)",
 )
 
 # What a wheel is built from: pyproject.toml's package (flannel_repro*) and the files its metadata names.
@@ -81,8 +80,10 @@ def test_where_the_plugin_came_from(request):
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
-                                  f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    assert proc.returncode == 0, (
+        f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
+        f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    )
     return proc
 
 
@@ -131,16 +132,27 @@ def test_built_wheel_runs_a_users_claims_in_a_fresh_venv(tmp_path: Path, all_cpu
     _run([sys.executable, "-m", "venv", str(venv)], tmp_path, env)
     python = venv / "bin" / "python"
     assert python.exists(), list(venv.iterdir())
-    _run([str(python), "-m", "pip", "install", "--quiet", "--no-compile", f"torch=={torch_version}", str(wheels[0])],
-         tmp_path, env)
+    _run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-compile", f"torch=={torch_version}", str(wheels[0])],
+        tmp_path,
+        env,
+    )
     timings["install"] = time.monotonic() - start
 
-    probe = _run([str(python), "-c", (
-        "import importlib.metadata as m, json, sysconfig; d = m.distribution('flannel-repro'); "
-        "print(json.dumps({'purelib': sysconfig.get_paths()['purelib'], 'version': d.version, "
-        "'direct_url': json.loads(d.read_text('direct_url.json') or '{}'), "
-        "'torch': m.version('torch'), 'xdist': any(x.metadata['Name'] == 'pytest-xdist' for x in m.distributions())}))"
-    )], tmp_path, env)
+    probe = _run(
+        [
+            str(python),
+            "-c",
+            (
+                "import importlib.metadata as m, json, sysconfig; d = m.distribution('flannel-repro'); "
+                "print(json.dumps({'purelib': sysconfig.get_paths()['purelib'], 'version': d.version, "
+                "'direct_url': json.loads(d.read_text('direct_url.json') or '{}'), "
+                "'torch': m.version('torch'), 'xdist': any(x.metadata['Name'] == 'pytest-xdist' for x in m.distributions())}))"
+            ),
+        ],
+        tmp_path,
+        env,
+    )
     installed = json.loads(probe.stdout)
     site_packages = Path(installed["purelib"]).resolve()
     assert site_packages.is_relative_to(venv.resolve()), installed
@@ -162,9 +174,24 @@ def test_built_wheel_runs_a_users_claims_in_a_fresh_venv(tmp_path: Path, all_cpu
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(venv)
     result = subprocess.run(
-        [str(python), "-m", "pytest", "-rA", "-p", "no:cacheprovider", "--flannel-steps=2", "--flannel-runs=2",
-         "--flannel-devices=cpu", "--flannel-threads=1", "--flannel-artifacts=" + str(tmp_path / "artifacts")],
-        cwd=project, env=env, capture_output=True, text=True, timeout=900,
+        [
+            str(python),
+            "-m",
+            "pytest",
+            "-rA",
+            "-p",
+            "no:cacheprovider",
+            "--flannel-steps=2",
+            "--flannel-runs=2",
+            "--flannel-devices=cpu",
+            "--flannel-threads=1",
+            "--flannel-artifacts=" + str(tmp_path / "artifacts"),
+        ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     timings["claims"] = time.monotonic() - start
     report = f"--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-3000:]}"
@@ -181,5 +208,7 @@ def test_built_wheel_runs_a_users_claims_in_a_fresh_venv(tmp_path: Path, all_cpu
         assert not path.is_relative_to(REPO), (what, path)
     assert Path(imported["plugin"]).name == "hooks.py"  # flannel_repro.plugin.hooks, loaded as pytest11
 
-    print(f"wheel install timings: {', '.join(f'{k} {v:.1f}s' for k, v in timings.items())}; "
-          f"torch {installed['torch']}, pytest-xdist in venv: {installed['xdist']}")
+    print(
+        f"wheel install timings: {', '.join(f'{k} {v:.1f}s' for k, v in timings.items())}; "
+        f"torch {installed['torch']}, pytest-xdist in venv: {installed['xdist']}"
+    )

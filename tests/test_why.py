@@ -61,12 +61,22 @@ def _trial(plant, module: str | None, tmp_path: Path, i: int) -> tuple[bool, obj
     return held, compare_logs(log_a, log_b)
 
 
-@pytest.mark.parametrize(("name", "module"), [("noise", "transformer.h.0.mlp.c_fc"),
-                                              ("reduction_order", "transformer.h.1.attn.c_proj"),
-                                              ("data_order", None), ("nothing", None)])
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [
+        ("noise", "transformer.h.0.mlp.c_fc"),
+        ("reduction_order", "transformer.h.1.attn.c_proj"),
+        ("data_order", None),
+        ("nothing", None),
+    ],
+)
 def test_planted_nondeterminism_is_caught_every_time(name, module, tmp_path):
-    plants = {"noise": lambda: planted_noise(module), "reduction_order": lambda: planted_reduction_order(module),
-              "data_order": unseeded_data_order, "nothing": lambda: __import__("contextlib").nullcontext()}
+    plants = {
+        "noise": lambda: planted_noise(module),
+        "reduction_order": lambda: planted_reduction_order(module),
+        "data_order": unseeded_data_order,
+        "nothing": lambda: __import__("contextlib").nullcontext(),
+    }
     caught, named = 0, 0
     for i in range(TRIALS):
         held, diff = _trial(plants[name](), module, tmp_path, i)
@@ -124,8 +134,12 @@ def test_an_op_log_written_in_another_process_is_compared_here(tmp_path, capsys)
     """As on two machines: the log is written by another process, moved, and compared with one made here."""
     there = tmp_path / "machine-a" / "step2.json"
     there.parent.mkdir()
-    subprocess.run([sys.executable, "-c", _CHILD, str(there), "1", str(Path(__file__).parents[1])], check=True,
-                   timeout=600, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", _CHILD, str(there), "1", str(Path(__file__).parents[1])],
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
     moved = tmp_path / "machine-b" / "from-a.json"
     moved.parent.mkdir()
     shutil.move(there, moved)

@@ -32,8 +32,19 @@ V, H, S, B = 50, 8, 6, 4
 
 def base_config(**over: Any) -> dict[str, Any]:
     cfg = dict(
-        vocab_size=V, hidden_dim=H, steps=S, init_seed=42, init_scale=0.02, lr=1e-3, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.999, model_seed=42, data_seed=42, record_W=True, batch_size=B,
+        vocab_size=V,
+        hidden_dim=H,
+        steps=S,
+        init_seed=42,
+        init_scale=0.02,
+        lr=1e-3,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        model_seed=42,
+        data_seed=42,
+        record_W=True,
+        batch_size=B,
     )
     cfg.update(over)
     return cfg
@@ -48,8 +59,14 @@ def make_trajectory(seed: int, w0: torch.Tensor, steps: int = S) -> torch.Tensor
     return torch.stack(rows)
 
 
-def write_run(path: Path, W: torch.Tensor, *, config: dict[str, Any], losses: torch.Tensor | None = None,
-              live_mask: torch.Tensor | None = None) -> Path:
+def write_run(
+    path: Path,
+    W: torch.Tensor,
+    *,
+    config: dict[str, Any],
+    losses: torch.Tensor | None = None,
+    live_mask: torch.Tensor | None = None,
+) -> Path:
     """A per-run artifact in the harness layout, written row by row."""
     steps, vocab = W.shape[0] - 1, W.shape[1]
     if losses is None:
@@ -59,9 +76,16 @@ def write_run(path: Path, W: torch.Tensor, *, config: dict[str, Any], losses: to
         live_mask = torch.arange(vocab) % 5 != 0
     n_live = int(live_mask.sum())
     return layout.write_run(
-        path, W, steps=steps, live_mask=live_mask, config=config, losses=losses, batch_size=B,
+        path,
+        W,
+        steps=steps,
+        live_mask=live_mask,
+        config=config,
+        losses=losses,
+        batch_size=B,
         data={"n_live": n_live, "n_dead": vocab - n_live, "corpus_sha256": "x"},
-        batch_starts=torch.arange(steps * B, dtype=torch.int64).reshape(steps, B))
+        batch_starts=torch.arange(steps * B, dtype=torch.int64).reshape(steps, B),
+    )
 
 
 def make_runs(tmp_path: Path, n: int = 3) -> tuple[list[Path], list[torch.Tensor], torch.Tensor]:
@@ -70,7 +94,9 @@ def make_runs(tmp_path: Path, n: int = 3) -> tuple[list[Path], list[torch.Tensor
     for i in range(n):
         W = make_trajectory(100 + i, w0)
         Ws.append(W)
-        paths.append(write_run(tmp_path / f"run{i}.safetensors", W, config=base_config(model_seed=42 + i, data_seed=42 + i)))
+        paths.append(
+            write_run(tmp_path / f"run{i}.safetensors", W, config=base_config(model_seed=42 + i, data_seed=42 + i))
+        )
     return paths, Ws, w0
 
 
@@ -140,8 +166,10 @@ def test_metadata_round_trip_and_finish_extra(tmp_path: Path) -> None:
         w.write("x", torch.ones(2))
         w.finish({"status": "complete", "format": "x/2"})
     final = {**meta, "status": "complete", "format": "x/2"}
-    checksums = {"x": hashlib.blake2b(torch.ones(2).numpy().tobytes(), digest_size=32).hexdigest(),
-                 "__metadata__": hashlib.blake2b(json.dumps(final, sort_keys=True).encode(), digest_size=32).hexdigest()}
+    checksums = {
+        "x": hashlib.blake2b(torch.ones(2).numpy().tobytes(), digest_size=32).hexdigest(),
+        "__metadata__": hashlib.blake2b(json.dumps(final, sort_keys=True).encode(), digest_size=32).hexdigest(),
+    }
     with ArtifactReader(p) as r:
         assert r.metadata == {**final, "checksums": json.dumps(checksums, sort_keys=True)}
         assert r.checksum_problems() == []
@@ -401,7 +429,7 @@ def test_positional_reads(tmp_path: Path) -> None:
         with pytest.raises(ArtifactError, match="expected an int index"):
             r.row(KEY_W, True)
         assert_same(r.row(KEY_W, 4, start=10, stop=17), W[4, 10:17])
-        assert_same(r.row(KEY_W, 4, start=V - 1), W[4, V - 1:])
+        assert_same(r.row(KEY_W, 4, start=V - 1), W[4, V - 1 :])
         assert_same(r.row(KEY_W, 4, start=5, stop=5), W[4, 5:5])
         assert_same(r.rows(KEY_W, 1, 4), W[1:4])
         buf = torch.empty(V, H, dtype=torch.bfloat16)

@@ -40,21 +40,26 @@ def batch_indices(n: int, batch_size: int, data_seed: int, step: int) -> torch.T
     per_epoch = n // batch_size
     epoch, i = divmod(step - 1, per_epoch)
     g = torch.Generator().manual_seed(data_seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)[i * batch_size:(i + 1) * batch_size]  # (B,)
+    return torch.randperm(n, generator=g)[i * batch_size : (i + 1) * batch_size]  # (B,)
 
 
 @register_engine(ENGINE, steps=60, params=DEFAULTS, data=digits_hashes)
-def train_digits(run) -> None:  # noqa: ANN001
+def train_digits(run) -> None:
     p = run.params
     x, y = digits()
     torch.manual_seed(run.model_seed)
-    model = torch.nn.Sequential(torch.nn.Linear(64, p["hidden"]), torch.nn.ReLU(), torch.nn.Dropout(p["dropout"]),
-                                torch.nn.Linear(p["hidden"], 10))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, p["hidden"]),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(p["dropout"]),
+        torch.nn.Linear(p["hidden"], 10),
+    )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
     tensors = {"fc1.weight": model[0].weight, "fc2.weight": model[3].weight}
-    with run.recorder(tensors, optimizer=opt, batch_size=p["batch_size"],
-                      state={"model": model, "optimizer": opt}) as rec:
+    with run.recorder(
+        tensors, optimizer=opt, batch_size=p["batch_size"], state={"model": model, "optimizer": opt}
+    ) as rec:
         for step in range(rec.start + 1, run.steps + 1):
             idx = batch_indices(len(y), p["batch_size"], run.data_seed, step)  # (B,)
             logits = model(x[idx])  # (B, 10)

@@ -76,8 +76,15 @@ def _table_steps(div: PairDivergence, focus: int | None) -> list[int]:
     return sorted(picks)[:TABLE_ROWS] if len(picks) > TABLE_ROWS else sorted(picks)
 
 
-def _explain(headline: str, a: Trajectory, b: Trajectory, div: PairDivergence | None, *,
-             at_step: int | None = None, extra: str = "") -> str:
+def _explain(
+    headline: str,
+    a: Trajectory,
+    b: Trajectory,
+    div: PairDivergence | None,
+    *,
+    at_step: int | None = None,
+    extra: str = "",
+) -> str:
     lines = [headline]
     lines.append(f"  a: {a.label}")
     lines.append(f"  b: {b.label}")
@@ -88,7 +95,8 @@ def _explain(headline: str, a: Trajectory, b: Trajectory, div: PairDivergence | 
         lines.append(
             f"  first step they part: {first} of {int(div.steps[-1])}; at step {step}: max|ΔW| = {s['max_abs']:.6g}, "
             f"‖ΔW‖_F = {s['frobenius']:.6g}, rows differing = {s['rows_differ']} "
-            f"(live {s['rows_differ_live']}, dead {s['rows_differ_dead']})")
+            f"(live {s['rows_differ_live']}, dead {s['rows_differ_dead']})"
+        )
         if extra:
             lines.append(f"  {extra}")
         lines.append("")
@@ -110,7 +118,8 @@ def _check_same_run_shape(a: Trajectory, b: Trajectory) -> None:
     if a.digests.shape != b.digests.shape:
         raise AssertionError(
             f"the two trajectories have different lengths: {a.label} has {a.steps} steps, {b.label} has {b.steps}.\n"
-            f"  artifact a: {a.path}\n  artifact b: {b.path}")
+            f"  artifact a: {a.path}\n  artifact b: {b.path}"
+        )
 
 
 def assert_identical(a: TrajectoryLike, b: TrajectoryLike) -> None:
@@ -121,8 +130,10 @@ def assert_identical(a: TrajectoryLike, b: TrajectoryLike) -> None:
     __tracebackhide__ = True
     a, b = _traj(a), _traj(b)
     if a.path.resolve() == b.path.resolve():
-        raise AssertionError(f"assert_identical was given the same artifact twice ({a.path}); ask the trajectory "
-                             "fixture for repeat=0 and repeat=1 to compare two real trainings.")
+        raise AssertionError(
+            f"assert_identical was given the same artifact twice ({a.path}); ask the trajectory "
+            "fixture for repeat=0 and repeat=1 to compare two real trainings."
+        )
     _check_same_run_shape(a, b)
     first = first_divergent_step(a.reader, b.reader) if a.has_W and b.has_W else _first_digest_step(a, b)
     losses_equal = torch.equal(a.losses.view(torch.int32), b.losses.view(torch.int32))
@@ -136,8 +147,12 @@ def assert_identical(a: TrajectoryLike, b: TrajectoryLike) -> None:
         headline = f"trajectories are not identical: W agrees at every step but the losses part at step {bad}"
     else:
         headline = f"trajectories are not identical: they part at step {first}"
-    why = (f"\n  which operation made them part: flannel-repro why {a.path} {b.path}"
-           f"\n  (or flannel_repro.first_divergent_operation(a, b) in Python)" if first else "")
+    why = (
+        f"\n  which operation made them part: flannel-repro why {a.path} {b.path}"
+        f"\n  (or flannel_repro.first_divergent_operation(a, b) in Python)"
+        if first
+        else ""
+    )
     raise AssertionError(_explain(headline, a, b, div) + why)
 
 
@@ -154,8 +169,15 @@ def assert_same_start(a: TrajectoryLike, b: TrajectoryLike) -> None:
     same = torch.equal(a.digests[0], b.digests[0])
     notify("same_start", a, b, {"first_step": None if same else 0})
     if not same:
-        raise AssertionError(_explain("the two runs do not start from the same W (step 0 differs)", a, b,
-                                      _divergence(a, b) if a.has_W and b.has_W else None, at_step=0))
+        raise AssertionError(
+            _explain(
+                "the two runs do not start from the same W (step 0 differs)",
+                a,
+                b,
+                _divergence(a, b) if a.has_W and b.has_W else None,
+                at_step=0,
+            )
+        )
 
 
 def assert_diverged(a: TrajectoryLike, b: TrajectoryLike, *, by_step: int | None = None) -> int:
@@ -169,15 +191,23 @@ def assert_diverged(a: TrajectoryLike, b: TrajectoryLike, *, by_step: int | None
         return first
     div = _divergence(a, b) if a.has_W and b.has_W else None
     if first is None:
-        headline = f"expected the trajectories to diverge{'' if by_step is None else f' by step {by_step}'}, " \
-                   f"but they are bitwise identical for all {a.steps} steps"
+        headline = (
+            f"expected the trajectories to diverge{'' if by_step is None else f' by step {by_step}'}, "
+            f"but they are bitwise identical for all {a.steps} steps"
+        )
     else:
         headline = f"expected the trajectories to diverge by step {by_step}, but they first part at step {first}"
     raise AssertionError(_explain(headline, a, b, div))
 
 
-def assert_divergence_below(a: TrajectoryLike, b: TrajectoryLike, *, max_frobenius: float | None = None,
-                            max_abs: float | None = None, at_step: int | None = None) -> dict[str, Any]:
+def assert_divergence_below(
+    a: TrajectoryLike,
+    b: TrajectoryLike,
+    *,
+    max_frobenius: float | None = None,
+    max_abs: float | None = None,
+    at_step: int | None = None,
+) -> dict[str, Any]:
     """At `at_step` (default: the last step) ‖ΔW‖_F <= max_frobenius and/or max|ΔW| <= max_abs.
 
     Returns the measured statistics at that step (useful for reporting).
@@ -197,11 +227,22 @@ def assert_divergence_below(a: TrajectoryLike, b: TrajectoryLike, *, max_frobeni
         failures.append(f"‖ΔW‖_F = {s['frobenius']:.6g} > bound {max_frobenius:.6g}")
     if max_abs is not None and not s["max_abs"] <= max_abs:
         failures.append(f"max|ΔW| = {s['max_abs']:.6g} > bound {max_abs:.6g}")
-    notify("divergence_below", a, b, {**s, "first_step": div.first_step, "max_frobenius": max_frobenius,
-                                        "max_abs_bound": max_abs, "ok": not failures})
+    notify(
+        "divergence_below",
+        a,
+        b,
+        {
+            **s,
+            "first_step": div.first_step,
+            "max_frobenius": max_frobenius,
+            "max_abs_bound": max_abs,
+            "ok": not failures,
+        },
+    )
     if failures:
-        raise AssertionError(_explain(f"divergence at step {step} exceeds its bound: " + "; ".join(failures),
-                                      a, b, div, at_step=step))
+        raise AssertionError(
+            _explain(f"divergence at step {step} exceeds its bound: " + "; ".join(failures), a, b, div, at_step=step)
+        )
     return s
 
 

@@ -70,9 +70,7 @@ def first_divergent_step(a: ReaderOrPath, b: ReaderOrPath, *, trust_digests: boo
         shape = (vocab, hidden)
 
         candidate: int | None = None
-        have_digests = all(
-            KEY_DIGESTS in r and r.spec(KEY_DIGESTS).shape == (n, DIGEST_SIZE) for r in (ra, rb)
-        )
+        have_digests = all(KEY_DIGESTS in r and r.spec(KEY_DIGESTS).shape == (n, DIGEST_SIZE) for r in (ra, rb))
         if have_digests:
             differ = np.flatnonzero((ra.read(KEY_DIGESTS).numpy() != rb.read(KEY_DIGESTS).numpy()).any(axis=1))
             candidate = int(differ[0]) if differ.size else None

@@ -23,7 +23,7 @@ import math
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypedDict
 
 from flannel_repro.config import RunConfig
 from flannel_repro.errors import ConfigError
@@ -132,8 +132,9 @@ class LogFit:
         if len(values) < MIN_PAIRS:
             raise ValueError(f"a {what} limit needs at least {MIN_PAIRS} held-out pairs, got {len(values)}.")
         if any(not (math.isfinite(v) and v > 0) for v in values):
-            raise ValueError(f"a {what} limit needs finite positive values (it is fitted on their logs), got "
-                             f"{sorted(values)[:3]}...")
+            raise ValueError(
+                f"a {what} limit needs finite positive values (it is fitted on their logs), got {sorted(values)[:3]}..."
+            )
         logs = [math.log(v) if log else float(v) for v in values]
         mean = math.fsum(logs) / len(logs)
         sd = math.sqrt(math.fsum((x - mean) ** 2 for x in logs) / (len(logs) - 1))
@@ -171,22 +172,37 @@ class Bound:
         k = max(1, int(comparisons))
         if k == self.comparisons and alpha == self.false_alarm:
             return self
-        return replace(self, comparisons=k, false_alarm=alpha,
-                       **_limits(self.frobenius_fit, self.share_fit, self.share_raw_fit, alpha, k))
+        return replace(
+            self,
+            comparisons=k,
+            false_alarm=alpha,
+            **_limits(self.frobenius_fit, self.share_fit, self.share_raw_fit, alpha, k),
+        )
 
     def describe(self) -> str:
         """How the limits were derived and the false-alarm rate they state (for failure messages and summaries)."""
         if self.false_alarm is None:
-            return (f"method {self.method} (no stated false-alarm rate; re-derive with flannel-repro bounds); "
-                    f"{self.measured}")
+            return (
+                f"method {self.method} (no stated false-alarm rate; re-derive with flannel-repro bounds); "
+                f"{self.measured}"
+            )
         each = self.false_alarm / max(1, self.comparisons)
-        return (f"method {self.method}, from n = {self.n} held-out pairs ({self.held_out}); nominal false-alarm rate "
-                f"{self.false_alarm:.3g} per claim and clean session over {self.comparisons} comparison(s) "
-                f"({each:.3g} each, split over both sides of a band)")
+        return (
+            f"method {self.method}, from n = {self.n} held-out pairs ({self.held_out}); nominal false-alarm rate "
+            f"{self.false_alarm:.3g} per claim and clean session over {self.comparisons} comparison(s) "
+            f"({each:.3g} each, split over both sides of a band)"
+        )
 
 
-def _limits(frob: LogFit, share: LogFit, share_raw: LogFit | None, false_alarm: float,
-            comparisons: int) -> dict[str, float]:
+class _Limits(TypedDict):
+    """The three limits of a `Bound`, as keyword arguments for it."""
+
+    max_frobenius: float
+    order_share_min: float
+    order_share_max: float
+
+
+def _limits(frob: LogFit, share: LogFit, share_raw: LogFit | None, false_alarm: float, comparisons: int) -> _Limits:
     """The limits at `false_alarm` per claim and session over `comparisons` comparisons. The share's band is
     the union of its log-normal and its normal prediction bands: measured on held-out pairs, neither family
     fits the share's tails on every corpus (benchmarks/RESULTS.md), and a value outside the union is outside
@@ -204,15 +220,27 @@ def scale_key(config: RunConfig, data: Mapping[str, Any]) -> str:
 
     `data` holds the tokenizer's and corpus's sha256, as `CorpusData.hashes` ({"tokenizer", "corpus"})
     or as an artifact's or summary's data description ({"tokenizer_sha256", "corpus_sha256"})."""
-    neutral = config.replace(model_seed=0, data_seed=0, engine="torch", device="cpu", threads=0, record_W=True,
-                             record_grads=False, record_momentum=False, record_variance=False, record_logits=False,
-                             deterministic=False)
+    neutral = config.replace(
+        model_seed=0,
+        data_seed=0,
+        engine="torch",
+        device="cpu",
+        threads=0,
+        record_W=True,
+        record_grads=False,
+        record_momentum=False,
+        record_variance=False,
+        record_logits=False,
+        deterministic=False,
+    )
     hashes = {}
     for name in ("tokenizer", "corpus"):
         value = data.get(name) or data.get(f"{name}_sha256")
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"scale key: expected the {name}'s sha256 in the data description, got {value!r}; a bound "
-                              "belongs to the data it was derived on.")
+            raise ConfigError(
+                f"scale key: expected the {name}'s sha256 in the data description, got {value!r}; a bound "
+                "belongs to the data it was derived on."
+            )
         hashes[name] = value
     payload = json.dumps({"config": neutral.fingerprint(), **hashes}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -229,16 +257,25 @@ def _bound_from_table(table: Mapping[str, Any]) -> Bound:
     fits = {}
     for what in ("frobenius", "share"):
         if f"{what}_log_mean" in table:
-            fits[f"{what}_fit"] = LogFit(float(table[f"{what}_log_mean"]), float(table[f"{what}_log_sd"]),
-                                         int(table["n"]))
+            fits[f"{what}_fit"] = LogFit(
+                float(table[f"{what}_log_mean"]), float(table[f"{what}_log_sd"]), int(table["n"])
+            )
     if "share_mean" in table:
         fits["share_raw_fit"] = LogFit(float(table["share_mean"]), float(table["share_sd"]), int(table["n"]), False)
     rate = table.get("false_alarm")
-    return Bound(scale=str(table["scale"]), max_frobenius=float(table["max_frobenius"]),
-                 order_share_min=float(table["order_share_min"]), order_share_max=float(table["order_share_max"]),
-                 measured=str(table.get("measured", "")), method=str(table.get("method", LEGACY_METHOD)),
-                 n=int(table.get("n", 0)), false_alarm=None if rate is None else float(rate),
-                 comparisons=int(table.get("comparisons", 0)), held_out=str(table.get("held_out", "")), **fits)
+    return Bound(
+        scale=str(table["scale"]),
+        max_frobenius=float(table["max_frobenius"]),
+        order_share_min=float(table["order_share_min"]),
+        order_share_max=float(table["order_share_max"]),
+        measured=str(table.get("measured", "")),
+        method=str(table.get("method", LEGACY_METHOD)),
+        n=int(table.get("n", 0)),
+        false_alarm=None if rate is None else float(rate),
+        comparisons=int(table.get("comparisons", 0)),
+        held_out=str(table.get("held_out", "")),
+        **fits,
+    )
 
 
 def load_bounds(path: str | Path) -> dict[str, Bound]:
@@ -256,8 +293,10 @@ def load_bounds(path: str | Path) -> dict[str, Bound]:
         try:
             b = _bound_from_table(table)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ConfigError(f"bounds file {str(p)!r}: table [{name}] needs scale, max_frobenius, order_share_min, "
-                              f"order_share_max (and with a fit: n, *_log_mean, *_log_sd) ({exc!r}).") from None
+            raise ConfigError(
+                f"bounds file {str(p)!r}: table [{name}] needs scale, max_frobenius, order_share_min, "
+                f"order_share_max (and with a fit: n, *_log_mean, *_log_sd) ({exc!r})."
+            ) from None
         _check_bound(b, table, f"bounds file {str(p)!r}: [{name}]")
         out[b.scale] = b
     return out
@@ -265,6 +304,7 @@ def load_bounds(path: str | Path) -> dict[str, Bound]:
 
 def _check_bound(b: Bound, table: Mapping[str, Any], where: str) -> None:
     """A loaded table's values must be finite and in range (a hand-edited inf or a reversed band is refused)."""
+
     def bad(key: str, expected: str) -> ConfigError:
         return ConfigError(f"{where} {key}: expected {expected}, got {table.get(key)!r}.")
 
@@ -296,8 +336,16 @@ def bound_for(config: RunConfig, path: str | Path, data: Mapping[str, Any] | Non
     return load_bounds(path).get(scale_key(config, data if data is not None else data_hashes(config)))
 
 
-def derive(final_frobenius: Iterable[float], order_shares: Iterable[float], *, scale: str, measured: str,
-           held_out: str = "", false_alarm: float = FALSE_ALARM, comparisons: int = COMPARISONS) -> Bound:
+def derive(
+    final_frobenius: Iterable[float],
+    order_shares: Iterable[float],
+    *,
+    scale: str,
+    measured: str,
+    held_out: str = "",
+    false_alarm: float = FALSE_ALARM,
+    comparisons: int = COMPARISONS,
+) -> Bound:
     """Limits from held-out measurements with a stated false-alarm rate (see METHOD above): the upper
     prediction limit of the final ‖ΔW‖_F, and the two-sided prediction band of the data-order share, so that
     a clean session's claim with `comparisons` comparisons fails with probability `false_alarm` if the logs
@@ -305,13 +353,24 @@ def derive(final_frobenius: Iterable[float], order_shares: Iterable[float], *, s
     frobs = [float(f) for f in final_frobenius]
     shares = [float(s) for s in order_shares]
     if not 0.0 < false_alarm < 1.0 or comparisons < 1:
-        raise ValueError(f"derive(): false_alarm must be in (0, 1) and comparisons >= 1, got {false_alarm}, "
-                         f"{comparisons}.")
+        raise ValueError(
+            f"derive(): false_alarm must be in (0, 1) and comparisons >= 1, got {false_alarm}, {comparisons}."
+        )
     frob_fit, share_fit = LogFit.of(frobs, "final-divergence"), LogFit.of(shares, "data-order share")
     raw_fit = LogFit.of(shares, "data-order share", log=False)
-    return Bound(scale=scale, measured=measured, method=METHOD, n=len(frobs), false_alarm=false_alarm,
-                 comparisons=comparisons, held_out=held_out, frobenius_fit=frob_fit, share_fit=share_fit,
-                 share_raw_fit=raw_fit, **_limits(frob_fit, share_fit, raw_fit, false_alarm, comparisons))
+    return Bound(
+        scale=scale,
+        measured=measured,
+        method=METHOD,
+        n=len(frobs),
+        false_alarm=false_alarm,
+        comparisons=comparisons,
+        held_out=held_out,
+        frobenius_fit=frob_fit,
+        share_fit=share_fit,
+        share_raw_fit=raw_fit,
+        **_limits(frob_fit, share_fit, raw_fit, false_alarm, comparisons),
+    )
 
 
 def seed_list(seeds: Sequence[int]) -> str:
@@ -322,10 +381,17 @@ def seed_list(seeds: Sequence[int]) -> str:
     return ",".join(str(s) for s in seeds)
 
 
-def measure_bound(run: RunConfig, base: int, others: Sequence[int], obtain: Callable[[RunConfig], Any], *,
-                  log: Callable[[str], None] | None = None,
-                  done_with: Callable[[Any], None] | None = None, false_alarm: float = FALSE_ALARM,
-                  comparisons: int = COMPARISONS) -> Bound:
+def measure_bound(
+    run: RunConfig,
+    base: int,
+    others: Sequence[int],
+    obtain: Callable[[RunConfig], Any],
+    *,
+    log: Callable[[str], None] | None = None,
+    done_with: Callable[[Any], None] | None = None,
+    false_alarm: float = FALSE_ALARM,
+    comparisons: int = COMPARISONS,
+) -> Bound:
     """Train (or reuse, through `obtain(config) -> Trajectory`) seed `base` against each of `others`, both
     seeds changed and data order alone, and derive the bound of the Flannel 6 claims from them.
 
@@ -336,8 +402,10 @@ def measure_bound(run: RunConfig, base: int, others: Sequence[int], obtain: Call
 
     others = [s for s in others if s != base]
     if len(others) < MIN_PAIRS:
-        raise ConfigError(f"bounds need at least {MIN_PAIRS} held-out seeds other than the base seed {base}, got "
-                          f"{others}; {HELD_OUT} (the default) give useful limits.")
+        raise ConfigError(
+            f"bounds need at least {MIN_PAIRS} held-out seeds other than the base seed {base}, got "
+            f"{others}; {HELD_OUT} (the default) give useful limits."
+        )
     ref = obtain(run.replace(model_seed=base, data_seed=base))
     finals, shares = [], []
     for s in others:
@@ -352,20 +420,35 @@ def measure_bound(run: RunConfig, base: int, others: Sequence[int], obtain: Call
         if log is not None:
             log(f"seed {s}: final ‖ΔW‖_F = {finals[-1]:.6g}, data-order share = {shares[-1]:.4f}")
     held_out = f"seed {base} vs {seed_list(others)}"
-    measured = (f"{len(finals)} pairs ({held_out}), {run.steps} steps: final F in "
-                f"[{min(finals):.6g}, {max(finals):.6g}], share in [{min(shares):.4f}, {max(shares):.4f}]")
-    return derive(finals, shares, scale=scale_key(run, ref.data_info), measured=measured, held_out=held_out,
-                  false_alarm=false_alarm, comparisons=comparisons)
+    measured = (
+        f"{len(finals)} pairs ({held_out}), {run.steps} steps: final F in "
+        f"[{min(finals):.6g}, {max(finals):.6g}], share in [{min(shares):.4f}, {max(shares):.4f}]"
+    )
+    return derive(
+        finals,
+        shares,
+        scale=scale_key(run, ref.data_info),
+        measured=measured,
+        held_out=held_out,
+        false_alarm=false_alarm,
+        comparisons=comparisons,
+    )
 
 
 def to_toml(name: str, bound: Bound) -> str:
     lines = [f"[{name}]", f'scale = "{bound.scale}"', f'method = "{bound.method}"']
     if bound.false_alarm is not None:
-        lines += [f"n = {bound.n}", f"false_alarm = {bound.false_alarm!r}  # nominal, per claim and clean session",
-                  f"comparisons = {bound.comparisons}  # per claim and session; limits recomputed for other counts",
-                  f'held_out = "{bound.held_out}"']
-    lines += [f"max_frobenius = {bound.max_frobenius!r}", f"order_share_min = {bound.order_share_min!r}",
-              f"order_share_max = {bound.order_share_max!r}"]
+        lines += [
+            f"n = {bound.n}",
+            f"false_alarm = {bound.false_alarm!r}  # nominal, per claim and clean session",
+            f"comparisons = {bound.comparisons}  # per claim and session; limits recomputed for other counts",
+            f'held_out = "{bound.held_out}"',
+        ]
+    lines += [
+        f"max_frobenius = {bound.max_frobenius!r}",
+        f"order_share_min = {bound.order_share_min!r}",
+        f"order_share_max = {bound.order_share_max!r}",
+    ]
     for what, fit in (("frobenius", bound.frobenius_fit), ("share", bound.share_fit)):
         if fit is not None:
             lines += [f"{what}_log_mean = {fit.mean!r}", f"{what}_log_sd = {fit.sd!r}"]

@@ -25,8 +25,18 @@ from flannel_repro.storage.jsonfile import read_json, write_text_atomic
 if TYPE_CHECKING:
     from flannel_repro.storage.run import RunFile
 
-__all__ = ["CHAIN_FORMAT", "PREFIX_HEX", "CHAIN_ROW", "ChainComparison", "DigestChain", "compare_prefixes",
-           "pack_prefixes", "unpack_prefixes", "digest_hex", "chain_sha256"]
+__all__ = [
+    "CHAIN_FORMAT",
+    "PREFIX_HEX",
+    "CHAIN_ROW",
+    "ChainComparison",
+    "DigestChain",
+    "compare_prefixes",
+    "pack_prefixes",
+    "unpack_prefixes",
+    "digest_hex",
+    "chain_sha256",
+]
 
 CHAIN_FORMAT = "flannel-repro/digest-chain/1"
 PREFIX_HEX = 16  # hex characters kept per step in a digest chain (64 bits: collisions are not a concern)
@@ -35,13 +45,15 @@ CHAIN_ROW = 8  # prefixes per line of a chain as written: keeps a 1000-step chai
 
 def pack_prefixes(prefixes: Sequence[str]) -> list[str]:
     """The prefixes as lines of `CHAIN_ROW` space-separated prefixes."""
-    return [" ".join(prefixes[i:i + CHAIN_ROW]) for i in range(0, len(prefixes), CHAIN_ROW)]
+    return [" ".join(prefixes[i : i + CHAIN_ROW]) for i in range(0, len(prefixes), CHAIN_ROW)]
 
 
 def unpack_prefixes(rows: Any, where: str) -> list[str]:
     """The prefixes of packed lines; ArtifactError (naming `where`) for anything else."""
     if not isinstance(rows, list) or not all(isinstance(r, str) for r in rows):
-        raise ArtifactError(f"{where}: expected a list of strings of space-separated hex digests, got {type(rows).__name__}.")
+        raise ArtifactError(
+            f"{where}: expected a list of strings of space-separated hex digests, got {type(rows).__name__}."
+        )
     prefixes = [p for row in rows for p in row.split()]
     for i, p in enumerate(prefixes):
         if not p or any(c not in "0123456789abcdef" for c in p):
@@ -88,13 +100,16 @@ class ChainComparison:
         """One line: identical, the step they part at, or a length difference."""
         if self.first_step is not None:
             k = self.first_step
-            agree = "no step agrees (step 0, the initial W, already differs)" if k == 0 else (
-                f"steps 0..{k - 1} agree")
-            return (f"the trajectories part at step {k} ({agree}; at step {k} stored {self.stored_digest}, "
-                    f"obtained {self.obtained_digest})")
+            agree = "no step agrees (step 0, the initial W, already differs)" if k == 0 else (f"steps 0..{k - 1} agree")
+            return (
+                f"the trajectories part at step {k} ({agree}; at step {k} stored {self.stored_digest}, "
+                f"obtained {self.obtained_digest})"
+            )
         if self.stored_steps != self.obtained_steps:
-            return (f"steps 0..{self.common - 1} agree, but the stored chain has {self.stored_steps - 1} steps and "
-                    f"the obtained one {self.obtained_steps - 1}")
+            return (
+                f"steps 0..{self.common - 1} agree, but the stored chain has {self.stored_steps - 1} steps and "
+                f"the obtained one {self.obtained_steps - 1}"
+            )
         return f"digest chains identical over all {self.stored_steps} entries (steps 0..{self.stored_steps - 1})"
 
 
@@ -142,16 +157,23 @@ class DigestChain:
         return cls(tuple(d[:prefix_hex] for d in full), algorithm=algo, info=info)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": CHAIN_FORMAT, "algorithm": self.algorithm, "prefix_hex": len(self.prefixes[0]),
-                "digests": pack_prefixes(self.prefixes), **{k: v for k, v in self.info.items() if k not in ("format",)}}
+        return {
+            "format": CHAIN_FORMAT,
+            "algorithm": self.algorithm,
+            "prefix_hex": len(self.prefixes[0]),
+            "digests": pack_prefixes(self.prefixes),
+            **{k: v for k, v in self.info.items() if k not in ("format",)},
+        }
 
     @classmethod
     def from_json(cls, data: Any, *, source: str = "digest chain") -> "DigestChain":
         if not isinstance(data, dict):
             raise ArtifactError(f"{source}: expected a JSON object, got {type(data).__name__}.")
         if data.get("format") != CHAIN_FORMAT:
-            raise ArtifactError(f"{source}: expected format {CHAIN_FORMAT!r}, got {data.get('format')!r} "
-                                "(not written by `flannel-repro digests -o`?).")
+            raise ArtifactError(
+                f"{source}: expected format {CHAIN_FORMAT!r}, got {data.get('format')!r} "
+                "(not written by `flannel-repro digests -o`?)."
+            )
         prefixes = unpack_prefixes(data.get("digests"), f"{source}: 'digests'")
         info = {k: v for k, v in data.items() if k not in ("format", "algorithm", "prefix_hex", "digests")}
         return cls(tuple(prefixes), algorithm=str(data.get("algorithm", DIGEST_ALGO)), info=info)
@@ -167,8 +189,10 @@ class DigestChain:
     def compare(self, obtained: "DigestChain") -> ChainComparison:
         """Compare `obtained` against this (stored) chain, step by step."""
         if self.algorithm != obtained.algorithm:
-            raise ArtifactError(f"digest chains: expected the same algorithm, got {self.algorithm!r} (stored) and "
-                                f"{obtained.algorithm!r} (obtained).")
+            raise ArtifactError(
+                f"digest chains: expected the same algorithm, got {self.algorithm!r} (stored) and "
+                f"{obtained.algorithm!r} (obtained)."
+            )
         return compare_prefixes(self.prefixes, obtained.prefixes)
 
 

@@ -101,8 +101,11 @@ def _same(a: Any, b: Any) -> bool:
 def environment_changes(stored: Mapping[str, Any], obtained: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """(dotted key, stored, obtained) for every environment entry that differs (MISSING when absent)."""
     fs, fo = _flatten(stored), _flatten(obtained)
-    return [(k, fs.get(k, MISSING), fo.get(k, MISSING)) for k in sorted(set(fs) | set(fo))
-            if not _same(fs.get(k, MISSING), fo.get(k, MISSING))]
+    return [
+        (k, fs.get(k, MISSING), fo.get(k, MISSING))
+        for k in sorted(set(fs) | set(fo))
+        if not _same(fs.get(k, MISSING), fo.get(k, MISSING))
+    ]
 
 
 def environment_lines(changes: Sequence[tuple[str, Any, Any]], obtained: Mapping[str, Any]) -> list[str]:
@@ -110,13 +113,17 @@ def environment_lines(changes: Sequence[tuple[str, Any, Any]], obtained: Mapping
     if not changes:
         pk = obtained.get("packages") or {}
         dev = obtained.get("device") or {}
-        brief = ", ".join(x for x in (
-            f"torch {pk['torch']}" if "torch" in pk else "",
-            f"transformers {pk['transformers']}" if "transformers" in pk else "",
-            f"{dev.get('kind', '?')} {dev.get('name', '')}".strip() if dev else "",
-            f"{obtained['threads']} thread(s)" if "threads" in obtained else "",
-            f"deterministic {'on' if obtained.get('deterministic_algorithms') else 'off'}",
-        ) if x)
+        brief = ", ".join(
+            x
+            for x in (
+                f"torch {pk['torch']}" if "torch" in pk else "",
+                f"transformers {pk['transformers']}" if "transformers" in pk else "",
+                f"{dev.get('kind', '?')} {dev.get('name', '')}".strip() if dev else "",
+                f"{obtained['threads']} thread(s)" if "threads" in obtained else "",
+                f"deterministic {'on' if obtained.get('deterministic_algorithms') else 'off'}",
+            )
+            if x
+        )
         return [f"environment: same as stored ({brief})"]
     lines = ["environment differs from the stored one (the usual reason a trajectory moves without a config change):"]
     lines.extend(f"  {key}: {_show(s, 60)} -> {_show(o, 60)}" for key, s, o in changes)
@@ -126,7 +133,9 @@ def environment_lines(changes: Sequence[tuple[str, Any, Any]], obtained: Mapping
 # --- a run against a stored digest chain ----------------------------------------------------------
 
 
-def compare_run_to_chain(run: RunFileOrPath, stored: "DigestChain | str | os.PathLike[str]") -> tuple[ChainComparison, list[str]]:
+def compare_run_to_chain(
+    run: RunFileOrPath, stored: "DigestChain | str | os.PathLike[str]"
+) -> tuple[ChainComparison, list[str]]:
     """Where a recorded run's digests part from a stored chain (a DigestChain or its file).
 
     Returns the comparison and a report: one line saying where they part (or that they agree),
@@ -138,8 +147,9 @@ def compare_run_to_chain(run: RunFileOrPath, stored: "DigestChain | str | os.Pat
     lines = [result.describe()]
     fingerprint = chain.info.get("config_fingerprint")
     if not result.identical and fingerprint is not None and fingerprint != config_fingerprint(traj):
-        lines.append(f"config differs: the chain's config fingerprint is {fingerprint}, this run's "
-                     f"{config_fingerprint(traj)}")
+        lines.append(
+            f"config differs: the chain's config fingerprint is {fingerprint}, this run's {config_fingerprint(traj)}"
+        )
     stored_env = chain.info.get("environment")
     if not result.identical and isinstance(stored_env, Mapping):
         obtained_env = environment_subset(traj.env)
@@ -240,11 +250,15 @@ class Comparison:
         if self.ok:
             return [f"{label} matches ({self.compared} values compared, tolerance: {self.tolerance})"]
         if self.band is not None:
-            lines = [f"{label} moved beyond the noise band: {len(self.changes)} of {self.compared} compared values "
-                     f"differ by more than arithmetic alone moves them ({self.within_band} moved within the band)"]
+            lines = [
+                f"{label} moved beyond the noise band: {len(self.changes)} of {self.compared} compared values "
+                f"differ by more than arithmetic alone moves them ({self.within_band} moved within the band)"
+            ]
         else:
-            lines = [f"{label} moved: {len(self.changes)} of {self.compared} compared values differ "
-                     f"(tolerance: {self.tolerance})"]
+            lines = [
+                f"{label} moved: {len(self.changes)} of {self.compared} compared values differ "
+                f"(tolerance: {self.tolerance})"
+            ]
         if location:
             lines.append(f"  snapshot file: {display_path(location)}")
         if self.stored_class != self.obtained_class:
@@ -256,8 +270,10 @@ class Comparison:
                 lines.append(f"  {side + ': ' if side else ''}{chain.describe()}")
         parted = sorted({c.first_step for c in self.chains.values() if c.first_step})
         if parted:
-            lines.append(f"  which operation moved it: `flannel-repro oplog ARTIFACT --step {parted[0]} -o here.json` here "
-                         "and where the snapshot holds, then `flannel-repro why here.json there.json`")
+            lines.append(
+                f"  which operation moved it: `flannel-repro oplog ARTIFACT --step {parted[0]} -o here.json` here "
+                "and where the snapshot holds, then `flannel-repro why here.json there.json`"
+            )
         lines.extend("  " + line for line in self.environment_line())
         lines.append("")
         rows = [("field", "stored", "obtained", "difference", "allowed")]
@@ -284,7 +300,7 @@ def display_path(location: str) -> str:
 
 
 def _fit(text: str, width: int) -> str:
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _show(value: Any, limit: int = 24) -> str:
@@ -296,7 +312,7 @@ def _show(value: Any, limit: int = 24) -> str:
         text = value
     else:
         text = json.dumps(value, sort_keys=True, allow_nan=True)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _row(ch: FieldChange, tol: Tolerance, allowed: float | None = None) -> tuple[str, str, str, str, str]:
@@ -308,7 +324,13 @@ def _row(ch: FieldChange, tol: Tolerance, allowed: float | None = None) -> tuple
         else:
             diff = "non-finite"
         if allowed is not None:
-            return ch.path, repr(ch.stored), repr(ch.obtained), diff, f"band {allowed:.3g}" if allowed else "exact (band 0)"
+            return (
+                ch.path,
+                repr(ch.stored),
+                repr(ch.obtained),
+                diff,
+                f"band {allowed:.3g}" if allowed else "exact (band 0)",
+            )
         return ch.path, repr(s), repr(o), diff, "exact" if tol.exact else f"{tol.allowed(s):.3g}"
     if ch.kind == "chain":
         return ch.path, _show(ch.stored, 22), _show(ch.obtained, 22), ch.detail, "exact"
@@ -406,8 +428,10 @@ def compare(stored: "Summary | str", obtained: "Summary | str", tolerance: Toler
         return out
     o = obtained if isinstance(obtained, Summary) else Summary.from_text(obtained, source="obtained summary")
     if s.format != o.format:
-        out.error = (f"the stored snapshot has format {s.format!r}, this version of flannel-repro writes {o.format!r}; "
-                     "it has to be regenerated")
+        out.error = (
+            f"the stored snapshot has format {s.format!r}, this version of flannel-repro writes {o.format!r}; "
+            "it has to be regenerated"
+        )
         return out
     _Walker(tol, out).walk(s.tree, o.tree, ())
     out.kind = s.kind

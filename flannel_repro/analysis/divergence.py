@@ -116,7 +116,12 @@ def pair_divergence(
         else:
             first = first_divergent_step(ra, rb)
         return PairDivergence(
-            name_a=run_name(ra), name_b=run_name(rb), path_a=ra.path, path_b=rb.path, steps=chosen, first_step=first,
+            name_a=run_name(ra),
+            name_b=run_name(rb),
+            path_a=ra.path,
+            path_b=rb.path,
+            steps=chosen,
+            first_step=first,
             **stats.stats(0),
         )
 
@@ -142,7 +147,9 @@ class PairwiseDivergence(StepStats):
         """Row of pair (i, j) (either order) in the arrays."""
         lo, hi = min(i, j), max(i, j)
         if lo == hi or lo < 0 or hi >= self.n_runs:
-            raise ArtifactError(f"pairwise divergence: expected two distinct runs in [0, {self.n_runs}), got ({i}, {j}).")
+            raise ArtifactError(
+                f"pairwise divergence: expected two distinct runs in [0, {self.n_runs}), got ({i}, {j})."
+            )
         # combinations order: pairs starting with 0 first, then 1, ...
         return lo * (2 * self.n_runs - lo - 1) // 2 + (hi - lo - 1)
 

@@ -60,30 +60,49 @@ class NoiseBand:
         m = self.measured
         variants = ", ".join(m.get("variants", [])) or "?"
         where = f" in {self.source}" if self.source else ""
-        chain = ("digest chains exact on every step" if self.exact_through is None else
-                 f"digest chains exact through step {self.exact_through}")
-        return (f"noise band for scale {self.scale}{where}: {self.margin:g} x the largest deviation of "
-                f"{variants} from {m.get('reference', '?')} (seeds {m.get('seeds', '?')}, measured on "
-                f"{m.get('machine', '?')}); {chain}")
+        chain = (
+            "digest chains exact on every step"
+            if self.exact_through is None
+            else f"digest chains exact through step {self.exact_through}"
+        )
+        return (
+            f"noise band for scale {self.scale}{where}: {self.margin:g} x the largest deviation of "
+            f"{variants} from {m.get('reference', '?')} (seeds {m.get('seeds', '?')}, measured on "
+            f"{m.get('machine', '?')}); {chain}"
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"scale": self.scale, "margin": self.margin, "exact_through": self.exact_through,
-                "measured": dict(self.measured), "fields": {k: dict(sorted(v.items())) for k, v in self.fields.items()}}
+        return {
+            "scale": self.scale,
+            "margin": self.margin,
+            "exact_through": self.exact_through,
+            "measured": dict(self.measured),
+            "fields": {k: dict(sorted(v.items())) for k, v in self.fields.items()},
+        }
 
     @classmethod
     def from_json(cls, data: Any, *, source: str) -> "NoiseBand":
         try:
             fields = {str(kind): {str(p): float(v) for p, v in paths.items()} for kind, paths in data["fields"].items()}
             exact = data["exact_through"]
-            band = cls(scale=str(data["scale"]), fields=fields, exact_through=None if exact is None else int(exact),
-                       margin=float(data.get("margin", MARGIN)), measured=dict(data.get("measured", {})), source=source)
+            band = cls(
+                scale=str(data["scale"]),
+                fields=fields,
+                exact_through=None if exact is None else int(exact),
+                margin=float(data.get("margin", MARGIN)),
+                measured=dict(data.get("measured", {})),
+                source=source,
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ArtifactError(f"{source}: expected a noise band with scale, fields and exact_through, got an entry "
-                                f"that cannot be read ({exc!r}).") from None
+            raise ArtifactError(
+                f"{source}: expected a noise band with scale, fields and exact_through, got an entry "
+                f"that cannot be read ({exc!r})."
+            ) from None
         bad = [p for paths in band.fields.values() for p, v in paths.items() if not (math.isfinite(v) and v >= 0)]
         if bad:
-            raise ArtifactError(f"{source}: noise band {band.scale}: expected finite allowances >= 0, got bad values "
-                                f"for {bad[:3]}.")
+            raise ArtifactError(
+                f"{source}: noise band {band.scale}: expected finite allowances >= 0, got bad values for {bad[:3]}."
+            )
         return band
 
 
@@ -94,7 +113,9 @@ def read_bands(path: str | os.PathLike[str]) -> dict[str, NoiseBand]:
     if data is None:
         return {}
     if not isinstance(data, dict) or data.get("format") != BANDS_FORMAT:
-        raise ArtifactError(f"{p}: expected format {BANDS_FORMAT!r}, got {data.get('format') if isinstance(data, dict) else data!r}.")
+        raise ArtifactError(
+            f"{p}: expected format {BANDS_FORMAT!r}, got {data.get('format') if isinstance(data, dict) else data!r}."
+        )
     return {b.scale: b for b in (NoiseBand.from_json(e, source=str(p)) for e in data.get("bands", []))}
 
 
@@ -104,8 +125,12 @@ def write_bands(path: str | os.PathLike[str], bands: Iterable[NoiseBand]) -> Pat
     merged = read_bands(p) if p.exists() else {}
     for band in bands:
         merged[band.scale] = band
-    text = json.dumps({"format": BANDS_FORMAT, "bands": [merged[k].to_json() for k in sorted(merged)]},
-                      indent=2, sort_keys=True) + "\n"
+    text = (
+        json.dumps(
+            {"format": BANDS_FORMAT, "bands": [merged[k].to_json() for k in sorted(merged)]}, indent=2, sort_keys=True
+        )
+        + "\n"
+    )
     return write_text_atomic(p, text, "the noise bands")
 
 
@@ -147,13 +172,20 @@ def deviations(reference: Summary, variant: Summary) -> tuple[dict[str, float], 
         if d is not None:
             out[ch.path] = max(out.get(ch.path, 0.0), d)
         elif ch.kind not in ("chain",) and not _is_digest_path(ch.path):
-            raise ArtifactError(f"noise: the variants differ in {ch.path} ({ch.stored!r} vs {ch.obtained!r}), which "
-                                "arithmetic cannot change: they are not the same run.")
+            raise ArtifactError(
+                f"noise: the variants differ in {ch.path} ({ch.stored!r} vs {ch.obtained!r}), which "
+                "arithmetic cannot change: they are not the same run."
+            )
     return out, cmp.first_divergent_step
 
 
-def derive_band(pairs: Iterable[tuple[Summary, Summary]], *, scale: str, margin: float = MARGIN,
-                measured: Mapping[str, Any] | None = None) -> NoiseBand:
+def derive_band(
+    pairs: Iterable[tuple[Summary, Summary]],
+    *,
+    scale: str,
+    margin: float = MARGIN,
+    measured: Mapping[str, Any] | None = None,
+) -> NoiseBand:
     """A band from (reference, variant) summary pairs of the same runs under different arithmetic."""
     if not (math.isfinite(margin) and margin >= 1):
         raise ConfigError(f"noise band margin: expected a finite number >= 1, got {margin!r}.")
@@ -173,8 +205,9 @@ def derive_band(pairs: Iterable[tuple[Summary, Summary]], *, scale: str, margin:
     scaled = {k: {p: d * margin for p, d in v.items() if d > 0} for k, v in fields.items()}
     observed = {k: {p: d for p, d in v.items() if d > 0} for k, v in fields.items()}
     info = {**(measured or {}), "pairs": n, "max_deviation": observed}
-    return NoiseBand(scale=scale, fields=scaled, exact_through=None if first is None else first - 1, margin=margin,
-                     measured=info)
+    return NoiseBand(
+        scale=scale, fields=scaled, exact_through=None if first is None else first - 1, margin=margin, measured=info
+    )
 
 
 # --- comparing within a band -----------------------------------------------------------------------------
@@ -212,8 +245,13 @@ def compare_within_band(stored: "Summary | str", obtained: "Summary | str", band
             chain = cmp.chains.get(_side(ch.path))
             part = chain.first_step if chain is not None else None
             lengths_agree = chain is not None and chain.stored_steps == chain.obtained_steps
-            ok = (part is not None and lengths_agree and band.exact_through is not None and part > band.exact_through
-                  and not (ch.path.endswith("digests.first") and band.exact_through >= 0))
+            ok = (
+                part is not None
+                and lengths_agree
+                and band.exact_through is not None
+                and part > band.exact_through
+                and not (ch.path.endswith("digests.first") and band.exact_through >= 0)
+            )
         else:
             ok = False
         if ok:

@@ -199,6 +199,7 @@ class _PairKernel:
             differ = self.differ[:, a0:a1]
             if self.any_words:  # the row's bool bytes as 1..4 int64: nonzero iff any word differs
                 u = ne.view(torch.int64)
+                assert self.acc is not None  # allocated exactly when any_words
                 acc = self.acc[: P * m].view(P, m)
                 acc.copy_(u[..., 0])
                 for q in range(1, u.shape[-1]):

@@ -18,16 +18,38 @@ from flannel_repro.devices import DEVICE_KINDS, device_kind
 if TYPE_CHECKING:
     from flannel_repro.storage.run import RunFile
 
-__all__ = ["RunFileOrPath", "DEVICE_CLASSES", "ENV_KEYS", "DATA_KEYS", "open_run", "device_class",
-           "environment_subset", "config_dict", "config_fingerprint", "data_identity"]
+__all__ = [
+    "RunFileOrPath",
+    "DEVICE_CLASSES",
+    "ENV_KEYS",
+    "DATA_KEYS",
+    "open_run",
+    "device_class",
+    "environment_subset",
+    "config_dict",
+    "config_fingerprint",
+    "data_identity",
+]
 
 RunFileOrPath = Union["RunFile", str, "os.PathLike[str]"]  # a RunFile, or the path of a run's artifact
 
 DEVICE_CLASSES = DEVICE_KINDS
 
 # The part of `Trajectory.env` worth keeping with a summary: what can move a trajectory's numbers.
-ENV_KEYS = ("flannel_repro", "code_version", "python", "packages", "device", "threads", "deterministic_algorithms",
-            "cudnn_deterministic", "cudnn_benchmark", "allow_tf32", "env", "numerics")
+ENV_KEYS = (
+    "flannel_repro",
+    "code_version",
+    "python",
+    "packages",
+    "device",
+    "threads",
+    "deterministic_algorithms",
+    "cudnn_deterministic",
+    "cudnn_benchmark",
+    "allow_tf32",
+    "env",
+    "numerics",
+)
 # Data description fields that identify the data (the origin label and paths do not).
 DATA_KEYS = ("tokenizer_sha256", "corpus_sha256", "token_mask_sha256", "n_tokens", "n_live", "n_dead")
 

@@ -19,8 +19,17 @@ from flannel_repro.errors import ArtifactError
 from flannel_repro.storage.layout import KEY_LIVE_MASK, KEY_W
 from flannel_repro.storage.reader import ArtifactReader
 
-__all__ = ["ReaderOrPath", "opened", "run_name", "w_layout", "chosen_steps", "covers_all", "read_live_mask",
-           "word_dtype", "as_words"]
+__all__ = [
+    "ReaderOrPath",
+    "opened",
+    "run_name",
+    "w_layout",
+    "chosen_steps",
+    "covers_all",
+    "read_live_mask",
+    "word_dtype",
+    "as_words",
+]
 
 ReaderOrPath = Union[ArtifactReader, str, "os.PathLike[str]"]  # a reader, or a path to open (and close)
 

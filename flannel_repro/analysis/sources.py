@@ -39,21 +39,28 @@ DESCRIPTIONS = {
 }
 
 
-def source_configs(base: RunConfig, *, other_seed: int, sources: Sequence[str] = SOURCES
-                   ) -> dict[str, tuple[RunConfig, int]]:
+def source_configs(
+    base: RunConfig, *, other_seed: int, sources: Sequence[str] = SOURCES
+) -> dict[str, tuple[RunConfig, int]]:
     """The run each source is measured with: {source: (config, repeat)}; the base is (base, 0)."""
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
         raise ConfigError(f"sources: unknown {unknown}; expected some of {', '.join(SOURCES)}.")
     if other_seed in (base.model_seed, base.data_seed):
-        raise ConfigError(f"sources: other_seed must differ from the base's seeds ({base.model_seed}, {base.data_seed}); "
-                          f"got {other_seed}.")
+        raise ConfigError(
+            f"sources: other_seed must differ from the base's seeds ({base.model_seed}, {base.data_seed}); "
+            f"got {other_seed}."
+        )
     variants = {
         "data_order": (base.replace(data_seed=other_seed), 0),
         "model_init": (base.replace(model_seed=other_seed), 0),
         "threads": (base.replace(threads=2 if base.threads != 2 else 1), 0),
-        "engine": (base.replace(engine="hf" if base.engine == "torch" else "torch",
-                                head="auto" if base.head == "fused" else base.head), 0),
+        "engine": (
+            base.replace(
+                engine="hf" if base.engine == "torch" else "torch", head="auto" if base.head == "fused" else base.head
+            ),
+            0,
+        ),
         "none": (base, 1),
     }
     return {s: variants[s] for s in sources}
@@ -97,13 +104,19 @@ class SourceTable:
             return [f"divergence by source against {self.base}: no source measured"]
         steps = self.rows[0].steps
         width = max(len(r.description) for r in self.rows)
-        head = (f"  {'source':<{width}} {'parts at':>8} " + " ".join(f"{'F@' + str(s):>10}" for s in steps)
-                + f" {'max|Δ|@' + str(steps[-1]):>12}")
+        head = (
+            f"  {'source':<{width}} {'parts at':>8} "
+            + " ".join(f"{'F@' + str(s):>10}" for s in steps)
+            + f" {'max|Δ|@' + str(steps[-1]):>12}"
+        )
         out = [f"divergence by source against {self.base} (‖ΔW‖_F at each step; F = 0: bitwise equal):", head]
         for r in self.rows:
             parts = "never" if r.first_step is None else str(r.first_step)
-            out.append(f"  {r.description:<{width}} {parts:>8} " + " ".join(f"{f:>10.4g}" for f in r.frobenius)
-                       + f" {r.max_abs[-1]:>12.4g}")
+            out.append(
+                f"  {r.description:<{width}} {parts:>8} "
+                + " ".join(f"{f:>10.4g}" for f in r.frobenius)
+                + f" {r.max_abs[-1]:>12.4g}"
+            )
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -122,9 +135,16 @@ def divergence_by_source(base: Any, others: Mapping[str, Any], *, steps: Sequenc
         if source not in SOURCES:
             raise ConfigError(f"sources: unknown {source!r}; expected one of {', '.join(SOURCES)}.")
         d = pair_divergence(ref.reader, run.reader if isinstance(run, Trajectory) else run, steps=chosen)
-        table.rows.append(SourceRow(source=source, description=DESCRIPTIONS[source], first_step=d.first_step,
-                                    steps=[int(s) for s in d.steps], frobenius=[float(x) for x in d.frobenius],
-                                    max_abs=[float(x) for x in d.max_abs]))
+        table.rows.append(
+            SourceRow(
+                source=source,
+                description=DESCRIPTIONS[source],
+                first_step=d.first_step,
+                steps=[int(s) for s in d.steps],
+                frobenius=[float(x) for x in d.frobenius],
+                max_abs=[float(x) for x in d.max_abs],
+            )
+        )
     return table
 
 
@@ -133,12 +153,18 @@ def assert_source_parts(table: SourceTable, source: str, *, parts: bool, by_step
     __tracebackhide__ = True
     row = table.row(source)
     if parts and row.first_step is None:
-        raise AssertionError(f"{row.description}: expected the runs to part, they never did over {row.steps[-1]} steps "
-                             f"(base {table.base}).")
+        raise AssertionError(
+            f"{row.description}: expected the runs to part, they never did over {row.steps[-1]} steps "
+            f"(base {table.base})."
+        )
     if parts and by_step is not None and row.first_step is not None and row.first_step > by_step:
-        raise AssertionError(f"{row.description}: expected the runs to part by step {by_step}, they parted at step "
-                             f"{row.first_step} (base {table.base}).")
+        raise AssertionError(
+            f"{row.description}: expected the runs to part by step {by_step}, they parted at step "
+            f"{row.first_step} (base {table.base})."
+        )
     if not parts and row.first_step is not None:
-        raise AssertionError(f"{row.description}: expected the runs never to part, they parted at step {row.first_step} "
-                             f"(‖ΔW‖_F {row.frobenius[-1]:.4g} at step {row.steps[-1]}; base {table.base}). Which "
-                             "operation made them part: flannel-repro why <base> <other>.")
+        raise AssertionError(
+            f"{row.description}: expected the runs never to part, they parted at step {row.first_step} "
+            f"(‖ΔW‖_F {row.frobenius[-1]:.4g} at step {row.steps[-1]}; base {table.base}). Which "
+            "operation made them part: flannel-repro why <base> <other>."
+        )

@@ -72,15 +72,23 @@ class StallProfile:
         return [self.at(s) for s in steps if 0 <= s < self.steps.size]
 
     def lines(self, steps: Sequence[int]) -> list[str]:
-        out = [f"update statistics of {self.name} ({self.dtype}):",
-               f"  {'step':>6} {'changed':>9} {'lost':>9} {'v moved':>9}"]
+        out = [
+            f"update statistics of {self.name} ({self.dtype}):",
+            f"  {'step':>6} {'changed':>9} {'lost':>9} {'v moved':>9}",
+        ]
         for r in self.rows(steps):
-            out.append(f"  {r['step']:>6} {_pct(r['changed']):>9} {_pct(r['lost']):>9} {_pct(r['second_moment_moved']):>9}")
+            out.append(
+                f"  {r['step']:>6} {_pct(r['changed']):>9} {_pct(r['lost']):>9} {_pct(r['second_moment_moved']):>9}"
+            )
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "recorded": self.recorded,
-                **{f: [_num(v) for v in getattr(self, f)] for f in layout.UPDATE_FIELDS}}
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "recorded": self.recorded,
+            **{f: [_num(v) for v in getattr(self, f)] for f in layout.UPDATE_FIELDS},
+        }
 
 
 def _num(v: float) -> float | None:
@@ -106,8 +114,15 @@ def stall_profile(run: Trajectory | str) -> StallProfile:
         changed = update_fraction(traj.path) if traj.has_W else nan.copy()
         u = {"changed": changed, "lost": nan.copy(), "second_moment_moved": nan.copy()}
         recorded = False
-    return StallProfile(name=traj.label, dtype=traj.config.dtype, steps=np.arange(n), recorded=recorded,
-                        changed=u["changed"], lost=u["lost"], second_moment_moved=u["second_moment_moved"])
+    return StallProfile(
+        name=traj.label,
+        dtype=traj.config.dtype,
+        steps=np.arange(n),
+        recorded=recorded,
+        changed=u["changed"],
+        lost=u["lost"],
+        second_moment_moved=u["second_moment_moved"],
+    )
 
 
 def assert_not_stalled(run: Trajectory | str, *, by_step: int, min_changed: float = 0.01, window: int = 10) -> None:
@@ -125,15 +140,27 @@ def assert_not_stalled(run: Trajectory | str, *, by_step: int, min_changed: floa
         return
     row = profile.at(at)
     mean = float(profile.windowed(window)[at])
-    lost = "" if row["lost"] is None else (
-        f" Of the updates the optimizer proposed at step {at}, {_pct(row['lost'])} were lost to rounding "
-        f"(smaller than half a {profile.dtype} ulp of the weight).")
-    moved = "" if row["second_moment_moved"] is None else (
-        f" Adam's second moment (exp_avg_sq) changed in {_pct(row['second_moment_moved'])} of its entries.")
-    fix = " The usual fix: float32 weights (dtype = \"float32\"), or bf16 autocast over float32 weights." \
-        if profile.dtype == "bfloat16" else ""
+    lost = (
+        ""
+        if row["lost"] is None
+        else (
+            f" Of the updates the optimizer proposed at step {at}, {_pct(row['lost'])} were lost to rounding "
+            f"(smaller than half a {profile.dtype} ulp of the weight)."
+        )
+    )
+    moved = (
+        ""
+        if row["second_moment_moved"] is None
+        else (f" Adam's second moment (exp_avg_sq) changed in {_pct(row['second_moment_moved'])} of its entries.")
+    )
+    fix = (
+        " The usual fix: float32 weights (dtype = \"float32\"), or bf16 autocast over float32 weights."
+        if profile.dtype == "bfloat16"
+        else ""
+    )
     table = "\n".join(profile.lines(sorted({1, max(1, at - window + 1), at, by_step, traj.steps})))
     raise AssertionError(
         f"{traj.label}: training stalled by step {by_step}: at step {at} the share of W's entries that changed "
         f"fell to {_pct(mean)} (mean over steps {at - window + 1}..{at}; required >= {_pct(min_changed)})."
-        f"{lost}{moved}{fix}\nPlot: {PLOT} (flannel-repro report, or --flannel-report).\n{table}\nartifact: {traj.path}")
+        f"{lost}{moved}{fix}\nPlot: {PLOT} (flannel-repro report, or --flannel-report).\n{table}\nartifact: {traj.path}"
+    )

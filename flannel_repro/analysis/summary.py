@@ -153,8 +153,12 @@ def summarize(run: RunFileOrPath, steps: Iterable[int] | None = None) -> "Summar
     `steps` defaults to `default_steps(run.steps)`: 0, 1, 10, 100, ... and the last step.
     """
     traj = open_run(run)
-    tree = {"format": SUMMARY_FORMAT, "kind": "run", **_run_tree(traj, _chosen_steps(traj, steps)),
-            "environment": environment_subset(traj.env)}
+    tree = {
+        "format": SUMMARY_FORMAT,
+        "kind": "run",
+        **_run_tree(traj, _chosen_steps(traj, steps)),
+        "environment": environment_subset(traj.env),
+    }
     return Summary(tree)
 
 
@@ -165,16 +169,25 @@ def summarize_pair(a: RunFileOrPath, b: RunFileOrPath, steps: Iterable[int] | No
 
     ta, tb = open_run(a), open_run(b)
     if ta.steps != tb.steps:
-        raise ArtifactError(f"pair summary: expected two runs of the same length, got {ta.steps} steps ({ta.label}) "
-                            f"and {tb.steps} ({tb.label}).")
+        raise ArtifactError(
+            f"pair summary: expected two runs of the same length, got {ta.steps} steps ({ta.label}) "
+            f"and {tb.steps} ({tb.label})."
+        )
     chosen = _chosen_steps(ta, steps)
     div = pair_divergence(ta.reader, tb.reader, steps=chosen)
     records = []
     for t in chosen:
         s = div.at(t)
-        records.append({"step": t, "max_abs": s["max_abs"], "frobenius": s["frobenius"],
-                        "rows_differ": s["rows_differ"], "rows_differ_live": s["rows_differ_live"],
-                        "rows_differ_dead": s["rows_differ_dead"]})
+        records.append(
+            {
+                "step": t,
+                "max_abs": s["max_abs"],
+                "frobenius": s["frobenius"],
+                "rows_differ": s["rows_differ"],
+                "rows_differ_live": s["rows_differ_live"],
+                "rows_differ_dead": s["rows_differ_dead"],
+            }
+        )
     ca, cb = device_class(ta.config.device), device_class(tb.config.device)
     tree = {
         "format": SUMMARY_FORMAT,
@@ -228,6 +241,7 @@ class Summary:
     def numerics_class(self) -> str:
         """The numerics class the run(s) were trained in ('cpu-portable-cbf7a60f-t1'; 'A+B' for a pair across
         classes); the device class for a summary written before classes were recorded."""
+
         def of(env: Any, fallback: str) -> str:
             numerics = env.get("numerics") if isinstance(env, Mapping) else None
             name = numerics.get("class") if isinstance(numerics, Mapping) else None
@@ -256,7 +270,9 @@ class Summary:
         try:
             tree = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{source}: expected a flannel-repro summary (JSON), got unparsable text ({exc}).") from None
+            raise ArtifactError(
+                f"{source}: expected a flannel-repro summary (JSON), got unparsable text ({exc})."
+            ) from None
         if not isinstance(tree, dict):
             raise ArtifactError(f"{source}: expected a JSON object, got {type(tree).__name__}.")
         return cls(tree)

@@ -8,8 +8,16 @@ import os
 import sys
 from pathlib import Path
 
-from flannel_repro.cli.common import (EXIT_NEGATIVE, EXIT_OK, csv_number, json_format, output_path, print_json,
-                                      safetensors_format, verified_runs)
+from flannel_repro.cli.common import (
+    EXIT_NEGATIVE,
+    EXIT_OK,
+    csv_number,
+    json_format,
+    output_path,
+    print_json,
+    safetensors_format,
+    verified_runs,
+)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -23,6 +31,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from flannel_repro.analysis.stall import stall_profile
     from flannel_repro.analysis.trajectory import Trajectory
+    from flannel_repro.config import RunConfig
 
     traj = Trajectory(args.run)
     if not args.no_verify:
@@ -33,21 +42,41 @@ def cmd_info(args: argparse.Namespace) -> int:
     steps = sorted({s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, c.steps) if s <= c.steps})
     stalled = profile.stalled_at() if profile is not None else None
     if args.json:
-        print_json({"run": str(traj.path), "label": traj.label, "config": c.to_dict(), "fingerprint": c.fingerprint(),
-                     "threads": traj.metadata.get("threads"), "steps_per_s": traj.steps_per_s,
-                     "wall_time_s": traj.wall_time_s, "numerics_class": (traj.env.get("numerics") or {}).get("class"),
-                     "steps": [{"step": s, "loss": float(traj.losses[s]),
-                                "W_changed_fraction": None if fraction is None else float(fraction[s]),
-                                "lost_fraction": None if profile is None else float(profile.lost[s]),
-                                "second_moment_moved_fraction": None if profile is None
-                                else float(profile.second_moment_moved[s])} for s in steps],
-                     "mean_W_changed_fraction": None if fraction is None else float(np.nanmean(fraction)),
-                     "stalled_at": stalled,
-                     "digest_first": traj.digest_hex(0), "digest_last": traj.digest_hex(c.steps)})
+        print_json(
+            {
+                "run": str(traj.path),
+                "label": traj.label,
+                "config": c.to_dict(),
+                "fingerprint": c.fingerprint(),
+                "threads": traj.metadata.get("threads"),
+                "steps_per_s": traj.steps_per_s,
+                "wall_time_s": traj.wall_time_s,
+                "numerics_class": (traj.env.get("numerics") or {}).get("class"),
+                "steps": [
+                    {
+                        "step": s,
+                        "loss": float(traj.losses[s]),
+                        "W_changed_fraction": None if fraction is None else float(fraction[s]),
+                        "lost_fraction": None if profile is None else float(profile.lost[s]),
+                        "second_moment_moved_fraction": None
+                        if profile is None
+                        else float(profile.second_moment_moved[s]),
+                    }
+                    for s in steps
+                ],
+                "mean_W_changed_fraction": None if fraction is None else float(np.nanmean(fraction)),
+                "stalled_at": stalled,
+                "digest_first": traj.digest_hex(0),
+                "digest_last": traj.digest_hex(c.steps),
+            }
+        )
         return EXIT_OK
-    print(f"{traj.path.name}: {traj.label}, {c.steps} steps, dtype {c.dtype}, labels {c.label_mode}")
-    print(f"  config {c.fingerprint()}, threads {traj.metadata.get('threads', '?')}, "
-          f"{traj.steps_per_s:.2f} steps/s, wall {traj.wall_time_s:.1f} s")
+    trained = f"labels {c.label_mode}" if isinstance(c, RunConfig) else f"engine {c.engine}"
+    print(f"{traj.path.name}: {traj.label}, {c.steps} steps, dtype {c.dtype}, {trained}")
+    print(
+        f"  config {c.fingerprint()}, threads {traj.metadata.get('threads', '?')}, "
+        f"{traj.steps_per_s:.2f} steps/s, wall {traj.wall_time_s:.1f} s"
+    )
     print(f"  {'step':>6} {'loss':>10} {'W entries changed':>18} {'updates lost':>13} {'Adam v moved':>13}")
 
     def pct(x: float | None) -> str:
@@ -55,12 +84,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     for s in steps:
         row = profile.at(s) if profile is not None else {}
-        print(f"  {s:>6} {float(traj.losses[s]):>10.5f} {pct(row.get('changed')):>18} {pct(row.get('lost')):>13} "
-              f"{pct(row.get('second_moment_moved')):>13}")
+        print(
+            f"  {s:>6} {float(traj.losses[s]):>10.5f} {pct(row.get('changed')):>18} {pct(row.get('lost')):>13} "
+            f"{pct(row.get('second_moment_moved')):>13}"
+        )
     if fraction is not None:
-        print(f"  mean over all steps: {100 * float(np.nanmean(fraction)):.3f}% of entries changed per step; "
-              + (f"stalled at step {stalled} (under 1% changed per step, mean of 10 steps)" if stalled is not None
-                 else "no stall (never under 1% changed per step, mean of 10 steps)"))
+        print(
+            f"  mean over all steps: {100 * float(np.nanmean(fraction)):.3f}% of entries changed per step; "
+            + (
+                f"stalled at step {stalled} (under 1% changed per step, mean of 10 steps)"
+                if stalled is not None
+                else "no stall (never under 1% changed per step, mean of 10 steps)"
+            )
+        )
     print(f"  digest step 0: {traj.digest_hex(0)[:16]}  step {c.steps}: {traj.digest_hex(c.steps)[:16]}")
     return 0
 
@@ -68,8 +104,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from flannel_repro.storage.export import NOTEBOOK_FORMAT, export_notebook
 
-    output_path(args, args.output, list(args.runs), "notebook-layout file (.safetensors)",
-            lambda p: safetensors_format(p) == NOTEBOOK_FORMAT)
+    output_path(
+        args,
+        args.output,
+        list(args.runs),
+        "notebook-layout file (.safetensors)",
+        lambda p: safetensors_format(p) == NOTEBOOK_FORMAT,
+    )
     out = export_notebook(verified_runs(args, args.runs), Path(args.output))
     if args.json:
         print_json({"output": str(out), "runs": list(args.runs), "bytes": out.stat().st_size})
@@ -90,8 +131,9 @@ def cmd_divergence(args: argparse.Namespace) -> int:
         writer.writerow(["a", "b", "step", *fields])
         for p, (i, j) in enumerate(result.pairs.tolist()):
             for k, step in enumerate(result.steps.tolist()):
-                writer.writerow([args.runs[i], args.runs[j], step,
-                                 *(csv_number(getattr(result, f)[p, k]) for f in fields)])
+                writer.writerow(
+                    [args.runs[i], args.runs[j], step, *(csv_number(getattr(result, f)[p, k]) for f in fields)]
+                )
         return EXIT_OK
     if args.json:
         print_json({"runs": list(args.runs), **result.summary()})
@@ -106,9 +148,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     from flannel_repro.report import write_report
     from flannel_repro.report.schema import FORMAT
 
-    output_path(args, args.output, list(args.runs), "file of a report folder",
-            lambda p: json_format(p.parent / "report.json") == FORMAT,
-            files=("index.html", "report.md", "report.json", "divergence.csv", "steps.csv"))
+    output_path(
+        args,
+        args.output,
+        list(args.runs),
+        "file of a report folder",
+        lambda p: json_format(p.parent / "report.json") == FORMAT,
+        files=("index.html", "report.md", "report.json", "divergence.csv", "steps.csv"),
+    )
     result = write_report(args.runs, args.output, verify=not args.no_verify)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:  # on GitHub Actions: the tables in the job's summary page
@@ -120,8 +167,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         print_json(result.document)
         return EXIT_OK
     doc = result.document
-    print(f"report: {result.page} ({len(doc['figures'])} plots, {len(doc['runs'])} runs, "
-          f"{sum(c['n_pairs'] for c in doc['pair_classes'])} pairs) in {result.seconds:.1f} s")
+    print(
+        f"report: {result.page} ({len(doc['figures'])} plots, {len(doc['runs'])} runs, "
+        f"{sum(c['n_pairs'] for c in doc['pair_classes'])} pairs) in {result.seconds:.1f} s"
+    )
     for f in doc["figures"]:
         print(f"  {f['file']}: {f['shows']}")
     return EXIT_OK
@@ -142,8 +191,15 @@ def cmd_digests(args: argparse.Namespace) -> int:
     if args.compare:
         result, lines = compare_run_to_chain(traj, args.compare)
         if args.json:
-            print_json({"run": args.run, "chain": args.compare, "identical": result.identical,
-                         "first_step": result.first_step, "report": lines})
+            print_json(
+                {
+                    "run": args.run,
+                    "chain": args.compare,
+                    "identical": result.identical,
+                    "first_step": result.first_step,
+                    "report": lines,
+                }
+            )
             return 0 if result.identical else 1
         print(f"{args.run} vs {args.compare}: {lines[0]}")
         for line in lines[1:]:
@@ -195,10 +251,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     orphans = prune(args.artifacts, dry_run=args.dry_run, found=found)
     kept = [o for o in found if not o.owned]
     if args.json:
-        print_json({"artifacts": str(args.artifacts), "dry_run": args.dry_run,
-                     "files": [{"path": str(o.path), "bytes": o.size, "reason": o.reason} for o in orphans],
-                     "total_bytes": sum(o.size for o in orphans),
-                     "kept": [{"path": str(o.path), "bytes": o.size, "reason": o.reason} for o in kept]})
+        print_json(
+            {
+                "artifacts": str(args.artifacts),
+                "dry_run": args.dry_run,
+                "files": [{"path": str(o.path), "bytes": o.size, "reason": o.reason} for o in orphans],
+                "total_bytes": sum(o.size for o in orphans),
+                "kept": [{"path": str(o.path), "bytes": o.size, "reason": o.reason} for o in kept],
+            }
+        )
         return EXIT_OK
     verb = "would delete" if args.dry_run else "deleted"
     for o in orphans:

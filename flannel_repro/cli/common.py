@@ -82,8 +82,16 @@ def safetensors_format(path: Path) -> object:
     return meta.get("format") if isinstance(meta, dict) else None
 
 
-def output_path(args: argparse.Namespace, raw: str, inputs: list[str], kind: str, is_kind: Callable[[Path], bool], *,
-            option: str = "-o", files: tuple[str, ...] = ()) -> Path:
+def output_path(
+    args: argparse.Namespace,
+    raw: str,
+    inputs: list[str],
+    kind: str,
+    is_kind: Callable[[Path], bool],
+    *,
+    option: str = "-o",
+    files: tuple[str, ...] = (),
+) -> Path:
     """The path a command writes (`files` in it when it is a folder), refused with a UsageError (exit 2) when
     it is one of the command's inputs or a run artifact, or an existing file that is not a `kind` (unless
     --force). Every command that writes a file checks its output here, before any work."""
@@ -94,20 +102,28 @@ def output_path(args: argparse.Namespace, raw: str, inputs: list[str], kind: str
     for item in inputs:
         for target in {out, *targets}:
             if same_file(target, item):
-                raise UsageError(f"{option} {raw}: expected an output path that is none of the command's inputs, "
-                                 f"got the input {item}; write it elsewhere.")
+                raise UsageError(
+                    f"{option} {raw}: expected an output path that is none of the command's inputs, "
+                    f"got the input {item}; write it elsewhere."
+                )
     for target in [out, *targets] if files else targets:
         if not target.exists() or target.is_dir():
             continue  # a folder in the way is the writer's to report
         if not target.is_file():
-            raise UsageError(f"{option} {raw}: expected a new file or a {kind} to replace, got {target}, which is "
-                             "not a regular file (a FIFO or a device).")
+            raise UsageError(
+                f"{option} {raw}: expected a new file or a {kind} to replace, got {target}, which is "
+                "not a regular file (a FIFO or a device)."
+            )
         if safetensors_format(target) == RUN_FORMAT:
-            raise UsageError(f"{option} {raw}: expected a new file or a {kind} to replace, got the run artifact "
-                             f"{target}; a run artifact is never overwritten.")
+            raise UsageError(
+                f"{option} {raw}: expected a new file or a {kind} to replace, got the run artifact "
+                f"{target}; a run artifact is never overwritten."
+            )
         if target in targets and not getattr(args, "force", False) and not is_kind(target):
-            raise UsageError(f"{option} {raw}: expected a new file or a {kind} to replace, got {target}, a file of "
-                             "another kind; pass --force to replace it.")
+            raise UsageError(
+                f"{option} {raw}: expected a new file or a {kind} to replace, got {target}, a file of "
+                "another kind; pass --force to replace it."
+            )
     return out
 
 

@@ -44,8 +44,15 @@ def cmd_bounds(args: argparse.Namespace) -> int:
             p.unlink(missing_ok=True)
 
     # limits at the nominal false-alarm rate per claim and clean session, split over the experiment's claim seeds
-    bound = measure_bound(exp.run, base, others, obtain, log=lambda line: print("  " + line, file=sys.stderr),
-                          done_with=discard if args.discard_compared else None, comparisons=exp.n_runs)
+    bound = measure_bound(
+        exp.run,
+        base,
+        others,
+        obtain,
+        log=lambda line: print("  " + line, file=sys.stderr),
+        done_with=discard if args.discard_compared else None,
+        comparisons=exp.n_runs,
+    )
     if args.json:
         import dataclasses
 
@@ -94,24 +101,38 @@ def cmd_noise(args: argparse.Namespace) -> int:
     from flannel_repro.config import MAX_SEED, MAX_SEEDS, parse_seeds
 
     if args.output:
-        output_path(args, args.output, [p for p in (args.config, args.artifacts) if p], "noise-bands file (JSON)",
-                lambda p: json_format(p) == BANDS_FORMAT)
+        output_path(
+            args,
+            args.output,
+            [p for p in (args.config, args.artifacts) if p],
+            "noise-bands file (JSON)",
+            lambda p: json_format(p) == BANDS_FORMAT,
+        )
     exp = experiment_config(args)
     try:
         seeds = parse_seeds(args.seeds) if args.seeds else None
     except ValueError:
-        raise UsageError(f"--seeds: expected seeds like '42-45' or '42,43' (a range low-high with low <= high; at most "
-                         f"{MAX_SEEDS} distinct seeds in 0..{MAX_SEED}), got {args.seeds!r}.") from None
+        raise UsageError(
+            f"--seeds: expected seeds like '42-45' or '42,43' (a range low-high with low <= high; at most "
+            f"{MAX_SEEDS} distinct seeds in 0..{MAX_SEED}), got {args.seeds!r}."
+        ) from None
     seeds = seeds or exp.train_seeds
     reference = parse_variants(args.reference)[0]
     variants = parse_variants(args.variants)
     command = "flannel-repro " + " ".join(args.raw_argv)  # raw_argv starts with the subcommand
-    print(f"noise band: {len(seeds)} seed(s) x {1 + len(variants)} arithmetic variants, {exp.run.steps} steps",
-          file=sys.stderr, flush=True)
-    band = derive_from_training(exp.run, seeds, variants, reference, Path(args.artifacts), margin=args.margin,
-                                command=command, log=sys.stderr)
-    print(f"scale {band.scale}: digest chains exact through step {band.exact_through}; "
-          f"{sum(len(v) for v in band.fields.values())} field(s) with a nonzero band", file=sys.stderr)
+    print(
+        f"noise band: {len(seeds)} seed(s) x {1 + len(variants)} arithmetic variants, {exp.run.steps} steps",
+        file=sys.stderr,
+        flush=True,
+    )
+    band = derive_from_training(
+        exp.run, seeds, variants, reference, Path(args.artifacts), margin=args.margin, command=command, log=sys.stderr
+    )
+    print(
+        f"scale {band.scale}: digest chains exact through step {band.exact_through}; "
+        f"{sum(len(v) for v in band.fields.values())} field(s) with a nonzero band",
+        file=sys.stderr,
+    )
     if args.output:
         write_bands(args.output, [band])
         if args.json:

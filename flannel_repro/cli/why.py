@@ -13,7 +13,7 @@ def cmd_oplog(args: argparse.Namespace) -> int:
     """Replay a run to a step and write every operation of that step (a few hundred kB of JSON)."""
     from flannel_repro.analysis.oplog import OPLOG_FORMAT
     from flannel_repro.storage.run import RunFile
-    from flannel_repro.runs.replay import record_step
+    from flannel_repro.runs.replay import record_step, replayable
 
     output_path(args, args.output, [args.run], "op log (JSON)", lambda p: json_format(p) == OPLOG_FORMAT)
     run = RunFile(args.run).require_verified()
@@ -23,11 +23,20 @@ def cmd_oplog(args: argparse.Namespace) -> int:
         raise ConfigError(f"--step must be in 1..{config.steps} (the run's steps), got {args.step}.")
     before = run.digest_hex(args.step - 1)
     run.close()
-    log, _ = record_step(config, args.step, expect_W_before=before, label=Path(args.run).name)
+    log, _ = record_step(
+        replayable(config, str(args.run)), args.step, expect_W_before=before, label=Path(args.run).name
+    )
     log.write(args.output)
     if args.json:
-        print_json({"output": str(args.output), "operations": len(log.ops), "step": args.step, "label": log.label,
-                     "numerics_class": log.env["numerics_class"]})
+        print_json(
+            {
+                "output": str(args.output),
+                "operations": len(log.ops),
+                "step": args.step,
+                "label": log.label,
+                "numerics_class": log.env["numerics_class"],
+            }
+        )
         return EXIT_OK
     print(f"{args.output}: {len(log.ops)} operations of step {args.step} of {log.label} ({log.env['numerics_class']})")
     return EXIT_OK

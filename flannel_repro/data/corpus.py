@@ -16,8 +16,15 @@ import numpy as np
 import torch
 
 from flannel_repro.data import embedded
-from flannel_repro.data.files import (TokenMask, cached_token_ids, compute_token_mask, file_sha256, load_token_mask,
-                                      load_tokenizer, read_bytes)
+from flannel_repro.data.files import (
+    TokenMask,
+    cached_token_ids,
+    compute_token_mask,
+    file_sha256,
+    load_token_mask,
+    load_tokenizer,
+    read_bytes,
+)
 from flannel_repro.errors import DataError
 
 if TYPE_CHECKING:
@@ -25,6 +32,7 @@ if TYPE_CHECKING:
 
 
 # --- the data bundle one run needs -----------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class DataFiles:
@@ -37,8 +45,12 @@ class DataFiles:
 def data_files(config: "RunConfig") -> DataFiles:
     """The files a config points at: the user's, or the embedded data set (built and verified on demand)."""
     if config.tokenizer_path is not None:
-        return DataFiles(Path(config.tokenizer_path), Path(config.corpus_path),  # type: ignore[arg-type]
-                         Path(config.token_mask_path) if config.token_mask_path else None, "user")
+        return DataFiles(
+            Path(config.tokenizer_path),
+            Path(config.corpus_path),  # type: ignore[arg-type]
+            Path(config.token_mask_path) if config.token_mask_path else None,
+            "user",
+        )
     paths = embedded.embedded_paths(config.dataset)
     return DataFiles(paths.tokenizer, paths.corpus, paths.token_mask, f"embedded:{config.dataset}")
 
@@ -61,8 +73,13 @@ class CorpusData:
         return max(0, self.n_tokens - seq_len)
 
     def describe(self) -> dict[str, object]:
-        return {**{f"{k}_sha256": v for k, v in self.hashes.items()}, "origin": self.files.origin,
-                "n_tokens": self.n_tokens, "n_live": self.mask.n_live, "n_dead": self.mask.n_dead}
+        return {
+            **{f"{k}_sha256": v for k, v in self.hashes.items()},
+            "origin": self.files.origin,
+            "n_tokens": self.n_tokens,
+            "n_live": self.mask.n_live,
+            "n_dead": self.mask.n_dead,
+        }
 
 
 _LOADED: dict[tuple, CorpusData] = {}
@@ -85,9 +102,14 @@ def load_data(config: "RunConfig") -> CorpusData:
     hit = _LOADED.get(key)
     if hit is None:
         load_tokenizer(files.tokenizer, config.vocab_size)  # vocabulary check even when the ids are cached
-        ids = cached_token_ids(files.tokenizer, files.corpus, vocab_size=config.vocab_size,
-                               tokenizer_sha256=tok_hash, corpus_sha256=corpus_hash,  # type: ignore[arg-type]
-                               allow_unknown=config.allow_unknown_tokens)
+        ids = cached_token_ids(
+            files.tokenizer,
+            files.corpus,
+            vocab_size=config.vocab_size,
+            tokenizer_sha256=tok_hash,  # type: ignore[arg-type]
+            corpus_sha256=corpus_hash,  # type: ignore[arg-type]
+            allow_unknown=config.allow_unknown_tokens,
+        )
         if ids.size == 0:  # said plainly, before a mask comparison would report it as a mismatch
             raise DataError(f"corpus {str(files.corpus)!r} is empty: expected text to train on, got 0 tokens.")
         mask = compute_token_mask(ids, config.vocab_size)
@@ -101,13 +123,18 @@ def load_data(config: "RunConfig") -> CorpusData:
                     f"{given.n_live} tokens live, the corpus uses {mask.n_live}; {differ.numel()} token id(s) differ, "
                     f"e.g. id {first} ({'live' if bool(given.live_mask[first]) else 'dead'} in the mask, "
                     f"{'present' if bool(mask.live_mask[first]) else 'absent'} in the corpus). Recompute the mask from "
-                    "this corpus, or leave --flannel-token-mask out to have it computed.")
+                    "this corpus, or leave --flannel-token-mask out to have it computed."
+                )
             mask = given
         hashes = {"tokenizer": tok_hash, "corpus": corpus_hash}
         if mask_hash is not None:
             hashes["token_mask"] = mask_hash
-        hit = _LOADED[key] = CorpusData(ids=torch.from_numpy(ids.astype(np.int64)), mask=mask, files=files,
-                                        hashes=hashes)  # type: ignore[arg-type]
+        hit = _LOADED[key] = CorpusData(
+            ids=torch.from_numpy(ids.astype(np.int64)),
+            mask=mask,
+            files=files,
+            hashes=hashes,  # type: ignore[arg-type]
+        )
     check_corpus_fits(hit, config)
     return hit
 
@@ -120,10 +147,13 @@ def check_corpus_fits(data: CorpusData, config: "RunConfig") -> None:
         )
     n = data.n_examples(config.seq_len)
     if config.batch_size > n:
-        raise DataError(f"'batch_size' = {config.batch_size} exceeds the corpus's {n} examples of seq_len {config.seq_len}.")
+        raise DataError(
+            f"'batch_size' = {config.batch_size} exceeds the corpus's {n} examples of seq_len {config.seq_len}."
+        )
 
 
 # --- example order -------------------------------------------------------------------------------
+
 
 class DataOrder:
     """The order in which examples are seen: the Trainer's, made explicit.
@@ -157,14 +187,16 @@ class DataOrder:
         if step < 1:
             raise ValueError(f"steps count from 1 (got {step}).")
         epoch, k = divmod(step - 1, self._batches_per_epoch)
-        return self.permutation(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+        return self.permutation(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
 
     def batches(self, steps: int) -> Iterator[torch.Tensor]:
         for step in range(1, steps + 1):
             yield self.batch(step)
 
 
-def make_batch(ids: torch.Tensor, starts: torch.Tensor, seq_len: int, label_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(
+    ids: torch.Tensor, starts: torch.Tensor, seq_len: int, label_mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Input ids and labels (both (B, T)) for examples starting at `starts`.
 
     GPT2LMHeadModel shifts labels by one itself. `next_token` passes labels = input_ids, so position t

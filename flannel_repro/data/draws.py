@@ -68,5 +68,7 @@ def table_cdf(table: dict[int, int]) -> tuple[list[int], list[float]]:
 
 def poisson_table(lam: float, shift: int, lo: int, hi: int) -> dict[int, int]:
     """Integer weights (per million) of shift + Poisson(lam), restricted to [lo, hi]."""
-    return {k: max(1, round(1e6 * math.exp((k - shift) * math.log(lam) - lam - math.lgamma(k - shift + 1))))
-            for k in range(lo, hi + 1)}
+    return {
+        k: max(1, round(1e6 * math.exp((k - shift) * math.log(lam) - lam - math.lgamma(k - shift + 1))))
+        for k in range(lo, hi + 1)
+    }

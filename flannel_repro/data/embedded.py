@@ -46,6 +46,7 @@ EMBEDDED_SHA256: dict[str, dict[str, str]] = {
 
 # --- files on disk ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class EmbeddedPaths:
     """Where the three files of one variant live."""
@@ -155,9 +156,11 @@ def embedded_paths(variant: str) -> EmbeddedPaths:
     write_files(files, cache)
     bad = _mismatches(paths, expected)
     if bad:
-        name, got = bad[0]
-        raise DataError(f"embedded data {spec.name!r} written to {str(cache)!r} does not verify: {name} has sha256 "
-                        f"{got}, expected {expected[name]}.")
+        name, found = bad[0]
+        raise DataError(
+            f"embedded data {spec.name!r} written to {str(cache)!r} does not verify: {name} has sha256 "
+            f"{found}, expected {expected[name]}."
+        )
     return paths
 
 
@@ -174,10 +177,15 @@ def _warn_fixtures(paths: EmbeddedPaths, bad: list[tuple[str, str | None]], expe
             continue
         _WARNED.add((str(path), sig))
         state = "is missing" if got is None else f"has sha256 {got}, expected {expected[name]}"
-        warnings.warn(f"fixture {str(path)!r} {state}; it is not used: the embedded data {paths.variant!r} is "
-                      f"taken from the cache (generated and verified) instead.", stacklevel=3)
+        warnings.warn(
+            f"fixture {str(path)!r} {state}; it is not used: the embedded data {paths.variant!r} is "
+            f"taken from the cache (generated and verified) instead.",
+            stacklevel=3,
+        )
 
 
 if __name__ == "__main__":  # the command used to live here: say where it went rather than silently do nothing
-    raise SystemExit("the command that writes or checks the embedded data is now "
-                     "`python -m flannel_repro.data.generate_cli` (same options).")
+    raise SystemExit(
+        "the command that writes or checks the embedded data is now "
+        "`python -m flannel_repro.data.generate_cli` (same options)."
+    )

@@ -73,8 +73,14 @@ def read_bytes(path: Path, what: str, *, guard_memory: bool = True) -> bytes:
     """The bytes of a data file (links followed): a regular file only, so a FIFO or device never blocks or
     fills memory, and at most `memory_limit()` bytes when `guard_memory`."""
     limit = memory_limit() if guard_memory else None
-    why = (f" (1/{MEMORY_SHARE} of this machine's {limit[1]} bytes of memory: reading and tokenising take several "
-           "times a file's size)") if limit else ""
+    why = (
+        (
+            f" (1/{MEMORY_SHARE} of this machine's {limit[1]} bytes of memory: reading and tokenising take several "
+            "times a file's size)"
+        )
+        if limit
+        else ""
+    )
     try:
         return read_regular(path, f"a {what} file", DataError, max_bytes=limit[0] if limit else None, limit_reason=why)
     except FileNotFoundError:
@@ -98,6 +104,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
 
 # --- tokenizer ---------------------------------------------------------------------------------
 
+
 def load_tokenizer(path: str | os.PathLike[str], vocab_size: int | None = None) -> "Tokenizer":
     """Load a `tokenizers` JSON file; check its vocabulary size against the config's."""
     from tokenizers import Tokenizer
@@ -106,7 +113,7 @@ def load_tokenizer(path: str | os.PathLike[str], vocab_size: int | None = None) 
     raw = read_bytes(p, "tokenizer")
     try:
         tok = Tokenizer.from_str(raw.decode("utf-8"))
-    except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
+    except Exception as exc:  # noqa: BLE001 (tokenizers raises a bare Exception on malformed JSON)
         raise DataError(f"tokenizer file {str(p)!r} is not a valid `tokenizers` JSON file: {exc}.") from None
     got = tok.get_vocab_size(with_added_tokens=True)
     if vocab_size is not None and got != vocab_size:
@@ -118,6 +125,7 @@ def load_tokenizer(path: str | os.PathLike[str], vocab_size: int | None = None) 
 
 
 # --- corpus ------------------------------------------------------------------------------------
+
 
 def load_corpus_text(path: str | os.PathLike[str]) -> str:
     """Read a corpus as strict UTF-8; a bad byte is reported with its offset."""
@@ -131,33 +139,41 @@ def load_corpus_text(path: str | os.PathLike[str]) -> str:
         ) from None
 
 
-def tokenize(tokenizer: "Tokenizer", text: str, *, vocab_size: int, source: str = "corpus",
-             allow_unknown: bool = False) -> np.ndarray:
+def tokenize(
+    tokenizer: "Tokenizer", text: str, *, vocab_size: int, source: str = "corpus", allow_unknown: bool = False
+) -> np.ndarray:
     """Encode `text` to int32 ids and check every id is in [0, vocab_size) and none is the unknown token
     (text the tokenizer cannot represent would otherwise train silently as '[UNK]'). With
     `allow_unknown` the unknown tokens are kept, with a warning giving their count."""
     ids, unknown = _encode(tokenizer, text, vocab_size=vocab_size, source=source)
     if unknown is not None:
         count, total, what, start, unk = unknown
-        said = (f"{source}: {count} of {total} tokens are the unknown token {unk!r}: the tokenizer has no token for "
-                f"{what!r} (first at character {start})")
+        said = (
+            f"{source}: {count} of {total} tokens are the unknown token {unk!r}: the tokenizer has no token for "
+            f"{what!r} (first at character {start})"
+        )
         if not allow_unknown:
-            raise DataError(f"{said}. Add it to the tokenizer's vocabulary, remove it from the corpus, or accept it "
-                            "with allow_unknown_tokens = true in the run config.")
+            raise DataError(
+                f"{said}. Add it to the tokenizer's vocabulary, remove it from the corpus, or accept it "
+                "with allow_unknown_tokens = true in the run config."
+            )
         import warnings
 
         warnings.warn(f"{said}; they are trained as {unk!r} (allow_unknown_tokens)", DataWarning, stacklevel=2)
     return ids
 
 
-def _encode(tokenizer: "Tokenizer", text: str, *, vocab_size: int,
-            source: str) -> tuple[np.ndarray, tuple[int, int, str, int, str] | None]:
+def _encode(
+    tokenizer: "Tokenizer", text: str, *, vocab_size: int, source: str
+) -> tuple[np.ndarray, tuple[int, int, str, int, str] | None]:
     """(int32 ids, None or (unknown count, token count, first unknown text, its character offset, unk token))."""
     encoding = tokenizer.encode(text, add_special_tokens=False)
     ids = np.asarray(encoding.ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
-        raise DataError(f"{source}: the tokenizer produced id {bad}, outside [0, {vocab_size}) = the config's vocab_size.")
+        raise DataError(
+            f"{source}: the tokenizer produced id {bad}, outside [0, {vocab_size}) = the config's vocab_size."
+        )
     unk = getattr(tokenizer.model, "unk_token", None)
     unk_id = tokenizer.token_to_id(unk) if unk else None
     unknown = None
@@ -169,8 +185,15 @@ def _encode(tokenizer: "Tokenizer", text: str, *, vocab_size: int,
     return ids.astype(np.int32), unknown
 
 
-def cached_token_ids(tokenizer_path: Path, corpus_path: Path, *, vocab_size: int,
-                     tokenizer_sha256: str, corpus_sha256: str, allow_unknown: bool = False) -> np.ndarray:
+def cached_token_ids(
+    tokenizer_path: Path,
+    corpus_path: Path,
+    *,
+    vocab_size: int,
+    tokenizer_sha256: str,
+    corpus_sha256: str,
+    allow_unknown: bool = False,
+) -> np.ndarray:
     """Token ids of the corpus, cached under the hashes of tokenizer and corpus.
 
     The first load tokenises (about a second for 1.4 M characters); later loads read the cache file,
@@ -199,8 +222,12 @@ def cached_token_ids(tokenizer_path: Path, corpus_path: Path, *, vocab_size: int
     except OSError as exc:
         import warnings
 
-        warnings.warn(f"{path}: could not cache the corpus's token ids ({exc.strerror or exc}); they are "
-                      "tokenised again next time", DataCacheWarning, stacklevel=2)
+        warnings.warn(
+            f"{path}: could not cache the corpus's token ids ({exc.strerror or exc}); they are "
+            "tokenised again next time",
+            DataCacheWarning,
+            stacklevel=2,
+        )
     return ids
 
 
@@ -223,6 +250,7 @@ def _read_token_cache(path: Path) -> np.ndarray | None:
 
 
 # --- live / dead token mask ----------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TokenMask:
@@ -273,19 +301,25 @@ def load_token_mask(path: str | os.PathLike[str], vocab_size: int) -> TokenMask:
     raw = read_bytes(p, "token mask")
     try:
         data = load(raw)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types)
         raise DataError(f"token mask {str(p)!r} is not a safetensors file: {exc}.") from None
     missing = [k for k in MASK_KEYS if k not in data]
     if missing:
-        raise DataError(f"token mask {str(p)!r} lacks key(s) {missing}; expected {list(MASK_KEYS)}, got {sorted(data)}.")
+        raise DataError(
+            f"token mask {str(p)!r} lacks key(s) {missing}; expected {list(MASK_KEYS)}, got {sorted(data)}."
+        )
     live, dead, idx = data["live_mask"], data["dead_mask"], data["dead_indices"]
     for name, t in (("live_mask", live), ("dead_mask", dead)):
         if t.shape != (vocab_size,):
-            raise DataError(f"token mask {str(p)!r}: {name!r} has shape {tuple(t.shape)}, expected ({vocab_size},) = (vocab_size,).")
+            raise DataError(
+                f"token mask {str(p)!r}: {name!r} has shape {tuple(t.shape)}, expected ({vocab_size},) = (vocab_size,)."
+            )
     live, dead = live.bool(), dead.bool()
     if bool((live == dead).any()):
-        raise DataError(f"token mask {str(p)!r}: 'live_mask' and 'dead_mask' must be complements; they agree at "
-                        f"{int((live == dead).sum())} positions.")
+        raise DataError(
+            f"token mask {str(p)!r}: 'live_mask' and 'dead_mask' must be complements; they agree at "
+            f"{int((live == dead).sum())} positions."
+        )
     idx = idx.to(torch.long).flatten()
     if not torch.equal(idx, torch.nonzero(dead).flatten()):
         raise DataError(f"token mask {str(p)!r}: 'dead_indices' does not list the positions where 'dead_mask' is true.")

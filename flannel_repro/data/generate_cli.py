@@ -28,14 +28,21 @@ def _resolve_variants(arg: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m flannel_repro.data.generate_cli``: write (or with --check, verify) the embedded data files."""
-    parser = argparse.ArgumentParser(prog="python -m flannel_repro.data.generate_cli",
-                                     description=(__doc__ or "").split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m flannel_repro.data.generate_cli", description=(__doc__ or "").split("\n\n")[0]
+    )
     parser.add_argument("--variant", default="all", choices=[*VARIANTS, "all"], help="which variant (default: all)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder holding one sub-folder per variant (default: the repository's fixtures/)")
-    parser.add_argument("--check", action="store_true",
-                        help="regenerate in memory and compare with the files in --out and EMBEDDED_SHA256; "
-                             "exit 1 on any difference")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder holding one sub-folder per variant (default: the repository's fixtures/)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="regenerate in memory and compare with the files in --out and EMBEDDED_SHA256; exit 1 on any difference",
+    )
     args = parser.parse_args(argv)
     root = args.out if args.out is not None else fixtures_root()
     failures = 0
@@ -67,16 +74,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in FILE_NAMES:
             note = "" if hashes[name] == expected[name] else "  (differs from EMBEDDED_SHA256)"
             print(f"  {name:32s} {len(files[name]):>10,d} bytes  sha256 {hashes[name]}{note}")
-        top = " ".join(f"{ch!r}:{count}" for ch, count in stats["top"])  # type: ignore[union-attr]
-        print(f"  n_tokens {stats['n_tokens']:,}  n_live {stats['n_live']:,}  n_dead {stats['n_dead']:,}  "
-              f"top-30 share {stats['top30_share']:.3f}  live below 5 occurrences {stats['n_live_below_5']:,}  "
-              f"occurring once {stats['n_live_once']:,}")
+        top = " ".join(f"{ch!r}:{count}" for ch, count in stats["top"])
+        print(
+            f"  n_tokens {stats['n_tokens']:,}  n_live {stats['n_live']:,}  n_dead {stats['n_dead']:,}  "
+            f"top-30 share {stats['top30_share']:.3f}  live below 5 occurrences {stats['n_live_below_5']:,}  "
+            f"occurring once {stats['n_live_once']:,}"
+        )
         print(f"  top characters: {top}")
         print(f"  EMBEDDED_SHA256[{variant!r}] = {json.dumps(hashes, indent=4)}".replace("\n}", "\n  }"))
     if args.check:
         if failures:
-            print(f"{failures} file(s) differ: the generator's output does not match the committed data.",
-                  file=sys.stderr)
+            print(
+                f"{failures} file(s) differ: the generator's output does not match the committed data.", file=sys.stderr
+            )
             return 1
         print("all embedded data matches.")
     return 0

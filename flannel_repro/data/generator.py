@@ -31,7 +31,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -61,6 +61,7 @@ FILE_NAMES = (TOKENIZER_FILE, CORPUS_FILE, MASK_FILE)
 
 # --- generation ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class GeneratedData:
     """One generated variant, in memory."""
@@ -81,7 +82,7 @@ def generate(variant: str) -> GeneratedData:
         raise AssertionError(f"{variant}: the generated text has {len(text)} characters, fewer than {spec.n_chars}")
 
     # Cut to the exact length (ending in a newline) and work on code points.
-    cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")[:spec.n_chars].copy()
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")[: spec.n_chars].copy()
     cps[-1] = 0x0A
     is_slot = (cps >= 0xE000) & (cps < 0xE000 + spec.n_tail_slots)
     core_live = np.unique(cps[~is_slot])
@@ -89,8 +90,9 @@ def generate(variant: str) -> GeneratedData:
     needed = spec.n_live - len(core_live)
     pool = tail_pool(spec, vocab)
     if not 0 < needed <= min(len(used_slots), len(pool)):
-        raise AssertionError(f"{variant}: need {needed} live tail characters; {len(used_slots)} slots used, "
-                             f"pool of {len(pool)}")
+        raise AssertionError(
+            f"{variant}: need {needed} live tail characters; {len(used_slots)} slots used, pool of {len(pool)}"
+        )
 
     # Map the used slots onto `needed` distinct tail characters: the first `needed` slots (in a seeded
     # order) one to one, the remaining slots onto random ones of those (merging their counts).
@@ -107,8 +109,10 @@ def generate(variant: str) -> GeneratedData:
 
     live = set(np.unique(cps).tolist())
     if len(corpus) != spec.n_chars or len(live) != spec.n_live or not live <= {ord(c) for c in vocab_set}:
-        raise AssertionError(f"{variant}: generated corpus has {len(corpus)} characters and {len(live)} live "
-                             f"entries; expected {spec.n_chars} and {spec.n_live}, all in the vocabulary")
+        raise AssertionError(
+            f"{variant}: generated corpus has {len(corpus)} characters and {len(live)} live "
+            f"entries; expected {spec.n_chars} and {spec.n_live}, all in the vocabulary"
+        )
     return GeneratedData(tokenizer_json=tokenizer_json(vocab), corpus=corpus, vocab_size=spec.vocab_size)
 
 
@@ -123,11 +127,19 @@ def tokenizer_json(vocab: Sequence[str]) -> str:
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": [{"id": 0, "content": UNK_TOKEN, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True}],
+        "added_tokens": [
+            {
+                "id": 0,
+                "content": UNK_TOKEN,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+        ],
         "normalizer": None,
-        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated",
-                          "invert": False},
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False},
         "post_processor": None,
         "decoder": {"type": "Fuse"},
         "model": {"type": "WordLevel", "vocab": {tok: i for i, tok in enumerate(vocab)}, "unk_token": UNK_TOKEN},
@@ -143,12 +155,15 @@ def render(variant: str) -> dict[str, bytes]:
     gen = generate(variant)
     tok = Tokenizer.from_str(gen.tokenizer_json)
     if tok.get_vocab_size(with_added_tokens=True) != gen.vocab_size:
-        raise DataError(f"generated tokenizer of {variant!r} has {tok.get_vocab_size()} entries, "
-                        f"expected {gen.vocab_size}.")
+        raise DataError(
+            f"generated tokenizer of {variant!r} has {tok.get_vocab_size()} entries, expected {gen.vocab_size}."
+        )
     ids = data.tokenize(tok, gen.corpus, vocab_size=gen.vocab_size, source=f"generated corpus {variant!r}")
     if len(ids) != len(gen.corpus) or bool((ids == 0).any()):
-        raise DataError(f"generated tokenizer of {variant!r} does not map the corpus one id per character "
-                        f"({len(ids)} ids for {len(gen.corpus)} characters, {int((ids == 0).sum())} unknown).")
+        raise DataError(
+            f"generated tokenizer of {variant!r} does not map the corpus one id per character "
+            f"({len(ids)} ids for {len(gen.corpus)} characters, {int((ids == 0).sum())} unknown)."
+        )
     mask = data.compute_token_mask(ids, gen.vocab_size)
     with tempfile.TemporaryDirectory(prefix="flannel-datagen-") as tmp:
         path = Path(tmp) / MASK_FILE
@@ -161,7 +176,7 @@ def render(variant: str) -> dict[str, bytes]:
     }
 
 
-def corpus_stats(corpus: str, vocab_size: int, top: int = 10) -> dict[str, object]:
+def corpus_stats(corpus: str, vocab_size: int, top: int = 10) -> dict[str, Any]:
     """Token count, live/dead counts and the frequency profile of a character corpus."""
     cps = np.frombuffer(corpus.encode("utf-32-le"), dtype="<u4")
     values, counts = np.unique(cps, return_counts=True)

@@ -26,8 +26,28 @@ from flannel_repro.data.vocabulary import (
 _CONSONANTS = "tnsrhldcmfpgwybvkxjqz"
 _VOWELS = "eaoiu"
 _DIPHTHONGS = ("ea", "ou", "ai", "ie", "ee", "oo", "io", "au")
-_CLUSTERS = ("th", "st", "tr", "ch", "sh", "pr", "br", "gr", "pl", "cl", "fr", "wh", "sp", "sc", "bl", "dr",
-             "gl", "cr", "fl", "sl")
+_CLUSTERS = (
+    "th",
+    "st",
+    "tr",
+    "ch",
+    "sh",
+    "pr",
+    "br",
+    "gr",
+    "pl",
+    "cl",
+    "fr",
+    "wh",
+    "sp",
+    "sc",
+    "bl",
+    "dr",
+    "gl",
+    "cr",
+    "fl",
+    "sl",
+)
 _SYLLABLES = {1: 30, 2: 38, 3: 22, 4: 10}
 _ONSET = {0: 15, 1: 75, 2: 10}  # no onset, one consonant, a cluster
 _WORD_LEN = draws.poisson_table(3.0, 2, 2, 12)  # letters of a word in the non-Latin alphabetic scripts
@@ -105,8 +125,8 @@ def build_lexicon(spec: VariantSpec, vocab_set: set[str]) -> Lexicon:
     accent_cdf = draws.zipf_cdf(len(accents), 1.05).tolist()
 
     alphabets: dict[str, tuple[list[str], list[float]]] = {}
-    for script, letters in _SCRIPT_LETTERS.items():
-        chars = [chr(c) for c in letters]
+    for script, codes in _SCRIPT_LETTERS.items():
+        chars = [chr(c) for c in codes]
         order = draws.permutation(shuf, len(chars))
         alphabets[script] = ([chars[i] for i in order], draws.zipf_cdf(len(chars), _LETTER_ZIPF_S).tolist())
 
@@ -144,15 +164,19 @@ def build_lexicon(spec: VariantSpec, vocab_set: set[str]) -> Lexicon:
     # Hangul/CJK vocabulary entries at the very end. Every slot occurs in at least one word.
     trng = draws.rng(spec, draws.LEXICON, 1_000)
     n = spec.n_tail_slots
-    seq = np.concatenate([draws.permutation(trng, n),
-                          draws.permutation(trng, n)[draws.sample(trng, draws.zipf_cdf(n, 0.8), int(0.3 * n))]])
+    seq = np.concatenate(
+        [
+            draws.permutation(trng, n),
+            draws.permutation(trng, n)[draws.sample(trng, draws.zipf_cdf(n, 0.8), int(0.3 * n))],
+        ]
+    )
     tl_keys, tl_cdf = draws.table_cdf(_TAIL_WORD_LEN)
     lengths = np.asarray(tl_keys)[draws.sample(trng, np.asarray(tl_cdf), len(seq))]
     pos = 0
     for length in lengths.tolist():
         if pos >= len(seq):
             break
-        w = "".join(chr(0xE000 + int(s)) for s in seq[pos:pos + length])
+        w = "".join(chr(0xE000 + int(s)) for s in seq[pos : pos + length])
         pos += length
         words.setdefault(w, "tail")
 
@@ -161,7 +185,7 @@ def build_lexicon(spec: VariantSpec, vocab_set: set[str]) -> Lexicon:
     u = draws.rng(spec, draws.RANKS).random(len(items))
     penalty = np.array([_RANK_PENALTY.get(s, _OTHER_PENALTY) for _, s in items])
     length = np.array([len(w) for w, _ in items], dtype=np.float64)
-    order = np.argsort(u * penalty * length ** 1.2, kind="stable")
+    order = np.argsort(u * penalty * length**1.2, kind="stable")
     return Lexicon(words=[items[i][0] for i in order], scripts=[items[i][1] for i in order])
 
 
@@ -252,7 +276,7 @@ def layout_text(spec: VariantSpec, lex: Lexicon, stream: np.ndarray) -> str:
     while i < n:
         pieces: list[str] = []
         if heading[pi]:
-            h = ids[i:i + heading_len[pi]]
+            h = ids[i : i + heading_len[pi]]
             i += len(h)
             paragraphs.append(" ".join(capitals[w] for w in h))
             if i >= n:
@@ -260,7 +284,7 @@ def layout_text(spec: VariantSpec, lex: Lexicon, stream: np.ndarray) -> str:
         for _ in range(para_sent[pi]):
             if i >= n:
                 break
-            sent = ids[i:i + sent_len[si]]
+            sent = ids[i : i + sent_len[si]]
             start = i
             i += len(sent)
             last = len(sent) - 1

@@ -17,6 +17,7 @@ UNK_TOKEN = "[UNK]"
 
 # --- variants ------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class VariantSpec:
     """Everything that sizes one variant of the generated data."""
@@ -34,17 +35,50 @@ class VariantSpec:
 
 _SPECS: dict[str, VariantSpec] = {
     "default": VariantSpec(
-        name="default", vocab_size=10_000, n_chars=1_371_328, n_live=6_301, seed=20_240_601,
-        blocks=("latin1", "latin_ext_a", "latin_ext_b", "greek", "cyrillic", "armenian", "hebrew", "arabic",
-                "devanagari", "thai", "georgian", "gen_punct", "hiragana", "katakana"),
+        name="default",
+        vocab_size=10_000,
+        n_chars=1_371_328,
+        n_live=6_301,
+        seed=20_240_601,
+        blocks=(
+            "latin1",
+            "latin_ext_a",
+            "latin_ext_b",
+            "greek",
+            "cyrillic",
+            "armenian",
+            "hebrew",
+            "arabic",
+            "devanagari",
+            "thai",
+            "georgian",
+            "gen_punct",
+            "hiragana",
+            "katakana",
+        ),
         tail_blocks=(("hangul", 1_000), ("cjk", None)),
-        lexicon=(("latin", 30_000), ("latin_acc", 6_000), ("greek", 1_500), ("cyrillic", 2_500),
-                 ("armenian", 250), ("hebrew", 250), ("arabic", 250), ("devanagari", 250), ("thai", 250),
-                 ("georgian", 250), ("hiragana", 350), ("katakana", 350)),
+        lexicon=(
+            ("latin", 30_000),
+            ("latin_acc", 6_000),
+            ("greek", 1_500),
+            ("cyrillic", 2_500),
+            ("armenian", 250),
+            ("hebrew", 250),
+            ("arabic", 250),
+            ("devanagari", 250),
+            ("thai", 250),
+            ("georgian", 250),
+            ("hiragana", 350),
+            ("katakana", 350),
+        ),
         n_tail_slots=6_200,
     ),
     "tiny": VariantSpec(
-        name="tiny", vocab_size=512, n_chars=40_000, n_live=320, seed=20_240_602,
+        name="tiny",
+        vocab_size=512,
+        n_chars=40_000,
+        n_live=320,
+        seed=20_240_602,
         blocks=("latin1", "greek", "cyrillic", "gen_punct"),
         tail_blocks=(("cjk", None),),
         lexicon=(("latin", 1_500), ("latin_acc", 150), ("greek", 60), ("cyrillic", 100)),
@@ -63,6 +97,7 @@ def variant_spec(variant: str) -> VariantSpec:
 
 
 # --- code points ---------------------------------------------------------------------------------
+
 
 def _span(first: int, last: int) -> list[int]:
     return list(range(first, last + 1))
@@ -91,10 +126,14 @@ BLOCKS: dict[str, list[int]] = {
 
 # Lower-case letters of the cased scripts and their upper-case partners (explicit, not str.upper()).
 LATIN1_LOWER = [c for c in _span(0xDF, 0xFF) if c != 0xF7]
-EXT_A_LOWER = ([c for c in _span(0x100, 0x137) if c % 2 == 1] + [0x138]
-                + [c for c in _span(0x139, 0x148) if c % 2 == 0]
-                + [c for c in _span(0x14A, 0x177) if c % 2 == 1]
-                + [c for c in _span(0x179, 0x17E) if c % 2 == 0] + [0x17F])
+EXT_A_LOWER = (
+    [c for c in _span(0x100, 0x137) if c % 2 == 1]
+    + [0x138]
+    + [c for c in _span(0x139, 0x148) if c % 2 == 0]
+    + [c for c in _span(0x14A, 0x177) if c % 2 == 1]
+    + [c for c in _span(0x179, 0x17E) if c % 2 == 0]
+    + [0x17F]
+)
 GREEK_LOWER = _span(0x3AC, 0x3CE)
 CYRILLIC_LOWER = _span(0x430, 0x45F)
 ARMENIAN_LOWER = _span(0x561, 0x586)

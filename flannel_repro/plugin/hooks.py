@@ -11,16 +11,25 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence
 
 import pytest
 
-from flannel_repro.config import ENGINES, ExperimentConfig, RunConfig
+from flannel_repro.config import ENGINES, EngineRunConfig, ExperimentConfig, RunConfig
 from flannel_repro.devices import device_present
 from flannel_repro.errors import ConfigError
 from flannel_repro.plugin.report import ControllerReporter, ProgressWriter
-from flannel_repro.plugin.session import (MARKER, SESSION_KEY, SNAPSHOT_SUFFIX, FlannelSession, RunRecord, add_options,
-                                          build_session, marker_overrides, marker_tolerance)
+from flannel_repro.plugin.session import (
+    MARKER,
+    SESSION_KEY,
+    SNAPSHOT_SUFFIX,
+    FlannelSession,
+    RunRecord,
+    add_options,
+    build_session,
+    marker_overrides,
+    marker_tolerance,
+)
 
 pytest.register_assert_rewrite("flannel_repro.analysis.assertions")
 
@@ -100,8 +109,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         workeroutput["flannel_runs"] = json.dumps([r.to_json() for r in state.runs.values()])
 
 
-
-
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     state = config.stash[SESSION_KEY]
     if any("trajectory" in getattr(item, "fixturenames", ()) for item in items):
@@ -128,8 +135,6 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
                 raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{MARKER}: {exc}") from None
 
 
-
-
 def _resolves_to_ours(metafunc: pytest.Metafunc, name: str) -> bool:
     """Whether fixture `name` is, for this test, the one this plugin defines. A suite's own `device` or
     `train_seed` (any conftest or module fixture wins over a plugin's) is never parametrized by us."""
@@ -138,7 +143,7 @@ def _resolves_to_ours(metafunc: pytest.Metafunc, name: str) -> bool:
     defs = getattr(metafunc, "_arg2fixturedefs", None)  # pytest's own resolution (stable since pytest 3)
     if not isinstance(defs, dict):
         return "trajectory" in metafunc.fixturenames  # unknown internals: only tests that train runs
-    chain = defs.get(name) or ()
+    chain: Sequence[Any] = defs.get(name) or ()
     return bool(chain) and getattr(chain[-1].func, "__module__", None) == __name__
 
 
@@ -163,9 +168,8 @@ def _already_parametrized(metafunc: pytest.Metafunc, name: str) -> bool:
     return False
 
 
-
-
 # --- fixtures ------------------------------------------------------------------------------------------------
+
 
 def _state(request: pytest.FixtureRequest) -> FlannelSession:
     return request.config.stash[SESSION_KEY]
@@ -208,7 +212,7 @@ def token_mask(_flannel_data):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="session")
-def shared_init_W(request: pytest.FixtureRequest):  # noqa: N802, ANN201
+def shared_init_W(request: pytest.FixtureRequest):  # noqa: ANN201
     """W_initial (V, H) from `init_seed`, on CPU in the run dtype: identical on every worker and device."""
     from flannel_repro.training.model import shared_init_W as make
 
@@ -251,14 +255,20 @@ def trajectory(request: pytest.FixtureRequest):  # noqa: ANN201
     callspec = getattr(request.node, "callspec", None)
     default_device = callspec.params.get("device") if callspec is not None and "device" in callspec.params else None
 
-    def make(train_seed: int | None = None, *, device: str | None = None, repeat: int = 0,
-             resume_at: int | None = None, **overrides: Any) -> "Trajectory":
+    def make(
+        train_seed: int | None = None,
+        *,
+        device: str | None = None,
+        repeat: int = 0,
+        resume_at: int | None = None,
+        **overrides: Any,
+    ) -> "Trajectory":
         __tracebackhide__ = True
         dev = device or default_device or state.devices[0]
         present, why = device_present(dev)
         if not present:
             pytest.skip(f"device {dev!r} requested but absent: {why}")
-        cfg = state.run_template
+        cfg: RunConfig | EngineRunConfig = state.run_template
         changes = {**marker, **overrides, "device": dev}
         if train_seed is not None:
             if "model_seed" in overrides or "data_seed" in overrides:
@@ -297,9 +307,8 @@ def flannel_snapshot(request: pytest.FixtureRequest):  # noqa: ANN201
     return snapshot_assertion(request, Tolerance(**tolerance))
 
 
-
-
 # --- claims and the terminal summary (controller only) ------------------------------------------------------
+
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
@@ -310,26 +319,36 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 
     def record(claim: str, a: Any, b: Any, stats: dict[str, Any]) -> None:
         keep = {k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool, type(None)))}
-        item.user_properties.append(("flannel_claim", json.dumps(
-            {"claim": claim, "pair_class": pair_class(a, b), "a": a.label, "b": b.label, **keep})))
+        item.user_properties.append(
+            (
+                "flannel_claim",
+                json.dumps({"claim": claim, "pair_class": pair_class(a, b), "a": a.label, "b": b.label, **keep}),
+            )
+        )
 
     with observe(record):
         return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A failing claim names the report plot that shows it (a section of the failure's output)."""
     report = yield
     if report.failed and report.when == "call" and "trajectory" in getattr(item, "fixturenames", ()):
         from flannel_repro.report.names import plots_for
 
-        claims = [json.loads(v) for k, v in item.user_properties if k == "flannel_claim"]
+        props: list[tuple[str, Any]] = item.user_properties  # ours hold JSON text
+        claims = [json.loads(v) for k, v in props if k == "flannel_claim"]
         plots = plots_for(claims, sources=any(k == "flannel_sources" for k, _ in item.user_properties))
         if plots:
             folder = item.config.stash[SESSION_KEY].report_dir
-            where = (f"in {folder}" if folder is not None else
-                     "in the report: rerun with --flannel-report=DIR, or run flannel-repro report on the artifacts")
+            where = (
+                f"in {folder}"
+                if folder is not None
+                else "in the report: rerun with --flannel-report=DIR, or run flannel-repro report on the artifacts"
+            )
             report.sections.append(("flannel-repro plot", f"the plot that shows it: {', '.join(plots)} {where}"))
     return report
 
@@ -349,14 +368,17 @@ def flannel_record(request: pytest.FixtureRequest):  # noqa: ANN201
     return record
 
 
-def obtain(config: pytest.Config, cfg: RunConfig, *, repeat: int = 0, resume_at: int | None = None) -> "Trajectory":
+def obtain(
+    config: pytest.Config, cfg: RunConfig | EngineRunConfig, *, repeat: int = 0, resume_at: int | None = None
+) -> "Trajectory":
     """Get a run through the session's store, showing progress while it trains."""
     state = config.stash[SESSION_KEY]
     threads = state.apply_threads()
     reporter = ProgressWriter(config, state.progress_interval)
     try:
-        got = state.store().obtain(cfg, repeat=repeat, resume_at=resume_at, progress=reporter.step,
-                                   on_train_start=reporter.start)
+        got = state.store().obtain(
+            cfg, repeat=repeat, resume_at=resume_at, progress=reporter.step, on_train_start=reporter.start
+        )
     except ConfigError as exc:
         raise pytest.UsageError(f"trajectory(...): {exc}") from None
     traj = got.trajectory
@@ -365,10 +387,18 @@ def obtain(config: pytest.Config, cfg: RunConfig, *, repeat: int = 0, resume_at:
     seed = str(c.train_seed) if c.train_seed is not None else f"m{c.model_seed}/d{c.data_seed}"
     if got.trained or name not in state.runs:
         state.runs[name] = RunRecord(
-            name=name, seed=seed + (f" r{repeat}" if repeat else "") + (f" resumed@{resume_at}" if resume_at else ""), device=c.device, engine=c.engine, steps=c.steps,
-            final_loss=traj.final_loss, wall_time_s=traj.wall_time_s, steps_per_s=traj.steps_per_s,
-            threads=int(traj.metadata.get("threads", threads)), path=str(traj.path), trained_here=got.trained,
-            numerics_class=str((traj.env.get("numerics") or {}).get("class", "")), replaced=got.replaced)
+            name=name,
+            seed=seed + (f" r{repeat}" if repeat else "") + (f" resumed@{resume_at}" if resume_at else ""),
+            device=c.device,
+            engine=c.engine,
+            steps=c.steps,
+            final_loss=traj.final_loss,
+            wall_time_s=traj.wall_time_s,
+            steps_per_s=traj.steps_per_s,
+            threads=int(traj.metadata.get("threads", threads)),
+            path=str(traj.path),
+            trained_here=got.trained,
+            numerics_class=str((traj.env.get("numerics") or {}).get("class", "")),
+            replaced=got.replaced,
+        )
     return traj
-
-

@@ -19,6 +19,7 @@ from flannel_repro.plugin.session import SESSION_KEY
 from flannel_repro import safeio
 from flannel_repro.version import __version__
 
+
 def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
@@ -35,8 +36,10 @@ def progress_line(info: dict[str, Any], number: int, planned: int, done: int) ->
     step, steps, rate = int(info["step"]), int(info["steps"]), float(info["rate"])
     eta = (steps - step) / rate if rate > 0 else math.inf
     of = f"of >= {max(planned, number)}" if number <= planned else f"of >= {number}"
-    return (f"flannel: run {number} {of} ({done} done) {info['name']}: step {step}/{steps} ({100 * step / max(1, steps):.0f}%), "
-            f"loss {float(info['loss']):.4f}, {rate:.2f} steps/s, ETA {format_eta(eta)}")
+    return (
+        f"flannel: run {number} {of} ({done} done) {info['name']}: step {step}/{steps} ({100 * step / max(1, steps):.0f}%), "
+        f"loss {float(info['loss']):.4f}, {rate:.2f} steps/s, ETA {format_eta(eta)}"
+    )
 
 
 class ProgressWriter:
@@ -58,15 +61,23 @@ class ProgressWriter:
         state = self.config.stash[SESSION_KEY]
         state.runs_started += 1
         self.number = state.runs_started
-        self._line(f"flannel: run {self.number} of >= {max(state.planned_runs(), self.number)}: training {path.stem} ...")
+        self._line(
+            f"flannel: run {self.number} of >= {max(state.planned_runs(), self.number)}: training {path.stem} ..."
+        )
 
     def step(self, step: int, steps: int, loss: float) -> None:
         now = time.perf_counter()
         if self.interval <= 0 or (now - self.last < self.interval and step != steps):
             return
         self.last = now
-        info = {"name": self.path.stem if self.path else "run", "step": step, "steps": steps, "loss": loss,
-                "rate": step / max(now - self.t0, 1e-9), "time": time.time()}
+        info = {
+            "name": self.path.stem if self.path else "run",
+            "step": step,
+            "steps": steps,
+            "loss": loss,
+            "rate": step / max(now - self.t0, 1e-9),
+            "time": time.time(),
+        }
         if self.is_worker and self.path is not None:
             progress_file = Path(str(self.path) + ".progress")
             # a fresh temporary name and a rename; a link at the progress file is refused, not followed
@@ -89,8 +100,6 @@ class ProgressWriter:
             reporter.write_line(line)
 
 
-
-
 class ControllerReporter:
     """Lives on the controller (or the single process): polls worker progress, prints the summary."""
 
@@ -109,7 +118,7 @@ class ControllerReporter:
 
     @pytest.hookimpl(tryfirst=True)  # before junitxml writes the report's properties
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        props = report.user_properties
+        props: list[tuple[str, Any]] = report.user_properties  # ours hold JSON text
         if report.when == "teardown":  # its report carries what setup, call and teardown recorded, once
             self.snapshots.extend(json.loads(v) for k, v in props if k == SNAPSHOT_PROPERTY)
         sources = [json.loads(v) for k, v in props if k == "flannel_sources"] if report.when == "call" else []
@@ -159,14 +168,21 @@ class ControllerReporter:
         for s in self.snapshots:
             if s.get("comparison") == "none":
                 reasons[str(s.get("reason"))] = reasons.get(str(s.get("reason")), 0) + 1
-        return {"assertions": len(self.snapshots), "compared_exactly": count["exact"], "within_band": count["band"],
-                "not_compared": count["none"], "not_compared_by_reason": dict(sorted(reasons.items()))}
+        return {
+            "assertions": len(self.snapshots),
+            "compared_exactly": count["exact"],
+            "within_band": count["band"],
+            "not_compared": count["none"],
+            "not_compared_by_reason": dict(sorted(reasons.items())),
+        }
 
     def snapshot_line(self) -> str:
         """`flannel snapshots: 5 compared exactly, 0 within the noise band, 0 not compared`, with why."""
         c = self.snapshot_counts()
-        line = (f"flannel snapshots: {c['compared_exactly']} compared exactly, {c['within_band']} within the noise band, "
-                f"{c['not_compared']} not compared")
+        line = (
+            f"flannel snapshots: {c['compared_exactly']} compared exactly, {c['within_band']} within the noise band, "
+            f"{c['not_compared']} not compared"
+        )
         if c["not_compared"]:
             line += " (" + ", ".join(f"{n} {_REASONS.get(r, r)}" for r, n in c["not_compared_by_reason"].items()) + ")"
         return line
@@ -181,7 +197,9 @@ class ControllerReporter:
             "flannel_config": exp.run.fingerprint(),
             "flannel_scale": f"{exp.n_runs} runs x {exp.run.steps} steps",
             "flannel_numerics_requested": exp.run.numerics,
-            "flannel_numerics_classes": ",".join(sorted({r.numerics_class for r in state.runs.values() if r.numerics_class})),
+            "flannel_numerics_classes": ",".join(
+                sorted({r.numerics_class for r in state.runs.values() if r.numerics_class})
+            ),
             "flannel_runs_trained": sum(1 for r in state.runs.values() if r.trained_here),
             "flannel_runs_reused": sum(1 for r in state.runs.values() if not r.trained_here),
             "flannel_artifacts": str(state.artifacts_dir),
@@ -210,17 +228,22 @@ class ControllerReporter:
         t0 = time.perf_counter()
         tables = self._source_tables()
         try:
-            result = write_report([r.path for r in state.runs.values()], state.report_dir,
-                                  session=SessionInfo(claims=list(self.verdicts), facts=self.facts(state),
-                                                      snapshots=self._snapshot_document(state)),
-                                  sources=tables[0] if tables else None)
+            result = write_report(
+                [r.path for r in state.runs.values()],
+                state.report_dir,
+                session=SessionInfo(
+                    claims=list(self.verdicts), facts=self.facts(state), snapshots=self._snapshot_document(state)
+                ),
+                sources=tables[0] if tables else None,
+            )
         except (FlannelError, OSError) as exc:
             self.report_error = f"{type(exc).__name__}: {exc}"
             if session.exitstatus == 0:
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
             return
-        self.report_line = (f"report: {result.page} ({len(result.document['figures'])} plots, "
-                            f"{time.perf_counter() - t0:.1f} s)")
+        self.report_line = (
+            f"report: {result.page} ({len(result.document['figures'])} plots, {time.perf_counter() - t0:.1f} s)"
+        )
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary:
             from flannel_repro.report import step_summary
@@ -235,14 +258,21 @@ class ControllerReporter:
     def _snapshot_document(self, state: Any) -> dict[str, Any]:
         """report.json's `snapshots`: the three counts, why nothing was compared, and each assertion."""
         keys = ("nodeid", "snapshot", "comparison", "outcome", "reason", "class", "stored")
-        return {**self.snapshot_counts(), "policy": state.missing_class,
-                "items": [{k: s.get(k) for k in keys} for s in self.snapshots]}
+        return {
+            **self.snapshot_counts(),
+            "policy": state.missing_class,
+            "items": [{k: s.get(k) for k in keys} for s in self.snapshots],
+        }
 
     def _source_tables(self) -> list[Any]:
         from flannel_repro.analysis.sources import SourceRow, SourceTable
 
-        return [SourceTable(base=f"{rec['base']} [{rec.get('device', '?')}]", rows=[SourceRow(**row) for row in rec["rows"]])
-                for rec in self.sources]
+        return [
+            SourceTable(
+                base=f"{rec['base']} [{rec.get('device', '?')}]", rows=[SourceRow(**row) for row in rec["rows"]]
+            )
+            for rec in self.sources
+        ]
 
     @pytest.hookimpl
     def pytest_sessionstart(self, session: pytest.Session) -> None:
@@ -273,7 +303,7 @@ class ControllerReporter:
                 if info.get("time", 0) > self._seen.get(name, 0) and reporter is not None:
                     self._seen[name] = info["time"]
                     tw = getattr(reporter, "_tw", None)  # after a row of test-progress dots: start a new line
-                    if tw is not None and getattr(tw, "width_of_current_line", 0):
+                    if tw is not None and getattr(tw, "width_of_current_line", False):
                         tw.line()
                     reporter.write_line(progress_line(info, number, state.planned_runs(), done))
 
@@ -291,49 +321,71 @@ class ControllerReporter:
         tr.write_sep("=", "flannel-repro")
         if state.leftovers_removed:
             shown = ", ".join(state.leftovers_removed[:3]) + (" ..." if len(state.leftovers_removed) > 3 else "")
-            tr.write_line(f"removed {len(state.leftovers_removed)} file(s) left by killed runs at session start: {shown}")
+            tr.write_line(
+                f"removed {len(state.leftovers_removed)} file(s) left by killed runs at session start: {shown}"
+            )
         exp = state.experiment
         own = sorted({r.engine for r in state.runs.values() if r.engine not in ENGINES})
         if own and len(own) == len({r.engine for r in state.runs.values()}):  # only your registered engines ran
-            tr.write_line(f"registered engine(s) {', '.join(own)}: {len(state.runs)} runs, artifacts {state.artifacts_dir}")
+            tr.write_line(
+                f"registered engine(s) {', '.join(own)}: {len(state.runs)} runs, artifacts {state.artifacts_dir}"
+            )
         else:
-            tr.write_line(f"config {exp.run.fingerprint()}: {exp.n_runs} runs x {exp.run.steps} steps, seeds "
-                          f"{exp.train_seeds[0]}-{exp.train_seeds[-1]}, engine {exp.run.engine}, labels "
-                          f"{exp.run.label_mode}, artifacts {state.artifacts_dir}")
+            tr.write_line(
+                f"config {exp.run.fingerprint()}: {exp.n_runs} runs x {exp.run.steps} steps, seeds "
+                f"{exp.train_seeds[0]}-{exp.train_seeds[-1]}, engine {exp.run.engine}, labels "
+                f"{exp.run.label_mode}, artifacts {state.artifacts_dir}"
+            )
         if state.runs:
             tr.write_line("")
             ew = max(6, *(len(r.engine) for r in state.runs.values()))
-            head = (f"{'seed':<12} {'device':<7} {'engine':<{ew}} {'steps':>6} {'final loss':>11} {'wall s':>8} "
-                    f"{'steps/s':>8} {'thr':>3}  artifact")
+            head = (
+                f"{'seed':<12} {'device':<7} {'engine':<{ew}} {'steps':>6} {'final loss':>11} {'wall s':>8} "
+                f"{'steps/s':>8} {'thr':>3}  artifact"
+            )
             tr.write_line(head)
             for r in sorted(state.runs.values(), key=lambda r: (r.device, r.seed)):
                 note = "" if r.trained_here else " (reused)"
                 if r.replaced:
                     note = " (retrained: a stored artifact or checkpoint failed verification)"
-                tr.write_line(f"{r.seed:<12} {r.device:<7} {r.engine:<{ew}} {r.steps:>6} {r.final_loss:>11.5f} "
-                              f"{r.wall_time_s:>8.1f} {r.steps_per_s:>8.2f} {r.threads:>3}  {Path(r.path).name}{note}")
+                tr.write_line(
+                    f"{r.seed:<12} {r.device:<7} {r.engine:<{ew}} {r.steps:>6} {r.final_loss:>11.5f} "
+                    f"{r.wall_time_s:>8.1f} {r.steps_per_s:>8.2f} {r.threads:>3}  {Path(r.path).name}{note}"
+                )
             for r in sorted(state.runs.values(), key=lambda r: r.name):
                 if r.replaced:
                     tr.write_line(f"set aside and retrained {r.name}: {r.replaced}")
             classes = sorted({r.numerics_class for r in state.runs.values() if r.numerics_class})
             if classes:
-                tr.write_line(f"numerics class{'es' if len(classes) > 1 else ''}: {', '.join(classes)} "
-                              f"(requested numerics: {exp.run.numerics})")
+                tr.write_line(
+                    f"numerics class{'es' if len(classes) > 1 else ''}: {', '.join(classes)} "
+                    f"(requested numerics: {exp.run.numerics})"
+                )
         if self.cross_class:
             tr.write_line("")
-            tr.write_line(f"snapshots stored only for other numerics classes (--flannel-missing-class={state.missing_class}):")
+            tr.write_line(
+                f"snapshots stored only for other numerics classes (--flannel-missing-class={state.missing_class}):"
+            )
             for c in self.cross_class:
-                tr.write_line(f"  {c['outcome'].upper():<7} {c['snapshot']}: this run {c['class']}, nearest stored {c['stored']}")
+                tr.write_line(
+                    f"  {c['outcome'].upper():<7} {c['snapshot']}: this run {c['class']}, nearest stored {c['stored']}"
+                )
         if self.snapshots:
             counts = self.snapshot_counts()
             compared = counts["compared_exactly"] + counts["within_band"]
             tr.write_line("")
             uncompared = {r for r in counts["not_compared_by_reason"] if r != "written"}  # written: --snapshot-update
-            tr.write_line(self.snapshot_line(), red=compared == 0 and bool(uncompared),
-                          yellow=counts["not_compared"] > 0 and not (compared == 0 and uncompared))
+            tr.write_line(
+                self.snapshot_line(),
+                red=compared == 0 and bool(uncompared),
+                yellow=counts["not_compared"] > 0 and not (compared == 0 and uncompared),
+            )
             if compared == 0 and uncompared:
-                tr.write_line(f"  none of this session's {counts['assertions']} snapshot assertion(s) compared anything: "
-                              "the snapshot gate checked nothing", red=True)
+                tr.write_line(
+                    f"  none of this session's {counts['assertions']} snapshot assertion(s) compared anything: "
+                    "the snapshot gate checked nothing",
+                    red=True,
+                )
         if self.results:
             tr.write_line("")
             tr.write_line("claims:")
@@ -403,8 +455,13 @@ def _verdict(report: pytest.TestReport, claims: list[dict[str, Any]], sources: b
         message = str(report.longrepr[2]).removeprefix("Skipped: ")[:500]
     plots = plots_for(claims, sources=sources)
     outcome = report.outcome if report.outcome in ("passed", "failed", "skipped") else "failed"
-    return {"nodeid": report.nodeid, "outcome": outcome, "duration_s": round(float(report.duration), 3),
-            "message": message, "plots": plots}
+    return {
+        "nodeid": report.nodeid,
+        "outcome": outcome,
+        "duration_s": round(float(report.duration), 3),
+        "message": message,
+        "plots": plots,
+    }
 
 
 def _class_line(cls: str, claims: list[dict[str, Any]]) -> str:
@@ -421,4 +478,3 @@ def _class_line(cls: str, claims: list[dict[str, Any]]) -> str:
     if frobs:
         parts.append(f"final ‖ΔW‖_F min {min(frobs):.4g} / max {max(frobs):.4g}")
     return ", ".join(parts)
-

@@ -15,8 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from flannel_repro.config import (ENGINES, LABEL_MODES, MAX_THREADS, NUMERICS, PRESETS, ExperimentConfig, RunConfig,
-                                  parse_seeds)
+from flannel_repro.config import (
+    ENGINES,
+    LABEL_MODES,
+    MAX_THREADS,
+    NUMERICS,
+    PRESETS,
+    ExperimentConfig,
+    RunConfig,
+    parse_seeds,
+)
 from flannel_repro.devices import DEVICE_KINDS, device_present, parse_device
 from flannel_repro.errors import ConfigError
 
@@ -32,48 +40,86 @@ SNAPSHOT_SUFFIX = "flannel"  # file suffix of flannel_snapshot files (flannel_re
 
 # option name (after --flannel-) -> (ini key, help, parser of the raw string)
 _OPTIONS: dict[str, tuple[str, str]] = {
-    "config": ("flannel_config", "TOML experiment config (core config keys; [experiment] table for runs/seeds/devices)."),
+    "config": (
+        "flannel_config",
+        "TOML experiment config (core config keys; [experiment] table for runs/seeds/devices).",
+    ),
     "preset": ("flannel_preset", f"starting point: {', '.join(PRESETS)} (default: ci = the CI scale)."),
     "steps": ("flannel_steps", "optimizer steps per run (overrides the config)."),
     "runs": ("flannel_runs", "number of training seeds (overrides the config)."),
     "seeds": ("flannel_seeds", "training seeds: '42-51' or '42,43,47' (overrides runs and base seed)."),
-    "devices": ("flannel_devices", "comma-separated devices to run claims on: cpu, cuda, mps (default: cpu plus any present)."),
-    "engine": ("flannel_engine", f"training engine: {' or '.join(ENGINES)} (torch: the lean loop; hf: the transformers "
-               "Trainer; bitwise equal on CPU)."),
-    "label-mode": ("flannel_label_mode", f"labels: {' or '.join(LABEL_MODES)} (next_token: correct; notebook: the "
-                   "notebook's two-ahead labels)."),
-    "artifacts": ("flannel_artifacts", "directory of run artifacts shared by workers and sessions (default: .flannel/artifacts)."),
-    "threads": ("flannel_threads", "torch threads per run (they decide the bits, so the class): default 1, the same under "
-                "pytest and pytest -n auto; more is an explicit choice."),
+    "devices": (
+        "flannel_devices",
+        "comma-separated devices to run claims on: cpu, cuda, mps (default: cpu plus any present).",
+    ),
+    "engine": (
+        "flannel_engine",
+        f"training engine: {' or '.join(ENGINES)} (torch: the lean loop; hf: the transformers "
+        "Trainer; bitwise equal on CPU).",
+    ),
+    "label-mode": (
+        "flannel_label_mode",
+        f"labels: {' or '.join(LABEL_MODES)} (next_token: correct; notebook: the notebook's two-ahead labels).",
+    ),
+    "artifacts": (
+        "flannel_artifacts",
+        "directory of run artifacts shared by workers and sessions (default: .flannel/artifacts).",
+    ),
+    "threads": (
+        "flannel_threads",
+        "torch threads per run (they decide the bits, so the class): default 1, the same under "
+        "pytest and pytest -n auto; more is an explicit choice.",
+    ),
     "tokenizer": ("flannel_tokenizer", "your tokenizers JSON file (with --flannel-corpus)."),
     "corpus": ("flannel_corpus", "your UTF-8 corpus (with --flannel-tokenizer)."),
     "token-mask": ("flannel_token_mask", "your live/dead token mask safetensors (default: computed from the corpus)."),
-    "checkpoint-every": ("flannel_checkpoint_every", "checkpoint the training state every N steps (torch and registered "
-                         "engines), so a killed run resumes from its last checkpoint when trained again (0 = off; "
-                         "default 100)."),
+    "checkpoint-every": (
+        "flannel_checkpoint_every",
+        "checkpoint the training state every N steps (torch and registered "
+        "engines), so a killed run resumes from its last checkpoint when trained again (0 = off; "
+        "default 100).",
+    ),
     "progress": ("flannel_progress", "seconds between training progress lines (0 = off; default 10)."),
-    "numerics": ("flannel_numerics", f"CPU arithmetic: {' or '.join(NUMERICS)} (native: this CPU's fastest kernels, the "
-                 "default; portable: ATen, oneDNN and MKL pinned to AVX2 and bf16 products as float32 GEMMs rounded "
-                 "explicitly, one class on every x86-64 CPU with AVX2; avx512bf16: a faster class for CPUs with "
-                 "AVX-512 BF16)."),
-    "missing-class": ("flannel_missing_class", f"when a snapshot exists only for other numerics classes: "
-                      f"{', '.join(MISSING_CLASS_POLICIES)} (tolerant, the default: compare with the nearest class "
-                      "within the noise band measured for the scale, and fail when none is measured; fail: fail; "
-                      "skip: opt in to skipping, which compares nothing)."),
-    "noise-bands": ("flannel_noise_bands", "JSON file of noise bands for tolerant comparisons across numerics classes "
-                    "(default: flannel_noise_bands.json beside the test file)."),
-    "derive-bounds": ("flannel_derive_bounds", "where no divergence bound was derived for this config and data, the "
-                      "session derives one from held-out seeds (2 runs per seed) and caches it beside the runs: by "
-                      "default the 16 seeds after the claim seeds; or these seeds, e.g. '46-61'; 'none' skips the "
-                      "bound claims instead."),
-    "report": ("flannel_report", "write the report into this folder at the end of the session: plots, a page (HTML and "
-               "Markdown), JSON and CSV (needs matplotlib: the 'report' extra); on GitHub Actions the tables go to the "
-               "step summary too."),
+    "numerics": (
+        "flannel_numerics",
+        f"CPU arithmetic: {' or '.join(NUMERICS)} (native: this CPU's fastest kernels, the "
+        "default; portable: ATen, oneDNN and MKL pinned to AVX2 and bf16 products as float32 GEMMs rounded "
+        "explicitly, one class on every x86-64 CPU with AVX2; avx512bf16: a faster class for CPUs with "
+        "AVX-512 BF16).",
+    ),
+    "missing-class": (
+        "flannel_missing_class",
+        f"when a snapshot exists only for other numerics classes: "
+        f"{', '.join(MISSING_CLASS_POLICIES)} (tolerant, the default: compare with the nearest class "
+        "within the noise band measured for the scale, and fail when none is measured; fail: fail; "
+        "skip: opt in to skipping, which compares nothing).",
+    ),
+    "noise-bands": (
+        "flannel_noise_bands",
+        "JSON file of noise bands for tolerant comparisons across numerics classes "
+        "(default: flannel_noise_bands.json beside the test file).",
+    ),
+    "derive-bounds": (
+        "flannel_derive_bounds",
+        "where no divergence bound was derived for this config and data, the "
+        "session derives one from held-out seeds (2 runs per seed) and caches it beside the runs: by "
+        "default the 16 seeds after the claim seeds; or these seeds, e.g. '46-61'; 'none' skips the "
+        "bound claims instead.",
+    ),
+    "report": (
+        "flannel_report",
+        "write the report into this folder at the end of the session: plots, a page (HTML and "
+        "Markdown), JSON and CSV (needs matplotlib: the 'report' extra); on GitHub Actions the tables go to the "
+        "step summary too.",
+    ),
     "rtol": ("flannel_rtol", "relative tolerance of flannel_snapshot float comparisons (default 0: exact)."),
     "atol": ("flannel_atol", "absolute tolerance of flannel_snapshot float comparisons (default 0: exact)."),
 }
 _FLAGS: dict[str, tuple[str, str]] = {
-    "fresh": ("flannel_fresh", "ignore artifacts from earlier sessions (runs are still shared between this session's workers)."),
+    "fresh": (
+        "flannel_fresh",
+        "ignore artifacts from earlier sessions (runs are still shared between this session's workers).",
+    ),
 }
 
 
@@ -118,7 +164,9 @@ class FlannelSession:
     checkpoint_every: int = 100  # --flannel-checkpoint-every: steps between resumable checkpoints (0 = none)
     runs_started: int = 0  # runs this process started training (numbers its progress lines)
     runs: dict[str, RunRecord] = field(default_factory=dict)
-    leftovers_removed: list[str] = field(default_factory=list)  # partial/progress files of killed runs, cleaned at start
+    leftovers_removed: list[str] = field(
+        default_factory=list
+    )  # partial/progress files of killed runs, cleaned at start
     _store: "RunStore | None" = None
     _threads_set: bool = False
 
@@ -147,8 +195,12 @@ class FlannelSession:
         if self._store is None:
             from flannel_repro.runs.store import RunStore
 
-            self._store = RunStore(self.artifacts_dir, session=self.session_id, reuse_earlier=self.reuse_earlier,
-                                   checkpoint_every=self.checkpoint_every)
+            self._store = RunStore(
+                self.artifacts_dir,
+                session=self.session_id,
+                reuse_earlier=self.reuse_earlier,
+                checkpoint_every=self.checkpoint_every,
+            )
         return self._store
 
     def planned_runs(self) -> int:
@@ -168,9 +220,13 @@ class FlannelSession:
 
         threads = self.planned_threads()
         run = self.run_template
-        return frozenset(numerics_info(d, threads=run.threads or threads, deterministic=run.deterministic,
-                                       mode=run.numerics)["class"]
-                         for d in self.selected_devices() if device_present(d)[0])
+        return frozenset(
+            numerics_info(d, threads=run.threads or threads, deterministic=run.deterministic, mode=run.numerics)[
+                "class"
+            ]
+            for d in self.selected_devices()
+            if device_present(d)[0]
+        )
 
     def apply_threads(self) -> int:
         """Set this process's thread count (once) and pin an xdist worker to that many CPUs: torch's default
@@ -199,7 +255,7 @@ def pin_worker(worker: str | None, workers: int, threads: int) -> list[int] | No
         return None
     if workers * threads > len(allowed) or index >= workers:
         return None
-    cpus = allowed[index * threads:(index + 1) * threads]
+    cpus = allowed[index * threads : (index + 1) * threads]
     from flannel_repro.training.determinism import remember_allowed_cpus
 
     remember_allowed_cpus()  # a run of more threads than this worker's share gets room (torch_threads)
@@ -213,7 +269,6 @@ def pin_worker(worker: str | None, workers: int, threads: int) -> list[int] | No
 SESSION_KEY = pytest.StashKey[FlannelSession]()
 
 
-
 def add_options(parser: pytest.Parser) -> None:
     """Register every --flannel-* option and its ini key (pytest_addoption hands off here)."""
     group = parser.getgroup(GROUP, "flannel-repro: training-determinism claims")
@@ -225,7 +280,6 @@ def add_options(parser: pytest.Parser) -> None:
         parser.addini(ini, help_text, type="bool", default=False)
 
 
-
 def _get(config: pytest.Config, ini: str) -> Any:
     value = config.getoption(ini)
     if value is None:
@@ -234,7 +288,9 @@ def _get(config: pytest.Config, ini: str) -> Any:
 
 
 def _usage(option: str, accepts: str, got: Any) -> pytest.UsageError:
-    return pytest.UsageError(f"--flannel-{option} (ini: flannel_{option.replace('-', '_')}) accepts {accepts}; got {got!r}.")
+    return pytest.UsageError(
+        f"--flannel-{option} (ini: flannel_{option.replace('-', '_')}) accepts {accepts}; got {got!r}."
+    )
 
 
 def _int_option(config: pytest.Config, option: str, minimum: int, maximum: int | None = None) -> int | None:
@@ -261,10 +317,17 @@ def build_session(config: pytest.Config) -> FlannelSession:
         if cfg_path is not None:
             path = Path(cfg_path)
             if not path.is_absolute():
-                path = Path(config.rootpath if config.getoption("flannel_config") is None else config.invocation_params.dir) / path
+                path = (
+                    Path(
+                        config.rootpath if config.getoption("flannel_config") is None else config.invocation_params.dir
+                    )
+                    / path
+                )
             exp = ExperimentConfig.from_toml(path)
             if preset is not None:
-                raise _usage("preset", "no value when --flannel-config is given (put 'preset = ...' in the file)", preset)
+                raise _usage(
+                    "preset", "no value when --flannel-config is given (put 'preset = ...' in the file)", preset
+                )
         else:
             exp = PRESETS[preset or "ci"]()
     except ConfigError as exc:
@@ -274,8 +337,11 @@ def build_session(config: pytest.Config) -> FlannelSession:
     steps = _int_option(config, "steps", 1)
     if steps is not None:
         run_changes["steps"] = steps
-    for option, key, choices in (("engine", "engine", ENGINES), ("label-mode", "label_mode", LABEL_MODES),
-                                 ("numerics", "numerics", NUMERICS)):
+    for option, key, choices in (
+        ("engine", "engine", ENGINES),
+        ("label-mode", "label_mode", LABEL_MODES),
+        ("numerics", "numerics", NUMERICS),
+    ):
         raw = _get(config, _OPTIONS[option][0])
         if raw is not None:
             if raw not in choices:
@@ -286,11 +352,16 @@ def build_session(config: pytest.Config) -> FlannelSession:
         if value is not None and not Path(value).is_file():
             raise _usage(option, "the path of an existing file", value)
     if (tok is None) != (corpus is None):
-        raise pytest.UsageError("--flannel-tokenizer and --flannel-corpus go together: give both to use your own data "
-                                f"(got tokenizer={tok!r}, corpus={corpus!r}).")
+        raise pytest.UsageError(
+            "--flannel-tokenizer and --flannel-corpus go together: give both to use your own data "
+            f"(got tokenizer={tok!r}, corpus={corpus!r})."
+        )
     if tok is not None:
-        run_changes.update(tokenizer_path=str(Path(tok).resolve()), corpus_path=str(Path(corpus).resolve()),
-                           token_mask_path=str(Path(mask).resolve()) if mask else None)
+        run_changes.update(
+            tokenizer_path=str(Path(tok).resolve()),
+            corpus_path=str(Path(corpus).resolve()),
+            token_mask_path=str(Path(mask).resolve()) if mask else None,
+        )
     elif mask is not None:
         raise pytest.UsageError("--flannel-token-mask needs --flannel-tokenizer and --flannel-corpus.")
     exp_changes: dict[str, Any] = {}
@@ -300,11 +371,15 @@ def build_session(config: pytest.Config) -> FlannelSession:
         try:
             seeds = parse_seeds(seeds_raw)
         except ValueError:
-            raise _usage("seeds", "a range '42-51' or a list '42,43,47' of distinct seeds in 0..2**63-1", seeds_raw) from None
+            raise _usage(
+                "seeds", "a range '42-51' or a list '42,43,47' of distinct seeds in 0..2**63-1", seeds_raw
+            ) from None
         if seeds != tuple(range(seeds[0], seeds[0] + len(seeds))):
             raise _usage("seeds", "consecutive seeds (the experiment trains base, base+1, ...)", seeds_raw)
         if runs is not None and runs != len(seeds):
-            raise pytest.UsageError(f"--flannel-runs={runs} disagrees with --flannel-seeds={seeds_raw!r} ({len(seeds)} seeds).")
+            raise pytest.UsageError(
+                f"--flannel-runs={runs} disagrees with --flannel-seeds={seeds_raw!r} ({len(seeds)} seeds)."
+            )
         exp_changes.update(base_train_seed=seeds[0], n_runs=len(seeds))
     elif runs is not None:
         exp_changes["n_runs"] = runs
@@ -350,18 +425,24 @@ def build_session(config: pytest.Config) -> FlannelSession:
         base = config.invocation_params.dir if config.getoption("flannel_noise_bands") else config.rootpath
         noise_bands = Path(bands_raw) if Path(bands_raw).is_absolute() else Path(base) / bands_raw
         if not noise_bands.is_file():
-            raise _usage("noise-bands", "the path of an existing noise-bands JSON file (flannel-repro noise -o FILE)",
-                         str(noise_bands))
+            raise _usage(
+                "noise-bands",
+                "the path of an existing noise-bands JSON file (flannel-repro noise -o FILE)",
+                str(noise_bands),
+            )
     derive_raw = _get(config, "flannel_derive_bounds")
-    derive_bounds = None
+    derive_bounds: tuple[int, ...] | None = None
     if derive_raw is not None and str(derive_raw).strip().lower() == "none":
         derive_bounds = ()
     elif derive_raw is not None and str(derive_raw).strip().lower() != "auto":
         try:
             derive_bounds = parse_seeds(derive_raw)
         except ValueError:
-            raise _usage("derive-bounds", "'none', 'auto', or held-out seeds: a range '46-61' or a list '46,47,50' in "
-                         "0..2**63-1", derive_raw) from None
+            raise _usage(
+                "derive-bounds",
+                "'none', 'auto', or held-out seeds: a range '46-61' or a list '46,47,50' in 0..2**63-1",
+                derive_raw,
+            ) from None
     artifacts_raw = _get(config, "flannel_artifacts")
     artifacts_dir = Path(artifacts_raw) if artifacts_raw else Path(".flannel") / "artifacts"
     if not artifacts_dir.is_absolute():
@@ -389,21 +470,33 @@ def build_session(config: pytest.Config) -> FlannelSession:
         blocker = next((p for p in (report_dir, *report_dir.parents) if p.exists()), None)
         if blocker is not None and not blocker.is_dir():
             what = "is a file" if blocker == report_dir else f"lies under a file ({blocker})"
-            raise _usage("report", f"a folder to write the report into (created if missing); this path {what}",
-                         str(report_dir))
+            raise _usage(
+                "report", f"a folder to write the report into (created if missing); this path {what}", str(report_dir)
+            )
         if workerinput is None:
             try:
                 import matplotlib  # noqa: F401 -- the plots need it; say so before anything trains
             except ImportError:
-                raise _usage("report", "a folder for the report, with matplotlib installed for its plots (pip install "
-                             "'flannel-repro[report]')", str(report_dir)) from None
+                raise _usage(
+                    "report",
+                    "a folder for the report, with matplotlib installed for its plots (pip install "
+                    "'flannel-repro[report]')",
+                    str(report_dir),
+                ) from None
     fresh = bool(config.getoption("flannel_fresh") or config.getini("flannel_fresh"))
     session_id = workerinput.get("flannel_session") if workerinput else None
     return FlannelSession(
-        experiment=exp, artifacts_dir=artifacts_dir,
-        session_id=session_id or uuid.uuid4().hex, reuse_earlier=not fresh, threads=threads,
-        progress_interval=interval, tolerance=tolerance, missing_class=missing_class, noise_bands=noise_bands,
-        derive_bounds=derive_bounds, report_dir=report_dir,
+        experiment=exp,
+        artifacts_dir=artifacts_dir,
+        session_id=session_id or uuid.uuid4().hex,
+        reuse_earlier=not fresh,
+        threads=threads,
+        progress_interval=interval,
+        tolerance=tolerance,
+        missing_class=missing_class,
+        noise_bands=noise_bands,
+        derive_bounds=derive_bounds,
+        report_dir=report_dir,
         checkpoint_every=100 if checkpoint_every is None else checkpoint_every,
     )
 
@@ -419,15 +512,17 @@ def _tolerance_value(raw: Any) -> float | None:
     return value if value >= 0 and value != float("inf") else None
 
 
-
 # --- marker validation ---------------------------------------------------------------------------------
+
 
 def _marker_kwargs(item: pytest.Item) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     for mark in reversed(list(item.iter_markers(MARKER))):  # closest marker wins
         if mark.args:
-            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{MARKER} takes keyword arguments only "
-                                    f"(RunConfig fields, rtol=, atol=), got positional {mark.args!r}.")
+            raise pytest.UsageError(
+                f"{item.nodeid}: @pytest.mark.{MARKER} takes keyword arguments only "
+                f"(RunConfig fields, rtol=, atol=), got positional {mark.args!r}."
+            )
         kwargs.update(mark.kwargs)
     return kwargs
 
@@ -444,9 +539,8 @@ def marker_tolerance(item: pytest.Item) -> dict[str, float]:
         if key in TOLERANCE_KEYS:
             value = _tolerance_value(raw) if isinstance(raw, (int, float)) else None
             if value is None:
-                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{MARKER}({key}=...) must be a finite number >= 0 "
-                                        f"(got {raw!r}).")
+                raise pytest.UsageError(
+                    f"{item.nodeid}: @pytest.mark.{MARKER}({key}=...) must be a finite number >= 0 (got {raw!r})."
+                )
             out[key] = value
     return out
-
-

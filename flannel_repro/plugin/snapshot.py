@@ -46,7 +46,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import pytest
 from syrupy.assertion import DiffMode, SnapshotAssertion
@@ -65,9 +65,18 @@ if TYPE_CHECKING:
     from syrupy.data import SnapshotCollections
     from syrupy.types import PropertyFilter, PropertyMatcher, SerializableData, SerializedData
 
-__all__ = ["COMPARISONS", "SNAPSHOT_EXTENSION", "SNAPSHOT_PROPERTY", "FlannelSnapshotExtension",
-           "FlannelSnapshotAssertion", "as_summary", "nearest_class", "snapshot_assertion", "snapshot_tag",
-           "update_command"]
+__all__ = [
+    "COMPARISONS",
+    "SNAPSHOT_EXTENSION",
+    "SNAPSHOT_PROPERTY",
+    "FlannelSnapshotExtension",
+    "FlannelSnapshotAssertion",
+    "as_summary",
+    "nearest_class",
+    "snapshot_assertion",
+    "snapshot_tag",
+    "update_command",
+]
 
 SNAPSHOT_EXTENSION = SNAPSHOT_SUFFIX  # "flannel": a suffix no other syrupy extension claims
 
@@ -84,8 +93,10 @@ def as_summary(data: Any) -> Summary:
 
     if isinstance(data, RunFile):
         return summarize(data)
-    raise TypeError(f"flannel_snapshot compares run summaries: expected a Summary (trajectory(...).summary(), "
-                    f"summarize_pair(a, b)) or a Trajectory, got {type(data).__name__}.")
+    raise TypeError(
+        f"flannel_snapshot compares run summaries: expected a Summary (trajectory(...).summary(), "
+        f"summarize_pair(a, b)) or a Trajectory, got {type(data).__name__}."
+    )
 
 
 def read_snapshot_text(path: str | os.PathLike[str]) -> str:
@@ -95,9 +106,11 @@ def read_snapshot_text(path: str | os.PathLike[str]) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ArtifactError(f"{path}: expected a UTF-8 snapshot file, got byte 0x{raw[exc.start]:02x} at offset "
-                            f"{exc.start} ({exc.reason}); restore it, or delete it and write it again with "
-                            "--snapshot-update.") from None
+        raise ArtifactError(
+            f"{path}: expected a UTF-8 snapshot file, got byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start} ({exc.reason}); restore it, or delete it and write it again with "
+            "--snapshot-update."
+        ) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -150,8 +163,14 @@ class FlannelSnapshotExtension(SingleFileSnapshotExtension):
 
     # -- serialization and comparison ----------------------------------------------------------
 
-    def serialize(self, data: "SerializableData", *, exclude: "PropertyFilter | None" = None,
-                  include: "PropertyFilter | None" = None, matcher: "PropertyMatcher | None" = None) -> str:
+    def serialize(
+        self,
+        data: "SerializableData",
+        *,
+        exclude: "PropertyFilter | None" = None,
+        include: "PropertyFilter | None" = None,
+        matcher: "PropertyMatcher | None" = None,
+    ) -> str:
         """The summary's canonical text (syrupy's include/exclude/matcher do not apply to summaries)."""
         return as_summary(data).to_text()
 
@@ -164,8 +183,9 @@ class FlannelSnapshotExtension(SingleFileSnapshotExtension):
     def diff_lines(self, serialized_data: "SerializedData", snapshot_data: "SerializedData") -> Iterator[str]:
         yield from self.comparison(serialized_data=serialized_data, snapshot_data=snapshot_data).report()
 
-    def read_snapshot_data_from_location(self, *, snapshot_location: str, snapshot_name: str,
-                                         session_id: str) -> str | None:
+    def read_snapshot_data_from_location(
+        self, *, snapshot_location: str, snapshot_name: str, session_id: str
+    ) -> str | None:
         try:
             return read_snapshot_text(snapshot_location)
         except FileNotFoundError:
@@ -173,8 +193,9 @@ class FlannelSnapshotExtension(SingleFileSnapshotExtension):
 
     # -- discovery: our files only, and only for the device classes this session runs -------------
 
-    def discover_snapshots(self, *, test_location: "PyTestLocation",
-                           ignore_extensions: list[str] | None = None) -> "SnapshotCollections":
+    def discover_snapshots(
+        self, *, test_location: "PyTestLocation", ignore_extensions: list[str] | None = None
+    ) -> "SnapshotCollections":
         # The plugin puts our suffix in syrupy's ignore list so that other extensions' discovery never
         # sees (and never deletes) summaries of device classes this session does not run; we look.
         keep = [e for e in (ignore_extensions or []) if e != SNAPSHOT_EXTENSION]
@@ -200,16 +221,19 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
     """
 
     tolerance: Tolerance = field(default_factory=Tolerance)
-    names_used: dict[str, int] = field(default_factory=dict)  # numerics class -> assertions so far (shared when derived)
+    names_used: dict[str, int] = field(
+        default_factory=dict
+    )  # numerics class -> assertions so far (shared when derived)
     missing_class: str = "tolerant"  # tolerant (band, else fail) / fail / skip: when only other classes have a snapshot
     noise_bands: Path | None = None  # bands file for tolerant comparisons (None: beside the test file)
     _last_name: str | None = field(init=False, default=None)
 
     @property
-    def extension(self) -> FlannelSnapshotExtension:  # type: ignore[override]
+    def extension(self) -> FlannelSnapshotExtension:
         if self._extension is None:
             self._extension = FlannelSnapshotExtension(self.tolerance)
-        return self._extension  # type: ignore[return-value]
+        # syrupy types the field as any extension; use_extension (below) admits only ours
+        return cast(FlannelSnapshotExtension, self._extension)
 
     @property
     def name(self) -> str:
@@ -217,24 +241,38 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
 
     def with_tolerance(self, *, rtol: float | None = None, atol: float | None = None) -> "FlannelSnapshotAssertion":
         """The same snapshot fixture with another tolerance (unset parts keep the current one)."""
-        tol = Tolerance(rtol=self.tolerance.rtol if rtol is None else rtol,
-                        atol=self.tolerance.atol if atol is None else atol)
+        tol = Tolerance(
+            rtol=self.tolerance.rtol if rtol is None else rtol, atol=self.tolerance.atol if atol is None else atol
+        )
         return self._derive(tol)
 
-    def with_defaults(self, *, exclude: "PropertyFilter | None" = None, include: "PropertyFilter | None" = None,
-                      matcher: "PropertyMatcher | None" = None,
-                      extension_class: type | None = None) -> "FlannelSnapshotAssertion":
+    def with_defaults(
+        self,
+        *,
+        exclude: "PropertyFilter | None" = None,
+        include: "PropertyFilter | None" = None,
+        matcher: "PropertyMatcher | None" = None,
+        extension_class: type | None = None,
+    ) -> "FlannelSnapshotAssertion":
         if exclude or include or matcher or (extension_class not in (None, FlannelSnapshotExtension)):
-            raise TypeError("flannel_snapshot compares whole summaries with FlannelSnapshotExtension: "
-                            "include=, exclude=, matcher= and other extensions are not supported.")
+            raise TypeError(
+                "flannel_snapshot compares whole summaries with FlannelSnapshotExtension: "
+                "include=, exclude=, matcher= and other extensions are not supported."
+            )
         return self._derive(self.tolerance)
 
     def _derive(self, tolerance: Tolerance) -> "FlannelSnapshotAssertion":
-        return self.__class__(session=self.session, extension_class=FlannelSnapshotExtension,
-                              test_location=self.test_location, update_snapshots=self.update_snapshots,
-                              update_new_snapshots_only=self.update_new_snapshots_only, tolerance=tolerance,
-                              names_used=self.names_used, missing_class=self.missing_class,
-                              noise_bands=self.noise_bands)
+        return self.__class__(
+            session=self.session,
+            extension_class=FlannelSnapshotExtension,
+            test_location=self.test_location,
+            update_snapshots=self.update_snapshots,
+            update_new_snapshots_only=self.update_new_snapshots_only,
+            tolerance=tolerance,
+            names_used=self.names_used,
+            missing_class=self.missing_class,
+            noise_bands=self.noise_bands,
+        )
 
     def _index_for(self, device_spec: str) -> str:
         """The numerics class for a test's first assertion in that class, then `<class>.1`, `<class>.2`;
@@ -291,7 +329,7 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
             return {}
         name = self._last_name or ""
         base = name[: name.rfind("[")] if name.endswith("]") else name
-        suffix = index[len(klass):].lstrip(".")
+        suffix = index[len(klass) :].lstrip(".")
         kinds = sorted(class_kind(c) for c in klass.split("+"))
         found: dict[str, Path] = {}
         if not own.parent.is_dir():
@@ -302,7 +340,7 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
             tag = snapshot_tag(str(path))
             if tag is None or tag[1] != suffix:
                 continue
-            head = path.name[len(base) + 1:].rsplit("]", 1)[0].partition(".")[0]
+            head = path.name[len(base) + 1 :].rsplit("]", 1)[0].partition(".")[0]
             if head != klass and sorted(class_kind(c) for c in head.split("+")) == kinds:
                 found[head] = path
         return found
@@ -313,19 +351,23 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
         __tracebackhide__ = True
         klass = summary.numerics_class
         nearest = nearest_class(klass, others)
-        head = (f"flannel snapshot {self._last_name}: no snapshot for this run's numerics class {klass}; "
-                f"stored for: {', '.join(sorted(others))}")
+        head = (
+            f"flannel snapshot {self._last_name}: no snapshot for this run's numerics class {klass}; "
+            f"stored for: {', '.join(sorted(others))}"
+        )
         record = f"record this class: {update_command(self.test_location.item)} (then review and commit the new file)"
-        choose = ("policy: --flannel-missing-class=tolerant|fail|skip (ini flannel_missing_class; this session: "
-                  f"{self.missing_class})")
+        choose = (
+            "policy: --flannel-missing-class=tolerant|fail|skip (ini flannel_missing_class; this session: "
+            f"{self.missing_class})"
+        )
         if self.missing_class == "skip":
             _record(self, "none", "skipped", klass, nearest, reason="skipped")
-            pytest.skip(f"{head}. Nothing was compared (skipped by the opt-in --flannel-missing-class=skip); "
-                        f"{record}.")
+            pytest.skip(f"{head}. Nothing was compared (skipped by the opt-in --flannel-missing-class=skip); {record}.")
         if self.missing_class == "fail":
             _record(self, "none", "failed", klass, nearest, reason="fail-policy")
-            raise AssertionError(f"{head}.\n  Nothing was compared (--flannel-missing-class=fail).\n  To {record}.\n  "
-                                 f"{choose}.")
+            raise AssertionError(
+                f"{head}.\n  Nothing was compared (--flannel-missing-class=fail).\n  To {record}.\n  {choose}."
+            )
         from flannel_repro.analysis.noise import DEFAULT_FILE, read_bands, summary_scale, compare_within_band
 
         bands_file = self.noise_bands or Path(self.test_location.filepath).parent / DEFAULT_FILE
@@ -341,7 +383,8 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
             raise AssertionError(
                 f"{head}.\n  Nothing was compared: comparing with another class needs a noise band for scale {scale}, "
                 f"and {shown} has none.\n  To {record};\n  or measure a band: flannel-repro noise --config FILE "
-                f"-o {shown} (see docs/gate.md, 'Numerics classes').\n  {choose}.")
+                f"-o {shown} (see docs/gate.md, 'Numerics classes').\n  {choose}."
+            )
         try:
             stored = read_snapshot_text(others[nearest])
         except FlannelError as exc:
@@ -372,8 +415,10 @@ class FlannelSnapshotAssertion(SnapshotAssertion):
             return super().get_assert_diff(diff_mode=diff_mode)
         location = result.snapshot_location
         if result.recalled_data is None:
-            return [f"no stored snapshot {result.snapshot_name} ({display_path(location)}): nothing was compared. "
-                    f"Write it with {update_command(self.test_location.item)}, then review and commit it"]
+            return [
+                f"no stored snapshot {result.snapshot_name} ({display_path(location)}): nothing was compared. "
+                f"Write it with {update_command(self.test_location.item)}, then review and commit it"
+            ]
         cmp = compare(str(result.recalled_data), str(result.asserted_data), self.tolerance)
         lines = cmp.report(name=result.snapshot_name, location=location)
         return lines if diff_mode == DiffMode.DETAILED else lines[:1]
@@ -404,29 +449,58 @@ def update_command(item: Any) -> str:
 COMPARISONS = ("exact", "band", "none")  # compared exactly / within the noise band / not compared
 
 
-def _record(assertion: FlannelSnapshotAssertion, comparison: str, outcome: str, klass: str, stored: str | None,
-            *, reason: str | None = None) -> None:
+def _record(
+    assertion: FlannelSnapshotAssertion,
+    comparison: str,
+    outcome: str,
+    klass: str,
+    stored: str | None,
+    *,
+    reason: str | None = None,
+) -> None:
     """Note one snapshot assertion on the test's report, for the terminal summary and the JSON report (user
     properties travel through xdist). `comparison`: exact, band or none; `reason` why nothing was compared:
     skipped (opt-in policy), fail-policy, no-band, no-snapshot, written (--snapshot-update), error."""
     item = getattr(assertion.test_location, "item", None)
     if item is not None:
-        item.user_properties.append((SNAPSHOT_PROPERTY, json.dumps(
-            {"nodeid": item.nodeid, "snapshot": assertion._last_name, "comparison": comparison, "outcome": outcome,
-             "reason": reason, "policy": assertion.missing_class, "class": klass, "stored": stored,
-             "cross_class": stored is not None and stored != klass})))
+        item.user_properties.append(
+            (
+                SNAPSHOT_PROPERTY,
+                json.dumps(
+                    {
+                        "nodeid": item.nodeid,
+                        "snapshot": assertion._last_name,
+                        "comparison": comparison,
+                        "outcome": outcome,
+                        "reason": reason,
+                        "policy": assertion.missing_class,
+                        "class": klass,
+                        "stored": stored,
+                        "cross_class": stored is not None and stored != klass,
+                    }
+                ),
+            )
+        )
 
 
 def snapshot_assertion(request: pytest.FixtureRequest, tolerance: Tolerance) -> FlannelSnapshotAssertion:
     """The `flannel_snapshot` fixture's value for one test."""
     session = getattr(request.config, "_syrupy", None)
     if session is None:
-        pytest.fail("flannel_snapshot needs the syrupy pytest plugin: expected an active syrupy session, got none "
-                    "(is syrupy installed, and not disabled with -p no:syrupy?).", pytrace=False)
+        pytest.fail(
+            "flannel_snapshot needs the syrupy pytest plugin: expected an active syrupy session, got none "
+            "(is syrupy installed, and not disabled with -p no:syrupy?).",
+            pytrace=False,
+        )
     option = request.config.option
     state = request.config.stash[SESSION_KEY]
     return FlannelSnapshotAssertion(
-        session=session, extension_class=FlannelSnapshotExtension, test_location=PyTestLocation(request.node),
+        session=session,
+        extension_class=FlannelSnapshotExtension,
+        test_location=PyTestLocation(request.node),
         update_snapshots=bool(option.update_snapshots),
-        update_new_snapshots_only=bool(getattr(option, "update_new_snapshots_only", False)), tolerance=tolerance,
-        missing_class=state.missing_class, noise_bands=state.noise_bands)
+        update_new_snapshots_only=bool(getattr(option, "update_new_snapshots_only", False)),
+        tolerance=tolerance,
+        missing_class=state.missing_class,
+        noise_bands=state.noise_bands,
+    )

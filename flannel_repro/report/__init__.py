@@ -48,16 +48,29 @@ from flannel_repro import safeio
 from flannel_repro.storage.jsonfile import read_json, write_bytes_atomic, write_text_atomic
 from flannel_repro.version import __version__
 
-__all__ = ["FORMAT", "SCHEMA", "SOURCES_PLOT", "STALL_PLOT", "VERDICT_COLOURS", "ReportResult", "SessionInfo", "Verdict",
-           "plot_for_claim", "step_summary", "write_report"]
+__all__ = [
+    "FORMAT",
+    "SCHEMA",
+    "SOURCES_PLOT",
+    "STALL_PLOT",
+    "VERDICT_COLOURS",
+    "ReportResult",
+    "SessionInfo",
+    "Verdict",
+    "plot_for_claim",
+    "step_summary",
+    "write_report",
+]
 
 # verdict kind -> (background, text colour) of its table cell on the page
 VERDICT_COLOURS = {
-    "exact": ("#dcf1dc", "#145a1e"), "passed": ("#dcf1dc", "#145a1e"),
+    "exact": ("#dcf1dc", "#145a1e"),
+    "passed": ("#dcf1dc", "#145a1e"),
     "band": ("#fff1c2", "#6b4d00"),
     "parted": ("#fde3cc", "#8a3a00"),
     "failed": ("#f9d3d3", "#9b0000"),
-    "skipped": ("#e9e9e9", "#4a4a4a"), "none": ("#e9e9e9", "#4a4a4a"),
+    "skipped": ("#e9e9e9", "#4a4a4a"),
+    "none": ("#e9e9e9", "#4a4a4a"),
 }
 
 
@@ -96,9 +109,14 @@ class ReportResult:
         return self.folder / "index.html"
 
 
-def write_report(runs: Sequence[str | os.PathLike[str]], folder: str | os.PathLike[str], *,
-                 session: SessionInfo | None = None, sources: SourceTable | None = None,
-                 verify: bool = True) -> ReportResult:
+def write_report(
+    runs: Sequence[str | os.PathLike[str]],
+    folder: str | os.PathLike[str],
+    *,
+    session: SessionInfo | None = None,
+    sources: SourceTable | None = None,
+    verify: bool = True,
+) -> ReportResult:
     """Compute and write the report for `runs` (artifacts, or folders of them) into `folder`."""
     t0 = time.perf_counter()
     require_matplotlib()  # before any work: a missing extra is said at once
@@ -119,7 +137,9 @@ def write_report(runs: Sequence[str | os.PathLike[str]], folder: str | os.PathLi
     files["index.html"] = page_html(doc).encode()
     for name in [*files, "report.json"]:  # a link or special file at any of them: refused before anything is written
         safeio.own_file(out / name, f"the report's {name}")
-    previous = read_json(out / "report.json", "a report JSON file", missing=None) if (out / "report.json").exists() else None
+    previous = (
+        read_json(out / "report.json", "a report JSON file", missing=None) if (out / "report.json").exists() else None
+    )
     for name, payload in files.items():
         write_bytes_atomic(out / name, payload, f"the report's {name}")
     doc["seconds"] = round(time.perf_counter() - t0, 3)
@@ -138,8 +158,10 @@ def step_summary(result: ReportResult) -> str:
     step summary cannot show files from the runner's disk: upload the folder as an artifact)."""
     doc = result.document
     text = markdown(doc, images=False)
-    return (text + f"\nPlots ({len(doc['figures'])}): {', '.join(f['file'] for f in doc['figures'])}, in "
-            f"`{result.folder}` on the runner (upload it as an artifact to see them).\n\n")
+    return (
+        text + f"\nPlots ({len(doc['figures'])}): {', '.join(f['file'] for f in doc['figures'])}, in "
+        f"`{result.folder}` on the runner (upload it as an artifact to see them).\n\n"
+    )
 
 
 # --- the document ----------------------------------------------------------------------------------
@@ -157,35 +179,58 @@ def document(data: Collected, figures: Sequence[Figure], session: SessionInfo | 
     drawn = {f.file for f in figures}
     for cls, pairs in data.classes().items():
         firsts = [p.first_step for p in pairs if p.first_step is not None]
-        classes.append({
-            "class": cls,
-            "plot": pair_class_plot(cls) if pair_class_plot(cls) in drawn else None,  # None: all bitwise identical
-            "steps": max(int(p.steps[-1]) for p in pairs),
-            "n_pairs": len(pairs),
-            "identical": sum(1 for p in pairs if p.first_step is None),
-            "first_step_min": min(firsts) if firsts else None,
-            "first_step_max": max(firsts) if firsts else None,
-            "final_frobenius_min": _f(min(p.frobenius[-1] for p in pairs)),
-            "final_frobenius_max": _f(max(p.frobenius[-1] for p in pairs)),
-            "pairs": [{"a": data.runs[p.a].name, "b": data.runs[p.b].name, "first_step": p.first_step,
-                       "final_frobenius": _f(p.frobenius[-1]), "final_max_abs": _f(p.max_abs[-1]),
-                       "final_live_share": _f(p.live_share()[-1])} for p in pairs],
-        })
-    runs = []
+        classes.append(
+            {
+                "class": cls,
+                "plot": pair_class_plot(cls) if pair_class_plot(cls) in drawn else None,  # None: all bitwise identical
+                "steps": max(int(p.steps[-1]) for p in pairs),
+                "n_pairs": len(pairs),
+                "identical": sum(1 for p in pairs if p.first_step is None),
+                "first_step_min": min(firsts) if firsts else None,
+                "first_step_max": max(firsts) if firsts else None,
+                "final_frobenius_min": _f(min(p.frobenius[-1] for p in pairs)),
+                "final_frobenius_max": _f(max(p.frobenius[-1] for p in pairs)),
+                "pairs": [
+                    {
+                        "a": data.runs[p.a].name,
+                        "b": data.runs[p.b].name,
+                        "first_step": p.first_step,
+                        "final_frobenius": _f(p.frobenius[-1]),
+                        "final_max_abs": _f(p.max_abs[-1]),
+                        "final_live_share": _f(p.live_share()[-1]),
+                    }
+                    for p in pairs
+                ],
+            }
+        )
+    runs: list[dict[str, Any]] = []
     for r, prof in zip(data.runs, data.stall):
         t = r.traj
-        runs.append({
-            "name": r.name, "label": t.label, "path": str(t.path), "run_key": t.run_key, "repeat": t.repeat,
-            "config": t.config.to_dict(), "steps": t.steps, "final_loss": _f(t.final_loss),
-            "numerics_class": (t.env.get("numerics") or {}).get("class"),
-            "wall_time_s": _f(t.wall_time_s),
-            "stalled_at": prof.stalled_at() if prof.steps.size > 10 else None,
-            "update_stats_recorded": prof.recorded,
-        })
+        runs.append(
+            {
+                "name": r.name,
+                "label": t.label,
+                "path": str(t.path),
+                "run_key": t.run_key,
+                "repeat": t.repeat,
+                "config": t.config.to_dict(),
+                "steps": t.steps,
+                "final_loss": _f(t.final_loss),
+                "numerics_class": (t.env.get("numerics") or {}).get("class"),
+                "wall_time_s": _f(t.wall_time_s),
+                "stalled_at": prof.stalled_at() if prof.steps.size > 10 else None,
+                "update_stats_recorded": prof.recorded,
+            }
+        )
     matrix = data.matrix()
-    env = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
-           "torch": torch.__version__, "flannel_repro": __version__,
-           "numerics_classes": sorted({r["numerics_class"] for r in runs if r["numerics_class"]})}
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "flannel_repro": __version__,
+        "numerics_classes": sorted({r["numerics_class"] for r in runs if r["numerics_class"]}),
+    }
     claims = list(session.claims) if session else []
     return {
         "format": FORMAT,
@@ -194,9 +239,12 @@ def document(data: Collected, figures: Sequence[Figure], session: SessionInfo | 
         "session": dict(session.facts) if session else None,
         "runs": runs,
         "pair_classes": classes,
-        "matrix": None if matrix is None else {
+        "matrix": None
+        if matrix is None
+        else {
             "runs": [data.runs[i].name for i in data.matrix_runs],
-            "final_frobenius": [[_f(v) for v in row] for row in matrix]},
+            "final_frobenius": [[_f(v) for v in row] for row in matrix],
+        },
         "sources": data.sources.to_json() if data.sources is not None else None,
         "stall": [{"run": r.name, **_stall_summary(p)} for r, p in zip(data.runs, data.stall)],
         "claims": claims,
@@ -204,7 +252,9 @@ def document(data: Collected, figures: Sequence[Figure], session: SessionInfo | 
         "snapshots": dict(session.snapshots) if session and session.snapshots is not None else None,
         "figures": [{"file": f.file, "title": f.title, "shows": f.shows} for f in figures],
         "notes": list(data.notes),
-        "files": sorted([*(f.file for f in figures), "divergence.csv", "steps.csv", "report.md", "index.html", "report.json"]),
+        "files": sorted(
+            [*(f.file for f in figures), "divergence.csv", "steps.csv", "report.md", "index.html", "report.json"]
+        ),
         "seconds": None,
     }
 
@@ -212,9 +262,12 @@ def document(data: Collected, figures: Sequence[Figure], session: SessionInfo | 
 def _stall_summary(p: Any) -> dict[str, Any]:
     last = int(p.steps[-1])
     probe = sorted({s for s in (1, 10, 100, 200, 500, 1000, last) if s <= last})
-    return {"dtype": p.dtype, "recorded": p.recorded,
-            "stalled_at": p.stalled_at() if last > 10 else None,
-            "at": [{"step": s, **{k: v for k, v in p.at(s).items() if k != "step"}} for s in probe]}
+    return {
+        "dtype": p.dtype,
+        "recorded": p.recorded,
+        "stalled_at": p.stalled_at() if last > 10 else None,
+        "at": [{"step": s, **{k: v for k, v in p.at(s).items() if k != "step"}} for s in probe],
+    }
 
 
 # --- CSV -------------------------------------------------------------------------------------------
@@ -237,8 +290,18 @@ def _divergence_csv(data: Collected) -> str:
     for p in data.pairs:
         a, b = data.runs[p.a].name, data.runs[p.b].name
         for k, s in enumerate(p.steps.tolist()):
-            rows.append([p.pair_class, a, b, s, _cell(p.frobenius[k]), _cell(p.frobenius_live[k]), _cell(p.max_abs[k]),
-                         int(p.rows_differ[k])])
+            rows.append(
+                [
+                    p.pair_class,
+                    a,
+                    b,
+                    s,
+                    _cell(p.frobenius[k]),
+                    _cell(p.frobenius_live[k]),
+                    _cell(p.max_abs[k]),
+                    int(p.rows_differ[k]),
+                ]
+            )
     return _csv(rows)
 
 
@@ -247,8 +310,16 @@ def _steps_csv(data: Collected) -> str:
     for r, prof in zip(data.runs, data.stall):
         loss = r.traj.losses.double().numpy()
         for s in range(prof.steps.size):
-            rows.append([r.name, s, _cell(loss[s]), _cell(prof.changed[s]), _cell(prof.lost[s]),
-                         _cell(prof.second_moment_moved[s])])
+            rows.append(
+                [
+                    r.name,
+                    s,
+                    _cell(loss[s]),
+                    _cell(prof.changed[s]),
+                    _cell(prof.lost[s]),
+                    _cell(prof.second_moment_moved[s]),
+                ]
+            )
     return _csv(rows)
 
 
@@ -280,44 +351,113 @@ def _tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]
     """(title, header, rows) of every table the page shows; a verdict is a `Verdict` cell."""
     out = []
     if doc["claims"]:
-        out.append(("Claims", ["outcome", "test", "plot", "message"],
-                    [[_outcome(c["outcome"]), c["nodeid"], ", ".join(c.get("plots") or []) or "-",
-                      (c.get("message") or "")[:200]] for c in doc["claims"]]))
+        out.append(
+            (
+                "Claims",
+                ["outcome", "test", "plot", "message"],
+                [
+                    [
+                        _outcome(c["outcome"]),
+                        c["nodeid"],
+                        ", ".join(c.get("plots") or []) or "-",
+                        (c.get("message") or "")[:200],
+                    ]
+                    for c in doc["claims"]
+                ],
+            )
+        )
     items = (doc.get("snapshots") or {}).get("items") or []
     if items:
-        out.append(("Snapshots", ["comparison", "outcome", "test", "snapshot", "why not compared"],
-                    [[_COMPARISON.get(i["comparison"], Verdict("none", "NOT COMPARED")), _outcome(i["outcome"]),
-                      i["nodeid"], i["snapshot"], i["reason"]] for i in items]))
-    out.append(("Runs", ["run", "steps", "final loss", "numerics class", "stalled at (<1% changed)"],
-                [[r["name"], r["steps"], r["final_loss"], r["numerics_class"], r["stalled_at"]] for r in doc["runs"]]))
-    out.append(("Divergence by pair class",
-                ["class", "verdict", "pairs", "bitwise identical", "first divergent step", "final ‖ΔW‖_F", "plot"],
-                [[c["class"], _class_verdict(c), c["n_pairs"], c["identical"],
-                  "-" if c["first_step_min"] is None else f"{c['first_step_min']}..{c['first_step_max']}",
-                  f"{_fmt(c['final_frobenius_min'])}..{_fmt(c['final_frobenius_max'])}",
-                  c["plot"] or "none: bitwise identical"]
-                 for c in doc["pair_classes"]]))
+        out.append(
+            (
+                "Snapshots",
+                ["comparison", "outcome", "test", "snapshot", "why not compared"],
+                [
+                    [
+                        _COMPARISON.get(i["comparison"], Verdict("none", "NOT COMPARED")),
+                        _outcome(i["outcome"]),
+                        i["nodeid"],
+                        i["snapshot"],
+                        i["reason"],
+                    ]
+                    for i in items
+                ],
+            )
+        )
+    out.append(
+        (
+            "Runs",
+            ["run", "steps", "final loss", "numerics class", "stalled at (<1% changed)"],
+            [[r["name"], r["steps"], r["final_loss"], r["numerics_class"], r["stalled_at"]] for r in doc["runs"]],
+        )
+    )
+    out.append(
+        (
+            "Divergence by pair class",
+            ["class", "verdict", "pairs", "bitwise identical", "first divergent step", "final ‖ΔW‖_F", "plot"],
+            [
+                [
+                    c["class"],
+                    _class_verdict(c),
+                    c["n_pairs"],
+                    c["identical"],
+                    "-" if c["first_step_min"] is None else f"{c['first_step_min']}..{c['first_step_max']}",
+                    f"{_fmt(c['final_frobenius_min'])}..{_fmt(c['final_frobenius_max'])}",
+                    c["plot"] or "none: bitwise identical",
+                ]
+                for c in doc["pair_classes"]
+            ],
+        )
+    )
     if doc["sources"]:
         steps = doc["sources"]["rows"][0]["steps"] if doc["sources"]["rows"] else []
-        out.append((f"Divergence by source (base {doc['sources']['base']})",
-                    ["source", "parts at", *[f"‖ΔW‖_F @{s}" for s in steps]],
-                    [[r["description"], Verdict("exact", "EXACT: never parts") if r["first_step"] is None
-                      else Verdict("parted", f"PARTED at {r['first_step']}"), *r["frobenius"]]
-                     for r in doc["sources"]["rows"]]))
+        out.append(
+            (
+                f"Divergence by source (base {doc['sources']['base']})",
+                ["source", "parts at", *[f"‖ΔW‖_F @{s}" for s in steps]],
+                [
+                    [
+                        r["description"],
+                        Verdict("exact", "EXACT: never parts")
+                        if r["first_step"] is None
+                        else Verdict("parted", f"PARTED at {r['first_step']}"),
+                        *r["frobenius"],
+                    ]
+                    for r in doc["sources"]["rows"]
+                ],
+            )
+        )
     stall_rows = []
     for s in doc["stall"]:
-        stall_rows.append([s["run"], s["dtype"], s["stalled_at"],
-                           ", ".join(f"{a['step']}: {100 * a['changed']:.3g}%" for a in s["at"] if a["changed"] is not None)])
-    out.append(("Update fraction (share of W's entries changed)", ["run", "dtype", "stalled at", "changed at step"], stall_rows))
+        stall_rows.append(
+            [
+                s["run"],
+                s["dtype"],
+                s["stalled_at"],
+                ", ".join(f"{a['step']}: {100 * a['changed']:.3g}%" for a in s["at"] if a["changed"] is not None),
+            ]
+        )
+    out.append(
+        (
+            "Update fraction (share of W's entries changed)",
+            ["run", "dtype", "stalled at", "changed at step"],
+            stall_rows,
+        )
+    )
     return out
 
 
 def _identical_sentence(c: dict[str, Any]) -> str:
     """What the page says where the plot of a pair class whose pairs are all bitwise identical would be."""
-    who = (f"{c['pairs'][0]['a']} and {c['pairs'][0]['b']} are" if c["n_pairs"] == 1 and c["pairs"]
-           else f"all {c['n_pairs']} pairs are")
-    return (f"{c['class']}: {who} bitwise identical over all {c['steps']} steps (every recorded W equal), "
-            "so there is no divergence to plot.")
+    who = (
+        f"{c['pairs'][0]['a']} and {c['pairs'][0]['b']} are"
+        if c["n_pairs"] == 1 and c["pairs"]
+        else f"all {c['n_pairs']} pairs are"
+    )
+    return (
+        f"{c['class']}: {who} bitwise identical over all {c['steps']} steps (every recorded W equal), "
+        "so there is no divergence to plot."
+    )
 
 
 def _plot_entries(doc: dict[str, Any]) -> list[tuple[str, str, bool, str]]:
@@ -338,8 +478,10 @@ def _plot_entries(doc: dict[str, Any]) -> list[tuple[str, str, bool, str]]:
 
 
 def _snapshot_sentence(s: dict[str, Any]) -> str:
-    return (f"Snapshots: {s['compared_exactly']} compared exactly, {s['within_band']} within the noise band, "
-            f"{s['not_compared']} not compared.")
+    return (
+        f"Snapshots: {s['compared_exactly']} compared exactly, {s['within_band']} within the noise band, "
+        f"{s['not_compared']} not compared."
+    )
 
 
 def _md(value: Any, *, cell: bool = False) -> str:
@@ -353,16 +495,25 @@ def _md(value: Any, *, cell: bool = False) -> str:
 
 def markdown(doc: dict[str, Any], *, images: bool = True) -> str:
     env = doc["environment"]
-    lines = ["# flannel-repro report", "",
-             f"{len(doc['runs'])} run(s); {_md(env['platform'])}; torch {_md(env['torch'])}; "
-             f"numerics {_md(', '.join(env['numerics_classes']) or '-')}; created {_md(doc['created'])}.", ""]
+    lines = [
+        "# flannel-repro report",
+        "",
+        f"{len(doc['runs'])} run(s); {_md(env['platform'])}; torch {_md(env['torch'])}; "
+        f"numerics {_md(', '.join(env['numerics_classes']) or '-')}; created {_md(doc['created'])}.",
+        "",
+    ]
     if doc["claims"]:
         v = doc["verdicts"]
         lines += [f"Claims: {v['passed']} passed, {v['failed']} failed, {v['skipped']} skipped.", ""]
     if doc.get("snapshots"):
         lines += [_md(_snapshot_sentence(doc["snapshots"])), ""]
     for title, head, rows in _tables(doc):
-        lines += [f"## {_md(title)}", "", "| " + " | ".join(_md(h, cell=True) for h in head) + " |", "|" + "---|" * len(head)]
+        lines += [
+            f"## {_md(title)}",
+            "",
+            "| " + " | ".join(_md(h, cell=True) for h in head) + " |",
+            "|" + "---|" * len(head),
+        ]
         lines += ["| " + " | ".join(_md(_fmt(c), cell=True) for c in row) + " |" for row in rows]
         lines.append("")
     lines += ["## Plots", ""]
@@ -386,16 +537,21 @@ def _td(cell: Any) -> str:
 
 def page_html(doc: dict[str, Any]) -> str:
     e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>flannel-repro report</title>",
-             "<style>body{font-family:sans-serif;max-width:1250px;margin:1em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
-             "th{background:#f3f3f3}img{max-width:100%;border:1px solid #ddd}"
-             ".verdict{font-weight:bold;white-space:nowrap}"
-             + "".join(f".v-{k}{{background:{bg};color:{fg}}}" for k, (bg, fg) in VERDICT_COLOURS.items())
-             + ".identical{border-left:4px solid #3a8a3a;background:#eef7ee;padding:.5em .8em}</style>",
-             "</head><body>", "<h1>flannel-repro report</h1>",
-             f"<p>{len(doc['runs'])} run(s); {e(doc['environment']['platform'])}; torch {e(doc['environment']['torch'])}; "
-             f"numerics {e(', '.join(doc['environment']['numerics_classes']) or '-')}; created {e(doc['created'])}.</p>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>flannel-repro report</title>",
+        "<style>body{font-family:sans-serif;max-width:1250px;margin:1em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
+        "th{background:#f3f3f3}img{max-width:100%;border:1px solid #ddd}"
+        ".verdict{font-weight:bold;white-space:nowrap}"
+        + "".join(f".v-{k}{{background:{bg};color:{fg}}}" for k, (bg, fg) in VERDICT_COLOURS.items())
+        + ".identical{border-left:4px solid #3a8a3a;background:#eef7ee;padding:.5em .8em}</style>",
+        "</head><body>",
+        "<h1>flannel-repro report</h1>",
+        f"<p>{len(doc['runs'])} run(s); {e(doc['environment']['platform'])}; torch {e(doc['environment']['torch'])}; "
+        f"numerics {e(', '.join(doc['environment']['numerics_classes']) or '-')}; created {e(doc['created'])}.</p>",
+    ]
     if doc["claims"]:
         v = doc["verdicts"]
         parts.append(f"<p>Claims: {v['passed']} passed, {v['failed']} failed, {v['skipped']} skipped.</p>")
@@ -416,12 +572,14 @@ def page_html(doc: dict[str, Any]) -> str:
         parts.append(f"<p>Note: {e(n)}</p>")
     # a check a headless browser can read back (tests/test_report.py): how many images loaded
     # and how many verdict cells the style coloured
-    parts.append("<script>window.addEventListener('load', function () { var n = 0, imgs = document.images;"
-                 " for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) n++; }"
-                 " document.body.setAttribute('data-images-loaded', n + '/' + imgs.length);"
-                 " var v = document.querySelectorAll('td.verdict'), k = 0;"
-                 " for (var j = 0; j < v.length; j++) { var bg = getComputedStyle(v[j]).backgroundColor;"
-                 " if (bg && bg !== 'transparent' && bg !== 'rgba(0, 0, 0, 0)') k++; }"
-                 " document.body.setAttribute('data-verdicts-coloured', k + '/' + v.length); });</script>")
+    parts.append(
+        "<script>window.addEventListener('load', function () { var n = 0, imgs = document.images;"
+        " for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) n++; }"
+        " document.body.setAttribute('data-images-loaded', n + '/' + imgs.length);"
+        " var v = document.querySelectorAll('td.verdict'), k = 0;"
+        " for (var j = 0; j < v.length; j++) { var bg = getComputedStyle(v[j]).backgroundColor;"
+        " if (bg && bg !== 'transparent' && bg !== 'rgba(0, 0, 0, 0)') k++; }"
+        " document.body.setAttribute('data-verdicts-coloured', k + '/' + v.length); });</script>"
+    )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

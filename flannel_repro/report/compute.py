@@ -101,7 +101,7 @@ class Collected:
         return m
 
 
-def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+def find_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Run artifacts among `paths`: files as given, directories searched (not recursively) for *.safetensors."""
     out: list[Path] = []
     for p in map(Path, paths):
@@ -110,15 +110,31 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise ArtifactError(f"report: expected a run artifact or a directory of them, got {str(p)!r} (no such file).")
+            raise ArtifactError(
+                f"report: expected a run artifact or a directory of them, got {str(p)!r} (no such file)."
+            )
     seen: set[Path] = set()
-    unique = [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+    unique = []
+    for p in out:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
     return unique
 
 
 # what is recorded, and where the data came from (its content hashes are what counts): not a setting
-NOT_SETTINGS = ("record_W", "record_grads", "record_momentum", "record_variance", "record_logits", "probe_examples",
-                "tokenizer_path", "corpus_path", "token_mask_path", "allow_unknown_tokens")
+NOT_SETTINGS = (
+    "record_W",
+    "record_grads",
+    "record_momentum",
+    "record_variance",
+    "record_logits",
+    "probe_examples",
+    "tokenizer_path",
+    "corpus_path",
+    "token_mask_path",
+    "allow_unknown_tokens",
+)
 
 
 def settings(traj: Trajectory) -> dict[str, Any]:
@@ -189,11 +205,11 @@ def _local_groups(runs: Sequence[RunInfo]) -> list[tuple[str, list[int]]]:
             buckets[("repeats", key_of[i], m, d)].append(i)
         for key, idx in buckets.items():
             if key[0] == "order":
-                idx = _distinct(idx, lambda i: seeds[i][1])
+                idx = _distinct(idx, lambda i, seeds=seeds: seeds[i][1])
             elif key[0] == "init":
-                idx = _distinct(idx, lambda i: seeds[i][0])
+                idx = _distinct(idx, lambda i, seeds=seeds: seeds[i][0])
             elif key[0] == "settings":
-                idx = _distinct(idx, lambda i: key_of[i])
+                idx = _distinct(idx, lambda i, key_of=key_of: key_of[i])
             if len(idx) >= 2:
                 groups.append((key[0], idx))
     return groups
@@ -201,10 +217,17 @@ def _local_groups(runs: Sequence[RunInfo]) -> list[tuple[str, list[int]]]:
 
 def _distinct(idx: list[int], key: Any) -> list[int]:
     seen: set[Any] = set()
-    return [i for i in idx if not (key(i) in seen or seen.add(key(i)))]
+    distinct = []
+    for i in idx:
+        if key(i) not in seen:
+            seen.add(key(i))
+            distinct.append(i)
+    return distinct
 
 
-def collect(paths: Sequence[str | Path], *, verify: bool = True, sources: SourceTable | None = None) -> Collected:
+def collect(
+    paths: Sequence[str | os.PathLike[str]], *, verify: bool = True, sources: SourceTable | None = None
+) -> Collected:
     """Open the runs (verified first unless `verify` is false) and compute everything the report shows."""
     found = find_runs(paths)
     if not found:
@@ -227,9 +250,12 @@ def collect(paths: Sequence[str | Path], *, verify: bool = True, sources: Source
     usual = Counter(keys).most_common(1)[0][0]
     without_w = [r.name for r in runs if not r.traj.has_W]
     if without_w:
-        out.notes.append(f"{len(without_w)} run(s) recorded digests only (record_W = false), not compared: "
-                         + ", ".join(without_w))
-    for kind, idx in _groups([r for r in runs if r.traj.has_W], offset_of=[i for i, r in enumerate(runs) if r.traj.has_W]):
+        out.notes.append(
+            f"{len(without_w)} run(s) recorded digests only (record_W = false), not compared: " + ", ".join(without_w)
+        )
+    for kind, idx in _groups(
+        [r for r in runs if r.traj.has_W], offset_of=[i for i, r in enumerate(runs) if r.traj.has_W]
+    ):
         if len(idx) > MAX_GROUP:
             out.notes.append(f"{kind}: {len(idx)} runs of one group; the first {MAX_GROUP} by name were compared.")
             idx = idx[:MAX_GROUP]
@@ -245,10 +271,19 @@ def collect(paths: Sequence[str | Path], *, verify: bool = True, sources: Source
                 continue  # two variants of the usual setting: their difference is two things at once
             done.add((min(i, j), max(i, j)))
             first = int(pw.first_step[p])
-            out.pairs.append(PairResult(
-                a=i, b=j, pair_class=_pair_class(runs[i].traj, runs[j].traj), steps=pw.steps,
-                frobenius=pw.frobenius[p], frobenius_live=pw.frobenius_live[p], max_abs=pw.max_abs[p],
-                rows_differ=pw.rows_differ[p], first_step=None if first == NEVER else first))
+            out.pairs.append(
+                PairResult(
+                    a=i,
+                    b=j,
+                    pair_class=_pair_class(runs[i].traj, runs[j].traj),
+                    steps=pw.steps,
+                    frobenius=pw.frobenius[p],
+                    frobenius_live=pw.frobenius_live[p],
+                    max_abs=pw.max_abs[p],
+                    rows_differ=pw.rows_differ[p],
+                    first_step=None if first == NEVER else first,
+                )
+            )
         if kind == "seeds" and len(idx) > len(out.matrix_runs):
             out.matrix_runs = list(idx)
     out.stall = [stall_profile(r.traj) for r in runs]
@@ -274,14 +309,26 @@ def _problem(t: Trajectory) -> ArtifactError | None:
 
 def _sort_key(t: Trajectory) -> tuple:
     c = t.config
-    return (c.steps, c.dtype, c.train_seed is None, c.model_seed, c.data_seed, t.repeat, c.threads, c.engine, str(t.path))
+    return (
+        c.steps,
+        c.dtype,
+        c.train_seed is None,
+        c.model_seed,
+        c.data_seed,
+        t.repeat,
+        c.threads,
+        c.engine,
+        str(t.path),
+    )
 
 
 def _sources(runs: Sequence[RunInfo], keys: Sequence[str], usual: str) -> SourceTable | None:
     """Divergence by source when the runs hold a base (the lowest single-seed run of the usual setting
     `usual`, repeat 0; `keys[i]` is run i's setting key) and at least one run that changes one source
     alone; None otherwise."""
-    singles = [r for r, key in zip(runs, keys) if r.config.train_seed is not None and r.traj.repeat == 0 and key == usual]
+    singles = [
+        r for r, key in zip(runs, keys) if r.config.train_seed is not None and r.traj.repeat == 0 and key == usual
+    ]
     if not singles:
         return None
     base = singles[0]

@@ -36,8 +36,10 @@ def require_matplotlib() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise ConfigError("the report's plots need matplotlib, an optional extra: pip install 'flannel-repro[report]' "
-                          "(or pip install matplotlib).") from None
+        raise ConfigError(
+            "the report's plots need matplotlib, an optional extra: pip install 'flannel-repro[report]' "
+            "(or pip install matplotlib)."
+        ) from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -63,8 +65,16 @@ class Figure:
     yticks: tuple[tuple[float, str], ...] = ()
 
 
-def _figure(plt: Any, fig: Any, ax: Any, file: str, title: str, shows: str, x_range: tuple[float, float],
-            y_range: tuple[float, float]) -> Figure:
+def _figure(
+    plt: Any,
+    fig: Any,
+    ax: Any,
+    file: str,
+    title: str,
+    shows: str,
+    x_range: tuple[float, float],
+    y_range: tuple[float, float],
+) -> Figure:
     """Render `fig` to PNG bytes (and close it), keeping the first panel `ax`'s axis limits and ticks."""
     fig.canvas.draw()
     xlim = tuple(float(v) for v in ax.get_xlim())
@@ -73,8 +83,20 @@ def _figure(plt: Any, fig: Any, ax: Any, file: str, title: str, shows: str, x_ra
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     plt.close(fig)
-    return Figure(file, title, shows, buf.getvalue(), x_range, y_range, xlim, ylim,  # type: ignore[arg-type]
-                  ax.get_xscale(), ax.get_yscale(), xticks, yticks)
+    return Figure(
+        file,
+        title,
+        shows,
+        buf.getvalue(),
+        x_range,
+        y_range,
+        xlim,  # type: ignore[arg-type]
+        ylim,  # type: ignore[arg-type]
+        ax.get_xscale(),
+        ax.get_yscale(),
+        xticks,
+        yticks,
+    )
 
 
 def _labelled_ticks(axis: Any, lim: tuple[float, ...]) -> tuple[tuple[float, str], ...]:
@@ -82,8 +104,11 @@ def _labelled_ticks(axis: Any, lim: tuple[float, ...]) -> tuple[tuple[float, str
     lo, hi = sorted(lim)
     slack = 1e-9 * max(abs(lo), abs(hi), 1e-300)
     labels = [t.get_text() for t in axis.get_majorticklabels()]
-    return tuple((float(v), text) for v, text in zip(axis.get_majorticklocs(), labels)
-                 if lo - slack <= v <= hi + slack and text.strip())
+    return tuple(
+        (float(v), text)
+        for v, text in zip(axis.get_majorticklocs(), labels)
+        if lo - slack <= v <= hi + slack and text.strip()
+    )
 
 
 def _number(v: float, _pos: Any = None) -> str:
@@ -110,7 +135,9 @@ def _step_axis(ax: Any, last_step: int) -> None:
     else:
         ax.set_xscale("symlog", linthresh=1)  # linear below 1, so step 0 is drawn
         decades = math.log10(max(last_step, 1))
-        ax.xaxis.set_major_locator(SymmetricalLogLocator(linthresh=1, base=10, subs=[1, 2, 5] if decades <= 3.5 else [1]))
+        ax.xaxis.set_major_locator(
+            SymmetricalLogLocator(linthresh=1, base=10, subs=[1, 2, 5] if decades <= 3.5 else [1])
+        )
         ax.xaxis.set_minor_locator(SymmetricalLogLocator(linthresh=1, base=10, subs=list(range(1, 10))))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("step (log scale past 1)")
@@ -180,10 +207,17 @@ def pair_class_figure(plt: Any, data: Collected, cls: str, pairs: list[PairResul
         ax_f.legend(fontsize=6)
     fig.tight_layout()
     firsts = sorted({p.first_step for p in pairs if p.first_step is not None})
-    shows = (f"{len(pairs)} pair(s) of runs that differ in: {cls}. " +
-             (f"First divergent step {firsts[0]}" + (f"..{firsts[-1]}" if len(firsts) > 1 else "") + "; " if firsts else "")
-             + f"final ‖ΔW‖_F {min(float(p.frobenius[-1]) for p in pairs):.4g}..{max(float(p.frobenius[-1]) for p in pairs):.4g}"
-             + (f"; {identical} pair(s) bitwise identical over every step" if identical else "") + ".")
+    shows = (
+        f"{len(pairs)} pair(s) of runs that differ in: {cls}. "
+        + (
+            f"First divergent step {firsts[0]}" + (f"..{firsts[-1]}" if len(firsts) > 1 else "") + "; "
+            if firsts
+            else ""
+        )
+        + f"final ‖ΔW‖_F {min(float(p.frobenius[-1]) for p in pairs):.4g}..{max(float(p.frobenius[-1]) for p in pairs):.4g}"
+        + (f"; {identical} pair(s) bitwise identical over every step" if identical else "")
+        + "."
+    )
     return _figure(plt, fig, ax_f, pair_class_plot(cls), f"Divergence: {cls}", shows, _range(xs), _range(ys))
 
 
@@ -217,11 +251,23 @@ def live_dead_figure(plt: Any, data: Collected) -> Figure | None:
     n_live = int(data.runs[0].traj.live_mask.sum())
     vocab = int(data.runs[0].traj.live_mask.numel())
     finals = {c: float(np.nanmedian(np.stack([p.live_share() for p in ps])[:, -1])) for c, ps in classes.items()}
-    shows = (f"Per pair class, the share of ‖ΔW‖²_F in the rows of the {n_live} live tokens (of {vocab}); the rest is in "
-             "the dead tokens' rows, which move only through the tied output head. Final medians: "
-             + ", ".join(f"{c} {v:.3f}" for c, v in finals.items()) + ".")
-    return _figure(plt, fig, ax, "live-dead-share.png", "Live vs dead tokens' share of the divergence", shows,
-                   _range([steps.astype(np.float64)]), _range(ys))
+    shows = (
+        f"Per pair class, the share of ‖ΔW‖²_F in the rows of the {n_live} live tokens (of {vocab}); the rest is in "
+        "the dead tokens' rows, which move only through the tied output head. Final medians: "
+        + ", ".join(f"{c} {v:.3f}" for c, v in finals.items())
+        + "."
+    )
+    assert steps is not None  # classes is not empty
+    return _figure(
+        plt,
+        fig,
+        ax,
+        "live-dead-share.png",
+        "Live vs dead tokens' share of the divergence",
+        shows,
+        _range([steps.astype(np.float64)]),
+        _range(ys),
+    )
 
 
 def loss_figure(plt: Any, data: Collected) -> Figure:
@@ -258,17 +304,34 @@ def matrix_figure(plt: Any, data: Collected) -> Figure | None:
         for i in range(len(names)):
             for j in range(len(names)):
                 if np.isfinite(m[i, j]):
-                    ax.text(j, i, f"{m[i, j]:.3g}", ha="center", va="center", fontsize=6,
-                            color="white" if m[i, j] < np.nanmax(m) / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{m[i, j]:.3g}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if m[i, j] < np.nanmax(m) / 2 else "black",
+                    )
     fig.colorbar(im, ax=ax, label="final ‖ΔW‖_F")
     step = int(data.runs[data.matrix_runs[0]].traj.steps)
     ax.set_title(f"‖W_a - W_b‖_F at step {step}", fontsize=9)
     fig.tight_layout()
     off = m[~np.eye(len(names), dtype=bool)]
-    shows = (f"Final ‖ΔW‖_F between every pair of the {len(names)} single-seed runs: "
-             f"{np.nanmin(off):.4g}..{np.nanmax(off):.4g}.")
-    return _figure(plt, fig, ax, "seed-matrix.png", "Seed x seed: final divergence", shows,
-                   (0.0, float(len(names) - 1)), (0.0, float(len(names) - 1)))
+    shows = (
+        f"Final ‖ΔW‖_F between every pair of the {len(names)} single-seed runs: "
+        f"{np.nanmin(off):.4g}..{np.nanmax(off):.4g}."
+    )
+    return _figure(
+        plt,
+        fig,
+        ax,
+        "seed-matrix.png",
+        "Seed x seed: final divergence",
+        shows,
+        (0.0, float(len(names) - 1)),
+        (0.0, float(len(names) - 1)),
+    )
 
 
 def update_figure(plt: Any, data: Collected) -> Figure | None:
@@ -276,8 +339,9 @@ def update_figure(plt: Any, data: Collected) -> Figure | None:
     if not profiles:
         return None
     recorded = any(p.recorded for _, p in profiles)
-    fig, axes = plt.subplots(2 if recorded else 1, 1, figsize=(SIZE[0], SIZE[1] * (1.6 if recorded else 1)), sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        2 if recorded else 1, 1, figsize=(SIZE[0], SIZE[1] * (1.6 if recorded else 1)), sharex=True, squeeze=False
+    )
     ax = axes[0][0]
     ys, xs = [], []
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -290,8 +354,9 @@ def update_figure(plt: Any, data: Collected) -> Figure | None:
         xs.append(p.steps[1:].astype(np.float64))
         if recorded and p.recorded:
             axes[1][0].plot(p.steps[1:], p.lost[1:], style, color=color, lw=0.9, label=f"lost: {r.name} ({p.dtype})")
-            axes[1][0].plot(p.steps[1:], p.second_moment_moved[1:], ":", color=color, lw=0.9,
-                            label=f"v moved: {r.name}")
+            axes[1][0].plot(
+                p.steps[1:], p.second_moment_moved[1:], ":", color=color, lw=0.9, label=f"v moved: {r.name}"
+            )
     _log_value_axis(ax)
     ax.set_ylabel("share of W's entries changed")
     ax.set_title("Update fraction per step (dashed: float32 weights)", fontsize=9)
@@ -356,7 +421,14 @@ def sources_figure(plt: Any, data: Collected) -> Figure | None:
     for row in table.rows:
         y = _positive(np.array(row.frobenius))
         x = np.array(row.steps, dtype=np.float64)
-        ax.plot(x, y, "o-", lw=1.2, ms=3, label=f"{row.description} (parts at {row.first_step if row.first_step is not None else 'never'})")
+        ax.plot(
+            x,
+            y,
+            "o-",
+            lw=1.2,
+            ms=3,
+            label=f"{row.description} (parts at {row.first_step if row.first_step is not None else 'never'})",
+        )
         ys.append(y)
         xs.append(x)
     if any(np.isfinite(y).any() for y in ys):
@@ -367,9 +439,14 @@ def sources_figure(plt: Any, data: Collected) -> Figure | None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    shows = "Each source changed alone against the base run: " + "; ".join(
-        f"{r.source} parts at {r.first_step if r.first_step is not None else 'never'}, final ‖ΔW‖_F {r.frobenius[-1]:.4g}"
-        for r in table.rows) + "."
+    shows = (
+        "Each source changed alone against the base run: "
+        + "; ".join(
+            f"{r.source} parts at {r.first_step if r.first_step is not None else 'never'}, final ‖ΔW‖_F {r.frobenius[-1]:.4g}"
+            for r in table.rows
+        )
+        + "."
+    )
     return _figure(plt, fig, ax, SOURCES_PLOT, "Divergence by source", shows, _range(xs), _range(ys))
 
 

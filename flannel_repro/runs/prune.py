@@ -59,8 +59,12 @@ def _artifact_verdict(path: Path, code: str, packages: dict[str, str]) -> tuple[
     if got != KEY_FORMAT:
         return False, f"{NOT_OURS}: expected run-key material of format {KEY_FORMAT!r}, got {got!r}"
     key = meta.get("run_key", "")
-    if (not isinstance(key, str) or re.fullmatch(r"[0-9a-f]{20}", key) is None or key[:12] != named.group(2)
-            or str(material.get("repeat")) != named.group(1)):
+    if (
+        not isinstance(key, str)
+        or re.fullmatch(r"[0-9a-f]{20}", key) is None
+        or key[:12] != named.group(2)
+        or str(material.get("repeat")) != named.group(1)
+    ):
         return False, f"{NOT_OURS}: its name does not carry its run key {key!r} and repeat {material.get('repeat')!r}"
     try:
         traj = RunFile(path)
@@ -88,8 +92,9 @@ def _artifact_verdict(path: Path, code: str, packages: dict[str, str]) -> tuple[
 def _side_file_is_ours(path: Path) -> bool:
     """A regular file named after a run name the store gives, with one of the store's side-file suffixes."""
     side = _SIDE_FILE.fullmatch(path.name)
-    return (side is not None and _RUN_FILE.fullmatch(side.group(1)) is not None and not path.is_symlink()
-            and path.is_file())
+    return (
+        side is not None and _RUN_FILE.fullmatch(side.group(1)) is not None and not path.is_symlink() and path.is_file()
+    )
 
 
 def scan_artifacts(root: str | Path) -> list[Orphan]:
@@ -145,7 +150,8 @@ def scan_artifacts(root: str | Path) -> list[Orphan]:
         if not _side_file_is_ours(path):
             continue
         if not Path(str(path)[: -len(".progress")]).exists() and not any(
-                p.name.startswith(path.name[: -len(".progress")] + ".partial-") for p in directory.iterdir()):
+            p.name.startswith(path.name[: -len(".progress")] + ".partial-") for p in directory.iterdir()
+        ):
             add(path, "progress file of a run that is gone")
     return found
 
@@ -173,7 +179,10 @@ def _resume_orphans(directory: Path, code: str, add: Callable[[Path, str], None]
             if artifact.exists():
                 add(path, "resume file of a run that finished")
             elif not Path(f"{artifact}{partner}").exists():
-                add(path, "resume file without its " + ("partial artifact" if suffix == CHECKPOINT_SUFFIX else "checkpoint"))
+                add(
+                    path,
+                    "resume file without its " + ("partial artifact" if suffix == CHECKPOINT_SUFFIX else "checkpoint"),
+                )
             elif suffix == CHECKPOINT_SUFFIX:
                 try:
                     made_by = checkpoint.load(path).info.get("code")

@@ -31,7 +31,7 @@ from flannel_repro.errors import ConfigError, DeterminismError
 from flannel_repro.storage.format import digest_tensor
 
 if TYPE_CHECKING:
-    from flannel_repro.config import RunConfig
+    from flannel_repro.config import EngineRunConfig, RunConfig
     from flannel_repro.data.corpus import CorpusData
 
 
@@ -39,8 +39,10 @@ def _debug_mode() -> Any:
     try:
         from torch.utils._debug_mode import DebugMode
     except ImportError:
-        raise ConfigError(f"recording operations needs torch >= 2.10 (torch.utils._debug_mode.DebugMode); this is "
-                          f"torch {torch.__version__}.") from None
+        raise ConfigError(
+            f"recording operations needs torch >= 2.10 (torch.utils._debug_mode.DebugMode); this is "
+            f"torch {torch.__version__}."
+        ) from None
     return DebugMode
 
 
@@ -52,7 +54,8 @@ def _tensor(t: torch.Tensor) -> OpTensor:
     if x.is_complex():
         x = torch.view_as_real(x)
     raw = x.reshape(-1).view(torch.uint8).numpy() if x.numel() else b""
-    digest = hashlib.blake2b(memoryview(raw), digest_size=16).hexdigest()
+    # numpy's stubs give ndarray a buffer (__buffer__) only for Python >= 3.12
+    digest = hashlib.blake2b(memoryview(raw), digest_size=16).hexdigest()  # type: ignore[arg-type]
     absmax = float(x.abs().max().to(torch.float64)) if x.is_floating_point() and x.numel() else None
     return OpTensor(str(x.dtype).removeprefix("torch."), tuple(x.shape), digest, absmax)
 
@@ -85,11 +88,26 @@ def _args_digest(args: Any, kwargs: Any) -> str:
 
 
 # Operations whose output holds whatever memory it was given (its bytes are not a result).
-_UNINITIALISED = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted",
-                            "resize_"})
+_UNINITIALISED = frozenset(
+    {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted", "resize_"}
+)
 # In-place operations that overwrite their first argument without reading it.
-_OVERWRITES = frozenset({"copy_", "fill_", "zero_", "uniform_", "normal_", "random_", "bernoulli_", "exponential_",
-                         "geometric_", "log_normal_", "cauchy_", "set_"})
+_OVERWRITES = frozenset(
+    {
+        "copy_",
+        "fill_",
+        "zero_",
+        "uniform_",
+        "normal_",
+        "random_",
+        "bernoulli_",
+        "exponential_",
+        "geometric_",
+        "log_normal_",
+        "cauchy_",
+        "set_",
+    }
+)
 
 
 class _StepRecorder:
@@ -126,8 +144,11 @@ class _StepRecorder:
         starts: list[int] = []  # per module call: the newest autograd node that existed when it began
 
         def newest(tensors: list[torch.Tensor]) -> int:
-            seqs = [t.grad_fn._sequence_nr() for t in tensors
-                    if t.grad_fn is not None and type(t.grad_fn).__name__ != "AccumulateGrad"]
+            seqs = [
+                t.grad_fn._sequence_nr()
+                for t in tensors
+                if t.grad_fn is not None and type(t.grad_fn).__name__ != "AccumulateGrad"
+            ]
             return max(seqs, default=-1)
 
         def before_forward(module: torch.nn.Module, inputs: Any) -> None:
@@ -138,19 +159,28 @@ class _StepRecorder:
             name = names.get(id(module))
             if name is None:
                 return
-            stack = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+            stack: list[torch.autograd.graph.Node | None] = [
+                t.grad_fn for t in _tensors(output) if t.grad_fn is not None
+            ]
             seen: set[int] = set()
             while stack:  # the nodes this call created (newer than its inputs); inner modules' keep their tag
                 node = stack.pop()
-                if (node is None or id(node) in seen or type(node).__name__ == "AccumulateGrad"
-                        or node._sequence_nr() <= start):
+                if (
+                    node is None
+                    or id(node) in seen
+                    or type(node).__name__ == "AccumulateGrad"
+                    or node._sequence_nr() <= start
+                ):
                     continue
                 seen.add(id(node))
-                node.metadata.setdefault("flannel_module", name)
+                # torch's stubs declare Node.metadata a method; on autograd nodes it is a dict attribute
+                node.metadata.setdefault("flannel_module", name)  # type: ignore[attr-defined]
                 stack.extend(fn for fn, _ in node.next_functions)
 
-        handles = [torch.nn.modules.module.register_module_forward_pre_hook(before_forward),
-                   torch.nn.modules.module.register_module_forward_hook(after_forward)]
+        handles = [
+            torch.nn.modules.module.register_module_forward_pre_hook(before_forward),
+            torch.nn.modules.module.register_module_forward_hook(after_forward),
+        ]
         try:
             yield
         finally:
@@ -161,7 +191,8 @@ class _StepRecorder:
         tracker = getattr(self.mode, "module_tracker", None)
         node = torch._C._current_autograd_node()
         if node is not None:  # in backward
-            return str(node.metadata.get("flannel_module", "")), True
+            # torch's stubs declare Node.metadata a method; on autograd nodes it is a dict attribute
+            return str(node.metadata.get("flannel_module", "")), True  # type: ignore[attr-defined]
         if tracker is None:
             return "", False
         names = [p for p in tracker.parents if p != "Global"]
@@ -181,10 +212,18 @@ class _StepRecorder:
         # Allocations and views read their inputs' shapes and dtypes only; their outputs' bytes are not a result
         # (a view of a buffer that an out= operation fills later holds whatever the allocator left there).
         undefined = packet in _UNINITIALISED or bool(getattr(func, "is_view", False))
-        self.entries.append({"op": name, "phase": self.phase, "module": module, "bw": backward,
-                             "args": _args_digest(read_args, read_kwargs), "undefined": undefined,
-                             "in": [_shape_only(t) if undefined else _tensor(t) for t in _tensors((read_args, read_kwargs))],
-                             "out": []})
+        self.entries.append(
+            {
+                "op": name,
+                "phase": self.phase,
+                "module": module,
+                "bw": backward,
+                "args": _args_digest(read_args, read_kwargs),
+                "undefined": undefined,
+                "in": [_shape_only(t) if undefined else _tensor(t) for t in _tensors((read_args, read_kwargs))],
+                "out": [],
+            }
+        )
         return None
 
     def post(self, func: Any, types: Any, args: Any, kwargs: Any, result: Any) -> None:
@@ -200,13 +239,21 @@ class _StepRecorder:
         return None
 
     def records(self) -> list[OpRecord]:
-        return [OpRecord(i, e["op"], e["phase"], e["module"], e["bw"], e["args"], tuple(e["in"]), tuple(e["out"]))
-                for i, e in enumerate(self.entries)]
+        return [
+            OpRecord(i, e["op"], e["phase"], e["module"], e["bw"], e["args"], tuple(e["in"]), tuple(e["out"]))
+            for i, e in enumerate(self.entries)
+        ]
 
 
-def record_step(config: "RunConfig", step: int, *, data: "CorpusData | None" = None,
-                capture: set[int] | frozenset[int] = frozenset(), expect_W_before: str | None = None,
-                label: str | None = None) -> tuple[OpLog, dict[int, list[torch.Tensor]]]:
+def record_step(
+    config: "RunConfig",
+    step: int,
+    *,
+    data: "CorpusData | None" = None,
+    capture: set[int] | frozenset[int] = frozenset(),
+    expect_W_before: str | None = None,
+    label: str | None = None,
+) -> tuple[OpLog, dict[int, list[torch.Tensor]]]:
     """Replay `config` to optimizer step `step` and record every operation of that step.
 
     Returns the log and, for the op indices in `capture`, copies of their output tensors. With
@@ -228,20 +275,33 @@ def record_step(config: "RunConfig", step: int, *, data: "CorpusData | None" = N
             raise DeterminismError(
                 f"replaying {label or 'the run'} to step {step - 1} gave W with digest {W_before[:16]}, the artifact "
                 f"has {expect_W_before[:16]}: this process does not reproduce the run (another machine, numerics "
-                "class or code?); record the op log where the run was trained (flannel-repro oplog).")
+                "class or code?); record the op log where the run was trained (flannel-repro oplog)."
+            )
         rec = _StepRecorder(set(capture))
         rec.name_roots(loop.model)
-        with DebugMode(record_nn_module=True, record_output=False) as mode, \
-                DebugMode.dispatch_hooks(log_hook=rec.post, pre_log_hook=rec.pre), rec.tagging_backward(loop.model):
+        with (
+            DebugMode(record_nn_module=True, record_output=False) as mode,
+            DebugMode.dispatch_hooks(log_hook=rec.post, pre_log_hook=rec.pre),
+            rec.tagging_backward(loop.model),
+        ):
             rec.mode = mode
             _, starts = loop.step(step, phase=rec.in_phase)
         W_after = digest_tensor(embedding(loop.model).detach().cpu()).hex()
-        numerics = numerics_info(config.device, threads=threads, deterministic=config.deterministic,
-                                 mode=config.numerics)
+        numerics = numerics_info(
+            config.device, threads=threads, deterministic=config.deterministic, mode=config.numerics
+        )
     env = {"torch": torch.__version__, "numerics_class": numerics["class"], "threads": threads}
-    log = OpLog(step=step, label=label or _label(config, numerics["class"]), config=config.to_dict(), env=env,
-                batch_starts=[int(s) for s in starts.tolist()], W_before=W_before, W_after=W_after, ops=rec.records(),
-                state_before=state_before)
+    log = OpLog(
+        step=step,
+        label=label or _label(config, numerics["class"]),
+        config=config.to_dict(),
+        env=env,
+        batch_starts=[int(s) for s in starts.tolist()],
+        W_before=W_before,
+        W_after=W_after,
+        ops=rec.records(),
+        state_before=state_before,
+    )
     return log, rec.captured
 
 
@@ -270,13 +330,18 @@ def _replaying(config: "RunConfig", data: "CorpusData | None") -> Iterator[tuple
 
     check_device(config.device)
     if config.compile != "none":
-        raise ConfigError("operations are recorded in eager mode; got compile = "
-                          f"{config.compile!r} (record the eager run: compile = 'none').")
+        raise ConfigError(
+            "operations are recorded in eager mode; got compile = "
+            f"{config.compile!r} (record the eager run: compile = 'none')."
+        )
     apply_numerics(config.numerics, config.device)
     tune_malloc()
     data = data if data is not None else load_data(config)
-    with torch_threads(config.threads) as threads, deterministic_mode(config.deterministic), \
-            arithmetic(config.numerics, config.device):
+    with (
+        torch_threads(config.threads) as threads,
+        deterministic_mode(config.deterministic),
+        arithmetic(config.numerics, config.device),
+    ):
         yield TorchLoop(config, data, shared_init_W(config)), threads
 
 
@@ -296,26 +361,45 @@ def state_trace(config: "RunConfig", upto: int, *, data: "CorpusData | None" = N
 
 
 def _label(config: "RunConfig", numerics_class: str) -> str:
-    seeds = (f"seed={config.train_seed}" if config.train_seed is not None
-             else f"model_seed={config.model_seed},data_seed={config.data_seed}")
+    seeds = (
+        f"seed={config.train_seed}"
+        if config.train_seed is not None
+        else f"model_seed={config.model_seed},data_seed={config.data_seed}"
+    )
     return f"{seeds} {config.device} {numerics_class}"
 
 
-def first_divergent_operation(a: "RunConfig | str | Path", b: "RunConfig | str | Path", *, step: int | None = None
-                              ) -> OpDiff:
+def replayable(config: "RunConfig | EngineRunConfig", what: str) -> "RunConfig":
+    """`config` when a replay can train it (the notebook's model), else a ConfigError naming `what`."""
+    from flannel_repro.config import EngineRunConfig
+
+    if isinstance(config, EngineRunConfig):
+        raise ConfigError(
+            f"{what}: a run of engine {config.engine!r} (your own training) cannot be replayed: op logs "
+            "replay the notebook's model, whose training this package runs."
+        )
+    return config
+
+
+def first_divergent_operation(
+    a: "RunConfig | str | Path", b: "RunConfig | str | Path", *, step: int | None = None
+) -> OpDiff:
     """Why two runs part: replay both to the step they first part at (or `step`) and compare every
     operation of that step (`compare_logs`); for the root cause, replay both once more to measure its
     max |Δ| and distance in ulps. `a` and `b` are run artifacts (verified, and each replay checked
     against its artifact) or configs."""
     from flannel_repro.storage.run import RunFile
 
-    configs, expect, digests = [], [], []
+    configs, expect = [], []
+    digests: list[torch.Tensor | None] = []
     for side in (a, b):
         if isinstance(side, (str, Path)):
             run = RunFile(side).require_verified()
-            configs.append(run.config)
-            digests.append(run.digests)
-            run.close()
+            try:
+                configs.append(replayable(run.config, str(side)))
+                digests.append(run.digests)
+            finally:
+                run.close()
         else:
             configs.append(side)
             digests.append(None)
@@ -329,21 +413,27 @@ def first_divergent_operation(a: "RunConfig | str | Path", b: "RunConfig | str |
             return OpDiff(step=n - 1, a=str(a), b=str(b), kind="identical", detail="the runs never part")
         step = differ[0]
         if step == 0:
-            raise DeterminismError("the runs differ at step 0 (their initial W): nothing was trained yet, so no "
-                                   "operation of a step is to blame; check init_seed, init_scale and dtype.")
+            raise DeterminismError(
+                "the runs differ at step 0 (their initial W): nothing was trained yet, so no "
+                "operation of a step is to blame; check init_seed, init_scale and dtype."
+            )
         # W parts at `step`, but the other parameters may have parted earlier: find the first step whose
         # whole state differs, and examine that one
         trace_a, trace_b = state_trace(cfg_a, step), state_trace(cfg_b, step)
         if trace_a[0] != trace_b[0]:
-            raise DeterminismError("the runs' models differ before the first step (model_seed, dtype or shape): no "
-                                   "operation of a step is to blame; the config changes are: "
-                                   + ", ".join(sorted(k for k in cfg_a.to_dict() if cfg_a.to_dict()[k] != cfg_b.to_dict()[k])))
+            raise DeterminismError(
+                "the runs' models differ before the first step (model_seed, dtype or shape): no "
+                "operation of a step is to blame; the config changes are: "
+                + ", ".join(sorted(k for k in cfg_a.to_dict() if cfg_a.to_dict()[k] != cfg_b.to_dict()[k]))
+            )
         step = next(t for t in range(1, step + 1) if trace_a[t] != trace_b[t])
     counts = [len(d) - 1 if d is not None else c.steps for d, c in zip(digests, configs)]
     if not 1 <= step <= min(counts):
-        raise ConfigError(f"step {step}: expected a step in 1..{min(counts)} (the runs' step counts: {counts[0]} and "
-                          f"{counts[1]}), got {step}.")
-    for i, d in enumerate(digests):
+        raise ConfigError(
+            f"step {step}: expected a step in 1..{min(counts)} (the runs' step counts: {counts[0]} and "
+            f"{counts[1]}), got {step}."
+        )
+    for d in digests:
         expect.append(None if d is None else bytes(d[step - 1].tolist()).hex())
     log_a, _ = record_step(cfg_a, step, expect_W_before=expect[0], label=_side_label(a, cfg_a))
     log_b, _ = record_step(cfg_b, step, expect_W_before=expect[1], label=_side_label(b, cfg_b))

@@ -26,6 +26,7 @@ from flannel_repro.errors import ArtifactError, ArtifactWarning, ConfigError
 from flannel_repro.config import EngineRunConfig
 
 if TYPE_CHECKING:
+    from filelock import FileLock
     from flannel_repro.storage.run import RunFile
     from flannel_repro.config import RunConfig
     from flannel_repro.analysis.trajectory import Trajectory
@@ -33,20 +34,23 @@ if TYPE_CHECKING:
 KEY_FORMAT = "flannel-repro/run-key/1"
 
 
-def resolved_threads(config: "RunConfig") -> int:
+def resolved_threads(config: "RunConfig | EngineRunConfig") -> int:
     import torch
 
     return config.threads or torch.get_num_threads()
 
 
-def run_key_material(config: "RunConfig", data_hashes: dict[str, str], repeat: int) -> dict[str, object]:
+def run_key_material(
+    config: "RunConfig | EngineRunConfig", data_hashes: dict[str, str], repeat: int
+) -> dict[str, object]:
     """Everything the key is made of, as a readable dict (stored in the artifact's metadata)."""
     from flannel_repro.training.determinism import code_version, device_description, package_versions
     from flannel_repro.training.numerics import numerics_info
 
     dev = device_description(config.device)
-    numerics = numerics_info(config.device, threads=resolved_threads(config), deterministic=config.deterministic,
-                             mode=config.numerics)
+    numerics = numerics_info(
+        config.device, threads=resolved_threads(config), deterministic=config.deterministic, mode=config.numerics
+    )
     return {
         "format": KEY_FORMAT,
         "config": config.fingerprint(),
@@ -65,10 +69,11 @@ def key_of(material: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
 
 
-
-CACHEDIR_TAG = ("Signature: 8a477f597d28d172789f06886806bc55\n"
-                "# This file is a cache directory tag created by flannel-repro: run artifacts, retrained on demand.\n"
-                "# For information about cache directory tags, see: https://bford.info/cachedir/\n")
+CACHEDIR_TAG = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by flannel-repro: run artifacts, retrained on demand.\n"
+    "# For information about cache directory tags, see: https://bford.info/cachedir/\n"
+)
 
 
 def mark_cache_dir(root: Path) -> None:
@@ -77,8 +82,10 @@ def mark_cache_dir(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ArtifactError(f"{root}: expected a directory run artifacts can be written to; it could not be created "
-                            f"({exc.strerror or exc}).") from None
+        raise ArtifactError(
+            f"{root}: expected a directory run artifacts can be written to; it could not be created "
+            f"({exc.strerror or exc})."
+        ) from None
     for name, text in (("CACHEDIR.TAG", CACHEDIR_TAG), (".gitignore", "# created by flannel-repro\n*\n")):
         path = root / name
         if not path.exists():
@@ -88,8 +95,10 @@ def mark_cache_dir(root: Path) -> None:
             except FileExistsError:
                 pass
             except OSError as exc:
-                raise ArtifactError(f"{root}: expected a directory run artifacts can be written to; writing {name} "
-                                    f"failed ({exc.strerror or exc}).") from None
+                raise ArtifactError(
+                    f"{root}: expected a directory run artifacts can be written to; writing {name} "
+                    f"failed ({exc.strerror or exc})."
+                ) from None
 
 
 # (path, inode, size, mtime) -> problems found: a file is verified once per process until it changes.
@@ -105,7 +114,7 @@ def _verified(traj: "RunFile") -> list[str]:
     return _VERIFIED[key]
 
 
-def run_name(config: "RunConfig", repeat: int, key: str) -> str:
+def run_name(config: "RunConfig | EngineRunConfig", repeat: int, key: str) -> str:
     seeds = f"seed{config.model_seed}" if config.train_seed is not None else f"m{config.model_seed}-d{config.data_seed}"
     dev = config.device.replace(":", "")
     return f"{seeds}-{dev}-{config.engine}-r{repeat}-{key[:12]}"
@@ -125,8 +134,15 @@ class RunStore:
     reused only if it carries the same tag (made in this session, maybe by another xdist worker).
     """
 
-    def __init__(self, root: str | Path, *, session: str = "", reuse_earlier: bool = True,
-                 lock_timeout_s: float = 6 * 3600, checkpoint_every: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        session: str = "",
+        reuse_earlier: bool = True,
+        lock_timeout_s: float = 6 * 3600,
+        checkpoint_every: int = 0,
+    ) -> None:
         self.root = Path(root)
         # torch-engine and registered-engine runs checkpoint every N steps; a killed run then resumes
         self.checkpoint_every = checkpoint_every
@@ -135,7 +151,7 @@ class RunStore:
         self.lock_timeout_s = lock_timeout_s
         self._rejected: dict[Path, str] = {}  # artifacts that failed verification -> what was wrong
 
-    def path_for(self, config: "RunConfig", repeat: int, key: str) -> Path:
+    def path_for(self, config: "RunConfig | EngineRunConfig", repeat: int, key: str) -> Path:
         return self.root / f"{run_name(config, repeat, key)}.safetensors"
 
     def _usable(self, path: Path, key: str, material: dict[str, object]) -> "Trajectory | None":
@@ -153,8 +169,12 @@ class RunStore:
         if traj.key_material != json.loads(json.dumps(material)):
             # the key in the file is right but what it claims to be made of is not: edited after training
             self._rejected[path] = "its run-key material does not match its run key"
-            warnings.warn(f"{path.name}: the artifact's run-key material does not match its run key (edited after "
-                          "training); it is trained again", ArtifactWarning, stacklevel=4)
+            warnings.warn(
+                f"{path.name}: the artifact's run-key material does not match its run key (edited after "
+                "training); it is trained again",
+                ArtifactWarning,
+                stacklevel=4,
+            )
             traj.close()
             return None
         if not self.reuse_earlier and traj.metadata.get("session") != self.session:
@@ -163,15 +183,24 @@ class RunStore:
         problems = _verified(traj)
         if problems:
             self._rejected[path] = "; ".join(problems)
-            warnings.warn(f"{path.name}: the artifact failed verification ({'; '.join(problems)}); it is trained "
-                          "again", ArtifactWarning, stacklevel=4)
+            warnings.warn(
+                f"{path.name}: the artifact failed verification ({'; '.join(problems)}); it is trained again",
+                ArtifactWarning,
+                stacklevel=4,
+            )
             traj.close()
             return None
         return traj
 
-    def obtain(self, config: "RunConfig | EngineRunConfig", *, repeat: int = 0, resume_at: int | None = None,
-               progress: Callable[[int, int, float], None] | None = None,
-               on_train_start: Callable[[Path], None] | None = None) -> Obtained:
+    def obtain(
+        self,
+        config: "RunConfig | EngineRunConfig",
+        *,
+        repeat: int = 0,
+        resume_at: int | None = None,
+        progress: Callable[[int, int, float], None] | None = None,
+        on_train_start: Callable[[Path], None] | None = None,
+    ) -> Obtained:
         """The trajectory for (config, repeat): from the store if complete and matching, else trained now.
 
         `resume_at` = k: a separate run, stopped after step k in a fresh process and resumed in another
@@ -185,7 +214,7 @@ class RunStore:
 
         apply_numerics(config.numerics, config.device)  # before the key's probe starts oneDNN and MKL
         engine_run = isinstance(config, EngineRunConfig)
-        if engine_run:
+        if isinstance(config, EngineRunConfig):  # engine_run (spelt out for the type checker)
             from flannel_repro.training.engines import get_engine
 
             data = None
@@ -195,8 +224,10 @@ class RunStore:
             material = run_key_material(config, data.hashes, repeat)
         if resume_at is not None:
             if config.engine != "torch" and not engine_run:
-                raise ConfigError(f"resume_at: resume is implemented for engine = 'torch' and registered engines, "
-                                  f"got engine={config.engine!r}.")
+                raise ConfigError(
+                    f"resume_at: resume is implemented for engine = 'torch' and registered engines, "
+                    f"got engine={config.engine!r}."
+                )
             if not 1 <= resume_at <= config.steps:
                 raise ConfigError(f"resume_at must be a step in [1, {config.steps}] (got {resume_at}).")
             material["resume_at"] = resume_at
@@ -220,28 +251,48 @@ class RunStore:
                 on_train_start(path)
             from flannel_repro.training.harness import train  # transformers is imported only when something trains
 
-            metadata = {"run_key": key, "run_key_material": material, "repeat": str(repeat),
-                        "session": self.session, "pid": str(os.getpid())}
+            metadata = {
+                "run_key": key,
+                "run_key_material": material,
+                "repeat": str(repeat),
+                "session": self.session,
+                "pid": str(os.getpid()),
+            }
             if resume_at is not None:
                 from flannel_repro.training.resume import train_in_two_processes
 
-                args: dict[str, object] = {"kind": "flannel6", "config": config.to_dict(), "path": str(path),
-                                           "metadata": metadata, "run_key": key, "threads": resolved_threads(config)}
-                if engine_run:
+                args: dict[str, object] = {
+                    "kind": "flannel6",
+                    "config": config.to_dict(),
+                    "path": str(path),
+                    "metadata": metadata,
+                    "run_key": key,
+                    "threads": resolved_threads(config),
+                }
+                if isinstance(config, EngineRunConfig):  # engine_run
                     from flannel_repro.training.engines import import_paths
 
                     args.update(kind="engine", imports=import_paths(config))
                 start = time.perf_counter()
                 train_in_two_processes(args, resume_at)
                 self._log_training(path, key, time.perf_counter() - start)
-            elif engine_run:
+            elif isinstance(config, EngineRunConfig):  # engine_run
                 from flannel_repro.training.engines import train_engine
 
-                wall = train_engine(config, path, metadata=metadata, run_key=key, checkpoint_every=self.checkpoint_every)
+                wall = train_engine(
+                    config, path, metadata=metadata, run_key=key, checkpoint_every=self.checkpoint_every
+                )
                 self._log_training(path, key, wall)
             else:
-                result = train(config, path, data=data, progress=progress, metadata=metadata, run_key=key,
-                               checkpoint_every=self.checkpoint_every if config.engine == "torch" else 0)
+                result = train(
+                    config,
+                    path,
+                    data=data,
+                    progress=progress,
+                    metadata=metadata,
+                    run_key=key,
+                    checkpoint_every=self.checkpoint_every if config.engine == "torch" else 0,
+                )
                 self._log_training(path, key, result.wall_time_s)
         traj = Trajectory(path)
         replaced = self._rejected.pop(path, "")
@@ -252,9 +303,17 @@ class RunStore:
 
     def _log_training(self, path: Path, key: str, wall: float) -> None:
         """One line per training in `training.log`: an audit trail of what was trained, by whom, when."""
-        line = json.dumps({"run": path.name, "key": key, "session": self.session, "pid": os.getpid(),
-                           "worker": os.environ.get("PYTEST_XDIST_WORKER", ""), "wall_time_s": round(wall, 3),
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        line = json.dumps(
+            {
+                "run": path.name,
+                "key": key,
+                "session": self.session,
+                "pid": os.getpid(),
+                "worker": os.environ.get("PYTEST_XDIST_WORKER", ""),
+                "wall_time_s": round(wall, 3),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+        )
         log = self.root / "training.log"
         try:  # never through a link, never blocking on a FIFO
             fd = safeio.open_nofollow(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644, what="the training log")
@@ -264,8 +323,11 @@ class RunStore:
                 os.close(fd)
         except (OSError, ArtifactError) as exc:  # the run itself is published: an audit line must not fail it
             why = exc.strerror or exc if isinstance(exc, OSError) else str(exc).removeprefix(f"{log}: ")
-            warnings.warn(f"{log}: could not append the training record ({why}); the run "
-                          f"{path.name} is complete and is used", ArtifactWarning, stacklevel=3)
+            warnings.warn(
+                f"{log}: could not append the training record ({why}); the run {path.name} is complete and is used",
+                ArtifactWarning,
+                stacklevel=3,
+            )
 
 
 # --- session start: fail early, clean what killed processes left -------------------------------------
@@ -335,7 +397,7 @@ def clean_leftovers(root: str | Path, *, older_than_s: float = 60.0) -> list[Pat
     return removed
 
 
-def run_lock(path: str, timeout: float):  # noqa: ANN202
+def run_lock(path: str, timeout: float) -> "FileLock":
     """A run's FileLock; a link or special file at the lock's path is an ArtifactError naming it (FileLock
     would open, and truncate, what a link points to)."""
     from filelock import FileLock

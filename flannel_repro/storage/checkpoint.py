@@ -29,7 +29,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 
@@ -65,8 +65,10 @@ def pack(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
             return {k: pack(v, tensors, f"{prefix}.{k}" if prefix else k) for k, v in obj.items()}
         if all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
             return {_INTKEYS: [[k, pack(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
-    raise ArtifactError(f"checkpoint state {prefix or '<root>'}: expected tensors, numbers, strings, lists or dicts with "
-                        f"str or int keys, got {type(obj).__name__}; it cannot be stored without pickling.")
+    raise ArtifactError(
+        f"checkpoint state {prefix or '<root>'}: expected tensors, numbers, strings, lists or dicts with "
+        f"str or int keys, got {type(obj).__name__}; it cannot be stored without pickling."
+    )
 
 
 def unpack(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
@@ -89,12 +91,18 @@ def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[s
     """Every random number generator a training step may draw from, as packable state."""
     import numpy as np
 
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's stubs type get_state() without arguments as the dict form; legacy=True (the default) is the tuple
+    kind, keys, pos, has_gauss, cached = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": {"version": version, "internal": list(internal), "gauss": gauss},
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
     }
@@ -108,7 +116,9 @@ def set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Gener
 
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
     saved = state.get("generators", {})
@@ -147,7 +157,9 @@ def require_own_file(path: Path, what: str) -> bool:
     return own_file(path, what) is not None
 
 
-def save(path: str | os.PathLike[str], step: int, state: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> Path:
+def save(
+    path: str | os.PathLike[str], step: int, state: Mapping[str, Any], info: Mapping[str, Any] | None = None
+) -> Path:
     """Write the checkpoint of `step` atomically (a fresh temporary file, fsync, rename, fsync of the folder).
 
     Every tensor's digest and a digest of the metadata are computed here, from what is being written, and
@@ -163,10 +175,19 @@ def save(path: str | os.PathLike[str], step: int, state: Mapping[str, Any], info
     require_own_file(final, "a checkpoint")
     tensors: dict[str, torch.Tensor] = {}
     skeleton = pack(dict(state), tensors)
-    metadata = {"format": CHECKPOINT_FORMAT, "step": str(int(step)), "state": json.dumps(skeleton),
-                "info": json.dumps(dict(info or {}), sort_keys=True)}
-    metadata["checksums"] = json.dumps({"tensors": {k: digest_tensor(t).hex() for k, t in sorted(tensors.items())},
-                                        "metadata": _metadata_digest(metadata)}, sort_keys=True)
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "step": str(int(step)),
+        "state": json.dumps(skeleton),
+        "info": json.dumps(dict(info or {}), sort_keys=True),
+    }
+    metadata["checksums"] = json.dumps(
+        {
+            "tensors": {k: digest_tensor(t).hex() for k, t in sorted(tensors.items())},
+            "metadata": _metadata_digest(metadata),
+        },
+        sort_keys=True,
+    )
     blob = to_bytes(tensors, metadata=metadata)
     size = f"{len(blob) / 1e6:.1f} MB"
     try:
@@ -174,8 +195,10 @@ def save(path: str | os.PathLike[str], step: int, state: Mapping[str, Any], info
     except OSError as exc:
         raise ArtifactError(f"{final}: could not write the checkpoint ({exc.strerror or exc}).") from None
     if free < len(blob):
-        raise ArtifactError(f"{final}: the checkpoint needs {size} and the file system of {final.parent} has "
-                            f"{free / 1e6:.1f} MB free; free some space or checkpoint less often.")
+        raise ArtifactError(
+            f"{final}: the checkpoint needs {size} and the file system of {final.parent} has "
+            f"{free / 1e6:.1f} MB free; free some space or checkpoint less often."
+        )
     write_bytes_atomic(final, blob, f"the checkpoint of step {step} ({size})")
     fsync_dir(final.parent)
     return final
@@ -198,7 +221,7 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
         raise ArtifactError(f"{p}: expected a checkpoint, found no such file.") from None
-    except Exception as exc:  # safetensors raises its own error types for damaged files
+    except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types for damaged files)
         raise ResumeError(f"{p}: expected a checkpoint (safetensors), got an unreadable file ({exc}).") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ResumeError(f"{p}: expected metadata format={CHECKPOINT_FORMAT!r}, got {meta.get('format')!r}.")
@@ -208,14 +231,18 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
     except (KeyError, ValueError, TypeError) as exc:
         raise ResumeError(f"{p}: the checkpoint's checksums are missing or damaged ({exc!r}).") from None
     if _metadata_digest(meta) != expected_meta:
-        raise ResumeError(f"{p}: the checkpoint's metadata (step, state or info) does not hash to the digest written "
-                          "with it: it was changed after it was written.")
+        raise ResumeError(
+            f"{p}: the checkpoint's metadata (step, state or info) does not hash to the digest written "
+            "with it: it was changed after it was written."
+        )
     if sorted(expected_tensors) != sorted(tensors):
         raise ResumeError(f"{p}: expected the tensors {sorted(expected_tensors)[:6]}..., got {sorted(tensors)[:6]}...")
     bad = [k for k, t in tensors.items() if digest_tensor(t).hex() != expected_tensors[k]]
     if bad:
-        raise ResumeError(f"{p}: {len(bad)} tensor(s) do not hash to the digests written with them "
-                          f"({', '.join(sorted(bad)[:4])}): changed after the checkpoint was written.")
+        raise ResumeError(
+            f"{p}: {len(bad)} tensor(s) do not hash to the digests written with them "
+            f"({', '.join(sorted(bad)[:4])}): changed after the checkpoint was written."
+        )
     try:
         state = unpack(json.loads(meta["state"]), tensors)
         info = json.loads(meta.get("info", "{}"))

@@ -98,7 +98,9 @@ def export_notebook(run_paths: Sequence[str | os.PathLike[str]], out_path: str |
             for key, shape in ((KEY_W, w_shape), (KEY_LOSSES, (steps + 1,))):
                 got = r.spec(key).shape
                 if got != shape:
-                    raise ArtifactError(f"{r.path}: tensor {key!r}: expected shape {shape} (from the config), got {got}.")
+                    raise ArtifactError(
+                        f"{r.path}: tensor {key!r}: expected shape {shape} (from the config), got {got}."
+                    )
             if not r.spec(KEY_W).dtype.is_floating_point:
                 raise ArtifactError(f"{r.path}: tensor 'W': expected a floating dtype, got {r.spec(KEY_W).dtype}.")
         w0 = first.row(KEY_W, 0)

@@ -80,7 +80,9 @@ def torch_to_st() -> dict[torch.dtype, str]:
 def require_little_endian() -> None:
     # safetensors is little-endian; we write and map native bytes, so the host must be too.
     if sys.byteorder != "little":
-        raise ArtifactError(f"safetensors files are little-endian; this host is {sys.byteorder}-endian (not supported).")
+        raise ArtifactError(
+            f"safetensors files are little-endian; this host is {sys.byteorder}-endian (not supported)."
+        )
 
 
 def check_metadata(metadata: Mapping[str, Any], where: str) -> dict[str, str]:
@@ -126,7 +128,8 @@ def raw_bytes(t: torch.Tensor) -> np.ndarray:
 
 def digest_tensor(t: torch.Tensor) -> bytes:
     """blake2b-256 of the tensor's raw bytes (CPU, contiguous, native little-endian layout)."""
-    return hashlib.blake2b(memoryview(raw_bytes(t)), digest_size=DIGEST_SIZE).digest()
+    # numpy's stubs give ndarray a buffer (__buffer__) only for Python >= 3.12
+    return hashlib.blake2b(memoryview(raw_bytes(t)), digest_size=DIGEST_SIZE).digest()  # type: ignore[arg-type]
 
 
 def digest_as_tensor(digest: bytes) -> torch.Tensor:

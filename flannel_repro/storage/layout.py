@@ -132,14 +132,17 @@ def write_run(
         raise ArtifactError(f"{path}: expected W for steps 0..{steps}, got no step.")
     vocab, hidden = first.shape
     n_live = int(live_mask.sum())
-    specs = run_artifact_specs(steps=steps, vocab_size=vocab, hidden_dim=hidden, batch_size=batch_size,
-                               dtype=first.dtype)
+    specs = run_artifact_specs(
+        steps=steps, vocab_size=vocab, hidden_dim=hidden, batch_size=batch_size, dtype=first.dtype
+    )
     meta = run_metadata(config, data if data is not None else {"n_live": n_live, "n_dead": vocab - n_live})
     with ArtifactWriter(Path(path), specs, meta, checksum_exclude=(KEY_W,)) as w:
         w.write(KEY_LIVE_MASK, live_mask)
         w.write(KEY_LOSSES, losses if losses is not None else torch.full((steps + 1,), float("nan")))
-        w.write(KEY_BATCH_STARTS, batch_starts if batch_starts is not None
-                else torch.zeros(steps, batch_size, dtype=torch.int64))
+        w.write(
+            KEY_BATCH_STARTS,
+            batch_starts if batch_starts is not None else torch.zeros(steps, batch_size, dtype=torch.int64),
+        )
         prev = None
         for t, W in enumerate(itertools.chain([first], rows)):
             if t > steps:

@@ -73,11 +73,15 @@ class ArtifactReader:
         except FileNotFoundError:
             raise ArtifactError(f"{self.path}: expected a safetensors file, found no such file.") from None
         except OSError as exc:
-            raise ArtifactError(f"{self.path}: expected a safetensors file, could not open it ({exc.strerror or exc}).") from None
+            raise ArtifactError(
+                f"{self.path}: expected a safetensors file, could not open it ({exc.strerror or exc})."
+            ) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise ArtifactError(f"{self.path}: expected a safetensors file (a regular file), got {safeio.kind(st.st_mode)}.")
+                raise ArtifactError(
+                    f"{self.path}: expected a safetensors file (a regular file), got {safeio.kind(st.st_mode)}."
+                )
             os.set_blocking(fd, True)
             size = st.st_size
             self.file_size = size
@@ -116,8 +120,9 @@ class ArtifactReader:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ArtifactError(f"{self.path}: expected a JSON header, got unparsable bytes ({e}).") from None
         except RecursionError:
-            raise ArtifactError(f"{self.path}: expected a JSON header nested at most {MAX_DEPTH} levels deep, "
-                                "got deeper nesting.") from None
+            raise ArtifactError(
+                f"{self.path}: expected a JSON header nested at most {MAX_DEPTH} levels deep, got deeper nesting."
+            ) from None
         if not isinstance(header, dict):
             raise ArtifactError(f"{self.path}: expected a JSON object header, got {type(header).__name__}.")
         meta = header.pop(METADATA_KEY, None) or {}
@@ -143,7 +148,9 @@ class ArtifactReader:
                     f"{self.path}: tensor {name!r}: expected a dtype among {', '.join(st_dtypes())}, got {dtype_name!r}."
                 )
             if not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise ArtifactError(f"{self.path}: tensor {name!r}: expected non-negative int dims, got shape {list(shape)}.")
+                raise ArtifactError(
+                    f"{self.path}: tensor {name!r}: expected non-negative int dims, got shape {list(shape)}."
+                )
             if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
                 raise ArtifactError(f"{self.path}: tensor {name!r}: bad data_offsets {[begin, end]}.")
             spec = TensorSpec(name, st_dtypes()[dtype_name], shape)
@@ -251,8 +258,8 @@ class ArtifactReader:
                 raise IndexError(
                     f"{self.path}: tensor {name!r}: index {i} is out of bounds for axis {axis} with size {dim}."
                 )
-            elem += (i % dim) * math.prod(spec.shape[axis + 1:])
-        rest = spec.shape[len(idx):]
+            elem += (i % dim) * math.prod(spec.shape[axis + 1 :])
+        rest = spec.shape[len(idx) :]
         if start != 0 or stop is not None:
             if not rest:
                 raise ArtifactError(
@@ -310,7 +317,8 @@ class ArtifactReader:
         if fd is None:
             raise ArtifactError(f"{self.path}: cannot read {name!r}: the reader is closed.")
         if out.numel():
-            buf = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())
+            # numpy's stubs give ndarray a buffer (__buffer__) only for Python >= 3.12
+            buf = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
             offset = self._data_start + self._offsets[name][0] + elem * spec.dtype.itemsize
             try:
                 self._pread_into(fd, buf, offset, f"tensor {name!r}")
@@ -377,8 +385,10 @@ class ArtifactReader:
         for name, want in sorted(stored.items()):
             if name == METADATA_KEY:
                 if metadata_checksum(self.metadata) != want:
-                    problems.append("metadata: it does not hash to the checksum recorded when it was written (edited "
-                                    "after it was written)")
+                    problems.append(
+                        "metadata: it does not hash to the checksum recorded when it was written (edited "
+                        "after it was written)"
+                    )
                 continue
             if name not in self._offsets:
                 problems.append(f"{name}: checksummed at finish, but the file has no such tensor")
@@ -388,8 +398,10 @@ class ArtifactReader:
                 raise ArtifactError(f"{self.path}: cannot verify: the reader is closed.")
             got = hash_range(self._fd, self._data_start + begin, end - begin)
             if got != want:
-                problems.append(f"{name}: its bytes do not hash to the checksum recorded when it was written "
-                                "(the file changed after it was written)")
+                problems.append(
+                    f"{name}: its bytes do not hash to the checksum recorded when it was written "
+                    "(the file changed after it was written)"
+                )
         return problems
 
     def release_pages(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -26,16 +27,19 @@ from flannel_repro.storage.reader import ArtifactReader
 from flannel_repro.config import EngineRunConfig, RunConfig, run_config_from_dict
 from flannel_repro.errors import ArtifactError, ConfigError
 
+
 class RunFile:
     """One run's artifact, read lazily. The harness and the `trajectory` fixture return its analysis
     subclass, `flannel_repro.Trajectory`."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.reader = ArtifactReader(Path(path))
         fmt = self.reader.metadata.get(layout.META_FORMAT)
         if fmt != layout.RUN_FORMAT:
-            raise ArtifactError(f"{self.reader.path}: format {fmt!r} is not {layout.RUN_FORMAT!r}; "
-                                "it was not written by this version of flannel-repro.")
+            raise ArtifactError(
+                f"{self.reader.path}: format {fmt!r} is not {layout.RUN_FORMAT!r}; "
+                "it was not written by this version of flannel-repro."
+            )
 
     # -- identity --------------------------------------------------------------------------
 
@@ -90,7 +94,9 @@ class RunFile:
     @property
     def label(self) -> str:
         c = self.config
-        seeds = f"seed={c.train_seed}" if c.train_seed is not None else f"model_seed={c.model_seed},data_seed={c.data_seed}"
+        seeds = (
+            f"seed={c.train_seed}" if c.train_seed is not None else f"model_seed={c.model_seed},data_seed={c.data_seed}"
+        )
         return f"{seeds} {c.device} {c.engine} repeat={self.repeat}"
 
     def __repr__(self) -> str:
@@ -155,8 +161,10 @@ class RunFile:
         share of W's entries that changed), `lost` (of the proposed updates, the share lost to
         rounding), `second_moment_moved` (the share of Adam's exp_avg_sq entries that changed)."""
         if layout.KEY_UPDATES not in self.reader:
-            raise ArtifactError(f"{self.path}: no {layout.KEY_UPDATES!r} tensor (written by an older flannel-repro); "
-                                "retrain the run to get the update statistics.")
+            raise ArtifactError(
+                f"{self.path}: no {layout.KEY_UPDATES!r} tensor (written by an older flannel-repro); "
+                "retrain the run to get the update statistics."
+            )
         table = self.reader.read(layout.KEY_UPDATES)
         return {name: table[:, i].clone() for i, name in enumerate(layout.UPDATE_FIELDS)}
 
@@ -166,8 +174,10 @@ class RunFile:
 
     def optional(self, key: str) -> torch.Tensor:
         if key not in self.reader:
-            raise ArtifactError(f"{self.path}: {key!r} was not recorded; enable it in the config "
-                                f"(record_grads / record_momentum / record_variance / record_logits).")
+            raise ArtifactError(
+                f"{self.path}: {key!r} was not recorded; enable it in the config "
+                f"(record_grads / record_momentum / record_variance / record_logits)."
+            )
         return self.reader[key]
 
     @property
@@ -203,17 +213,24 @@ class RunFile:
         if material is not None:
             keyed = material.get("config")
             if keyed != config.fingerprint():
-                problems.append(f"the metadata's config (fingerprint {config.fingerprint()}) is not the one its run key "
-                                f"was made from ({keyed}): the config was edited after training")
+                problems.append(
+                    f"the metadata's config (fingerprint {config.fingerprint()}) is not the one its run key "
+                    f"was made from ({keyed}): the config was edited after training"
+                )
         if isinstance(config, EngineRunConfig):
             try:
                 specs = self._recorded_specs(config)
             except (ArtifactError, KeyError, TypeError, ValueError, AttributeError) as exc:
                 return [f"the metadata's 'recorded' description is damaged ({exc})"]
         else:
-            specs = layout.run_artifact_specs(steps=config.steps, vocab_size=config.vocab_size,
-                                              hidden_dim=config.hidden_dim, batch_size=config.batch_size,
-                                              dtype=getattr(torch, config.dtype), record_W=config.record_W)
+            specs = layout.run_artifact_specs(
+                steps=config.steps,
+                vocab_size=config.vocab_size,
+                hidden_dim=config.hidden_dim,
+                batch_size=config.batch_size,
+                dtype=getattr(torch, config.dtype),
+                record_W=config.record_W,
+            )
         # the update statistics came later (a run without them is whole, stall_profile recomputes what it can)
         optional = {layout.KEY_UPDATES}
         for want in specs:
@@ -224,9 +241,11 @@ class RunFile:
                 continue
             got = self.reader.spec(want.name)
             if (got.dtype, got.shape) != (want.dtype, want.shape):
-                problems.append(f"{want.name}: expected {str(want.dtype).removeprefix('torch.')} of shape "
-                                f"{list(want.shape)} (from the config), got {str(got.dtype).removeprefix('torch.')} "
-                                f"of shape {list(got.shape)}")
+                problems.append(
+                    f"{want.name}: expected {str(want.dtype).removeprefix('torch.')} of shape "
+                    f"{list(want.shape)} (from the config), got {str(got.dtype).removeprefix('torch.')} "
+                    f"of shape {list(got.shape)}"
+                )
         if problems:
             return problems  # the reads below assume the layout
         problems.extend(self.reader.checksum_problems())  # losses, batch starts, live mask, digests, optional tensors
@@ -238,8 +257,9 @@ class RunFile:
             for t in range(config.steps + 1):
                 buf = self.reader.row(layout.KEY_W, t, buf)
                 if digest_tensor(buf) != bytes(self.digests[t].tolist()):
-                    problems.append(f"W at step {t} does not hash to its stored digest (the file changed after it "
-                                    "was written)")
+                    problems.append(
+                        f"W at step {t} does not hash to its stored digest (the file changed after it was written)"
+                    )
                     break
         return problems
 
@@ -261,8 +281,9 @@ class RunFile:
         shape = [int(d) for d in tensors[recorded["primary"]]["shape"]]
         rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
         batch = self.reader.spec(layout.KEY_BATCH_STARTS).shape[1] if layout.KEY_BATCH_STARTS in self.reader else 0
-        specs = layout.run_artifact_specs(steps=config.steps, vocab_size=rows, hidden_dim=cols, batch_size=batch,
-                                          dtype=dtype_of[recorded["primary"]])
+        specs = layout.run_artifact_specs(
+            steps=config.steps, vocab_size=rows, hidden_dim=cols, batch_size=batch, dtype=dtype_of[recorded["primary"]]
+        )
         for name, t in tensors.items():
             if name != recorded["primary"]:
                 specs.append(TensorSpec(f"tensor.{name}", dtype_of[name], (config.steps + 1, *map(int, t["shape"]))))

@@ -132,7 +132,9 @@ class ArtifactWriter:
 
     def _initial_header(self) -> bytes:
         # the checksums written at finish() have a fixed length: their room is part of the header from the start
-        placeholder = {n: "0" * 2 * DIGEST_SIZE for n in [*self._offsets, METADATA_KEY] if n not in self.checksum_exclude}
+        placeholder = {
+            n: "0" * 2 * DIGEST_SIZE for n in [*self._offsets, METADATA_KEY] if n not in self.checksum_exclude
+        }
         body = self._header_json({**self.metadata, META_CHECKSUMS: json.dumps(placeholder, sort_keys=True)})
         # Header length: JSON + reserved room for more metadata, rounded so 8 + N is a multiple of 8
         # (keeps the data region 8-byte aligned, as safetensors' own writer does).
@@ -158,8 +160,9 @@ class ArtifactWriter:
         body = self._initial_header()
         expected_size = 8 + self._header_len + self._data_len
         try:
-            fd = safeio.open_nofollow(self._fixed_temp, os.O_RDWR, what="the partial artifact to resume",
-                                      error=ResumeError)
+            fd = safeio.open_nofollow(
+                self._fixed_temp, os.O_RDWR, what="the partial artifact to resume", error=ResumeError
+            )
         except FileNotFoundError:
             raise ResumeError(f"{self._fixed_temp}: expected the partial artifact to resume, found none.") from None
         try:
@@ -170,9 +173,11 @@ class ArtifactWriter:
             raise
         if size != expected_size or found != b"\0" * 8 + self._padded(body):
             os.close(fd)
-            raise ResumeError(f"{self._fixed_temp}: expected a partial artifact of this run ({expected_size} bytes with "
-                              f"this header), got {size} bytes with {'another' if size == expected_size else 'a'} header; "
-                              "it cannot be resumed.")
+            raise ResumeError(
+                f"{self._fixed_temp}: expected a partial artifact of this run ({expected_size} bytes with "
+                f"this header), got {size} bytes with {'another' if size == expected_size else 'a'} header; "
+                "it cannot be resumed."
+            )
         self.temp_path, self._fd = self._fixed_temp, fd
         if digests is not None:
             got = self.prefix_digests(completed)
@@ -180,9 +185,11 @@ class ArtifactWriter:
             if changed:
                 os.close(fd)
                 self.temp_path, self._fd = None, None
-                raise ResumeError(f"{self._fixed_temp}: the rows written before the checkpoint no longer hash to the "
-                                  f"digests the checkpoint recorded ({', '.join(changed)}): the partial file changed "
-                                  "on disk; it cannot be resumed.")
+                raise ResumeError(
+                    f"{self._fixed_temp}: the rows written before the checkpoint no longer hash to the "
+                    f"digests the checkpoint recorded ({', '.join(changed)}): the partial file changed "
+                    "on disk; it cannot be resumed."
+                )
         for name, s in self.specs.items():
             self._coverage[name] = cov = self._new_coverage(s)
             if name in completed and cov is not None:
@@ -220,8 +227,10 @@ class ArtifactWriter:
                 chunk = min(stop - done, 1 << 24)
                 data = os.pread(self._fd, chunk, base + done)
                 if len(data) != chunk:
-                    raise ArtifactError(f"{self.temp_path}: expected {chunk} bytes of {name!r} at offset {base + done}, "
-                                        f"read {len(data)}; the partial file is shorter than its header says.")
+                    raise ArtifactError(
+                        f"{self.temp_path}: expected {chunk} bytes of {name!r} at offset {base + done}, "
+                        f"read {len(data)}; the partial file is shorter than its header says."
+                    )
                 h.update(data)
                 done += chunk
             self._prefix_hash[name] = (done, h)
@@ -251,15 +260,18 @@ class ArtifactWriter:
         size = 8 + n + self._data_len
         free = shutil.disk_usage(directory).free
         if free < size:  # refuse up front rather than fail halfway through training
-            raise ArtifactError(f"{self.path}: the artifact needs {_mb(size)}, and the file system of {directory} has "
-                                f"{_mb(free)} free. Free some space (flannel-repro prune) or point the artifacts "
-                                "elsewhere (--flannel-artifacts).")
+            raise ArtifactError(
+                f"{self.path}: the artifact needs {_mb(size)}, and the file system of {directory} has "
+                f"{_mb(free)} free. Free some space (flannel-repro prune) or point the artifacts "
+                "elsewhere (--flannel-artifacts)."
+            )
         self.temp_path = self._fixed_temp or partial_path(self.path)
         if self._fixed_temp is not None:
             self._fixed_temp.unlink(missing_ok=True)  # a fresh start replaces what a killed run left
         # O_EXCL and O_NOFOLLOW: never through a link or over a file someone planted under this name
-        self._fd = safeio.open_nofollow(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644,
-                                        what="a partial artifact")
+        self._fd = safeio.open_nofollow(
+            self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644, what="a partial artifact"
+        )
         try:
             self._reserve(8 + n + self._data_len)  # the whole file's space first: a disk that cannot hold it fails now
             # Length field stays 0 until finish(): a partial file never parses as a complete one.
@@ -325,14 +337,17 @@ class ArtifactWriter:
             soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
             if soft != resource.RLIM_INFINITY:
                 limit = f"; this process may write files of at most {_mb(soft)} (ulimit -f)"
-        return ArtifactError(f"{self.path}: out of space while {doing} ({exc.strerror}): the artifact needs "
-                             f"{_mb(8 + self._header_len + self._data_len)} and {where} has "
-                             f"{_mb(shutil.disk_usage(where).free)} free{limit}. Nothing was published; free some "
-                             "space (flannel-repro prune) or point the artifacts elsewhere (--flannel-artifacts).")
+        return ArtifactError(
+            f"{self.path}: out of space while {doing} ({exc.strerror}): the artifact needs "
+            f"{_mb(8 + self._header_len + self._data_len)} and {where} has "
+            f"{_mb(shutil.disk_usage(where).free)} free{limit}. Nothing was published; free some "
+            "space (flannel-repro prune) or point the artifacts elsewhere (--flannel-artifacts)."
+        )
 
     def _pwrite(self, data: bytes | memoryview | np.ndarray, offset: int) -> None:
         assert self._fd is not None
-        view = memoryview(data).cast("B")
+        # numpy's stubs give ndarray a buffer (__buffer__) only for Python >= 3.12
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]
         while view:  # pwrite may write less than asked (signals, huge buffers)
             try:
                 written = os.pwrite(self._fd, view, offset)
@@ -347,8 +362,11 @@ class ArtifactWriter:
         """blake2b-256 of every checksummed tensor, read back from the file (what a reader will see)."""
         assert self._fd is not None
         data_start = 8 + self._header_len
-        return {name: hash_range(self._fd, data_start + begin, end - begin)
-                for name, (begin, end) in sorted(self._offsets.items()) if name not in self.checksum_exclude}
+        return {
+            name: hash_range(self._fd, data_start + begin, end - begin)
+            for name, (begin, end) in sorted(self._offsets.items())
+            if name not in self.checksum_exclude
+        }
 
     def _require_open(self, what: str) -> None:
         if self._fd is None:
@@ -419,8 +437,10 @@ class ArtifactWriter:
 
     def _write_block(self, s: TensorSpec, idx: tuple[int, ...], tensor: torch.Tensor) -> None:
         if not isinstance(tensor, torch.Tensor):
-            raise ArtifactError(f"{self.path}: tensor {s.name!r}: expected a torch.Tensor, got {type(tensor).__name__}.")
-        expected_shape = s.shape[len(idx):]
+            raise ArtifactError(
+                f"{self.path}: tensor {s.name!r}: expected a torch.Tensor, got {type(tensor).__name__}."
+            )
+        expected_shape = s.shape[len(idx) :]
         where = f"{s.name}[{', '.join(map(str, idx))}]" if idx else s.name
         if tensor.dtype != s.dtype:
             raise ArtifactError(f"{self.path}: {where}: expected dtype {s.dtype}, got {tensor.dtype}.")
@@ -429,7 +449,7 @@ class ArtifactWriter:
         # Row-major: the block at leading index idx starts at sum(idx[k] * stride_k) elements.
         elem = 0
         for k, i in enumerate(idx):
-            elem += i * math.prod(s.shape[k + 1:])
+            elem += i * math.prod(s.shape[k + 1 :])
         begin, _ = self._offsets[s.name]
         if tensor.numel():
             self._pwrite(raw_bytes(tensor), 8 + self._header_len + begin + elem * s.dtype.itemsize)
@@ -456,8 +476,9 @@ class ArtifactWriter:
                     f"{self.path}: expected every row written before finish(), got rows never written: {missing} "
                     "(write them, or pass allow_unwritten=True to keep zeros)."
                 )
-        metadata[META_CHECKSUMS] = json.dumps({**self._checksums(), METADATA_KEY: metadata_checksum(metadata)},
-                                              sort_keys=True)
+        metadata[META_CHECKSUMS] = json.dumps(
+            {**self._checksums(), METADATA_KEY: metadata_checksum(metadata)}, sort_keys=True
+        )
         body = self._header_json(metadata)
         if len(body) > self._header_len:
             raise ArtifactError(

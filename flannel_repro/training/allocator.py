@@ -38,15 +38,20 @@ def tune_malloc() -> dict[str, object]:
         return dict(_state)
     libc_name = platform.libc_ver()[0]
     if platform.system() != "Linux" or libc_name != "glibc":
-        _state.update(applied=False, final=True, reason=f"not glibc ({platform.system()} {libc_name or 'unknown libc'})")
+        _state.update(
+            applied=False, final=True, reason=f"not glibc ({platform.system()} {libc_name or 'unknown libc'})"
+        )
         return dict(_state)
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = all(libc.mallopt(param, value) == 1 for param, value in (
-            (_M_MMAP_THRESHOLD, SETTINGS["mmap_threshold"]),
-            (_M_TRIM_THRESHOLD, SETTINGS["trim_threshold"]),
-            (_M_TOP_PAD, SETTINGS["top_pad"]),
-        ))
+        ok = all(
+            libc.mallopt(param, value) == 1
+            for param, value in (
+                (_M_MMAP_THRESHOLD, SETTINGS["mmap_threshold"]),
+                (_M_TRIM_THRESHOLD, SETTINGS["trim_threshold"]),
+                (_M_TOP_PAD, SETTINGS["top_pad"]),
+            )
+        )
     except (OSError, AttributeError) as exc:
         _state.update(applied=False, final=True, reason=f"mallopt unavailable: {exc}")
         return dict(_state)

@@ -21,8 +21,18 @@ from flannel_repro.devices import parse_device
 from flannel_repro.errors import DeterminismWarning
 
 PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "safetensors", "numpy")
-ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                 "MALLOC_TOP_PAD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY", "CUBLAS_WORKSPACE_CONFIG")
+ALLOCATOR_ENV = (
+    "LD_PRELOAD",
+    "MALLOC_CONF",
+    "MALLOC_ARENA_MAX",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "KMP_AFFINITY",
+    "CUBLAS_WORKSPACE_CONFIG",
+)
 
 
 @contextlib.contextmanager
@@ -77,11 +87,15 @@ def cuda_determinism_warnings() -> list[str]:
         return []
     value = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if value not in (":4096:8", ":16:8"):
-        return ["deterministic mode on CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) in the environment "
-                f"before CUDA starts; it is {value!r}. Set it in the shell or in pytest's env before running."]
+        return [
+            "deterministic mode on CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) in the environment "
+            f"before CUDA starts; it is {value!r}. Set it in the shell or in pytest's env before running."
+        ]
     if value != _CUBLAS_AT_IMPORT and torch.cuda.is_initialized():
-        return [f"CUBLAS_WORKSPACE_CONFIG was set to {value!r} after CUDA was initialised: cuBLAS read the old value "
-                f"({_CUBLAS_AT_IMPORT!r}), so the setting has no effect in this process."]
+        return [
+            f"CUBLAS_WORKSPACE_CONFIG was set to {value!r} after CUDA was initialised: cuBLAS read the old value "
+            f"({_CUBLAS_AT_IMPORT!r}), so the setting has no effect in this process."
+        ]
     return []
 
 
@@ -205,8 +219,13 @@ def device_description(device: str) -> dict[str, Any]:
     elif kind == "cuda" and torch.cuda.is_available():
         index = parsed.index or 0
         props = torch.cuda.get_device_properties(index)
-        info.update(name=props.name, capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
-                    cublas=cublas_version(), cudnn=str(torch.backends.cudnn.version()))
+        info.update(
+            name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+            cublas=cublas_version(),
+            cudnn=str(torch.backends.cudnn.version()),
+        )
     elif kind == "mps":
         info.update(name="Apple MPS", chip=_mac_chip(), macos=platform.mac_ver()[0] or None)
     return info
@@ -242,6 +261,7 @@ def environment_fingerprint(device: str, *, numerics: dict[str, Any]) -> dict[st
 
     from flannel_repro.version import __version__
     from flannel_repro.training.allocator import malloc_state
+
     return {
         "flannel_repro": __version__,
         "code_version": code_version(),

@@ -64,29 +64,46 @@ _ENGINES: dict[str, Engine] = {}
 BUILTIN = ("torch", "hf")
 
 
-def register_engine(name: str, *, steps: int, params: Mapping[str, Any] | None = None,
-                    data: Callable[[], Mapping[str, str]] | None = None) -> Callable[[Callable], Callable]:
+def register_engine(
+    name: str,
+    *,
+    steps: int,
+    params: Mapping[str, Any] | None = None,
+    data: Callable[[], Mapping[str, str]] | None = None,
+) -> Callable[[Callable], Callable]:
     """Decorator: register `fn(run)` as the engine `name` (default `steps` and `params` of its runs; `data`
     returns the content hashes of the data it trains on, which enter the run key)."""
     if not isinstance(name, str) or not name.strip() or name in BUILTIN:
-        raise ConfigError(f"register_engine: expected a new engine name, got {name!r} (not empty, not one of {BUILTIN}).")
+        raise ConfigError(
+            f"register_engine: expected a new engine name, got {name!r} (not empty, not one of {BUILTIN})."
+        )
     EngineRunConfig(engine=name, steps=steps, params=dict(params or {}))  # validates steps and params now
 
     def wrap(fn: Callable[["EngineRun"], None]) -> Callable[["EngineRun"], None]:
         module = getattr(fn, "__module__", "")
         if "<locals>" in getattr(fn, "__qualname__", "<locals>"):
-            raise ConfigError(f"register_engine({name!r}): {fn.__qualname__} must be defined at a module's top level, "
-                              "so a fresh process can import it (resume_at runs it in two).")
+            raise ConfigError(
+                f"register_engine({name!r}): {fn.__qualname__} must be defined at a module's top level, "
+                "so a fresh process can import it (resume_at runs it in two)."
+            )
         try:
             source = Path(inspect.getsourcefile(fn) or "").read_bytes()
         except (OSError, TypeError):
             source = inspect.getsource(fn).encode()
         previous = _ENGINES.get(name)
         if previous is not None and (previous.module, previous.fn.__qualname__) != (module, fn.__qualname__):
-            raise ConfigError(f"register_engine: {name!r} is already registered by {previous.module}."
-                              f"{previous.fn.__qualname__}.")
-        _ENGINES[name] = Engine(name=name, fn=fn, steps=steps, params=dict(params or {}), data=data, module=module,
-                                source_sha256=hashlib.sha256(source).hexdigest())
+            raise ConfigError(
+                f"register_engine: {name!r} is already registered by {previous.module}.{previous.fn.__qualname__}."
+            )
+        _ENGINES[name] = Engine(
+            name=name,
+            fn=fn,
+            steps=steps,
+            params=dict(params or {}),
+            data=data,
+            module=module,
+            source_sha256=hashlib.sha256(source).hexdigest(),
+        )
         return fn
 
     return wrap
@@ -97,8 +114,10 @@ def get_engine(name: str) -> Engine:
         return _ENGINES[name]
     except KeyError:
         known = ", ".join(sorted(_ENGINES)) or "none registered"
-        raise ConfigError(f"engine {name!r} is not registered (registered: {known}); register it with "
-                          "@flannel_repro.register_engine(...) in a module your conftest.py imports.") from None
+        raise ConfigError(
+            f"engine {name!r} is not registered (registered: {known}); register it with "
+            "@flannel_repro.register_engine(...) in a module your conftest.py imports."
+        ) from None
 
 
 def is_registered(name: str) -> bool:
@@ -145,18 +164,35 @@ class EngineRun:
             raise ConfigError(f"engine {self.config.engine!r}: one recorder per run (recorder() was called twice).")
         stateful = bool(kwargs.get("state"))
         if self.stop_at is not None and not stateful:
-            raise ConfigError(f"engine {self.config.engine!r}: resume_at needs the training state to checkpoint: pass "
-                              "state={'model': ..., 'optimizer': ...} to run.recorder(...).")
+            raise ConfigError(
+                f"engine {self.config.engine!r}: resume_at needs the training state to checkpoint: pass "
+                "state={'model': ..., 'optimizer': ...} to run.recorder(...)."
+            )
         # without its state a run cannot checkpoint: it trains from the start when interrupted, as before
-        rec = TrajectoryRecorder(self.path, tensors, steps=self.steps, config=self.config, metadata=self.metadata,
-                                 checkpoint_every=self.checkpoint_every if stateful else 0, stop_at=self.stop_at,
-                                 run_key=self.run_key, **kwargs)
+        rec = TrajectoryRecorder(
+            self.path,
+            tensors,
+            steps=self.steps,
+            config=self.config,
+            metadata=self.metadata,
+            checkpoint_every=self.checkpoint_every if stateful else 0,
+            stop_at=self.stop_at,
+            run_key=self.run_key,
+            **kwargs,
+        )
         self.recorders.append(rec)
         return rec
 
 
-def train_engine(config: EngineRunConfig, path: str | Path, *, metadata: Mapping[str, Any] | None = None,
-                 checkpoint_every: int = 0, stop_at: int | None = None, run_key: str | None = None) -> float:
+def train_engine(
+    config: EngineRunConfig,
+    path: str | Path,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    checkpoint_every: int = 0,
+    stop_at: int | None = None,
+    run_key: str | None = None,
+) -> float:
     """Train `config` with its registered engine into the artifact `path`; the wall time in seconds.
 
     The engine runs with the config's thread count, deterministic mode and numerics mode in force."""
@@ -170,9 +206,14 @@ def train_engine(config: EngineRunConfig, path: str | Path, *, metadata: Mapping
     check_device(config.device)
     apply_numerics(config.numerics, config.device)
     meta = dict(metadata or {})
-    run = EngineRun(config=config, path=Path(path), metadata=meta,
-                    run_key=run_key if run_key is not None else str(meta.get("run_key", "")),
-                    checkpoint_every=checkpoint_every, stop_at=stop_at)
+    run = EngineRun(
+        config=config,
+        path=Path(path),
+        metadata=meta,
+        run_key=run_key if run_key is not None else str(meta.get("run_key", "")),
+        checkpoint_every=checkpoint_every,
+        stop_at=stop_at,
+    )
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch_threads(config.threads))
@@ -180,8 +221,10 @@ def train_engine(config: EngineRunConfig, path: str | Path, *, metadata: Mapping
         stack.enter_context(arithmetic(config.numerics, config.device))
         engine.fn(run)
     if not run.recorders or not Path(path).exists():
-        raise ConfigError(f"engine {config.engine!r} returned without recording its run: call run.recorder(...) and "
-                          f"step() once per optimizer step inside its `with` block ({path} was not written).")
+        raise ConfigError(
+            f"engine {config.engine!r} returned without recording its run: call run.recorder(...) and "
+            f"step() once per optimizer step inside its `with` block ({path} was not written)."
+        )
     return time.perf_counter() - start
 
 

@@ -72,8 +72,9 @@ def _into(out: torch.Tensor | None, result32: torch.Tensor) -> torch.Tensor:
     return out.copy_(result32.to(BF16) if out.dtype != torch.float32 else result32)
 
 
-def _addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: Any = 1, alpha: Any = 1,
-           out: Any = None) -> Any:
+def _addmm(
+    input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: Any = 1, alpha: Any = 1, out: Any = None
+) -> Any:
     if not _wants_bf16(input, mat1, mat2):
         return NotImplemented
     with _no_autocast():
@@ -86,6 +87,7 @@ def _binary(op: Callable[..., torch.Tensor]) -> Callable[..., Any]:
             return NotImplemented
         with _no_autocast():
             return _into(out, op(widen(a), widen(b)))
+
     return handler
 
 
@@ -96,14 +98,22 @@ def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return F.linear(widen(input), widen(weight), None if bias is None else widen(bias)).to(BF16)
 
 
-def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-          dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-          enable_gqa: bool = False) -> Any:
+def _sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Any:
     if not _wants_bf16(query, key, value):
         return NotImplemented
     if dropout_p != 0.0:
-        raise NotImplementedError("explicit bf16 attention (portable numerics) supports dropout_p = 0 only, "
-                                  f"got dropout_p={dropout_p}")
+        raise NotImplementedError(
+            f"explicit bf16 attention (portable numerics) supports dropout_p = 0 only, got dropout_p={dropout_p}"
+        )
     with _no_autocast():
         q, k, v = widen(query), widen(key), widen(value)
         if enable_gqa and k.shape[-3] != q.shape[-3]:

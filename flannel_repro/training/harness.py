@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import torch
 
@@ -35,6 +35,8 @@ from flannel_repro.training.numerics import apply as apply_numerics, arithmetic,
 from flannel_repro.training.run_recorder import RunRecorder
 
 if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel
+
     from flannel_repro.config import RunConfig
     from flannel_repro.data.corpus import CorpusData
 
@@ -53,10 +55,18 @@ class RunResult:
     threads: int
 
 
-def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None" = None,
-          W_initial: torch.Tensor | None = None, metadata: dict[str, Any] | None = None,
-          progress: Progress | None = None, checkpoint_every: int = 0, stop_at: int | None = None,
-          run_key: str | None = None) -> RunResult:
+def train(
+    config: "RunConfig",
+    out_path: str | Path,
+    *,
+    data: "CorpusData | None" = None,
+    W_initial: torch.Tensor | None = None,
+    metadata: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    checkpoint_every: int = 0,
+    stop_at: int | None = None,
+    run_key: str | None = None,
+) -> RunResult:
     """Train one run per `config` and write its trajectory artifact to `out_path` (atomically).
 
     With `checkpoint_every` = N > 0 (torch engine), the full training state is checkpointed every N steps
@@ -69,16 +79,22 @@ def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None
     run_key = run_key if run_key is not None else str((metadata or {}).get("run_key", ""))
     policy = Checkpointer(Path(out_path), run_key, checkpoint_every, stop_at)
     if policy.enabled and config.engine != "torch":
-        raise ConfigError(f"checkpoints and resume are implemented for engine = 'torch' and registered engines (got "
-                          f"engine={config.engine!r}); the Trainer's own checkpoints hold pickles.")
+        raise ConfigError(
+            f"checkpoints and resume are implemented for engine = 'torch' and registered engines (got "
+            f"engine={config.engine!r}); the Trainer's own checkpoints hold pickles."
+        )
     if stop_at is not None and not 1 <= stop_at <= config.steps:
         raise ConfigError(f"'stop_at' must be a step in [1, {config.steps}] (got {stop_at}).")
     if config.engine == "hf" and config.compile != "none":
-        raise ConfigError("'compile' is only available with engine = 'torch' (the Trainer compiles through "
-                          f"TrainingArguments.torch_compile, which this harness does not drive); got compile={config.compile!r}.")
+        raise ConfigError(
+            "'compile' is only available with engine = 'torch' (the Trainer compiles through "
+            f"TrainingArguments.torch_compile, which this harness does not drive); got compile={config.compile!r}."
+        )
     if config.head == "fused" and (config.engine != "torch" or config.compile != "none"):
-        raise ConfigError("head = 'fused' needs engine = 'torch' and compile = 'none' (the Trainer and torch.compile run "
-                          f"the model's own head); got engine={config.engine!r}, compile={config.compile!r}.")
+        raise ConfigError(
+            "head = 'fused' needs engine = 'torch' and compile = 'none' (the Trainer and torch.compile run "
+            f"the model's own head); got engine={config.engine!r}, compile={config.compile!r}."
+        )
     apply_numerics(config.numerics, config.device)  # arranges a pinned mode, or refuses when it is too late
     tune_malloc()
     data = data if data is not None else load_data(config)
@@ -95,20 +111,35 @@ def train(config: "RunConfig", out_path: str | Path, *, data: "CorpusData | None
             resume, discarded = None, discard(out_path, str(exc))
 
 
-def _train_once(config: "RunConfig", out_path: str | Path, data: "CorpusData", W0: torch.Tensor,
-                metadata: dict[str, Any] | None, progress: Progress | None, policy: Any, resume: Any,
-                discarded: str) -> RunResult:
+def _train_once(
+    config: "RunConfig",
+    out_path: str | Path,
+    data: "CorpusData",
+    W0: torch.Tensor,
+    metadata: dict[str, Any] | None,
+    progress: Progress | None,
+    policy: Any,
+    resume: Any,
+    discarded: str,
+) -> RunResult:
     from flannel_repro.training.resume import resumable_path
 
     with contextlib.ExitStack() as stack:
         threads = stack.enter_context(torch_threads(config.threads))
         stack.enter_context(deterministic_mode(config.deterministic))
-        env = environment_fingerprint(config.device, numerics=numerics_info(
-            config.device, threads=threads, deterministic=config.deterministic, mode=config.numerics))
+        env = environment_fingerprint(
+            config.device,
+            numerics=numerics_info(
+                config.device, threads=threads, deterministic=config.deterministic, mode=config.numerics
+            ),
+        )
         meta = {"env": env, "engine": config.engine, **(metadata or {})}
         resumable = policy.enabled or resume is not None
-        recorder = stack.enter_context(RunRecorder(config, out_path, data, meta, resume=resume,
-                                                temp_path=resumable_path(out_path) if resumable else None))
+        recorder = stack.enter_context(
+            RunRecorder(
+                config, out_path, data, meta, resume=resume, temp_path=resumable_path(out_path) if resumable else None
+            )
+        )
         stack.enter_context(arithmetic(config.numerics, config.device))  # portable: explicit bf16 products
         start = time.perf_counter()
         if config.engine == "torch":
@@ -121,11 +152,24 @@ def _train_once(config: "RunConfig", out_path: str | Path, data: "CorpusData", W
             engine_meta["resumed_from"] = str(resume.step)  # wall time is then this process's share
         if discarded:
             engine_meta["resume_discarded"] = discarded[:2000]
-        path = recorder.finish({"wall_time_s": f"{wall:.3f}", "steps_per_s": f"{config.steps / wall:.4f}",
-                                "final_loss": repr(final_loss), "threads": str(threads), **engine_meta})
+        path = recorder.finish(
+            {
+                "wall_time_s": f"{wall:.3f}",
+                "steps_per_s": f"{config.steps / wall:.4f}",
+                "final_loss": repr(final_loss),
+                "threads": str(threads),
+                **engine_meta,
+            }
+        )
         policy.done()
-    return RunResult(path=path, config=config, wall_time_s=wall, steps_per_s=config.steps / wall,
-                     final_loss=final_loss, threads=threads)
+    return RunResult(
+        path=path,
+        config=config,
+        wall_time_s=wall,
+        steps_per_s=config.steps / wall,
+        final_loss=final_loss,
+        threads=threads,
+    )
 
 
 def check_device(device: str) -> None:
@@ -186,8 +230,12 @@ def trainer_counts_shifted_labels(model: torch.nn.Module) -> bool:
         return False  # older Trainers count every label that is not -100
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
-    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not getattr(
-        model.config, "is_encoder_decoder", False)
+    loss_type = getattr(model, "loss_type", None)
+    return (
+        loss_type is not None
+        and LOSS_MAPPING.get(loss_type) is ForCausalLMLoss
+        and not getattr(model.config, "is_encoder_decoder", False)
+    )
 
 
 def trainer_passes_num_items(model: torch.nn.Module) -> bool:
@@ -200,7 +248,9 @@ def trainer_passes_num_items(model: torch.nn.Module) -> bool:
     from transformers import Trainer
 
     source = inspect.getsource(Trainer.__init__)
-    if "accepts_loss_kwargs" in source.replace("model_accepts_loss_kwargs", "") and hasattr(model, "accepts_loss_kwargs"):
+    if "accepts_loss_kwargs" in source.replace("model_accepts_loss_kwargs", "") and hasattr(
+        model, "accepts_loss_kwargs"
+    ):
         return bool(model.accepts_loss_kwargs)
     params = inspect.signature(model.forward).parameters
     if '"loss_kwargs" in forward_params' in source:  # transformers 4.46 .. 4.5x
@@ -243,12 +293,16 @@ class TorchLoop:
         self.model = model = build_model(config, W0, device)
         model.train()  # dropout is 0, but train mode is what the Trainer runs
         self.optimizer = torch.optim.AdamW(
-            _param_groups(model, config.weight_decay), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_eps, weight_decay=config.weight_decay,
+            _param_groups(model, config.weight_decay),
+            lr=config.lr,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
             **({"fused": True} if config.optim == "adamw_torch_fused" else {}),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
-        self.forward = torch.compile(model) if config.compile == "default" else model
+        # torch.compile of a module returns an OptimizedModule, which calls it and forwards its attributes
+        self.forward = cast("GPT2LMHeadModel", torch.compile(model)) if config.compile == "default" else model
         self.use_amp = config.amp == "bfloat16"
         self.ids = data.ids
         self.shifts_labels = trainer_counts_shifted_labels(model)
@@ -259,14 +313,17 @@ class TorchLoop:
             # model's, but its mean can differ by an ulp in the recorded loss (measured under 4.46.3): use the
             # model's head, which is the Trainer's arithmetic by construction.
             if config.head == "fused":
-                raise ConfigError("head = 'fused' computes the loss as sum / num_items_in_batch, which the installed "
-                                  "Trainer (transformers 4.x) does not use for this model; use head = 'auto' or 'reference'.")
+                raise ConfigError(
+                    "head = 'fused' computes the loss as sum / num_items_in_batch, which the installed "
+                    "Trainer (transformers 4.x) does not use for this model; use head = 'auto' or 'reference'."
+                )
             fused = False
         self.fused = fused
         self.checked: dict[tuple[int, ...], str | None] = {}  # batch shape -> None (bitwise equal) or the difference
 
-    def step(self, step: int, *, phase: Phase = _no_phase,
-             before_optimizer: Callable[[], None] | None = None) -> tuple[float, torch.Tensor]:
+    def step(
+        self, step: int, *, phase: Phase = _no_phase, before_optimizer: Callable[[], None] | None = None
+    ) -> tuple[float, torch.Tensor]:
         """Optimizer step `step` (1-based): (its loss, the batch's start indices)."""
         config, device, model = self.config, self.device, self.model
         starts = self.order.batch(step)  # (B,)
@@ -276,15 +333,20 @@ class TorchLoop:
         # labels (num_items_in_batch): sum / n, not mean. See trainer_num_items for which labels it
         # counts. transformers 4.x passes nothing for GPT-2, which then returns its mean (None here).
         n_targets = trainer_num_items(labels, self.shifts_labels) if self.passes_num_items else None
-        if self.fused and tuple(inputs.shape) not in self.checked:  # once per batch shape (an epoch's last batch may be short)
+        if (
+            self.fused and tuple(inputs.shape) not in self.checked
+        ):  # once per batch shape (an epoch's last batch may be short)
             with phase("head-check"):
-                problem = verify_fused_head(model, inputs, labels, n_targets,
-                                            amp_dtype=torch.bfloat16 if self.use_amp else None)
+                problem = verify_fused_head(
+                    model, inputs, labels, n_targets, amp_dtype=torch.bfloat16 if self.use_amp else None
+                )
             self.checked[tuple(inputs.shape)] = problem
             if problem is not None:
                 if config.head == "fused":
-                    raise DeterminismError(f"head = 'fused' is not bitwise equal to the model's loss on {device} for a "
-                                           f"batch of shape {tuple(inputs.shape)}: {problem}. Use head = 'auto' or 'reference'.")
+                    raise DeterminismError(
+                        f"head = 'fused' is not bitwise equal to the model's loss on {device} for a "
+                        f"batch of shape {tuple(inputs.shape)}: {problem}. Use head = 'auto' or 'reference'."
+                    )
                 self.fused = False
         with phase("forward"), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             loss = model_loss(self.forward, inputs, labels, n_targets, self.fused)  # float32
@@ -309,8 +371,10 @@ class TorchLoop:
     def state(self) -> dict[str, Any]:
         """The loop's full state after a step (a checkpoint, training.resume): model, optimizer, schedule,
         RNGs, and the fused head's per-shape verdicts (so a resumed run takes the same head)."""
-        return {**self._training_state().capture(),
-                "loop": {"fused": self.fused, "checked": [[list(k), v] for k, v in self.checked.items()]}}
+        return {
+            **self._training_state().capture(),
+            "loop": {"fused": self.fused, "checked": [[list(k), v] for k, v in self.checked.items()]},
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self._training_state().restore(state)
@@ -319,13 +383,28 @@ class TorchLoop:
 
     def engine_metadata(self) -> dict[str, str]:
         failed = {str(list(k)): v for k, v in self.checked.items() if v is not None}
-        return {"head": json.dumps({"requested": self.config.head, "used": "fused" if self.fused else "reference",
-                                    "checked_shapes": [list(k) for k in self.checked], "check_failures": failed},
-                                   sort_keys=True)}
+        return {
+            "head": json.dumps(
+                {
+                    "requested": self.config.head,
+                    "used": "fused" if self.fused else "reference",
+                    "checked_shapes": [list(k) for k in self.checked],
+                    "check_failures": failed,
+                },
+                sort_keys=True,
+            )
+        }
 
 
-def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: RunRecorder,
-                  progress: Progress | None, policy: Any = None, resume: Any = None) -> dict[str, str]:
+def _torch_engine(
+    config: "RunConfig",
+    data: "CorpusData",
+    W0: torch.Tensor,
+    recorder: RunRecorder,
+    progress: Progress | None,
+    policy: Any = None,
+    resume: Any = None,
+) -> dict[str, str]:
     from flannel_repro.training.resume import check_restored
 
     loop = TorchLoop(config, data, W0)
@@ -338,7 +417,9 @@ def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, rec
     else:
         recorder.record(0, loop.model)
     for step in range(first, config.steps + 1):
-        loss_value, starts = loop.step(step, before_optimizer=lambda: recorder.capture_grads(loop.model, loop.optimizer))
+        loss_value, starts = loop.step(
+            step, before_optimizer=lambda: recorder.capture_grads(loop.model, loop.optimizer)
+        )
         recorder.record(step, loop.model, loss=loss_value, batch_starts=starts, optimizer=loop.optimizer)
         if progress is not None:
             progress(step, config.steps, loss_value)
@@ -347,19 +428,23 @@ def _torch_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, rec
     return loop.engine_metadata()
 
 
-def _hf_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: RunRecorder,
-               progress: Progress | None) -> dict[str, str]:
+def _hf_engine(
+    config: "RunConfig", data: "CorpusData", W0: torch.Tensor, recorder: RunRecorder, progress: Progress | None
+) -> dict[str, str]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
     kind = parse_device(config.device).kind
     if config.device not in ("cpu", "cuda", "cuda:0", "mps"):
-        raise ConfigError(f"engine 'hf' runs on 'cpu', 'cuda' (device 0) or 'mps' (got device={config.device!r}); "
-                          "use engine = 'torch' for other devices.")
+        raise ConfigError(
+            f"engine 'hf' runs on 'cpu', 'cuda' (device 0) or 'mps' (got device={config.device!r}); "
+            "use engine = 'torch' for other devices."
+        )
     order = DataOrder(data.n_examples(config.seq_len), config.batch_size, config.data_seed)
     model = build_model(config, W0, "cpu")  # the notebook builds on CPU then moves; the Trainer moves it
     if kind != "cpu":
-        model = model.to(config.device)
+        # transformers' PreTrainedModel.to is functools.wraps'd: typeshed types it as taking the model as argument 1
+        model = model.to(config.device)  # type: ignore[arg-type]
     dataset = TokenDataset(data.ids, config.seq_len, config.label_mode)
 
     class RecordingCallback(TrainerCallback):
@@ -369,20 +454,21 @@ def _hf_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, record
             self.loss: torch.Tensor | None = None
             self.consumed = 0
 
-        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001
+        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001, ANN003, ANN202 (the Trainer's callback signature)
             recorder.capture_grads(model, optimizer)
 
-        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001, ANN003, ANN202 (the Trainer's callback signature)
             step = state.global_step
             starts = order.batch(step)
-            fetched = dataset.fetched[self.consumed:self.consumed + len(starts)]
+            fetched = dataset.fetched[self.consumed : self.consumed + len(starts)]
             if fetched != starts.tolist():
                 raise DeterminismError(
                     f"step {step}: the Trainer's sampler fed examples {fetched[:4]}..., DataOrder expected "
-                    f"{starts[:4].tolist()}...; the installed transformers/accelerate shuffles differently.")
+                    f"{starts[:4].tolist()}...; the installed transformers/accelerate shuffles differently."
+                )
             self.consumed += len(starts)
             if self.consumed > 1_000_000:  # keep the log short
-                del dataset.fetched[:self.consumed]
+                del dataset.fetched[: self.consumed]
                 self.consumed = 0
             loss_value = self.loss.item() if self.loss is not None else float("nan")
             recorder.record(step, model, loss=loss_value, batch_starts=starts, optimizer=optimizer)
@@ -391,7 +477,7 @@ def _hf_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, record
 
     callback = RecordingCallback()
 
-    def keep_loss(_module, _args, output):  # forward hook: the loss the Trainer backpropagates
+    def keep_loss(_module: Any, _args: Any, output: Any) -> None:  # forward hook: the loss the Trainer backpropagates
         callback.loss = output.loss.detach() if getattr(output, "loss", None) is not None else None
 
     hook = model.register_forward_hook(keep_loss)
@@ -409,8 +495,11 @@ def _hf_engine(config: "RunConfig", data: "CorpusData", W0: torch.Tensor, record
             max_grad_norm=config.max_grad_norm,
             # transformers' "constant" ignores warmup_steps; "constant_with_warmup" is the same
             # schedule with the warm-up our config asks for.
-            lr_scheduler_type=("constant_with_warmup" if config.lr_schedule == "constant" and config.warmup_steps
-                               else config.lr_schedule),
+            lr_scheduler_type=(
+                "constant_with_warmup"
+                if config.lr_schedule == "constant" and config.warmup_steps
+                else config.lr_schedule
+            ),
             warmup_steps=config.warmup_steps,
             optim=config.optim,
             # The notebook's save_steps = steps + 1 still writes checkpoint-<steps> at the end under

@@ -63,8 +63,9 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
 
 
-def _chunk_grads(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, chunk: int,
-                 grad_logits: torch.Tensor) -> torch.Tensor:
+def _chunk_grads(
+    h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, g: torch.Tensor, chunk: int, grad_logits: torch.Tensor
+) -> torch.Tensor:
     """Fill grad_logits (N, V) for upstream gradient `g` of the summed loss;
     returns the (N, 1) float32 column of target log-probabilities (any value where ignored)."""
     N, V = grad_logits.shape
@@ -100,8 +101,15 @@ def _chunk_grads(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, g: tor
 
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, num_items: torch.Tensor,
-                chunk: int, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        W: torch.Tensor,
+        targets: torch.Tensor,
+        num_items: torch.Tensor,
+        chunk: int,
+        amp_dtype: torch.dtype | None,
+    ) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):
             h = _cast(hidden, amp_dtype).reshape(-1, hidden.shape[-1])  # (N, H) as lm_head sees it
             Wc = _cast(W, amp_dtype)
@@ -131,7 +139,9 @@ class _FusedHeadLoss(torch.autograd.Function):
                 # portable numerics (training.explicit): the same products as float32 GEMMs of the widened
                 # operands, each rounded to bf16 once; the (N, V) gradient is widened once for both
                 g32 = explicit.widen(grad_logits)
-                grad_hidden = torch.mm(g32, explicit.widen(Wc)).to(grad_logits.dtype).view(hidden_shape).to(hidden_dtype)
+                grad_hidden = (
+                    torch.mm(g32, explicit.widen(Wc)).to(grad_logits.dtype).view(hidden_shape).to(hidden_dtype)
+                )
                 grad_W = torch.mm(g32.t(), explicit.widen(h)).to(grad_logits.dtype)
             else:
                 grad_hidden = torch.mm(grad_logits, Wc).view(hidden_shape).to(hidden_dtype)
@@ -140,8 +150,14 @@ class _FusedHeadLoss(torch.autograd.Function):
         return grad_hidden, grad_W, None, None, None, None
 
 
-def fused_head_loss(hidden: torch.Tensor, W: torch.Tensor, labels: torch.Tensor, num_items: torch.Tensor,
-                    *, chunk: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+def fused_head_loss(
+    hidden: torch.Tensor,
+    W: torch.Tensor,
+    labels: torch.Tensor,
+    num_items: torch.Tensor,
+    *,
+    chunk: int = DEFAULT_CHUNK_ROWS,
+) -> torch.Tensor:
     """`ForCausalLMLoss(lm_head(hidden), labels, num_items_in_batch=num_items)` in row chunks.
 
     hidden: (B, T, H) last hidden state; W: (V, H) tied LM-head weight; labels: (B, T) as given to
@@ -154,8 +170,14 @@ def fused_head_loss(hidden: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
     return _FusedHeadLoss.apply(hidden, W, targets, num_items, chunk, _autocast_dtype(hidden.device.type))
 
 
-def model_loss(model: "GPT2LMHeadModel", inputs: torch.Tensor, labels: torch.Tensor, num_items: torch.Tensor | None,
-               fused: bool, chunk: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+def model_loss(
+    model: "GPT2LMHeadModel",
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    num_items: torch.Tensor | None,
+    fused: bool,
+    chunk: int = DEFAULT_CHUNK_ROWS,
+) -> torch.Tensor:
     """The training loss of `model` on one batch, through the model's own head or the fused one.
 
     `num_items` is the divisor the Trainer hands the model (transformers 5.x); None where it hands none
@@ -171,9 +193,15 @@ def model_loss(model: "GPT2LMHeadModel", inputs: torch.Tensor, labels: torch.Ten
     return fused_head_loss(hidden, model.lm_head.weight, labels, num_items, chunk=chunk)
 
 
-def verify_fused_head(model: "GPT2LMHeadModel", inputs: torch.Tensor, labels: torch.Tensor,
-                      num_items: torch.Tensor, *, amp_dtype: torch.dtype | None,
-                      chunk: int = DEFAULT_CHUNK_ROWS) -> str | None:
+def verify_fused_head(
+    model: "GPT2LMHeadModel",
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    num_items: torch.Tensor | None,
+    *,
+    amp_dtype: torch.dtype | None,
+    chunk: int = DEFAULT_CHUNK_ROWS,
+) -> str | None:
     """Run the model's loss and the fused loss on one batch; None if the loss and every parameter
     gradient are bitwise equal, else a description of the first difference. Leaves no gradients."""
     results = []

@@ -44,7 +44,9 @@ def build_model(config: "RunConfig", W_initial: torch.Tensor, device: str | torc
 
     expected = (config.vocab_size, config.hidden_dim)
     if tuple(W_initial.shape) != expected:
-        raise ValueError(f"W_initial has shape {tuple(W_initial.shape)}, expected (vocab_size, hidden_dim) = {expected}.")
+        raise ValueError(
+            f"W_initial has shape {tuple(W_initial.shape)}, expected (vocab_size, hidden_dim) = {expected}."
+        )
     gpt_config = GPT2Config(
         vocab_size=config.vocab_size,
         n_positions=config.seq_len,
@@ -63,7 +65,8 @@ def build_model(config: "RunConfig", W_initial: torch.Tensor, device: str | torc
         model = GPT2LMHeadModel(gpt_config)
     finally:
         hf_logging.set_verbosity(verbosity)
-    model = model.to(torch_dtype(config.dtype)).to(device)
+    # transformers' PreTrainedModel.to is functools.wraps'd: typeshed types it as taking the model as argument 1
+    model = model.to(torch_dtype(config.dtype)).to(device)  # type: ignore[arg-type]
     with torch.no_grad():
         model.transformer.wte.weight[:] = W_initial.to(device)
     # Tied embeddings: the LM head must be the very same Parameter as W, or recording W would miss
@@ -74,6 +77,6 @@ def build_model(config: "RunConfig", W_initial: torch.Tensor, device: str | torc
     return model
 
 
-def embedding(model: "GPT2LMHeadModel") -> torch.nn.Parameter:
+def embedding(model: "GPT2LMHeadModel") -> torch.Tensor:
     """W, the (V, H) token-embedding matrix (tied with the LM head)."""
     return model.transformer.wte.weight

@@ -61,7 +61,11 @@ PINS: dict[str, dict[str, str]] = {
     "portable": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"},
     # AVX-512 BF16 servers: oneDNN's AVX-512 BF16 kernels, which Intel (Cooper Lake on) and AMD (Zen 4 on) both
     # run (AMX would otherwise win on Intel); MKL's AVX2 branch, strict (without STRICT it parted at step 5).
-    "avx512bf16": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "MKL_CBWR": "AVX2,STRICT"},
+    "avx512bf16": {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
+        "MKL_CBWR": "AVX2,STRICT",
+    },
 }
 PORTABLE_ENV = PINS["portable"]
 EXPLICIT_MODES = ("portable",)  # modes whose bf16 products are float32 GEMMs with explicit rounding
@@ -73,8 +77,13 @@ NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")  # what
 # environment for a fresh process (None removes the variable). Each is a path some CPU actually takes;
 # the capped ones are how an AVX-512 machine runs the kernels of a CPU without AVX-512 (BF16).
 _UNPINNED = dict.fromkeys(NUMERICS_ENV)
-VARIANT_MODE: dict[str, str] = {"native": "native", "portable": "portable", "avx512bf16": "avx512bf16",
-                                "avx512": "native", "avx2": "native"}
+VARIANT_MODE: dict[str, str] = {
+    "native": "native",
+    "portable": "portable",
+    "avx512bf16": "avx512bf16",
+    "avx512": "native",
+    "avx2": "native",
+}
 VARIANT_ENV: dict[str, dict[str, str | None]] = {
     "native": dict(_UNPINNED),
     "portable": dict(PINS["portable"]),
@@ -124,9 +133,13 @@ def parse_probe_log(text: str, digest: str = "") -> CpuProbe:
     max_isa = _MAX_ISA.search(text)
     header = _MKL_HEADER.search(text)
     cnr = _MKL_CNR.search(text)
-    return CpuProbe(onednn_isa=isa, onednn_max_isa=max_isa.group(1).strip().replace("Intel ", "") if max_isa else "",
-                    mkl_arch=_compact_mkl_arch(header.group(1)) if header else "", mkl_cnr=cnr.group(1) if cnr else "",
-                    digest=digest)
+    return CpuProbe(
+        onednn_isa=isa,
+        onednn_max_isa=max_isa.group(1).strip().replace("Intel ", "") if max_isa else "",
+        mkl_arch=_compact_mkl_arch(header.group(1)) if header else "",
+        mkl_cnr=cnr.group(1) if cnr else "",
+        digest=digest,
+    )
 
 
 def _compact_mkl_arch(text: str) -> str:
@@ -154,8 +167,19 @@ def _probe_compute(mode: str) -> str:
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
-    config = GPT2Config(vocab_size=4096, n_positions=128, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=4096,
+        n_positions=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     h = hashlib.blake2b(digest_size=8)
 
     def feed(t: torch.Tensor) -> None:
@@ -167,7 +191,8 @@ def _probe_compute(mode: str) -> str:
     try:
         with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
             torch.manual_seed(PROBE_SEED)
-            model = GPT2LMHeadModel(config).to(torch.bfloat16)
+            # transformers' PreTrainedModel.to is functools.wraps'd: typeshed types it as taking the model as argument 1
+            model = GPT2LMHeadModel(config).to(torch.bfloat16)  # type: ignore[arg-type]
         g = torch.Generator().manual_seed(PROBE_SEED)
         batches = [torch.randint(0, config.vocab_size, (2, 128), generator=g) for _ in range(2)]
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
@@ -257,8 +282,19 @@ def onednn_short(isa: str, max_isa: str = "") -> str:
         return "nodnn"
     if not any(tag in s for tag in ("amx", "avx", "sse")) and max_isa:
         m = max_isa.upper()
-        s = ("amx" if "AMX" in m else "avx512_bf16" if "BFLOAT16" in m and "AVX-512" in m else
-             "avx10" if "AVX10" in m else "avx512" if "AVX-512" in m else "avx2" if "AVX2" in m else s)
+        s = (
+            "amx"
+            if "AMX" in m
+            else "avx512_bf16"
+            if "BFLOAT16" in m and "AVX-512" in m
+            else "avx10"
+            if "AVX10" in m
+            else "avx512"
+            if "AVX-512" in m
+            else "avx2"
+            if "AVX2" in m
+            else s
+        )
     if "amx" in s:
         return "amx"
     if "bf16" in s and ("avx512" in s or "avx10" in s):
@@ -362,8 +398,13 @@ def numerics_info(device: str, *, threads: int, deterministic: bool, mode: str =
     info: dict[str, Any] = {"mode": mode}
     if kind == "cpu":
         probe = probe_cpu(threads, mode)
-        info.update({"class": cpu_class(probe), "probe": probe.to_json(),
-                     "env": {k: os.environ[k] for k in NUMERICS_ENV if k in os.environ}})
+        info.update(
+            {
+                "class": cpu_class(probe),
+                "probe": probe.to_json(),
+                "env": {k: os.environ[k] for k in NUMERICS_ENV if k in os.environ},
+            }
+        )
     elif kind == "cuda":
         info["class"] = cuda_class(device_description(device), deterministic)
     else:
@@ -401,8 +442,10 @@ def arrange(mode: str) -> None:
     for key, value in PINS[mode].items():
         current = os.environ.get(key)
         if current not in (None, "") and current.lower() != value.lower():
-            raise NumericsError(f"{mode} numerics needs {key}={value}, but the environment has {key}={current}. "
-                                f"Unset {key} (or use numerics = 'native' to keep your setting).")
+            raise NumericsError(
+                f"{mode} numerics needs {key}={value}, but the environment has {key}={current}. "
+                f"Unset {key} (or use numerics = 'native' to keep your setting)."
+            )
         os.environ[key] = value
 
 
@@ -421,7 +464,8 @@ def check(mode: str, device: str = "cpu") -> None:
         raise NumericsError(
             f"{mode} numerics needs an x86-64 CPU with {needs}, which this CPU ({cpu_name()}, {platform.machine()}) "
             f"lacks. Use numerics = 'native' here (--flannel-numerics=native): its class differs, so the gate "
-            f"compares with the stored snapshots within the measured noise band.")
+            f"compares with the stored snapshots within the measured noise band."
+        )
     probe = probe_cpu(1, mode)
     aten = probe.aten.upper()
     dnn = onednn_short(probe.onednn_isa, probe.onednn_max_isa)
@@ -439,7 +483,8 @@ def check(mode: str, device: str = "cpu") -> None:
         f"{PINS[mode]['MKL_CBWR']}). ATen, oneDNN and MKL read {pinned} once, at their first call, and this process "
         "had already computed with torch before they were set. Set them in the environment before starting Python, "
         f"run under the pytest plugin (--flannel-numerics={mode} arranges them at start-up), or call "
-        f"flannel_repro.training.numerics.arrange({mode!r}) before any torch computation.")
+        f"flannel_repro.training.numerics.arrange({mode!r}) before any torch computation."
+    )
 
 
 def apply(mode: str, device: str = "cpu") -> None:

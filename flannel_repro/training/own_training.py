@@ -75,12 +75,24 @@ class TrajectoryRecorder:
       the objects hold that step's state, and the artifact ends bitwise equal to an uninterrupted run's.
     """
 
-    def __init__(self, path: str | Path, tensors: Mapping[str, TensorSource], *, steps: int,
-                 config: EngineRunConfig | Mapping[str, Any] | None = None, primary: str | None = None,
-                 optimizer: Any = None, batch_size: int = 0, live_mask: torch.Tensor | None = None,
-                 data: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
-                 state: Mapping[str, Any] | None = None, checkpoint_every: int = 0, stop_at: int | None = None,
-                 run_key: str = "") -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        tensors: Mapping[str, TensorSource],
+        *,
+        steps: int,
+        config: EngineRunConfig | Mapping[str, Any] | None = None,
+        primary: str | None = None,
+        optimizer: Any = None,
+        batch_size: int = 0,
+        live_mask: torch.Tensor | None = None,
+        data: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        state: Mapping[str, Any] | None = None,
+        checkpoint_every: int = 0,
+        stop_at: int | None = None,
+        run_key: str = "",
+    ) -> None:
         from flannel_repro.training.resume import Checkpointer, TrainingState
 
         self.path = Path(path)
@@ -93,16 +105,22 @@ class TrajectoryRecorder:
             if not isinstance(name, str) or not name:
                 raise ConfigError(f"{self.path}: tensor names must be non-empty strings (got {name!r}).")
             if not isinstance(src, torch.Tensor) and not callable(src):
-                raise ConfigError(f"{self.path}: tensors[{name!r}] must be a tensor or a function returning one "
-                                  f"(got {type(src).__name__}).")
+                raise ConfigError(
+                    f"{self.path}: tensors[{name!r}] must be a tensor or a function returning one "
+                    f"(got {type(src).__name__})."
+                )
         self.primary = primary if primary is not None else next(iter(self.sources))
         if self.primary not in self.sources:
-            raise ConfigError(f"{self.path}: primary={self.primary!r} is not one of the tensors {sorted(self.sources)}.")
+            raise ConfigError(
+                f"{self.path}: primary={self.primary!r} is not one of the tensors {sorted(self.sources)}."
+            )
         if config is None or isinstance(config, Mapping):
             config = EngineRunConfig(engine="custom", steps=steps, params=dict(config or {}))
         if not isinstance(config, EngineRunConfig):
-            raise ConfigError(f"{self.path}: 'config' must be an EngineRunConfig or a table of hyperparameters "
-                              f"(got {type(config).__name__}).")
+            raise ConfigError(
+                f"{self.path}: 'config' must be an EngineRunConfig or a table of hyperparameters "
+                f"(got {type(config).__name__})."
+            )
         if config.steps != steps:
             raise ConfigError(f"{self.path}: steps={steps} but config.steps={config.steps}; they must agree.")
         if not isinstance(batch_size, int) or batch_size < 0:
@@ -112,8 +130,9 @@ class TrajectoryRecorder:
         self._state = TrainingState(state)
         self._policy = Checkpointer(self.path, run_key, checkpoint_every, stop_at)
         if self._policy.enabled and not self._state.objects:
-            raise ConfigError(f"{self.path}: checkpoints need the training state: pass state={{'model': ..., "
-                              "'optimizer': ...}}.")
+            raise ConfigError(
+                f"{self.path}: checkpoints need the training state: pass state={{'model': ..., 'optimizer': ...}}}}."
+            )
         # a run's identity for resuming: the store's run key, else the config (same path, same config)
         self._run_key = run_key or self.config.fingerprint()
         self._policy.run_key = self._run_key
@@ -143,8 +162,9 @@ class TrajectoryRecorder:
     def _specs(self, shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[TensorSpec]:
         dtype, shape = shapes[self.primary]
         rows = _as_rows(torch.empty(shape, device="meta")).shape
-        specs = layout.run_artifact_specs(steps=self.steps, vocab_size=rows[0], hidden_dim=rows[1],
-                                          batch_size=self.batch_size, dtype=dtype)
+        specs = layout.run_artifact_specs(
+            steps=self.steps, vocab_size=rows[0], hidden_dim=rows[1], batch_size=self.batch_size, dtype=dtype
+        )
         for name, (dt, shp) in shapes.items():
             if name != self.primary:
                 specs.append(TensorSpec(TENSOR_PREFIX + name, dt, (self.steps + 1, *shp)))
@@ -163,24 +183,33 @@ class TrajectoryRecorder:
         W = _as_rows(current[self.primary])
         live = self._live_mask if self._live_mask is not None else torch.ones(W.shape[0], dtype=torch.bool)
         if live.dtype != torch.bool or tuple(live.shape) != (W.shape[0],):
-            raise ConfigError(f"{self.path}: live_mask must be a bool tensor of shape ({W.shape[0]},) (one entry per "
-                              f"row of {self.primary!r}), got {live.dtype} {tuple(live.shape)}.")
+            raise ConfigError(
+                f"{self.path}: live_mask must be a bool tensor of shape ({W.shape[0]},) (one entry per "
+                f"row of {self.primary!r}), got {live.dtype} {tuple(live.shape)}."
+            )
         n_live = int(live.sum())
         resume, self.resume_discarded = find_resumable(self.path, self._run_key) if self._state.objects else (None, "")
         if self.optimizer is not None and hasattr(self.optimizer, "register_step_pre_hook"):
             param = self.sources[self.primary]
             if isinstance(param, torch.Tensor):
                 self._hook = self.optimizer.register_step_pre_hook(
-                    lambda opt, args, kwargs: self._tracker.before_step(param, opt))
+                    lambda opt, args, kwargs: self._tracker.before_step(param, opt)
+                )
         if resume is not None:
             k = resume.step
-            self.writer = ArtifactWriter(self.path, self._specs(shapes), dict(resume.info["artifact_metadata"]),
-                                           checksum_exclude=(layout.KEY_W,), temp_path=resumable_path(self.path))
+            self.writer = ArtifactWriter(
+                self.path,
+                self._specs(shapes),
+                dict(resume.info["artifact_metadata"]),
+                checksum_exclude=(layout.KEY_W,),
+                temp_path=resumable_path(self.path),
+            )
             try:  # the partial file's rows through k must hash as they did when the checkpoint was taken
                 self.writer.reopen(layout.written_through(self.writer.specs, k), resume.info["partial_digests"])
             except ResumeError as exc:
                 resume, self.resume_discarded = None, discard(self.path, str(exc))
         if resume is not None:
+            assert self.writer is not None  # reopened above for this checkpoint
             self._prior = prior_digests(self.writer, layout.KEY_DIGESTS, k + 1, self.steps + 1)
             self._resume = resume
             self._state.restore(resume.state)
@@ -197,20 +226,39 @@ class TrajectoryRecorder:
             self.last_loss = float(resume.info.get("last_loss", math.nan))
             return self
         device = str(current[self.primary].device)
-        env = environment_fingerprint(device, numerics=numerics_info(
-            device, threads=torch.get_num_threads(), deterministic=self.config.deterministic,
-            mode=self.config.numerics))
-        extra = {"env": env, "engine": self.config.engine, "recorded": {"primary": self.primary, "tensors": {
-            name: {"dtype": str(dt).removeprefix("torch."), "shape": list(shp)} for name, (dt, shp) in shapes.items()}},
-            **self._extra_meta}
+        env = environment_fingerprint(
+            device,
+            numerics=numerics_info(
+                device,
+                threads=torch.get_num_threads(),
+                deterministic=self.config.deterministic,
+                mode=self.config.numerics,
+            ),
+        )
+        extra = {
+            "env": env,
+            "engine": self.config.engine,
+            "recorded": {
+                "primary": self.primary,
+                "tensors": {
+                    name: {"dtype": str(dt).removeprefix("torch."), "shape": list(shp)}
+                    for name, (dt, shp) in shapes.items()
+                },
+            },
+            **self._extra_meta,
+        }
         if self.resume_discarded:
             extra["resume_discarded"] = self.resume_discarded[:2000]
-        meta = layout.run_metadata(self.config.to_dict(), {"n_live": n_live, "n_dead": W.shape[0] - n_live, **self._data},
-                                   digest_algo=DIGEST_ALGO,
-                                   **{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in extra.items()})
+        meta = layout.run_metadata(
+            self.config.to_dict(),
+            {"n_live": n_live, "n_dead": W.shape[0] - n_live, **self._data},
+            digest_algo=DIGEST_ALGO,
+            **{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in extra.items()},
+        )
         temp = resumable_path(self.path) if self._policy.enabled else None
-        self.writer = ArtifactWriter(self.path, self._specs(shapes), meta, checksum_exclude=(layout.KEY_W,),
-                                       temp_path=temp)
+        self.writer = ArtifactWriter(
+            self.path, self._specs(shapes), meta, checksum_exclude=(layout.KEY_W,), temp_path=temp
+        )
         self.writer.__enter__()
         self.writer.write(layout.KEY_LIVE_MASK, live.contiguous())
         self._write_row(0, math.nan, None)
@@ -230,8 +278,12 @@ class TrajectoryRecorder:
         if exc_type is None and self._written == self.steps + 1:
             wall = time.perf_counter() - self._started
             done = self.steps - (self.resumed_from or 0)
-            extra = {"final_loss": repr(self.last_loss), "wall_time_s": f"{wall:.3f}",
-                     "steps_per_s": f"{done / wall if wall > 0 else math.nan:.4f}", "threads": str(torch.get_num_threads())}
+            extra = {
+                "final_loss": repr(self.last_loss),
+                "wall_time_s": f"{wall:.3f}",
+                "steps_per_s": f"{done / wall if wall > 0 else math.nan:.4f}",
+                "threads": str(torch.get_num_threads()),
+            }
             if self.resumed_from is not None:
                 extra["resumed_from"] = str(self.resumed_from)
             self.writer.finish(extra)
@@ -239,8 +291,10 @@ class TrajectoryRecorder:
             return
         self.writer.__exit__(exc_type, exc, tb)  # discards the partial file (kept once a checkpoint refers to it)
         if exc_type is None:
-            raise ArtifactError(f"{self.path}: recorded {self._written - 1} of {self.steps} steps; nothing was "
-                                "published (call step() once per optimizer step).")
+            raise ArtifactError(
+                f"{self.path}: recorded {self._written - 1} of {self.steps} steps; nothing was "
+                "published (call step() once per optimizer step)."
+            )
 
     # -- per step ---------------------------------------------------------------------------------
 
@@ -261,18 +315,23 @@ class TrajectoryRecorder:
         self.writer.write_row(layout.KEY_DIGESTS, t, digest_as_tensor(digest))
         self.writer.write_row(layout.KEY_W, t, W.contiguous())
         self.writer.write_row(layout.KEY_LOSSES, t, torch.tensor(loss, dtype=torch.float32))
-        self.writer.write_row(layout.KEY_UPDATES, t, self._tracker.after_step(self._param_for_tracker(), self.optimizer))
+        self.writer.write_row(
+            layout.KEY_UPDATES, t, self._tracker.after_step(self._param_for_tracker(), self.optimizer)
+        )
         for name in self.sources:
             if name != self.primary:
                 self.writer.write_row(TENSOR_PREFIX + name, t, self._read(name).to("cpu").contiguous())
         if t > 0 and self.batch_size:
             if batch is None:
-                raise ArtifactError(f"{self.path}: step {t}: batch_size={self.batch_size} was declared, so step() needs "
-                                    "batch= (the indices of the step's examples).")
+                raise ArtifactError(
+                    f"{self.path}: step {t}: batch_size={self.batch_size} was declared, so step() needs "
+                    "batch= (the indices of the step's examples)."
+                )
             b = torch.as_tensor(batch, dtype=torch.int64).reshape(-1)
             if b.numel() != self.batch_size:
-                raise ArtifactError(f"{self.path}: step {t}: expected batch= of {self.batch_size} example indices, got "
-                                    f"{b.numel()}.")
+                raise ArtifactError(
+                    f"{self.path}: step {t}: expected batch= of {self.batch_size} example indices, got {b.numel()}."
+                )
             self.writer.write_row(layout.KEY_BATCH_STARTS, t - 1, b)
 
     def step(self, loss: float | torch.Tensor | None = None, *, batch: Any = None) -> int:
@@ -324,8 +383,14 @@ def _callback_class() -> type:
     from transformers import TrainerCallback
 
     class _FlannelCallback(TrainerCallback):
-        def __init__(self, path: str | Path, tensors: Sequence[str], *,
-                     config: EngineRunConfig | Mapping[str, Any] | None = None, **recorder_kwargs: Any) -> None:
+        def __init__(
+            self,
+            path: str | Path,
+            tensors: Sequence[str],
+            *,
+            config: EngineRunConfig | Mapping[str, Any] | None = None,
+            **recorder_kwargs: Any,
+        ) -> None:
             if isinstance(tensors, str) or not tensors:
                 raise ConfigError(f"FlannelCallback: 'tensors' must be a list of parameter names (got {tensors!r}).")
             self.path, self.names, self.config, self.kwargs = Path(path), list(tensors), config, recorder_kwargs
@@ -333,12 +398,13 @@ def _callback_class() -> type:
             self._loss: float = math.nan
             self._hook = None
 
-        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001, ANN003, ANN202 (the Trainer's callback signature)
             params = dict(model.named_parameters())
             missing = [n for n in self.names if n not in params]
             if missing:
-                raise ConfigError(f"FlannelCallback: no parameter {missing} in the model (it has e.g. "
-                                  f"{list(params)[:4]}).")
+                raise ConfigError(
+                    f"FlannelCallback: no parameter {missing} in the model (it has e.g. {list(params)[:4]})."
+                )
 
             def keep_loss(_module, _args, output):  # noqa: ANN001, ANN202
                 loss = getattr(output, "loss", None)
@@ -348,18 +414,24 @@ def _callback_class() -> type:
             self._hook = model.register_forward_hook(keep_loss)
             cfg = self.config
             if isinstance(cfg, EngineRunConfig) and cfg.steps != state.max_steps:
-                raise ConfigError(f"FlannelCallback: config.steps={cfg.steps} but the Trainer runs max_steps="
-                                  f"{state.max_steps}.")
-            self.recorder = TrajectoryRecorder(self.path, {n: params[n] for n in self.names}, steps=state.max_steps,
-                                               config=cfg, optimizer=getattr(optimizer, "optimizer", optimizer),
-                                               **self.kwargs)
+                raise ConfigError(
+                    f"FlannelCallback: config.steps={cfg.steps} but the Trainer runs max_steps={state.max_steps}."
+                )
+            self.recorder = TrajectoryRecorder(
+                self.path,
+                {n: params[n] for n in self.names},
+                steps=state.max_steps,
+                config=cfg,
+                optimizer=getattr(optimizer, "optimizer", optimizer),
+                **self.kwargs,
+            )
             self.recorder.__enter__()
 
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN202 (the Trainer's callback signature)
             assert self.recorder is not None
             self.recorder.step(loss=self._loss)
 
-        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN202 (the Trainer's callback signature)
             if self._hook is not None:
                 self._hook.remove()
             if self.recorder is not None:

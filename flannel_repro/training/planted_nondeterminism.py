@@ -54,7 +54,7 @@ def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 def _wrap_forward(module: torch.nn.Module, new: Callable[..., Any]) -> None:
     original = module.forward
-    module.forward = lambda *args, **kwargs: new(original, *args, **kwargs)  # type: ignore[method-assign]
+    module.forward = lambda *args, **kwargs: new(original, *args, **kwargs)
 
 
 @contextlib.contextmanager

@@ -86,18 +86,23 @@ def discard(artifact: str | Path, reason: str, *, warn: bool = True) -> str:
         if checkpoint.require_own_file(path, "a checkpoint or resumable partial artifact"):
             path.unlink(missing_ok=True)
     if warn:
-        warnings.warn(f"{Path(artifact).name}: not resumed, trained from the start: {reason}", ArtifactWarning, stacklevel=3)
+        warnings.warn(
+            f"{Path(artifact).name}: not resumed, trained from the start: {reason}", ArtifactWarning, stacklevel=3
+        )
     return reason
 
 
-def check_resumed_digest(ckpt: checkpoint.Checkpoint, prior: Mapping[int, bytes], step: int, digest: bytes,
-                         partial: Path) -> None:
+def check_resumed_digest(
+    ckpt: checkpoint.Checkpoint, prior: Mapping[int, bytes], step: int, digest: bytes, partial: Path | None
+) -> None:
     """After resuming from `ckpt`: step `step`'s digest must be the one the stopped run recorded there
     (`prior`, read from the partial file before it was continued), where that run got so far."""
     want = prior.get(step)
     if want is not None and want != digest:
-        raise ResumeError(f"{partial}: resumed from step {ckpt.step}, step {step} has digest {digest.hex()[:16]}..., the "
-                          f"stopped run recorded {want.hex()[:16]}... there: resuming does not continue that run.")
+        raise ResumeError(
+            f"{partial}: resumed from step {ckpt.step}, step {step} has digest {digest.hex()[:16]}..., the "
+            f"stopped run recorded {want.hex()[:16]}... there: resuming does not continue that run."
+        )
 
 
 def prior_digests(writer: Any, digests_key: str, start: int, stop: int) -> dict[int, bytes]:
@@ -129,18 +134,33 @@ class Checkpointer:
             return True
         return self.every > 0 and step % self.every == 0 and step < steps
 
-    def save(self, step: int, writer: Any, tensor: torch.Tensor, state: Mapping[str, Any], *,
-             last_loss: float, extra: Mapping[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        writer: Any,
+        tensor: torch.Tensor,
+        state: Mapping[str, Any],
+        *,
+        last_loss: float,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Path:
         """fsync the artifact's rows, then write the checkpoint of `step` (see the module docstring)."""
         from flannel_repro.training.determinism import code_version
 
         from flannel_repro.storage.layout import written_through
 
         writer.sync()
-        info = {"code": code_version(), "run_key": self.run_key, "artifact_metadata": [list(kv) for kv in writer.metadata.items()],  # ordered "last_loss": repr(float(last_loss)),
-                "digest": digest_tensor(tensor.detach().to("cpu")).hex(),
-                # what the partial file's rows through `step` hash to: a resume checks them before continuing
-                "partial_digests": writer.prefix_digests(written_through(writer.specs, step)), **(extra or {})}
+        info = {
+            "code": code_version(),
+            "run_key": self.run_key,
+            "artifact_metadata": [
+                list(kv) for kv in writer.metadata.items()
+            ],  # ordered "last_loss": repr(float(last_loss)),
+            "digest": digest_tensor(tensor.detach().to("cpu")).hex(),
+            # what the partial file's rows through `step` hash to: a resume checks them before continuing
+            "partial_digests": writer.prefix_digests(written_through(writer.specs, step)),
+            **(extra or {}),
+        }
         path = checkpoint.save(checkpoint_path(self.artifact), step, state, info)
         writer.keep_partial = True  # from now on an interrupted run leaves what its resume needs
         if self.stop_at is not None and step == self.stop_at:
@@ -155,11 +175,14 @@ def check_restored(ckpt: checkpoint.Checkpoint, tensor: torch.Tensor) -> None:
     """The restored recorded tensor must be the one the checkpoint was taken of."""
     got = digest_tensor(tensor.detach().to("cpu")).hex()
     if got != ckpt.info.get("digest"):
-        raise ResumeError(f"{ckpt.path}: the restored state at step {ckpt.step} has digest {got[:16]}..., the "
-                          f"checkpoint recorded {str(ckpt.info.get('digest'))[:16]}...; it cannot be resumed.")
+        raise ResumeError(
+            f"{ckpt.path}: the restored state at step {ckpt.step} has digest {got[:16]}..., the "
+            f"checkpoint recorded {str(ckpt.info.get('digest'))[:16]}...; it cannot be resumed."
+        )
 
 
 # --- the training state ---------------------------------------------------------------------------
+
 
 class TrainingState:
     """The objects a checkpoint saves and restores, by name: anything with state_dict() / load_state_dict()
@@ -168,14 +191,20 @@ class TrainingState:
     def __init__(self, objects: Mapping[str, Any] | None) -> None:
         self.objects = dict(objects or {})
         for name, obj in self.objects.items():
-            if not isinstance(obj, torch.Generator) and not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
-                raise ConfigError(f"state[{name!r}]: expected an object with state_dict()/load_state_dict() (model, "
-                                  f"optimizer, scheduler) or a torch.Generator, got {type(obj).__name__}.")
+            if not isinstance(obj, torch.Generator) and not (
+                hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")
+            ):
+                raise ConfigError(
+                    f"state[{name!r}]: expected an object with state_dict()/load_state_dict() (model, "
+                    f"optimizer, scheduler) or a torch.Generator, got {type(obj).__name__}."
+                )
         self._generators = {n: g for n, g in self.objects.items() if isinstance(g, torch.Generator)}
 
     def capture(self) -> dict[str, Any]:
-        return {"objects": {n: o.state_dict() for n, o in self.objects.items() if n not in self._generators},
-                "rng": checkpoint.rng_state(self._generators)}
+        return {
+            "objects": {n: o.state_dict() for n, o in self.objects.items() if n not in self._generators},
+            "rng": checkpoint.rng_state(self._generators),
+        }
 
     def restore(self, state: Mapping[str, Any]) -> None:
         saved = state["objects"]
@@ -194,6 +223,7 @@ class TrainingState:
 
 # --- resume_at: stop in one fresh process, resume in another ----------------------------------------
 
+
 def train_in_two_processes(train_args: Mapping[str, Any], stop_at: int, *, timeout_s: float = 6 * 3600) -> None:
     """Train a run stopped after `stop_at` in one fresh Python process and resumed in a second one.
 
@@ -201,9 +231,15 @@ def train_in_two_processes(train_args: Mapping[str, Any], stop_at: int, *, timeo
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     for stop in (stop_at, None):
         payload = json.dumps({**train_args, "stop_at": stop})
-        proc = subprocess.run([sys.executable, "-m", "flannel_repro.training.resume_child", payload], env=env,
-                              capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(
+            [sys.executable, "-m", "flannel_repro.training.resume_child", payload],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
         if proc.returncode != 0:
             phase = f"stopped at step {stop_at}" if stop is not None else "resumed"
-            raise RuntimeError(f"the run {phase} in a fresh process failed (exit {proc.returncode}):\n"
-                               f"{proc.stderr.strip()[-3000:]}")
+            raise RuntimeError(
+                f"the run {phase} in a fresh process failed (exit {proc.returncode}):\n{proc.stderr.strip()[-3000:]}"
+            )

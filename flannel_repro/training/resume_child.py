@@ -24,8 +24,14 @@ def _child_flannel6(args: dict[str, Any]) -> None:
     if args.get("threads"):
         torch.set_num_threads(int(args["threads"]))  # the parent's count: the key was computed with it
     config = RunConfig.from_dict(args["config"], source="resume child")
-    train(config, args["path"], metadata=args.get("metadata"), checkpoint_every=args.get("checkpoint_every", 0),
-          stop_at=args.get("stop_at"), run_key=args["run_key"])
+    train(
+        config,
+        args["path"],
+        metadata=args.get("metadata"),
+        checkpoint_every=args.get("checkpoint_every", 0),
+        stop_at=args.get("stop_at"),
+        run_key=args["run_key"],
+    )
 
 
 def _child_engine(args: dict[str, Any]) -> None:
@@ -38,8 +44,14 @@ def _child_engine(args: dict[str, Any]) -> None:
     for module in args.get("imports", []):
         importlib.import_module(module)  # registers the user's engine in this fresh process
     config = EngineRunConfig.from_dict(args["config"])
-    train_engine(config, args["path"], metadata=args.get("metadata"), checkpoint_every=args.get("checkpoint_every", 0),
-                 stop_at=args.get("stop_at"), run_key=args["run_key"])
+    train_engine(
+        config,
+        args["path"],
+        metadata=args.get("metadata"),
+        checkpoint_every=args.get("checkpoint_every", 0),
+        stop_at=args.get("stop_at"),
+        run_key=args["run_key"],
+    )
 
 
 CHILD_KINDS.update(flannel6=_child_flannel6, engine=_child_engine)

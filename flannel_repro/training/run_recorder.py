@@ -22,8 +22,11 @@ from flannel_repro.data.corpus import make_batch
 from flannel_repro.training.model import embedding, torch_dtype
 
 if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel
+
     from flannel_repro.config import RunConfig
     from flannel_repro.data.corpus import CorpusData
+
 
 def probe_starts(n_examples: int, n_probe: int) -> torch.Tensor:
     """A fixed probe batch: `n_probe` examples spread evenly over the corpus (independent of seeds)."""
@@ -33,9 +36,15 @@ def probe_starts(n_examples: int, n_probe: int) -> torch.Tensor:
 def artifact_specs(config: "RunConfig") -> list[TensorSpec]:
     """The tensors of one run's artifact for this config (layout defined in `artifacts`)."""
     return layout.run_artifact_specs(
-        steps=config.steps, vocab_size=config.vocab_size, hidden_dim=config.hidden_dim,
-        batch_size=config.batch_size, dtype=torch_dtype(config.dtype), record_W=config.record_W,
-        grads=config.record_grads, exp_avg=config.record_momentum, exp_avg_sq=config.record_variance,
+        steps=config.steps,
+        vocab_size=config.vocab_size,
+        hidden_dim=config.hidden_dim,
+        batch_size=config.batch_size,
+        dtype=torch_dtype(config.dtype),
+        record_W=config.record_W,
+        grads=config.record_grads,
+        exp_avg=config.record_momentum,
+        exp_avg_sq=config.record_variance,
         probe_logits_shape=(config.probe_examples, config.seq_len, config.vocab_size) if config.record_logits else None,
     )
 
@@ -66,7 +75,7 @@ class UpdateTracker:
         self._prev_v: torch.Tensor | None = None
         self._group: dict[str, Any] | None = None
 
-    def before_step(self, param: torch.nn.Parameter, optimizer: Any) -> None:
+    def before_step(self, param: torch.Tensor, optimizer: Any) -> None:
         opt = _inner(optimizer)
         self._group = None
         if opt is None:
@@ -74,11 +83,13 @@ class UpdateTracker:
         for group in opt.param_groups:
             if any(p is param for p in group["params"]):
                 if "betas" in group and "eps" in group and not group.get("amsgrad", False):
-                    self._group = {k: float(group[k]) if k != "betas" else tuple(map(float, group[k]))
-                                   for k in ("lr", "weight_decay", "betas", "eps")}
+                    self._group = {
+                        k: float(group[k]) if k != "betas" else tuple(map(float, group[k]))
+                        for k in ("lr", "weight_decay", "betas", "eps")
+                    }
                 return
 
-    def restore(self, param: torch.nn.Parameter, optimizer: Any) -> None:
+    def restore(self, param: torch.Tensor, optimizer: Any) -> None:
         """The state `after_step` leaves, rebuilt from a restored model and optimizer (resume)."""
         self._prev_w = param.detach().clone()
         opt = _inner(optimizer)
@@ -86,7 +97,7 @@ class UpdateTracker:
         self._prev_v = v.detach().clone() if v is not None else None
         self._group = None
 
-    def after_step(self, param: torch.nn.Parameter, optimizer: Any) -> torch.Tensor:
+    def after_step(self, param: torch.Tensor, optimizer: Any) -> torch.Tensor:
         nan = float("nan")
         w = param.detach()
         changed = layout.changed_share(self._prev_w, w)
@@ -102,8 +113,8 @@ class UpdateTracker:
                 b1, b2 = g["betas"]
                 with torch.no_grad():
                     # new tensors only: .float() of a float32 state would be the optimizer's own tensor
-                    denom = v.to(torch.float32, copy=True).div_(1 - b2 ** t).sqrt_().add_(g["eps"])
-                    u = m.to(torch.float32, copy=True).div_(denom).mul_(-g["lr"] / (1 - b1 ** t))
+                    denom = v.to(torch.float32, copy=True).div_(1 - b2**t).sqrt_().add_(g["eps"])
+                    u = m.to(torch.float32, copy=True).div_(denom).mul_(-g["lr"] / (1 - b1**t))
                     u.sub_(self._prev_w.float(), alpha=g["lr"] * g["weight_decay"])
                     proposed = u != 0
                     n_proposed = int(torch.count_nonzero(proposed))
@@ -118,8 +129,16 @@ class UpdateTracker:
 class RunRecorder:
     """Streams one run's trajectory into `path` (atomically: the file appears only when complete)."""
 
-    def __init__(self, config: "RunConfig", path: str | Path, data: "CorpusData", metadata: dict[str, Any], *,
-                 temp_path: str | Path | None = None, resume: Any = None) -> None:
+    def __init__(
+        self,
+        config: "RunConfig",
+        path: str | Path,
+        data: "CorpusData",
+        metadata: dict[str, Any],
+        *,
+        temp_path: str | Path | None = None,
+        resume: Any = None,
+    ) -> None:
         """`temp_path`: a fixed name for the file being written (a resumable run, see training.resume);
         `resume`: a `storage.checkpoint.Checkpoint` of this run: the writer adopts that file, whose rows up
         to the checkpoint's step are written, with the metadata it was started with."""
@@ -135,11 +154,15 @@ class RunRecorder:
             self._last_loss = float(resume.info.get("last_loss", math.nan))
         else:
             meta = layout.run_metadata(
-                config.to_dict(), data.describe(), digest_algo=DIGEST_ALGO,
-                **{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()})
+                config.to_dict(),
+                data.describe(),
+                digest_algo=DIGEST_ALGO,
+                **{k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()},
+            )
         # W is covered row by row by its digests; every other tensor gets a checksum at finish
-        self.writer = ArtifactWriter(Path(path), artifact_specs(config), meta, checksum_exclude=(layout.KEY_W,),
-                                       temp_path=temp_path)
+        self.writer = ArtifactWriter(
+            Path(path), artifact_specs(config), meta, checksum_exclude=(layout.KEY_W,), temp_path=temp_path
+        )
         self._updates = UpdateTracker()
         self._probe = None
         if config.record_logits:
@@ -165,7 +188,7 @@ class RunRecorder:
     def steps_written(self) -> int:
         return self._steps_written
 
-    def resumed(self, model: torch.nn.Module, optimizer: Any) -> None:
+    def resumed(self, model: "GPT2LMHeadModel", optimizer: Any) -> None:
         """After a resume, once the model and optimizer hold the checkpoint's state: the update statistics
         continue from it exactly as if the run had never stopped."""
         self._updates.restore(embedding(model), optimizer)
@@ -181,7 +204,7 @@ class RunRecorder:
 
     # -- per step ----------------------------------------------------------------------------
 
-    def capture_grads(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def capture_grads(self, model: "GPT2LMHeadModel", optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call after clipping, before optimizer.step(): keeps the gradient of W the optimizer will use,
         and (with the optimizer) the hyperparameters of the step about to be taken."""
         self._updates.before_step(embedding(model), optimizer)
@@ -189,8 +212,15 @@ class RunRecorder:
             grad = embedding(model).grad
             self._pending_grad = None if grad is None else grad.detach().to("cpu", copy=True)
 
-    def record(self, step: int, model: torch.nn.Module, *, loss: float | torch.Tensor | None = None,
-               batch_starts: torch.Tensor | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def record(
+        self,
+        step: int,
+        model: "GPT2LMHeadModel",
+        *,
+        loss: float | torch.Tensor | None = None,
+        batch_starts: torch.Tensor | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         """Record the state after optimizer step `step` (0 = the initial state, before any step)."""
         if step != self._steps_written:
             raise RuntimeError(f"steps must be recorded in order: expected step {self._steps_written}, got {step}.")
@@ -218,12 +248,15 @@ class RunRecorder:
             self._pending_grad = None
         if cfg.record_momentum or cfg.record_variance:
             state = optimizer.state.get(embedding(model), {}) if optimizer is not None else {}
-            for flag, key, name in ((cfg.record_momentum, layout.KEY_EXP_AVG, "exp_avg"),
-                                    (cfg.record_variance, layout.KEY_EXP_AVG_SQ, "exp_avg_sq")):
+            for flag, key, name in (
+                (cfg.record_momentum, layout.KEY_EXP_AVG, "exp_avg"),
+                (cfg.record_variance, layout.KEY_EXP_AVG_SQ, "exp_avg_sq"),
+            ):
                 if flag:
                     value = state.get(name)
-                    self.writer.write_row(key, step, value.detach().to("cpu") if value is not None
-                                          else torch.zeros_like(W_cpu))
+                    self.writer.write_row(
+                        key, step, value.detach().to("cpu") if value is not None else torch.zeros_like(W_cpu)
+                    )
         if self._probe is not None:
             self.writer.write_row(layout.KEY_PROBE_LOGITS, step, self._probe_logits(model))
         self._last_loss = loss_value
@@ -233,8 +266,9 @@ class RunRecorder:
     def last_loss(self) -> float:
         return self._last_loss
 
-    def _probe_logits(self, model: torch.nn.Module) -> torch.Tensor:
+    def _probe_logits(self, model: "GPT2LMHeadModel") -> torch.Tensor:
         device = embedding(model).device
+        assert self._probe is not None  # record() calls this only with a probe batch
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.amp == "bfloat16"):
             logits = model(input_ids=self._probe.to(device)).logits  # (P, T, V)
         return logits.detach().to("cpu", torch_dtype(self.config.dtype))  # stored in the run's dtype

@@ -24,8 +24,10 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="flannel-fault-") as d:
             outcome = run_probe(p, Path(d))
         results.append((p, outcome))
-        print(f"{outcome.kind.upper():<8} {p.id}: {outcome.detail.splitlines()[0][:160] if outcome.detail else ''}",
-              flush=True)
+        print(
+            f"{outcome.kind.upper():<8} {p.id}: {outcome.detail.splitlines()[0][:160] if outcome.detail else ''}",
+            flush=True,
+        )
     print()
     print(table(results))
     print(f"\n{len(results)} probes in {time.perf_counter() - t0:.0f} s")

@@ -43,7 +43,7 @@ from flannel_repro.config import ExperimentConfig, RunConfig
 from flannel_repro.data.corpus import load_data
 from flannel_repro.data.embedded import embedded_paths
 from flannel_repro.data.files import compute_token_mask, load_token_mask, save_token_mask
-from flannel_repro.errors import ArtifactError, FlannelError
+from flannel_repro.errors import FlannelError
 from flannel_repro.storage.run import RunFile
 from flannel_repro.runs.store import RunStore
 
@@ -132,10 +132,14 @@ def good_store() -> tuple[Path, Path, dict[str, bytes]]:
 
 
 def _reference(traj: RunFile) -> dict[str, bytes]:
-    return {"digests": bytes(traj.digests.numpy()), "losses": traj.losses.numpy().tobytes(),
-            "batch_starts": traj.reader.read("batch_starts").numpy().tobytes(),
-            "live_mask": traj.live_mask.numpy().tobytes(), "W": traj.reader.read("W").view(torch.uint16).numpy().tobytes(),
-            "config": traj.config.fingerprint().encode()}
+    return {
+        "digests": bytes(traj.digests.numpy()),
+        "losses": traj.losses.numpy().tobytes(),
+        "batch_starts": traj.reader.read("batch_starts").numpy().tobytes(),
+        "live_mask": traj.live_mask.numpy().tobytes(),
+        "W": traj.reader.read("W").view(torch.uint16).numpy().tobytes(),
+        "config": traj.config.fingerprint().encode(),
+    }
 
 
 def copy_store(workdir: Path) -> tuple[Path, Path]:
@@ -152,8 +156,9 @@ def _quiet(fn: Callable[[], int]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def artifact_fault(mutate: Callable[[Path], None], *, harmless: bool = False, valid_other: bool = False
-                   ) -> Callable[[Path], Outcome]:
+def artifact_fault(
+    mutate: Callable[[Path], None], *, harmless: bool = False, valid_other: bool = False
+) -> Callable[[Path], Outcome]:
     """A probe that damages the stored artifact with `mutate`, then checks three things:
 
     1. reading it: RunFile raises a named ArtifactError or `verify()` lists the problem (a file that
@@ -208,15 +213,20 @@ def artifact_fault(mutate: Callable[[Path], None], *, harmless: bool = False, va
             try:
                 got = RunStore(root).obtain(CFG)
             except Exception as exc:  # noqa: BLE001
-                return named(exc, str(path)) if isinstance(exc, FlannelError) else Outcome(
-                    "crash", f"the store: {type(exc).__name__}: {exc}")
+                return (
+                    named(exc, str(path))
+                    if isinstance(exc, FlannelError)
+                    else Outcome("crash", f"the store: {type(exc).__name__}: {exc}")
+                )
         if _reference(got.trajectory) != ref or got.trajectory.verify():
             return Outcome("silent", "the store returned a run that is not the reference")
         got.trajectory.close()
         if detected or valid_other:
             if not got.trained:
                 return Outcome("silent", "the store reused the damaged file")
-            return Outcome("clear", f"detected ({detected[:200] or 'another run under this name'}); retrained, bitwise equal")
+            return Outcome(
+                "clear", f"detected ({detected[:200] or 'another run under this name'}); retrained, bitwise equal"
+            )
         return Outcome("fine", f"harmless; the store {'reused' if not got.trained else 'retrained'} it, bitwise equal")
 
     return run
@@ -224,10 +234,11 @@ def artifact_fault(mutate: Callable[[Path], None], *, harmless: bool = False, va
 
 # --- byte-level helpers --------------------------------------------------------------------------------
 
+
 def _header(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def rewrite_header(edit: Callable[[dict], object]) -> Callable[[Path], None]:
@@ -362,7 +373,7 @@ def _swap_W_rows(i: int, j: int) -> Callable[[Path], None]:
         row = (end - begin) // header["W"]["shape"][0]
         raw = bytearray(path.read_bytes())
         a, b = 8 + n + begin + i * row, 8 + n + begin + j * row
-        raw[a:a + row], raw[b:b + row] = raw[b:b + row], raw[a:a + row]
+        raw[a : a + row], raw[b : b + row] = raw[b : b + row], raw[a : a + row]
         path.write_bytes(bytes(raw))
 
     return mutate
@@ -408,16 +419,23 @@ _STRUCTURAL: list[tuple[str, Callable[[Path], None], dict]] = [
     ("7 bytes, shorter than the length field", truncate_to(lambda size, n: 7), {}),
     ("length field 0 (what a partial file holds)", write_length(lambda size: 0), {}),
     ("length field beyond the end of the file", write_length(lambda size: size), {}),
-    ("length field 2**63", write_length(lambda size: 2 ** 63), {}),
+    ("length field 2**63", write_length(lambda size: 2**63), {}),
     ("truncated inside the header", truncate_to(lambda size, n: 8 + n // 2), {}),
     ("truncated inside the data", truncate_to(lambda size, n: size - (size - 8 - n) // 3), {}),
     ("one byte short", truncate_to(lambda size, n: size - 1), {}),
     ("trailing bytes appended", lambda p: p.write_bytes(p.read_bytes() + b"\0" * 100), {}),
     ("header bytes not JSON", lambda p: p.write_bytes(p.read_bytes()[:8] + b"x" * 40 + p.read_bytes()[48:]), {}),
     ("header is a JSON list", rewrite_header(lambda h: [h]), {}),
-    ("tensor offsets past the end", set_field("losses", data_offsets=[0, 10 ** 12]), {}),
-    ("two tensors overlap", rewrite_header(lambda h: h["losses"].update(
-        data_offsets=[h["W"]["data_offsets"][0], h["W"]["data_offsets"][0] + 4 * h["losses"]["shape"][0]])), {}),
+    ("tensor offsets past the end", set_field("losses", data_offsets=[0, 10**12]), {}),
+    (
+        "two tensors overlap",
+        rewrite_header(
+            lambda h: h["losses"].update(
+                data_offsets=[h["W"]["data_offsets"][0], h["W"]["data_offsets"][0] + 4 * h["losses"]["shape"][0]]
+            )
+        ),
+        {},
+    ),
     ("unknown dtype", set_field("W", dtype="Q8"), {}),
     ("shape disagrees with the offsets", _shape_times("losses", lambda s: [s[0] + 1]), {}),
     ("__metadata__ not an object", rewrite_header(lambda h: h.__setitem__("__metadata__", 5)), {}),
@@ -452,8 +470,11 @@ _CONTENT: list[tuple[str, Callable[[Path], None], dict]] = [
     ("data description: n_live edited", edit_meta("data", lambda v: json.dumps({**json.loads(v), "n_live": 1})), {}),
     ("data description deleted", edit_meta("data", lambda v: None), {}),
     ("environment not JSON", edit_meta("env", lambda v: "{"), {}),
-    ("environment: numerics class edited", edit_meta("env", lambda v: json.dumps(
-        {**json.loads(v), "numerics": {"class": "cpu-amx-mklamx-t1"}})), {}),
+    (
+        "environment: numerics class edited",
+        edit_meta("env", lambda v: json.dumps({**json.loads(v), "numerics": {"class": "cpu-amx-mklamx-t1"}})),
+        {},
+    ),
     ("wall time edited", edit_meta("wall_time_s", lambda v: "0.001"), {}),
     ("repeat index edited", edit_meta("repeat", lambda v: "3"), {}),
     ("checksums deleted", edit_meta("checksums", lambda v: None), {}),
@@ -480,13 +501,17 @@ _BESIDE: list[tuple[str, Callable[[Path], None], dict]] = [
     ("a progress file left by a killed worker", _leftover(".progress"), {"harmless": True}),
 ]
 
-for _group, _items in (("artifact structure", _STRUCTURAL), ("artifact contents", _CONTENT),
-                       ("beside the artifact", _BESIDE)):
+for _group, _items in (
+    ("artifact structure", _STRUCTURAL),
+    ("artifact contents", _CONTENT),
+    ("beside the artifact", _BESIDE),
+):
     for _name, _mutate, _kw in _items:
         PROBES.append(Probe(_group, _name, artifact_fault(_mutate, **_kw)))
 
 
 # --- data ------------------------------------------------------------------------------------------------
+
 
 def _tiny_files(workdir: Path) -> tuple[Path, Path, Path]:
     paths = embedded_paths("tiny")
@@ -497,16 +522,21 @@ def _tiny_files(workdir: Path) -> tuple[Path, Path, Path]:
     return tok, corpus, mask
 
 
-def data_fault(setup: Callable[[Path, Path, Path], None], *needles: str, mask: bool = True,
-               cfg_changes: dict | None = None) -> Callable[[Path], Outcome]:
+def data_fault(
+    setup: Callable[[Path, Path, Path], None], *needles: str, mask: bool = True, cfg_changes: dict | None = None
+) -> Callable[[Path], Outcome]:
     """Damage a copy of the tiny data's files with `setup(tokenizer, corpus, mask)`; loading must be a
     named error that names every needle (`{tok}`, `{corpus}`, `{mask}` stand for the files' paths)."""
 
     def run(workdir: Path) -> Outcome:
         tok, corpus, mask_path = _tiny_files(workdir)
         setup(tok, corpus, mask_path)
-        cfg = CFG.replace(tokenizer_path=str(tok), corpus_path=str(corpus),
-                          token_mask_path=str(mask_path) if mask else None, **(cfg_changes or {}))
+        cfg = CFG.replace(
+            tokenizer_path=str(tok),
+            corpus_path=str(corpus),
+            token_mask_path=str(mask_path) if mask else None,
+            **(cfg_changes or {}),
+        )
         names = [n.format(tok=tok, corpus=corpus, mask=mask_path) for n in needles]
         return expect_error(lambda: RunStore(workdir / "artifacts").obtain(cfg), *names)
 
@@ -562,25 +592,49 @@ _DATA: list[tuple[str, Callable[[Path], Outcome]]] = [
     ("tokenizer path is a directory", data_fault(lambda t, c, m: (t.unlink(), t.mkdir()), "{tok}", "directory")),
     ("tokenizer not JSON", data_fault(lambda t, c, m: _write("{nope")(t), "{tok}")),
     ("tokenizer JSON but not a tokenizer", data_fault(lambda t, c, m: _write('{"a": 1}')(t), "{tok}")),
-    ("tokenizer vocabulary smaller than vocab_size", data_fault(lambda t, c, m: _tokenizer_vocab(300)(t), "{tok}", "512")),
+    (
+        "tokenizer vocabulary smaller than vocab_size",
+        data_fault(lambda t, c, m: _tokenizer_vocab(300)(t), "{tok}", "512"),
+    ),
     ("corpus missing", data_fault(lambda t, c, m: c.unlink(), "{corpus}", "does not exist")),
     ("corpus empty", data_fault(lambda t, c, m: _write("")(c), "{corpus}", "empty")),
-    ("corpus not UTF-8", data_fault(lambda t, c, m: _write(b"abc\xff\xfedef" * 100)(c), "{corpus}", "UTF-8", "offset 3")),
-    ("corpus with a character the tokenizer lacks", data_fault(lambda t, c, m: _insert_char("\u2603", 100)(c), "{corpus}",
-                                                                "unknown token", "character 100"), ),
+    (
+        "corpus not UTF-8",
+        data_fault(lambda t, c, m: _write(b"abc\xff\xfedef" * 100)(c), "{corpus}", "UTF-8", "offset 3"),
+    ),
+    (
+        "corpus with a character the tokenizer lacks",
+        data_fault(lambda t, c, m: _insert_char("\u2603", 100)(c), "{corpus}", "unknown token", "character 100"),
+    ),
     ("corpus shorter than one example", data_fault(lambda t, c, m: _write("the cat")(c), "{corpus}", mask=False)),
     ("corpus binary zeros", data_fault(lambda t, c, m: _write(b"\0" * 4000)(c), "{corpus}", mask=False)),
     ("token mask missing", data_fault(lambda t, c, m: m.unlink(), "{mask}", "does not exist")),
     ("token mask not safetensors", data_fault(lambda t, c, m: _write("not a mask")(m), "{mask}")),
-    ("token mask of another vocabulary size", data_fault(lambda t, c, m: _mask_raw(
-        lambda d: {k: v[:300] if v.numel() == 512 else v[v < 300] for k, v in d.items()})(m), "{mask}")),
-    ("token mask self-consistent but not this corpus's", data_fault(lambda t, c, m: _mask_edit(_drop_live)(m),
-                                                                     "{mask}", "{corpus}", "does not match")),
-    ("token mask keys disagree (dead != not live)", data_fault(lambda t, c, m: _mask_raw(
-        lambda d: {**d, "dead_mask": d["live_mask"].clone()})(m), "{mask}")),
-    ("token mask without its keys", data_fault(lambda t, c, m: _mask_raw(lambda d: {"x": torch.zeros(1)})(m), "{mask}")),
-    ("vocab_size larger than the tokenizer's", data_fault(lambda t, c, m: None, "{tok}", "vocab_size", mask=False,
-                                                          cfg_changes={"vocab_size": 600})),
+    (
+        "token mask of another vocabulary size",
+        data_fault(
+            lambda t, c, m: _mask_raw(lambda d: {k: v[:300] if v.numel() == 512 else v[v < 300] for k, v in d.items()})(
+                m
+            ),
+            "{mask}",
+        ),
+    ),
+    (
+        "token mask self-consistent but not this corpus's",
+        data_fault(lambda t, c, m: _mask_edit(_drop_live)(m), "{mask}", "{corpus}", "does not match"),
+    ),
+    (
+        "token mask keys disagree (dead != not live)",
+        data_fault(lambda t, c, m: _mask_raw(lambda d: {**d, "dead_mask": d["live_mask"].clone()})(m), "{mask}"),
+    ),
+    (
+        "token mask without its keys",
+        data_fault(lambda t, c, m: _mask_raw(lambda d: {"x": torch.zeros(1)})(m), "{mask}"),
+    ),
+    (
+        "vocab_size larger than the tokenizer's",
+        data_fault(lambda t, c, m: None, "{tok}", "vocab_size", mask=False, cfg_changes={"vocab_size": 600}),
+    ),
 ]
 for _name, _run in _DATA:
     PROBES.append(Probe("data", _name, _run))
@@ -620,8 +674,9 @@ def _reference_ids() -> torch.Tensor:
     from flannel_repro.data.files import load_corpus_text, load_tokenizer, tokenize
 
     paths = embedded_paths("tiny")
-    return torch.from_numpy(tokenize(load_tokenizer(paths.tokenizer, 512), load_corpus_text(paths.corpus),
-                                     vocab_size=512)).to(torch.long)
+    return torch.from_numpy(
+        tokenize(load_tokenizer(paths.tokenizer, 512), load_corpus_text(paths.corpus), vocab_size=512)
+    ).to(torch.long)
 
 
 def _token_cache(workdir: Path, damage: Callable[[bytes], bytes]) -> Outcome:
@@ -639,7 +694,7 @@ def _token_cache(workdir: Path, damage: Callable[[bytes], bytes]) -> Outcome:
 
 
 @contextlib.contextmanager
-def _env(**values: str):  # noqa: ANN202
+def _env(**values: str):
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -664,11 +719,15 @@ _CONFIGS: list[tuple[str, str, tuple[str, ...]]] = [
     ("config file: unknown preset", 'preset = "huge"\n', ("exp.toml", "preset")),
     ("config file: unknown choice", 'engine = "jax"\n', ("exp.toml", "engine", "jax")),
     ("config file: [experiment] n_runs = 0", "[experiment]\nn_runs = 0\n", ("exp.toml", "n_runs")),
-    ("config file: seeds running past int64", "[experiment]\nbase_train_seed = 9223372036854775807\nn_runs = 3\n",
-     ("exp.toml", "seed")),
+    (
+        "config file: seeds running past int64",
+        "[experiment]\nbase_train_seed = 9223372036854775807\nn_runs = 3\n",
+        ("exp.toml", "seed"),
+    ),
     ("config file: [run] and top level both set a field", "steps = 3\n[run]\nsteps = 4\n", ("exp.toml", "steps")),
 ]
 for _name, _text, _needles in _CONFIGS:
+
     def _config_probe(workdir: Path, text: str = _text, needles: tuple[str, ...] = _needles) -> Outcome:
         path = workdir / "exp.toml"
         path.write_bytes(text.encode("utf-8", "surrogateescape"))
@@ -714,9 +773,14 @@ def option_fault(args: list[str], needle: str) -> Callable[[Path], Outcome]:
     def run(workdir: Path) -> Outcome:
         (workdir / "test_x.py").write_text(_SESSION_TEST)
         (workdir / "afile.txt").write_text("a file")
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *args],
-                              cwd=workdir, capture_output=True, text=True, timeout=300,
-                              env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")})
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *args],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},
+        )
         text = done.stdout + done.stderr
         if "Traceback" in text:
             return Outcome("crash", text[-600:])
@@ -736,13 +800,14 @@ for _name, _args, _needle in _OPTIONS:
 
 # --- the command line ------------------------------------------------------------------------------------
 
+
 def cli_fault(args: Callable[[Path], list[str]], code: int, needle: str) -> Callable[[Path], Outcome]:
     def run(workdir: Path) -> Outcome:
         argv = args(workdir)
         try:
             got, out, err = _quiet(lambda: cli.main(argv))
         except SystemExit as exc:  # argparse's usage errors
-            got, out, err = int(exc.code or 0), "", ""
+            got, err = int(exc.code or 0), ""
         except Exception as exc:  # noqa: BLE001
             return Outcome("crash", f"{type(exc).__name__}: {exc}")
         if got != code:
@@ -768,15 +833,31 @@ _CLI: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ("info: a missing file", lambda w: ["info", str(w / "absent.safetensors")], 3, "absent.safetensors"),
     ("info: a directory", lambda w: ["info", str(w)], 3, "{w}"),
     ("info: a text file", lambda w: ["info", _chain(w, "hello")], 3, "chain.json"),
-    ("digests --compare: a missing chain", lambda w: ["digests", _good_path(w), "--compare", str(w / "c.json")], 3,
-     "c.json"),
-    ("digests --compare: a chain that is not JSON", lambda w: ["digests", _good_path(w), "--compare", _chain(w, "{")],
-     3, "chain.json"),
-    ("digests --compare: a chain of another shape", lambda w: ["digests", _good_path(w), "--compare",
-                                                               _chain(w, '{"digests": 5}')], 3, "chain.json"),
+    (
+        "digests --compare: a missing chain",
+        lambda w: ["digests", _good_path(w), "--compare", str(w / "c.json")],
+        3,
+        "c.json",
+    ),
+    (
+        "digests --compare: a chain that is not JSON",
+        lambda w: ["digests", _good_path(w), "--compare", _chain(w, "{")],
+        3,
+        "chain.json",
+    ),
+    (
+        "digests --compare: a chain of another shape",
+        lambda w: ["digests", _good_path(w), "--compare", _chain(w, '{"digests": 5}')],
+        3,
+        "chain.json",
+    ),
     ("divergence: one run", lambda w: ["divergence", _good_path(w)], 3, "at least 2 runs"),
-    ("export-notebook: into a missing folder", lambda w: ["export-notebook", _good_path(w), "-o",
-                                                          str(w / "no" / "nb.safetensors")], 3, "nb.safetensors"),
+    (
+        "export-notebook: into a missing folder",
+        lambda w: ["export-notebook", _good_path(w), "-o", str(w / "no" / "nb.safetensors")],
+        3,
+        "nb.safetensors",
+    ),
     ("numerics --threads 0", lambda w: ["numerics", "--threads", "0"], 2, ""),
     ("noise --margin nan", lambda w: ["noise", "--margin", "nan"], 2, ""),
     ("prune: a missing directory", lambda w: ["prune", "--artifacts", str(w / "none")], 3, "none"),
@@ -804,15 +885,23 @@ print("DONE", flush=True)
 
 
 def child(root: Path, steps: int, **popen: object) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", _CHILD.format(repo=str(REPO)), str(root), str(steps)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)  # type: ignore[call-overload]
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD.format(repo=str(REPO)), str(root), str(steps)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )  # type: ignore[call-overload]
 
 
 def _artifacts_read_as_whole_wrongly(root: Path, ref_digests: bytes | None) -> list[str]:
     """Files under `root` that read as a complete artifact but are not the whole, right run."""
     wrong = []
     for p in root.iterdir():
-        if p.name.endswith((".lock", ".progress", ".log", ".TAG", ".gitignore")) or p.name in ("CACHEDIR.TAG", ".gitignore"):
+        if p.name.endswith((".lock", ".progress", ".log", ".TAG", ".gitignore")) or p.name in (
+            "CACHEDIR.TAG",
+            ".gitignore",
+        ):
             continue
         try:
             traj = RunFile(p)
@@ -883,11 +972,18 @@ def kill_trials(workdir: Path, trials: int, steps: int = 30, seed: int = 0) -> d
     removed = clean_leftovers(root, older_than_s=0)
     final = RunStore(root).obtain(CFG.replace(steps=steps))
     equal = bytes(final.trajectory.digests.numpy()) == ref_digests and not final.trajectory.verify()
-    return {"trials": trials, "moments_s": moments, "run_after_imports_s": round(full, 2),
-            "writing_from_s": round(writing_from, 2), "read_as_whole_wrongly": wrong,
-            "killed_while_writing": mid_write, "finished_before_kill": completed, "partials_left": partials_before,
-            "removed": len(removed),
-            "next_session_bitwise_equal": equal}
+    return {
+        "trials": trials,
+        "moments_s": moments,
+        "run_after_imports_s": round(full, 2),
+        "writing_from_s": round(writing_from, 2),
+        "read_as_whole_wrongly": wrong,
+        "killed_while_writing": mid_write,
+        "finished_before_kill": completed,
+        "partials_left": partials_before,
+        "removed": len(removed),
+        "next_session_bitwise_equal": equal,
+    }
 
 
 @probe("process", "Ctrl-C (SIGINT) while training")
@@ -905,7 +1001,11 @@ def _sigint(workdir: Path) -> Outcome:
     out, err = proc.communicate(timeout=120)
     if "DONE" in out and proc.returncode == 0:  # a published, whole run is no fault
         return Outcome("unclear", "the run finished before the interrupt; nothing was tested")
-    left = [p.name for p in root.iterdir() if ".partial-" in p.name or p.name.endswith(".safetensors")] if root.exists() else []
+    left = (
+        [p.name for p in root.iterdir() if ".partial-" in p.name or p.name.endswith(".safetensors")]
+        if root.exists()
+        else []
+    )
     if left:
         return Outcome("silent", f"left behind: {left}")
     return Outcome("fine", "interrupted; nothing left behind")
@@ -926,17 +1026,26 @@ def _concurrent(workdir: Path) -> Outcome:
 
 @probe("disk", "a file-size limit below the artifact's size (ulimit -f: a real kernel limit)")
 def _fsize(workdir: Path) -> Outcome:
-    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY));"
-              f"sys.path.insert(0, {str(REPO)!r});"
-              "from tests.faults.probes import CFG; from flannel_repro.runs.store import RunStore;"
-              "from flannel_repro.errors import ArtifactError\n"
-              "try:\n    RunStore(sys.argv[1]).obtain(CFG)\n"
-              "except ArtifactError as e:\n    print(e); raise SystemExit(3)\n")
-    done = subprocess.run([sys.executable, "-c", script, str(workdir / "artifacts")], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "FLANNEL_REPRO_CACHE": str(workdir / "cache")})
+    script = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY));"
+        f"sys.path.insert(0, {str(REPO)!r});"
+        "from tests.faults.probes import CFG; from flannel_repro.runs.store import RunStore;"
+        "from flannel_repro.errors import ArtifactError\n"
+        "try:\n    RunStore(sys.argv[1]).obtain(CFG)\n"
+        "except ArtifactError as e:\n    print(e); raise SystemExit(3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(workdir / "artifacts")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "FLANNEL_REPRO_CACHE": str(workdir / "cache")},
+    )
     if done.returncode != 3:
         return Outcome("crash" if "Traceback" in done.stderr else "unclear", done.stderr[-400:])
-    left = [p.name for p in (workdir / "artifacts").iterdir() if ".partial-" in p.name or p.name.endswith(".safetensors")]
+    left = [
+        p.name for p in (workdir / "artifacts").iterdir() if ".partial-" in p.name or p.name.endswith(".safetensors")
+    ]
     if left:
         return Outcome("silent", f"left behind: {left}")
     return Outcome("clear", done.stdout.strip()[:300])
@@ -950,7 +1059,7 @@ def _enospc(workdir: Path) -> Outcome:
 
     real, calls = os.pwrite, {"n": 0}
 
-    def filling(fd, data, offset):  # noqa: ANN001, ANN202
+    def filling(fd, data, offset):
         calls["n"] += 1
         if calls["n"] > 6:
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -961,7 +1070,9 @@ def _enospc(workdir: Path) -> Outcome:
         outcome = expect_error(lambda: RunStore(workdir / "artifacts").obtain(CFG), "out of space while writing", "MB")
     finally:
         writer.os.pwrite = real  # type: ignore[attr-defined]
-    left = [p.name for p in (workdir / "artifacts").iterdir() if ".partial-" in p.name or p.name.endswith(".safetensors")]
+    left = [
+        p.name for p in (workdir / "artifacts").iterdir() if ".partial-" in p.name or p.name.endswith(".safetensors")
+    ]
     return Outcome("silent", f"left behind: {left}") if left else outcome
 
 
@@ -972,7 +1083,7 @@ def _too_small(workdir: Path) -> Outcome:
     from flannel_repro.storage import writer
 
     real = writer.shutil.disk_usage
-    writer.shutil.disk_usage = lambda p: namedtuple("U", "total used free")(10 ** 9, 10 ** 9 - 1000, 1000)  # type: ignore[assignment]
+    writer.shutil.disk_usage = lambda p: namedtuple("U", "total used free")(10**9, 10**9 - 1000, 1000)  # type: ignore[assignment]
     try:
         return expect_error(lambda: RunStore(workdir / "artifacts").obtain(CFG), "the artifact needs", "free")
     finally:
@@ -1012,14 +1123,18 @@ def table(results: list[tuple[Probe, Outcome]]) -> str:
     for p, o in results:
         row = groups.setdefault(p.group, dict.fromkeys(KINDS, 0))
         row[o.kind] += 1
-    lines = [f"| {'group':<22} | probes | " + " | ".join(KINDS) + " |",
-             "| --- | ---: | " + " | ".join("---:" for _ in KINDS) + " |"]
+    lines = [
+        f"| {'group':<22} | probes | " + " | ".join(KINDS) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in KINDS) + " |",
+    ]
     total = dict.fromkeys(KINDS, 0)
     for g, row in groups.items():
         lines.append(f"| {g:<22} | {sum(row.values()):>6} | " + " | ".join(f"{row[k]:>{len(k)}}" for k in KINDS) + " |")
         for k in KINDS:
             total[k] += row[k]
-    lines.append(f"| {'all':<22} | {sum(total.values()):>6} | " + " | ".join(f"{total[k]:>{len(k)}}" for k in KINDS) + " |")
+    lines.append(
+        f"| {'all':<22} | {sum(total.values()):>6} | " + " | ".join(f"{total[k]:>{len(k)}}" for k in KINDS) + " |"
+    )
     return "\n".join(lines)
 
 

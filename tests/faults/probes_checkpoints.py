@@ -68,6 +68,7 @@ def in_checkpoint(name: str, where: float = 0.5) -> Callable[[Path], None]:
     def damage(artifact: Path) -> None:
         begin, end = tensor_span(checkpoint_path(artifact), name)
         flip_byte(checkpoint_path(artifact), begin + int(where * (end - begin - 1)))
+
     return damage
 
 
@@ -76,11 +77,12 @@ def checkpoint_metadata(edit: Callable[[dict], None]) -> Callable[[Path], None]:
         path = checkpoint_path(artifact)
         raw = path.read_bytes()
         n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + n])
+        header = json.loads(raw[8 : 8 + n])
         edit(header["__metadata__"])
         body = json.dumps(header).encode()
         body += b" " * ((-(8 + len(body))) % 8)
-        path.write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + n:])
+        path.write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + n :])
+
     return damage
 
 
@@ -88,6 +90,7 @@ def in_partial(name: str, row: int, rows: int) -> Callable[[Path], None]:
     def damage(artifact: Path) -> None:
         begin, end = tensor_span(resumable_path(artifact), name)
         flip_byte(resumable_path(artifact), begin + row * ((end - begin) // rows) + 1)
+
     return damage
 
 
@@ -112,8 +115,11 @@ def checkpoint_fault(damage: Callable[[Path], None]) -> Callable[[Path], Outcome
         said = [str(w.message) for w in seen if "not resumed, trained from the start" in str(w.message)]
         meta = got.trajectory.metadata
         if _reference(got.trajectory) != ref or got.trajectory.verify():
-            return Outcome("silent", "the published run differs from the uninterrupted one"
-                           + (" (resumed from the changed state)" if "resumed_from" in meta else ""))
+            return Outcome(
+                "silent",
+                "the published run differs from the uninterrupted one"
+                + (" (resumed from the changed state)" if "resumed_from" in meta else ""),
+            )
         if "resumed_from" in meta:
             return Outcome("fine", "resumed, and the run is bitwise the uninterrupted one")
         if not said or not meta.get("resume_discarded") or "checkpoint discarded" not in got.replaced:
@@ -149,8 +155,9 @@ def _ckpt_dir(workdir: Path) -> Outcome:
     artifact = _interrupted(root)
     checkpoint_path(artifact).unlink()
     checkpoint_path(artifact).mkdir()
-    return expect_error(lambda: RunStore(root, checkpoint_every=EVERY).obtain(CFG), str(checkpoint_path(artifact)),
-                        "got a directory")
+    return expect_error(
+        lambda: RunStore(root, checkpoint_every=EVERY).obtain(CFG), str(checkpoint_path(artifact)), "got a directory"
+    )
 
 
 @probe("checkpoint", "the resumable partial path is a directory")
@@ -159,8 +166,9 @@ def _partial_dir(workdir: Path) -> Outcome:
     artifact = _interrupted(root)
     resumable_path(artifact).unlink()
     resumable_path(artifact).mkdir()
-    return expect_error(lambda: RunStore(root, checkpoint_every=EVERY).obtain(CFG), str(resumable_path(artifact)),
-                        "got a directory")
+    return expect_error(
+        lambda: RunStore(root, checkpoint_every=EVERY).obtain(CFG), str(resumable_path(artifact)), "got a directory"
+    )
 
 
 @probe("checkpoint", "the checkpoint path is a symbolic link to a file outside the folder")
@@ -171,8 +179,9 @@ def _ckpt_link(workdir: Path) -> Outcome:
     outside.write_bytes(b"not yours")
     checkpoint_path(artifact).unlink()
     checkpoint_path(artifact).symlink_to(outside)
-    outcome = expect_error(lambda: RunStore(root, checkpoint_every=EVERY).obtain(CFG), str(checkpoint_path(artifact)),
-                           "symbolic link")
+    outcome = expect_error(
+        lambda: RunStore(root, checkpoint_every=EVERY).obtain(CFG), str(checkpoint_path(artifact)), "symbolic link"
+    )
     if outside.read_bytes() != b"not yours":
         return Outcome("outside", "the file outside the folder was written through the link")
     return outcome
@@ -196,15 +205,23 @@ print("trained"); raise SystemExit(0)
 def _ckpt_disk_full(workdir: Path) -> Outcome:
     mount = workdir / "small"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1900k", "tmpfs", str(mount)], capture_output=True, text=True)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1900k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if made.returncode != 0:  # not root, or a container without the capability: the same fault, simulated
         outcome = _ckpt_enospc(workdir)
-        return Outcome(outcome.kind, f"(no tmpfs could be mounted here, simulated: {made.stderr.strip()[:80]}) "
-                                     f"{outcome.detail}")
+        return Outcome(
+            outcome.kind, f"(no tmpfs could be mounted here, simulated: {made.stderr.strip()[:80]}) {outcome.detail}"
+        )
     try:
         root = mount / "artifacts"
-        done = subprocess.run([sys.executable, "-c", _FULL_DISK, str(root), str(REPO)], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "FLANNEL_REPRO_CACHE": str(workdir / "cache")})
+        done = subprocess.run(
+            [sys.executable, "-c", _FULL_DISK, str(root), str(REPO)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "FLANNEL_REPRO_CACHE": str(workdir / "cache")},
+        )
         names = sorted(p.name for p in root.iterdir()) if root.exists() else []
         temps = [n for n in names if n.endswith(".tmp") or ".partial-" in n]
     finally:
@@ -237,8 +254,9 @@ def _ckpt_enospc(workdir: Path) -> Outcome:
     root = workdir / "artifacts"
     checkpoint.os.fsync = full  # type: ignore[attr-defined]
     try:
-        outcome = expect_error(lambda: RunStore(root, checkpoint_every=1).obtain(CFG), ".ckpt", "MB",
-                               "No space left on device")
+        outcome = expect_error(
+            lambda: RunStore(root, checkpoint_every=1).obtain(CFG), ".ckpt", "MB", "No space left on device"
+        )
     finally:
         checkpoint.os.fsync = real  # type: ignore[attr-defined]
     temps = sorted(p.name for p in root.iterdir() if p.name.endswith(".tmp") or ".partial-" in p.name)

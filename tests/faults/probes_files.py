@@ -15,8 +15,24 @@ from flannel_repro.data import files as data_files
 from flannel_repro.data.embedded import embedded_paths
 from flannel_repro.errors import ArtifactWarning
 from flannel_repro.runs.store import RunStore
-from tests.faults.probes import (CFG, PROBES, Outcome, Probe, _env, _header, _quiet, _tiny_files, artifact_fault, cli,
-                                 copy_store, edit_meta, good_store, load_data, named, probe)
+from tests.faults.probes import (
+    CFG,
+    PROBES,
+    Outcome,
+    Probe,
+    _env,
+    _header,
+    _quiet,
+    _tiny_files,
+    artifact_fault,
+    cli,
+    copy_store,
+    edit_meta,
+    good_store,
+    load_data,
+    named,
+    probe,
+)
 
 HANG_S = 60.0  # an action still running after this long is a hang
 
@@ -81,6 +97,7 @@ def _run_name() -> str:
 
 # --- links planted in the folders --------------------------------------------------------------------------
 
+
 @probe("links", "training.log a link to a file outside the artifacts folder")
 def _log_link(workdir: Path) -> Outcome:
     root = workdir / "artifacts"
@@ -140,8 +157,9 @@ def _run_link(workdir: Path) -> Outcome:
     shutil.copyfile(good_store()[1], outside)
     data = outside.read_bytes()
     (root / _run_name()).symlink_to(outside)
-    return _kept(_expect_bounded(lambda: RunStore(root).obtain(CFG), str(root / _run_name()), "symbolic link"),
-                 outside, data)
+    return _kept(
+        _expect_bounded(lambda: RunStore(root).obtain(CFG), str(root / _run_name()), "symbolic link"), outside, data
+    )
 
 
 def _report(workdir: Path, *argv: str) -> tuple[int, str, str] | Outcome:
@@ -168,8 +186,9 @@ def _report_tmp_links(workdir: Path) -> Outcome:
         return Outcome("unclear", f"exit {code}: {err[-300:]}")
     if (out / "index.html").is_symlink() or not (out / "index.html").is_file():
         return Outcome("silent", "index.html is not a regular file")
-    return _kept(Outcome("fine", "the report is written under fresh temporary names; the links are not used"),
-                 outside, data)
+    return _kept(
+        Outcome("fine", "the report is written under fresh temporary names; the links are not used"), outside, data
+    )
 
 
 @probe("links", "the report's index.html a link to a file outside the folder")
@@ -232,6 +251,7 @@ def _digests_out_link(workdir: Path) -> Outcome:
 
 
 # --- special files: FIFOs and devices where a file is expected --------------------------------------------
+
 
 @probe("special files", "a FIFO at a run's path")
 def _run_fifo(workdir: Path) -> Outcome:
@@ -332,18 +352,21 @@ def _prune_fifo(workdir: Path) -> Outcome:
     return Outcome("fine", "listed and kept; no hang")
 
 
-def _data_special(workdir: Path, which: str, special: Callable[[Path], Path], *needles: str,
-                  writer: bool = False) -> Outcome:
+def _data_special(
+    workdir: Path, which: str, special: Callable[[Path], Path], *needles: str, writer: bool = False
+) -> Outcome:
     """Put a special file in place of one of the tiny data's files (`which`: tokenizer, corpus, mask)."""
     tok, corpus, mask = _tiny_files(workdir)
     given = {"tokenizer": tok, "corpus": corpus, "mask": mask}[which]
     given.unlink()
     target = special(given)
     paths = {"tokenizer": tok, "corpus": corpus, "mask": mask, which: target}
-    cfg = CFG.replace(tokenizer_path=str(paths["tokenizer"]), corpus_path=str(paths["corpus"]),
-                      token_mask_path=str(paths["mask"]))
+    cfg = CFG.replace(
+        tokenizer_path=str(paths["tokenizer"]), corpus_path=str(paths["corpus"]), token_mask_path=str(paths["mask"])
+    )
     fifos = (target,) if target.parent == workdir else ()
     if writer:  # someone writes to the FIFO: text, then it is closed
+
         def write() -> None:
             with contextlib.suppress(OSError):
                 fd = os.open(target, os.O_WRONLY)  # blocks until a reader opens it
@@ -354,8 +377,9 @@ def _data_special(workdir: Path, which: str, special: Callable[[Path], Path], *n
 
         threading.Thread(target=write, daemon=True).start()
     with _env(FLANNEL_REPRO_CACHE=str(workdir / "cache")):
-        outcome = _expect_bounded(lambda: RunStore(workdir / "artifacts").obtain(cfg), str(target), *needles,
-                                  fifos=fifos)
+        outcome = _expect_bounded(
+            lambda: RunStore(workdir / "artifacts").obtain(cfg), str(target), *needles, fifos=fifos
+        )
     if writer:  # release a writer still waiting for a reader
         with contextlib.suppress(OSError):
             os.close(os.open(target, os.O_RDONLY | os.O_NONBLOCK))
@@ -406,8 +430,12 @@ def _corpus_too_big(workdir: Path) -> Outcome:
     data_files.memory_limit = lambda: (limit, limit * data_files.MEMORY_SHARE)  # type: ignore[assignment]
     try:
         with _env(FLANNEL_REPRO_CACHE=str(workdir / "cache")):  # a fresh cache: the corpus is read
-            return _expect_bounded(lambda: RunStore(workdir / "artifacts").obtain(cfg), str(corpus),
-                                   f"{corpus.stat().st_size} bytes", f"at most {limit} bytes")
+            return _expect_bounded(
+                lambda: RunStore(workdir / "artifacts").obtain(cfg),
+                str(corpus),
+                f"{corpus.stat().st_size} bytes",
+                f"at most {limit} bytes",
+            )
     finally:
         data_files.memory_limit = real  # type: ignore[assignment]
 
@@ -438,15 +466,17 @@ def _token_cache_fifo(workdir: Path) -> Outcome:
 
 # --- artifact structure: nesting --------------------------------------------------------------------------
 
+
 def _nested_header(path: Path) -> None:
     _, data = _header(path)
     body = b"[" * 100_000 + b"]" * 100_000
     path.write_bytes(struct.pack("<Q", len(body)) + body + data)
 
 
-for _name, _mutate in (("header JSON nested 100000 levels deep", _nested_header),
-                       ("metadata 'config' JSON nested 5000 levels deep",
-                        edit_meta("config", lambda text: "[" * 5000 + "]" * 5000))):
+for _name, _mutate in (
+    ("header JSON nested 100000 levels deep", _nested_header),
+    ("metadata 'config' JSON nested 5000 levels deep", edit_meta("config", lambda text: "[" * 5000 + "]" * 5000)),
+):
     PROBES.append(Probe("artifact structure", _name, artifact_fault(_mutate)))
 
 

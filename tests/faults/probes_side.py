@@ -12,8 +12,19 @@ from typing import Callable
 import torch
 
 from flannel_repro.analysis.bounds import load_bounds
-from tests.faults.probes import (_GOOD, CFG, Outcome, _quiet, cli, cli_fault, copy_store, expect_error, good_store,
-                                 probe, _reference)
+from tests.faults.probes import (
+    _GOOD,
+    CFG,
+    Outcome,
+    _quiet,
+    cli,
+    cli_fault,
+    copy_store,
+    expect_error,
+    good_store,
+    probe,
+    _reference,
+)
 
 # --- prune: only what the store wrote -------------------------------------------------------------------
 
@@ -146,7 +157,9 @@ def _runs(workdir: Path) -> tuple[Path, Path, Path]:
 
 def _exp_toml(workdir: Path) -> Path:
     p = workdir / "exp.toml"
-    p.write_text('dataset = "tiny"\nvocab_size = 512\nsteps = 4\nbatch_size = 8\nseq_len = 32\n[experiment]\nn_runs = 2\n')
+    p.write_text(
+        'dataset = "tiny"\nvocab_size = 512\nsteps = 4\nbatch_size = 8\nseq_len = 32\n[experiment]\nn_runs = 2\n'
+    )
     return p
 
 
@@ -171,23 +184,40 @@ def _with_runs(make: Callable[[Path, Path, Path, Path], tuple[list[str], Path]])
 
 
 _OUTPUTS: list[tuple[str, Setup]] = [
-    ("export-notebook RUN -o RUN", _with_runs(lambda w, root, run, other: (
-        ["export-notebook", str(run), "-o", str(run)], run))),
+    (
+        "export-notebook RUN -o RUN",
+        _with_runs(lambda w, root, run, other: (["export-notebook", str(run), "-o", str(run)], run)),
+    ),
     ("digests RUN -o RUN", _with_runs(lambda w, root, run, other: (["digests", str(run), "-o", str(run)], run))),
-    ("oplog RUN -o RUN", _with_runs(lambda w, root, run, other: (
-        ["oplog", str(run), "--step", "1", "-o", str(run)], run))),
+    (
+        "oplog RUN -o RUN",
+        _with_runs(lambda w, root, run, other: (["oplog", str(run), "--step", "1", "-o", str(run)], run)),
+    ),
     ("report RUN -o RUN", _with_runs(lambda w, root, run, other: (["report", str(run), "-o", str(run)], run))),
-    ("export-notebook RUN -o a link to RUN", _with_runs(lambda w, root, run, other: (
-        ["export-notebook", str(run), "-o", str(_link_to(w, run))], run))),
-    ("export-notebook RUN -o another run", _with_runs(lambda w, root, run, other: (
-        ["export-notebook", str(run), "-o", str(other)], other))),
-    ("digests RUN -o another run --force", _with_runs(lambda w, root, run, other: (
-        ["digests", str(run), "-o", str(other), "--force"], other))),
-    ("digests RUN -o a bounds.toml", _with_runs(lambda w, root, run, other: (
-        ["digests", str(run), "-o", str(_bounds_toml(w))], w / "bounds.toml"))),
-    ("noise --config FILE -o FILE", lambda w: (lambda c: (["noise", "--config", str(c), "-o", str(c)], c))(_exp_toml(w))),
-    ("report DIR -o DIR (the artifacts folder)", _with_runs(lambda w, root, run, other: (
-        ["report", str(root), "-o", str(root)], root))),
+    (
+        "export-notebook RUN -o a link to RUN",
+        _with_runs(lambda w, root, run, other: (["export-notebook", str(run), "-o", str(_link_to(w, run))], run)),
+    ),
+    (
+        "export-notebook RUN -o another run",
+        _with_runs(lambda w, root, run, other: (["export-notebook", str(run), "-o", str(other)], other)),
+    ),
+    (
+        "digests RUN -o another run --force",
+        _with_runs(lambda w, root, run, other: (["digests", str(run), "-o", str(other), "--force"], other)),
+    ),
+    (
+        "digests RUN -o a bounds.toml",
+        _with_runs(lambda w, root, run, other: (["digests", str(run), "-o", str(_bounds_toml(w))], w / "bounds.toml")),
+    ),
+    (
+        "noise --config FILE -o FILE",
+        lambda w: (lambda c: (["noise", "--config", str(c), "-o", str(c)], c))(_exp_toml(w)),
+    ),
+    (
+        "report DIR -o DIR (the artifacts folder)",
+        _with_runs(lambda w, root, run, other: (["report", str(root), "-o", str(root)], root)),
+    ),
 ]
 for _name, _setup in _OUTPUTS:
     probe("output over input", _name)(output_over_input(_setup))
@@ -211,12 +241,21 @@ for _name, _old, _new, _key in [
     ("bounds.toml: max_frobenius = inf", "max_frobenius = 9.6", "max_frobenius = inf", "max_frobenius"),
     ("bounds.toml: max_frobenius = nan", "max_frobenius = 9.6", "max_frobenius = nan", "max_frobenius"),
     ("bounds.toml: max_frobenius = 0", "max_frobenius = 9.6", "max_frobenius = 0.0", "max_frobenius"),
-    ("bounds.toml: share band -inf..inf", "order_share_min = 0.15\norder_share_max = 0.89",
-     "order_share_min = -inf\norder_share_max = inf", "order_share_min"),
+    (
+        "bounds.toml: share band -inf..inf",
+        "order_share_min = 0.15\norder_share_max = 0.89",
+        "order_share_min = -inf\norder_share_max = inf",
+        "order_share_min",
+    ),
     ("bounds.toml: share band 0.15..inf", "order_share_max = 0.89", "order_share_max = inf", "order_share_max"),
     ("bounds.toml: share band reversed", "order_share_min = 0.15", "order_share_min = 0.95", "order_share_min"),
-    ("bounds.toml: a fit's sd = inf", "order_share_max = 0.89", "order_share_max = 0.89\nn = 16\nfalse_alarm = 0.01\n"
-     "frobenius_log_mean = 1.0\nfrobenius_log_sd = inf\nshare_log_mean = -1.0\nshare_log_sd = 0.3", "frobenius_log_sd"),
+    (
+        "bounds.toml: a fit's sd = inf",
+        "order_share_max = 0.89",
+        "order_share_max = 0.89\nn = 16\nfalse_alarm = 0.01\n"
+        "frobenius_log_mean = 1.0\nfrobenius_log_sd = inf\nshare_log_mean = -1.0\nshare_log_sd = 0.3",
+        "frobenius_log_sd",
+    ),
 ]:
     probe("side files", _name)(bounds_fault(_old, _new, _key))
 
@@ -228,21 +267,41 @@ def test_summary(trajectory, flannel_snapshot):
 
 @probe("side files", "a snapshot file with a byte that is not UTF-8")
 def _snapshot_not_utf8(workdir: Path) -> Outcome:
-    (workdir / "flannel.toml").write_text('dataset = "tiny"\nvocab_size = 512\nsteps = 4\nbatch_size = 8\nseq_len = 32\n'
-                                          "[experiment]\nn_runs = 2\nbase_train_seed = 42\n")
+    (workdir / "flannel.toml").write_text(
+        'dataset = "tiny"\nvocab_size = 512\nsteps = 4\nbatch_size = 8\nseq_len = 32\n'
+        "[experiment]\nn_runs = 2\nbase_train_seed = 42\n"
+    )
     (workdir / "pytest.ini").write_text("[pytest]\nflannel_config = flannel.toml\nflannel_progress = 0\n")
     (workdir / "test_s.py").write_text(_SNAPSHOT_TEST)
 
     def session(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                               "--flannel-threads=1", "--flannel-artifacts=art", *args], cwd=workdir,
-                              capture_output=True, text=True, timeout=300,
-                              env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")})
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "no:xdist",
+                "--flannel-threads=1",
+                "--flannel-artifacts=art",
+                *args,
+            ],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},
+        )
 
     first = session("--snapshot-update")
     snaps = sorted(workdir.glob("__snapshots__/**/*.flannel"))
     if first.returncode != 0 or len(snaps) != 1:
-        return Outcome("crash", f"writing the snapshot: exit {first.returncode}: {(first.stdout + first.stderr)[-400:]}")
+        return Outcome(
+            "crash", f"writing the snapshot: exit {first.returncode}: {(first.stdout + first.stderr)[-400:]}"
+        )
     raw = bytearray(snaps[0].read_bytes())
     raw[40] = 0xFF
     snaps[0].write_bytes(bytes(raw))
@@ -279,11 +338,16 @@ def usage_fault(args: Callable[[Path], list[str]], *needles: str) -> Callable[[P
     return run
 
 
-probe("command line", "noise --seeds 5-3 (a reversed range)")(usage_fault(lambda w: ["noise", "--seeds", "5-3"],
-                                                                         "--seeds", "'5-3'"))
-probe("command line", "why A B --step 99 (past the runs' 4 steps)")(cli_fault(
-    lambda w: (lambda _, run, other: ["why", str(run), str(other), "--step", "99"])(*_runs(w)), 3,
-    "step 99: expected a step in 1..4"))
+probe("command line", "noise --seeds 5-3 (a reversed range)")(
+    usage_fault(lambda w: ["noise", "--seeds", "5-3"], "--seeds", "'5-3'")
+)
+probe("command line", "why A B --step 99 (past the runs' 4 steps)")(
+    cli_fault(
+        lambda w: (lambda _, run, other: ["why", str(run), str(other), "--step", "99"])(*_runs(w)),
+        3,
+        "step 99: expected a step in 1..4",
+    )
+)
 
 
 # --- report.md: what it quotes is escaped --------------------------------------------------------------------

@@ -10,8 +10,16 @@ from typing import Any
 
 import pytest
 
-from flannel_repro.analysis.bounds import (HELD_OUT, Bound, data_hashes, load_bounds, measure_bound, scale_key,
-                                           seed_list, to_toml)
+from flannel_repro.analysis.bounds import (
+    HELD_OUT,
+    Bound,
+    data_hashes,
+    load_bounds,
+    measure_bound,
+    scale_key,
+    seed_list,
+    to_toml,
+)
 from flannel_repro.plugin.session import SESSION_KEY
 
 BOUNDS = Path(__file__).with_name("bounds.toml")
@@ -42,7 +50,7 @@ def _cached(path: Path, key: str, held_out: str, session_id: str, reuse_earlier:
 
 
 @pytest.fixture
-def derived_bound(flannel_config, trajectory, request):  # noqa: ANN201
+def derived_bound(flannel_config, trajectory, request):
     """A function returning the bound for this session's config and data, with its limits for this session's
     number of claim seeds: the committed one (bounds.toml), else one derived in the session from held-out
     seeds (by default the HELD_OUT seeds after the claim seeds; --flannel-derive-bounds=SEEDS for others) and
@@ -62,16 +70,20 @@ def derived_bound(flannel_config, trajectory, request):  # noqa: ANN201
         else:
             held = state.derive_bounds
             if held == ():
-                pytest.skip(f"no divergence bound derived for this configuration on this data (scale {key}: config and "
-                            "the tokenizer's and corpus's hashes), and --flannel-derive-bounds=none: the measurement "
-                            f"was recorded. Drop that option to derive one in the session from {HELD_OUT} held-out "
-                            f"seeds, or add one to {BOUNDS} (flannel-repro bounds)")
+                pytest.skip(
+                    f"no divergence bound derived for this configuration on this data (scale {key}: config and "
+                    "the tokenizer's and corpus's hashes), and --flannel-derive-bounds=none: the measurement "
+                    f"was recorded. Drop that option to derive one in the session from {HELD_OUT} held-out "
+                    f"seeds, or add one to {BOUNDS} (flannel-repro bounds)"
+                )
             if held is None:
                 held = tuple(range(max(seeds) + 1, max(seeds) + 1 + HELD_OUT))
             overlap = sorted(set(held) & set(seeds))
             if overlap:
-                pytest.fail(f"--flannel-derive-bounds: seeds {overlap} are claim seeds; a bound must be derived from "
-                            f"seeds the claims do not compare (e.g. {max(seeds) + 1}-{max(seeds) + HELD_OUT})")
+                pytest.fail(
+                    f"--flannel-derive-bounds: seeds {overlap} are claim seeds; a bound must be derived from "
+                    f"seeds the claims do not compare (e.g. {max(seeds) + 1}-{max(seeds) + HELD_OUT})"
+                )
             base = seeds[0]
             held_out = f"seed {base} vs {seed_list([s for s in held if s != base])}"
             path = session_bound_path(state.artifacts_dir, key)
@@ -83,21 +95,40 @@ def derived_bound(flannel_config, trajectory, request):  # noqa: ANN201
                 with FileLock(str(path) + ".lock"):  # one xdist worker derives, the others read its result
                     got = _cached(path, key, held_out, state.session_id, state.reuse_earlier)
                     if got is None:
-                        bound = measure_bound(flannel_config.run, base, held,
-                                             lambda cfg: trajectory(model_seed=cfg.model_seed, data_seed=cfg.data_seed),
-                                             comparisons=k)
+                        bound = measure_bound(
+                            flannel_config.run,
+                            base,
+                            held,
+                            lambda cfg: trajectory(model_seed=cfg.model_seed, data_seed=cfg.data_seed),
+                            comparisons=k,
+                        )
                         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                        tmp.write_text("# derived in a flannel-repro session (tests/flannel6/conftest.py)\n"
-                                       + to_toml("session", bound) + f'session_id = "{state.session_id}"\n',
-                                       encoding="utf-8")
+                        tmp.write_text(
+                            "# derived in a flannel-repro session (tests/flannel6/conftest.py)\n"
+                            + to_toml("session", bound)
+                            + f'session_id = "{state.session_id}"\n',
+                            encoding="utf-8",
+                        )
                         tmp.replace(path)
                         got = bound, "derived in this session"
                 _DERIVED[memo] = got
             bound, source = _DERIVED[memo]
         bound = bound.for_session(k)
-        request.node.user_properties.append((BOUND_PROPERTY, json.dumps(
-            {"scale": key, "source": source, "path": str(path), "describe": bound.describe(),
-             "max_frobenius": bound.max_frobenius, "band": [bound.order_share_min, bound.order_share_max]})))
+        request.node.user_properties.append(
+            (
+                BOUND_PROPERTY,
+                json.dumps(
+                    {
+                        "scale": key,
+                        "source": source,
+                        "path": str(path),
+                        "describe": bound.describe(),
+                        "max_frobenius": bound.max_frobenius,
+                        "band": [bound.order_share_min, bound.order_share_max],
+                    }
+                ),
+            )
+        )
         return bound
 
     return get
@@ -119,6 +150,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for seen in _SEEN.values():
         where = "bounds.toml" if seen["source"] == "committed" else f"cached at {seen['path']}"
         lo, hi = seen["band"]
-        tr.write_line(f"scale {seen['scale']}: {seen['source']} ({where}); final ‖ΔW‖_F <= "
-                      f"{seen['max_frobenius']:.4g}, data-order share in [{lo:.3g}, {hi:.3g}]")
+        tr.write_line(
+            f"scale {seen['scale']}: {seen['source']} ({where}); final ‖ΔW‖_F <= "
+            f"{seen['max_frobenius']:.4g}, data-order share in [{lo:.3g}, {hi:.3g}]"
+        )
         tr.write_line(f"  {seen['describe']}")

@@ -45,8 +45,9 @@ def test_different_seeds_part_at_step_1(trajectory, train_seed, device, flannel_
     assert_diverged(trajectory(other), trajectory(train_seed), by_step=1)
 
 
-def test_final_divergence_within_derived_bound(trajectory, train_seed, device, flannel_config, derived_bound,
-                                               flannel_record):
+def test_final_divergence_within_derived_bound(
+    trajectory, train_seed, device, flannel_config, derived_bound, flannel_record
+):
     """‖W_a − W_b‖_F at the last step stays below the upper prediction limit derived from held-out pairs, at a
     stated false-alarm rate (1% per clean session over all claim seeds; docs/writing-claims.md, "Bounds")."""
     other = partner_seed(train_seed, flannel_config.train_seeds)
@@ -60,8 +61,9 @@ def test_final_divergence_within_derived_bound(trajectory, train_seed, device, f
         raise AssertionError(f"{exc}\nThe bound: {bound.describe()}.") from None
 
 
-def test_data_order_share_within_derived_band(trajectory, train_seed, device, flannel_config, derived_bound,
-                                              flannel_record):
+def test_data_order_share_within_derived_band(
+    trajectory, train_seed, device, flannel_config, derived_bound, flannel_record
+):
     """The notebook's question: with model_seed fixed, how much of the divergence is data order?
 
     Three runs: the reference (seed s0), data order changed only (model_seed s0, data_seed s), and
@@ -82,11 +84,13 @@ def test_data_order_share_within_derived_band(trajectory, train_seed, device, fl
     flannel_record("data_order_share", share)  # aggregated in the terminal summary
     assert share < 1.0, (
         f"data-order share of the divergence = {share:.3f} >= 1: the model seed's initialisation adds nothing to "
-        "the divergence of data order alone")
+        "the divergence of data order alone"
+    )
     band = derived_bound()
     assert band.order_share_min <= share <= band.order_share_max, (
         f"data-order share of the divergence = {share:.3f}, outside the derived band "
-        f"[{band.order_share_min:.4g}, {band.order_share_max:.4g}]; {band.describe()}")
+        f"[{band.order_share_min:.4g}, {band.order_share_max:.4g}]; {band.describe()}"
+    )
 
 
 def test_divergence_by_source(trajectory, device, flannel_config, request):
@@ -100,10 +104,12 @@ def test_divergence_by_source(trajectory, device, flannel_config, request):
     base_seed = seeds[0]
     other = partner_seed(base_seed, seeds)
     base = trajectory(base_seed)
-    others = {"data_order": trajectory(model_seed=base_seed, data_seed=other),
-              "model_init": trajectory(model_seed=other, data_seed=base_seed),
-              "threads": trajectory(base_seed, threads=2),
-              "none": trajectory(base_seed, repeat=1)}
+    others = {
+        "data_order": trajectory(model_seed=base_seed, data_seed=other),
+        "model_init": trajectory(model_seed=other, data_seed=base_seed),
+        "threads": trajectory(base_seed, threads=2),
+        "none": trajectory(base_seed, repeat=1),
+    }
     if device == "cpu":
         others["engine"] = trajectory(base_seed, engine="hf")
     table = divergence_by_source(base, others)

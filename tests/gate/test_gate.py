@@ -18,8 +18,10 @@ GATE_SCALE = PRESETS["ci"]().run.fingerprint()
 @pytest.fixture(autouse=True)
 def _only_at_the_recorded_scale(flannel_config):
     if flannel_config.run.fingerprint() != GATE_SCALE:
-        pytest.skip(f"the gate's snapshots were recorded at the CI scale (config {GATE_SCALE}); "
-                    f"this session runs config {flannel_config.run.fingerprint()}")
+        pytest.skip(
+            f"the gate's snapshots were recorded at the CI scale (config {GATE_SCALE}); "
+            f"this session runs config {flannel_config.run.fingerprint()}"
+        )
 
 
 def test_run_summary_did_not_move(trajectory, train_seed, device, flannel_snapshot):

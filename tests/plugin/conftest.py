@@ -11,8 +11,8 @@ import pytest
 import torch  # noqa: F401  (see module docstring)
 from transformers import GPT2LMHeadModel, Trainer  # noqa: F401
 
-import flannel_repro.analysis.assertions  # noqa: F401
-import flannel_repro.training.harness  # noqa: F401
+import flannel_repro.analysis.assertions
+import flannel_repro.training.harness
 import flannel_repro.runs.store  # noqa: F401
 
 # A tiny experiment: 512-token vocabulary, 4 steps, 2 seeds. One run trains in about a second.

@@ -34,16 +34,18 @@ def test_failing_claim_prints_summary_table_and_paths(tiny_experiment):
     """)
     result = tiny_experiment.runpytest()
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "*assert_identical(trajectory(42), trajectory(43))*",
-        "E*trajectories are not identical: they part at step 1",
-        "E*a: seed=42 cpu torch repeat=0",
-        "E*b: seed=43 cpu torch repeat=0",
-        "E*first step they part: 1 of 4; at step 4: max|ΔW| = *, ‖ΔW‖_F = *, rows differing = * (live *, dead *)",
-        "E*step | *max|ΔW| | *‖ΔW‖_F | *rows≠ | *live≠ | *dead≠",
-        "E*artifact a: *seed42-cpu-torch-r0-*.safetensors",
-        "E*artifact b: *seed43-cpu-torch-r0-*.safetensors",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*assert_identical(trajectory(42), trajectory(43))*",
+            "E*trajectories are not identical: they part at step 1",
+            "E*a: seed=42 cpu torch repeat=0",
+            "E*b: seed=43 cpu torch repeat=0",
+            "E*first step they part: 1 of 4; at step 4: max|ΔW| = *, ‖ΔW‖_F = *, rows differing = * (live *, dead *)",
+            "E*step | *max|ΔW| | *‖ΔW‖_F | *rows≠ | *live≠ | *dead≠",
+            "E*artifact a: *seed42-cpu-torch-r0-*.safetensors",
+            "E*artifact b: *seed43-cpu-torch-r0-*.safetensors",
+        ]
+    )
     # __tracebackhide__: no frames from inside flannel_repro.analysis.assertions
     assert "flannel_repro/assertions.py" not in result.stdout.str()
 
@@ -87,16 +89,23 @@ def test_user_suite_trains_each_run_once(tiny_experiment, xdist_args):
     runs = [t["run"] for t in trained]
     # seeds 42 and 43, repeats 0 and 1: four distinct runs, each trained exactly once
     assert len(runs) == 4 and len(set(runs)) == 4, runs
-    result.stdout.fnmatch_lines(["*= flannel-repro =*", "seed *device*engine*steps*final loss*artifact",
-                                 "*different train seeds: * check(s), first divergent step 1*",
-                                 "*same config, separate trainings: 2 check(s), 2 bitwise identical, never diverged*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*= flannel-repro =*",
+            "seed *device*engine*steps*final loss*artifact",
+            "*different train seeds: * check(s), first divergent step 1*",
+            "*same config, separate trainings: 2 check(s), 2 bitwise identical, never diverged*",
+        ]
+    )
     if xdist_args == ["-n", "2"]:
         assert {t["worker"] for t in trained} <= {"gw0", "gw1"}
     # a second session reuses everything; --flannel-fresh retrains
     again = tiny_experiment.runpytest_subprocess("-p", "xdist", "--flannel-threads", "1", *xdist_args)
     again.assert_outcomes(passed=5)
     assert len(_trainings(tiny_experiment)) == 4
-    fresh = tiny_experiment.runpytest_subprocess("-p", "xdist", "--flannel-threads", "1", "--flannel-fresh", *xdist_args)
+    fresh = tiny_experiment.runpytest_subprocess(
+        "-p", "xdist", "--flannel-threads", "1", "--flannel-fresh", *xdist_args
+    )
     fresh.assert_outcomes(passed=5)
     assert len(_trainings(tiny_experiment)) == 8
 
@@ -110,8 +119,9 @@ def test_results_identical_with_and_without_xdist(pytester):
         pytester.makefile(".toml", flannel=TINY_TOML)
         pytester.makeini("[pytest]\nflannel_config = flannel.toml\nflannel_progress = 0\n")
         pytester.makepyfile(test_user=USER_TESTS)
-        out = pytester.runpytest_subprocess("-p", "xdist", "-s", "--flannel-threads", "1",
-                                            "--flannel-artifacts", f"art{len(digests)}", *args)
+        out = pytester.runpytest_subprocess(
+            "-p", "xdist", "-s", "--flannel-threads", "1", "--flannel-artifacts", f"art{len(digests)}", *args
+        )
         out.assert_outcomes(passed=5)
         if args:
             # under xdist, worker output is not shown; read the digest from the artifact instead
@@ -120,7 +130,7 @@ def test_results_identical_with_and_without_xdist(pytester):
             path = next((pytester.path / "art1").glob("seed43-cpu-torch-r0-*.safetensors"))
             digests.append(Trajectory(path).digest_hex(4))
         else:
-            line = next(l for l in out.stdout.lines if "DIGEST" in l)
+            line = next(x for x in out.stdout.lines if "DIGEST" in x)
             digests.append(line.split("DIGEST ")[1].split()[0])
     assert digests[0] == digests[1]
 

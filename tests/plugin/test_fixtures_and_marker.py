@@ -11,10 +11,20 @@ from tests.plugin.conftest import TINY_TOML
 
 def test_fixtures_are_documented(pytester):
     result = pytester.runpytest("--fixtures")
-    for name in ("flannel_config", "tokenizer", "corpus", "token_mask", "shared_init_W", "device", "trajectory",
-                 "train_seed"):
+    for name in (
+        "flannel_config",
+        "tokenizer",
+        "corpus",
+        "token_mask",
+        "shared_init_W",
+        "device",
+        "trajectory",
+        "train_seed",
+    ):
         result.stdout.fnmatch_lines([f"{name}*"])
-    result.stdout.fnmatch_lines(["*Factory: `trajectory(train_seed=None, [*], device=None, repeat=0, resume_at=None, [*][*]overrides)*"])
+    result.stdout.fnmatch_lines(
+        ["*Factory: `trajectory(train_seed=None, [*], device=None, repeat=0, resume_at=None, [*][*]overrides)*"]
+    )
 
 
 def test_data_fixtures_on_embedded_data(tiny_experiment):
@@ -44,8 +54,9 @@ def test_user_data_options(tiny_experiment):
             assert corpus.files.origin == "user"
     """)
     # "--opt=value": pytest takes a separate existing-path argument into account when it looks for the rootdir
-    result = tiny_experiment.runpytest(f"--flannel-tokenizer={p.tokenizer}", f"--flannel-corpus={p.corpus}",
-                                       f"--flannel-token-mask={p.token_mask}")
+    result = tiny_experiment.runpytest(
+        f"--flannel-tokenizer={p.tokenizer}", f"--flannel-corpus={p.corpus}", f"--flannel-token-mask={p.token_mask}"
+    )
     result.assert_outcomes(passed=1)
 
 
@@ -110,7 +121,10 @@ def test_bad_marker_is_a_usage_error(tiny_experiment):
     """)
     result = tiny_experiment.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "test_bad: @pytest.mark.flannel: RunConfig: unknown key(s) 'stpes' (did you mean 'steps'?)" in result.stderr.str()
+    assert (
+        "test_bad: @pytest.mark.flannel: RunConfig: unknown key(s) 'stpes' (did you mean 'steps'?)"
+        in result.stderr.str()
+    )
 
 
 def test_progress_lines_while_training(tiny_experiment):
@@ -121,9 +135,12 @@ def test_progress_lines_while_training(tiny_experiment):
     """)
     result = tiny_experiment.runpytest("--flannel-progress=0.000001")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines([
-        "flannel: run 1 of >= 2: training seed42-cpu-torch-r0-* ...",
-        "flannel: run 1 of >= 2 (0 done) seed42-cpu-torch-r0-*: step 4/4 (100%), loss *, * steps/s, ETA 0s"])
+    result.stdout.fnmatch_lines(
+        [
+            "flannel: run 1 of >= 2: training seed42-cpu-torch-r0-* ...",
+            "flannel: run 1 of >= 2 (0 done) seed42-cpu-torch-r0-*: step 4/4 (100%), loss *, * steps/s, ETA 0s",
+        ]
+    )
 
 
 def test_progress_lines_under_xdist(tiny_experiment):
@@ -142,5 +159,8 @@ def test_progress_lines_under_xdist(tiny_experiment):
     lines = [line for line in result.stdout.lines if line.startswith("flannel: run ")]
     assert lines, result.stdout.str()
     for line in lines:
-        assert re.fullmatch(r"flannel: run [12] of >= 2 \([012] done\) seed4[23]-cpu-torch-r0-\w+: step \d+/20 "
-                            r"\(\d+%\), loss [\d.]+, [\d.]+ steps/s, ETA (\d+s|\d+m\d\ds|\?)", line), line
+        assert re.fullmatch(
+            r"flannel: run [12] of >= 2 \([012] done\) seed4[23]-cpu-torch-r0-\w+: step \d+/20 "
+            r"\(\d+%\), loss [\d.]+, [\d.]+ steps/s, ETA (\d+s|\d+m\d\ds|\?)",
+            line,
+        ), line

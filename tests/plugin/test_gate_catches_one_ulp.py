@@ -35,8 +35,10 @@ def test_one_ulp_change_to_W_initial_fails_the_gate(tiny_experiment):
     # edit of model.py would retrain by itself): ask for fresh trainings.
     result = tiny_experiment.runpytest_subprocess("--flannel-fresh")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "E*flannel snapshot test_gate[[]cpu-*-t*[]] moved: *",
-        "E*the trajectories part at step 0*",
-        "E*digests.first *",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "E*flannel snapshot test_gate[[]cpu-*-t*[]] moved: *",
+            "E*the trajectories part at step 0*",
+            "E*digests.first *",
+        ]
+    )

@@ -53,10 +53,27 @@ def _band(p: pytest.Pytester, stored: Path, allowance: float) -> Path:
 
     scale = summary_scale(Summary.from_text(stored.read_text()))
     path = p.path / "flannel_noise_bands.json"
-    path.write_text(json.dumps({"format": BANDS_FORMAT, "bands": [{
-        "scale": scale, "exact_through": 0, "margin": 2.0,
-        "measured": {"variants": ["portable:2"], "reference": "portable:1", "seeds": "42", "machine": "test"},
-        "fields": {"run": {"loss @ step 4": allowance}}}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": BANDS_FORMAT,
+                "bands": [
+                    {
+                        "scale": scale,
+                        "exact_through": 0,
+                        "margin": 2.0,
+                        "measured": {
+                            "variants": ["portable:2"],
+                            "reference": "portable:1",
+                            "seeds": "42",
+                            "machine": "test",
+                        },
+                        "fields": {"run": {"loss @ step 4": allowance}},
+                    }
+                ],
+            }
+        )
+    )
     return path
 
 
@@ -72,21 +89,25 @@ def test_default_fails_without_a_band_naming_the_classes_and_the_commands(other_
     result = run(p, mode)  # the ini sets no policy: the default
     result.assert_outcomes(passed=1, failed=1)
     assert result.ret == 1
-    result.stdout.fnmatch_lines([
-        f"E*flannel snapshot test_loss[[]{K}[]]: no snapshot for this run's numerics class {K}; stored for: {OTHER}.",
-        "E*Nothing was compared: comparing with another class needs a noise band for scale *, and "
-        "flannel_noise_bands.json has none.",
-        "E*To record this class: pytest test_mc.py::test_loss --snapshot-update (then review and commit the new file);",
-        "E*or measure a band: flannel-repro noise --config FILE -o flannel_noise_bands.json (see docs/gate.md, *",
-        "E*policy: --flannel-missing-class=tolerant|fail|skip (ini flannel_missing_class; this session: tolerant).",
-    ])
-    result.stdout.fnmatch_lines([
-        "snapshots stored only for other numerics classes (--flannel-missing-class=tolerant):",
-        f"  FAILED  test_loss[[]{K}[]]: this run {K}, nearest stored {OTHER}",
-        "flannel snapshots: 0 compared exactly, 0 within the noise band, 1 not compared "
-        "(1 failed: no noise band to compare with another class)",
-        "  none of this session's 1 snapshot assertion(s) compared anything: the snapshot gate checked nothing",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            f"E*flannel snapshot test_loss[[]{K}[]]: no snapshot for this run's numerics class {K}; stored for: {OTHER}.",
+            "E*Nothing was compared: comparing with another class needs a noise band for scale *, and "
+            "flannel_noise_bands.json has none.",
+            "E*To record this class: pytest test_mc.py::test_loss --snapshot-update (then review and commit the new file);",
+            "E*or measure a band: flannel-repro noise --config FILE -o flannel_noise_bands.json (see docs/gate.md, *",
+            "E*policy: --flannel-missing-class=tolerant|fail|skip (ini flannel_missing_class; this session: tolerant).",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "snapshots stored only for other numerics classes (--flannel-missing-class=tolerant):",
+            f"  FAILED  test_loss[[]{K}[]]: this run {K}, nearest stored {OTHER}",
+            "flannel snapshots: 0 compared exactly, 0 within the noise band, 1 not compared "
+            "(1 failed: no noise band to compare with another class)",
+            "  none of this session's 1 snapshot assertion(s) compared anything: the snapshot gate checked nothing",
+        ]
+    )
     assert "unused" not in result.stdout.str()  # another class's snapshot is not this session's
     assert other.exists()
 
@@ -98,9 +119,11 @@ def test_the_record_command_is_relative_to_where_pytest_runs(other_class_only, m
     sub.mkdir()
     (p.path / "test_mc.py").rename(sub / "test_mc.py")
     (p.path / "__snapshots__").rename(sub / "__snapshots__")
-    (sub / "test_b.py").write_text("import pytest\n\n@pytest.mark.parametrize('x', ['a b'])\n"
-                                   "def test_p(trajectory, flannel_snapshot, x):\n"
-                                   "    assert flannel_snapshot == trajectory(42).summary()\n")
+    (sub / "test_b.py").write_text(
+        "import pytest\n\n@pytest.mark.parametrize('x', ['a b'])\n"
+        "def test_p(trajectory, flannel_snapshot, x):\n"
+        "    assert flannel_snapshot == trajectory(42).summary()\n"
+    )
     (sub / "__snapshots__" / "test_b").mkdir()
     (sub / "__snapshots__" / "test_b" / f"test_p[a b][{OTHER}].flannel").write_text(stored)
     monkeypatch.chdir(sub)  # node ids stay relative to the rootdir (above); the command is for here
@@ -116,15 +139,17 @@ def test_skip_is_an_explicit_opt_in_and_is_counted_as_not_compared(other_class_o
     result = run(p, mode, "--flannel-missing-class=skip")
     result.assert_outcomes(passed=1, skipped=1)
     assert result.ret == 0
-    result.stdout.fnmatch_lines([
-        "snapshots stored only for other numerics classes (--flannel-missing-class=skip):",
-        f"  SKIPPED test_loss[[]{K}[]]: this run {K}, nearest stored {OTHER}",
-        "flannel snapshots: 0 compared exactly, 0 within the noise band, 1 not compared "
-        "(1 skipped (--flannel-missing-class=skip))",
-        "  none of this session's 1 snapshot assertion(s) compared anything: the snapshot gate checked nothing",
-        f"SKIPPED*no snapshot for this run's numerics class {K}; stored for: {OTHER}. Nothing was compared (skipped "
-        "by the opt-in --flannel-missing-class=skip); record this class: pytest test_mc.py::test_loss --snapshot-update*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "snapshots stored only for other numerics classes (--flannel-missing-class=skip):",
+            f"  SKIPPED test_loss[[]{K}[]]: this run {K}, nearest stored {OTHER}",
+            "flannel snapshots: 0 compared exactly, 0 within the noise band, 1 not compared "
+            "(1 skipped (--flannel-missing-class=skip))",
+            "  none of this session's 1 snapshot assertion(s) compared anything: the snapshot gate checked nothing",
+            f"SKIPPED*no snapshot for this run's numerics class {K}; stored for: {OTHER}. Nothing was compared (skipped "
+            "by the opt-in --flannel-missing-class=skip); record this class: pytest test_mc.py::test_loss --snapshot-update*",
+        ]
+    )
     assert "unused" not in result.stdout.str()
     assert other.exists()
 
@@ -136,22 +161,28 @@ def test_default_within_the_band_passes_and_beyond_it_fails(other_class_only, mo
     _nudge_loss(other, 0.5e-3)
     within = run(p, mode)  # the default policy: the band exists, so the comparison is tolerant
     within.assert_outcomes(passed=2)
-    within.stdout.fnmatch_lines([f"  PASSED  test_loss[[]{K}[]]: this run {K}, nearest stored {OTHER}",
-                                 "flannel snapshots: 0 compared exactly, 1 within the noise band, 0 not compared"])
+    within.stdout.fnmatch_lines(
+        [
+            f"  PASSED  test_loss[[]{K}[]]: this run {K}, nearest stored {OTHER}",
+            "flannel snapshots: 0 compared exactly, 1 within the noise band, 0 not compared",
+        ]
+    )
     assert "checked nothing" not in within.stdout.str()
 
     _nudge_loss(other, 1e-3)  # now 1.5e-3 from this run's value: beyond the band
     beyond = run(p, mode, "--flannel-missing-class=tolerant")  # the same, said explicitly
     beyond.assert_outcomes(passed=1, failed=1)
-    beyond.stdout.fnmatch_lines([
-        "E*flannel snapshot test_loss[[]*[]] moved beyond the noise band: 1 of * compared values differ by more than "
-        "arithmetic alone moves them*",
-        f"E*compared with the nearest stored class {OTHER} (policy: --flannel-missing-class=tolerant|fail|skip *; "
-        "or record this class: pytest test_mc.py::test_loss --snapshot-update *)",
-        "E*compared within the noise band for scale * in *flannel_noise_bands.json: 2 x the largest deviation of "
-        "portable:2 from portable:1*",
-        "E*loss @ step 4 * band 0.001*",
-    ])
+    beyond.stdout.fnmatch_lines(
+        [
+            "E*flannel snapshot test_loss[[]*[]] moved beyond the noise band: 1 of * compared values differ by more than "
+            "arithmetic alone moves them*",
+            f"E*compared with the nearest stored class {OTHER} (policy: --flannel-missing-class=tolerant|fail|skip *; "
+            "or record this class: pytest test_mc.py::test_loss --snapshot-update *)",
+            "E*compared within the noise band for scale * in *flannel_noise_bands.json: 2 x the largest deviation of "
+            "portable:2 from portable:1*",
+            "E*loss @ step 4 * band 0.001*",
+        ]
+    )
     beyond.stdout.fnmatch_lines(["flannel snapshots: 0 compared exactly, 1 within the noise band, 0 not compared"])
 
 
@@ -161,12 +192,20 @@ def test_fail_policy_fails_even_with_a_band(other_class_only, mode):
     _band(p, other, allowance=1e-3)
     failed = run(p, mode, "--flannel-missing-class=fail")
     failed.assert_outcomes(passed=1, failed=1)
-    failed.stdout.fnmatch_lines([f"E*no snapshot for this run's numerics class {K}; stored for: {OTHER}.",
-                                 "E*Nothing was compared (--flannel-missing-class=fail).",
-                                 "E*To record this class: pytest test_mc.py::test_loss --snapshot-update *",
-                                 "E*policy: --flannel-missing-class=tolerant|fail|skip *this session: fail*"])
-    failed.stdout.fnmatch_lines(["flannel snapshots: 0 compared exactly, 0 within the noise band, 1 not compared "
-                                 "(1 failed (--flannel-missing-class=fail))"])
+    failed.stdout.fnmatch_lines(
+        [
+            f"E*no snapshot for this run's numerics class {K}; stored for: {OTHER}.",
+            "E*Nothing was compared (--flannel-missing-class=fail).",
+            "E*To record this class: pytest test_mc.py::test_loss --snapshot-update *",
+            "E*policy: --flannel-missing-class=tolerant|fail|skip *this session: fail*",
+        ]
+    )
+    failed.stdout.fnmatch_lines(
+        [
+            "flannel snapshots: 0 compared exactly, 0 within the noise band, 1 not compared "
+            "(1 failed (--flannel-missing-class=fail))"
+        ]
+    )
     assert "unused" not in failed.stdout.str()
 
 
@@ -174,8 +213,13 @@ def test_snapshot_update_records_this_class_and_keeps_the_other(other_class_only
     p, other = other_class_only
     update = run(p, "no-xdist", "--snapshot-update")
     assert update.ret == 0
-    update.stdout.fnmatch_lines(["flannel snapshots: 0 compared exactly, 0 within the noise band, 1 not compared "
-                                 "(1 written by --snapshot-update)", "*1 snapshot generated.*"])
+    update.stdout.fnmatch_lines(
+        [
+            "flannel snapshots: 0 compared exactly, 0 within the noise band, 1 not compared "
+            "(1 written by --snapshot-update)",
+            "*1 snapshot generated.*",
+        ]
+    )
     assert "checked nothing" not in update.stdout.str()  # an update run compares nothing by design
     names = sorted(x.name for x in other.parent.iterdir())
     assert names == sorted([f"test_loss[{K}].flannel", other.name])
@@ -213,27 +257,36 @@ def test_summary_counts_every_assertion(tiny_experiment, mode):
     _band(p, other, allowance=1e-3)
     result = run(p, mode)
     result.assert_outcomes(passed=3, failed=1)
-    result.stdout.fnmatch_lines([
-        f"  PASSED  test_other[[]{K}[]]: this run {K}, nearest stored {OTHER}",
-        "flannel snapshots: 4 compared exactly, 1 within the noise band, 1 not compared (1 failed: no snapshot stored)",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            f"  PASSED  test_other[[]{K}[]]: this run {K}, nearest stored {OTHER}",
+            "flannel snapshots: 4 compared exactly, 1 within the noise band, 1 not compared (1 failed: no snapshot stored)",
+        ]
+    )
     assert "checked nothing" not in result.stdout.str()
-    result.stdout.fnmatch_lines(["E*no stored snapshot test_new[[]*[]] (*): nothing was compared. Write it with "
-                                 "pytest test_count.py::test_new --snapshot-update, then review and commit it"])
+    result.stdout.fnmatch_lines(
+        [
+            "E*no stored snapshot test_new[[]*[]] (*): nothing was compared. Write it with "
+            "pytest test_count.py::test_new --snapshot-update, then review and commit it"
+        ]
+    )
 
 
 def test_bad_policy_and_bands_options_are_usage_errors(tiny_experiment):
     tiny_experiment.makepyfile(test_x="def test_x():\n    pass\n")
     bad = tiny_experiment.runpytest("--flannel-missing-class=maybe")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
-    bad.stderr.fnmatch_lines(["*--flannel-missing-class (ini: flannel_missing_class) accepts skip or fail or tolerant; "
-                              "got 'maybe'.*"])
+    bad.stderr.fnmatch_lines(
+        ["*--flannel-missing-class (ini: flannel_missing_class) accepts skip or fail or tolerant; got 'maybe'.*"]
+    )
     absent = tiny_experiment.runpytest("--flannel-noise-bands=nowhere.json")
     assert absent.ret == pytest.ExitCode.USAGE_ERROR
     absent.stderr.fnmatch_lines(["*--flannel-noise-bands*accepts the path of an existing noise-bands JSON file*"])
     numerics = tiny_experiment.runpytest("--flannel-numerics=fast")
     assert numerics.ret == pytest.ExitCode.USAGE_ERROR
-    numerics.stderr.fnmatch_lines(["*--flannel-numerics (ini: flannel_numerics) accepts native or portable*; got 'fast'.*"])
+    numerics.stderr.fnmatch_lines(
+        ["*--flannel-numerics (ini: flannel_numerics) accepts native or portable*; got 'fast'.*"]
+    )
 
 
 PORTABLE_CHECK = """

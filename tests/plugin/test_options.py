@@ -20,22 +20,55 @@ def test_show(flannel_config):
         (["--flannel-label-mode", "prev"], "accepts next_token or notebook; got 'prev'"),
         (["--flannel-seeds", "50-42"], "--flannel-seeds (ini: flannel_seeds) accepts a range '42-51'"),
         (["--flannel-seeds", "42,47"], "accepts consecutive seeds"),
-        (["--flannel-runs", "3", "--flannel-seeds", "42-43"], "--flannel-runs=3 disagrees with --flannel-seeds='42-43'"),
+        (
+            ["--flannel-runs", "3", "--flannel-seeds", "42-43"],
+            "--flannel-runs=3 disagrees with --flannel-seeds='42-43'",
+        ),
         (["--flannel-devices", "tpu"], "--flannel-devices (ini: flannel_devices) accepts a comma-separated list"),
-        (["--flannel-devices", "cuda:x"], "accepts a comma-separated list of distinct devices: cpu, cuda, cuda:N, mps; got 'cuda:x'."),
-        (["--flannel-devices", "cpu:1"], "accepts a comma-separated list of distinct devices: cpu, cuda, cuda:N, mps; got 'cpu:1'."),
-        (["--flannel-devices", "cpu,cpu"], "accepts a comma-separated list of distinct devices: cpu, cuda, cuda:N, mps; got 'cpu,cpu'."),
-        (["--flannel-preset", "huge"], "--flannel-preset (ini: flannel_preset) accepts default or ci or full or notebook; got 'huge'."),
+        (
+            ["--flannel-devices", "cuda:x"],
+            "accepts a comma-separated list of distinct devices: cpu, cuda, cuda:N, mps; got 'cuda:x'.",
+        ),
+        (
+            ["--flannel-devices", "cpu:1"],
+            "accepts a comma-separated list of distinct devices: cpu, cuda, cuda:N, mps; got 'cpu:1'.",
+        ),
+        (
+            ["--flannel-devices", "cpu,cpu"],
+            "accepts a comma-separated list of distinct devices: cpu, cuda, cuda:N, mps; got 'cpu,cpu'.",
+        ),
+        (
+            ["--flannel-preset", "huge"],
+            "--flannel-preset (ini: flannel_preset) accepts default or ci or full or notebook; got 'huge'.",
+        ),
         (["--flannel-config", "missing.toml"], "--flannel-config: config file"),
-        (["--flannel-tokenizer", "tok.json"], "--flannel-tokenizer (ini: flannel_tokenizer) accepts the path of an existing file"),
-        (["--flannel-threads", "-1"], "--flannel-threads (ini: flannel_threads) accepts an integer in 1..256; got '-1'."),
-        (["--flannel-threads", "100000"], "--flannel-threads (ini: flannel_threads) accepts an integer in 1..256; got '100000'."),
+        (
+            ["--flannel-tokenizer", "tok.json"],
+            "--flannel-tokenizer (ini: flannel_tokenizer) accepts the path of an existing file",
+        ),
+        (
+            ["--flannel-threads", "-1"],
+            "--flannel-threads (ini: flannel_threads) accepts an integer in 1..256; got '-1'.",
+        ),
+        (
+            ["--flannel-threads", "100000"],
+            "--flannel-threads (ini: flannel_threads) accepts an integer in 1..256; got '100000'.",
+        ),
         (["--flannel-progress", "nan"], "--flannel-progress (ini: flannel_progress) accepts a number of seconds >= 0"),
         (["--flannel-progress", "inf"], "--flannel-progress (ini: flannel_progress) accepts a number of seconds >= 0"),
-        (["--flannel-seeds", "9223372036854775808"], "--flannel-seeds (ini: flannel_seeds) accepts a range '42-51' or a list"),
-        (["--flannel-seeds", "42-4200000000"], "--flannel-seeds (ini: flannel_seeds) accepts a range '42-51' or a list"),
+        (
+            ["--flannel-seeds", "9223372036854775808"],
+            "--flannel-seeds (ini: flannel_seeds) accepts a range '42-51' or a list",
+        ),
+        (
+            ["--flannel-seeds", "42-4200000000"],
+            "--flannel-seeds (ini: flannel_seeds) accepts a range '42-51' or a list",
+        ),
         (["--flannel-progress", "soon"], "--flannel-progress (ini: flannel_progress) accepts a number of seconds >= 0"),
-        (["--flannel-derive-bounds", "46-x"], "--flannel-derive-bounds (ini: flannel_derive_bounds) accepts 'none', 'auto', or held-out seeds"),
+        (
+            ["--flannel-derive-bounds", "46-x"],
+            "--flannel-derive-bounds (ini: flannel_derive_bounds) accepts 'none', 'auto', or held-out seeds",
+        ),
     ],
 )
 def test_bad_option_is_a_usage_error(pytester, args, needle):
@@ -62,14 +95,25 @@ def test_defaults_are_the_ci_scale(pytester):
 
 def test_command_line_overrides(pytester):
     pytester.makepyfile(SHOW_CONFIG)
-    result = pytester.runpytest("-s", "--flannel-steps", "7", "--flannel-engine", "hf", "--flannel-seeds", "10-12",
-                                "--flannel-label-mode", "notebook")
+    result = pytester.runpytest(
+        "-s",
+        "--flannel-steps",
+        "7",
+        "--flannel-engine",
+        "hf",
+        "--flannel-seeds",
+        "10-12",
+        "--flannel-label-mode",
+        "notebook",
+    )
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*CFG 7 hf notebook (10, 11, 12) default"])
 
 
 def test_ini_keys_in_pyproject_and_cli_wins(pytester):
-    pytester.makepyprojecttoml('[tool.pytest.ini_options]\nflannel_steps = "9"\nflannel_runs = "2"\nflannel_engine = "hf"\n')
+    pytester.makepyprojecttoml(
+        '[tool.pytest.ini_options]\nflannel_steps = "9"\nflannel_runs = "2"\nflannel_engine = "hf"\n'
+    )
     pytester.makepyfile(SHOW_CONFIG)
     result = pytester.runpytest("-s")
     result.stdout.fnmatch_lines(["*CFG 9 hf next_token (42, 43) default"])
@@ -96,8 +140,11 @@ def test_bad_config_file_names_the_key(pytester):
 def test_help_lists_the_group_and_does_not_import_torch(pytester):
     result = pytester.runpytest_subprocess("--help", "-p", "no:xdist")
     result.stdout.fnmatch_lines(["flannel-repro: training-determinism claims:", "*--flannel-config=CONFIG*"])
-    check = pytester.run(__import__("sys").executable, "-c",
-                         "import sys, flannel_repro.plugin.hooks; print('TORCH', 'torch' in sys.modules)")
+    check = pytester.run(
+        __import__("sys").executable,
+        "-c",
+        "import sys, flannel_repro.plugin.hooks; print('TORCH', 'torch' in sys.modules)",
+    )
     check.stdout.fnmatch_lines(["TORCH False"])
 
 
@@ -106,8 +153,10 @@ def test_artifacts_path_under_a_file_is_a_usage_error_at_start(pytester):
     pytester.makefile(".txt", afile="not a directory")
     result = pytester.runpytest("--flannel-artifacts=afile.txt/runs")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert ("--flannel-artifacts (ini: flannel_artifacts) accepts a directory (it is created if missing); this path "
-            "lies under a file") in result.stderr.str()
+    assert (
+        "--flannel-artifacts (ini: flannel_artifacts) accepts a directory (it is created if missing); this path "
+        "lies under a file"
+    ) in result.stderr.str()
 
 
 def test_an_artifacts_directory_that_cannot_be_written_is_a_usage_error_at_start(pytester):
@@ -115,5 +164,7 @@ def test_an_artifacts_directory_that_cannot_be_written_is_a_usage_error_at_start
     pytester.makepyfile(SHOW_CONFIG)
     result = pytester.runpytest("--flannel-artifacts=/sys/flannel-artifacts")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert ("--flannel-artifacts (ini: flannel_artifacts) accepts a directory run artifacts can be written to; /sys, "
-            "where it would be created, is not writable (Permission denied)") in result.stderr.str()
+    assert (
+        "--flannel-artifacts (ini: flannel_artifacts) accepts a directory run artifacts can be written to; /sys, "
+        "where it would be created, is not writable (Permission denied)"
+    ) in result.stderr.str()

@@ -38,12 +38,14 @@ def test_report_at_the_end_of_a_session(tiny_experiment, xdist, tmp_path, monkey
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     out = tmp_path / "rep"
     junit = tmp_path / "junit.xml"
-    result = tiny_experiment.runpytest_subprocess(*xdist, f"--flannel-report={out}", f"--junitxml={junit}",
-                                                  "-W", "error::pytest.PytestWarning")
+    result = tiny_experiment.runpytest_subprocess(
+        *xdist, f"--flannel-report={out}", f"--junitxml={junit}", "-W", "error::pytest.PytestWarning"
+    )
     result.assert_outcomes(passed=2, failed=1)
     # the failing claim names the plot that shows it
-    result.stdout.fnmatch_lines(["*flannel-repro plot*",
-                                 f"the plot that shows it: divergence-different-train-seeds.png in {out}"])
+    result.stdout.fnmatch_lines(
+        ["*flannel-repro plot*", f"the plot that shows it: divergence-different-train-seeds.png in {out}"]
+    )
     result.stdout.fnmatch_lines([f"report: {out}/index.html (* plots, * s); tables appended to $GITHUB_STEP_SUMMARY*"])
     doc = json.loads((out / "report.json").read_text())
     jsonschema.validate(doc, SCHEMA)
@@ -84,8 +86,12 @@ def test_report_option_errors(tiny_experiment, tmp_path):
     blocker.write_text("x")
     result = tiny_experiment.runpytest_subprocess(f"--flannel-report={blocker}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--flannel-report (ini: flannel_report) accepts a folder to write the report into "
-                                 "(created if missing); this path is a file; got *"])
+    result.stderr.fnmatch_lines(
+        [
+            "*--flannel-report (ini: flannel_report) accepts a folder to write the report into "
+            "(created if missing); this path is a file; got *"
+        ]
+    )
     result = tiny_experiment.runpytest_subprocess(f"--flannel-report={blocker}/sub")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*this path lies under a file*"])
@@ -96,8 +102,10 @@ def test_report_without_matplotlib_is_a_usage_error(tiny_experiment, tmp_path):
     tiny_experiment.makeconftest("import sys\nsys.modules['matplotlib'] = None  # as if the extra were not installed\n")
     result = tiny_experiment.runpytest_subprocess(f"--flannel-report={tmp_path / 'r'}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert ("--flannel-report (ini: flannel_report) accepts a folder for the report, with matplotlib installed for its "
-            "plots (pip install 'flannel-repro[report]')") in result.stderr.str()
+    assert (
+        "--flannel-report (ini: flannel_report) accepts a folder for the report, with matplotlib installed for its "
+        "plots (pip install 'flannel-repro[report]')"
+    ) in result.stderr.str()
     assert not (tmp_path / "r").exists()
 
 
@@ -106,7 +114,9 @@ def test_report_ini_key(tiny_experiment, tmp_path):
         def test_one(trajectory):
             assert trajectory(42).steps == 4
     """)
-    tiny_experiment.makeini(f"[pytest]\nflannel_config = flannel.toml\nflannel_progress = 0\nflannel_report = {tmp_path / 'r'}\n")
+    tiny_experiment.makeini(
+        f"[pytest]\nflannel_config = flannel.toml\nflannel_progress = 0\nflannel_report = {tmp_path / 'r'}\n"
+    )
     result = tiny_experiment.runpytest_subprocess()
     result.assert_outcomes(passed=1)
     assert (tmp_path / "r" / "index.html").is_file() and (tmp_path / "r" / "loss.png").is_file()
@@ -136,20 +146,41 @@ def test_report_counts_the_snapshot_assertions(tiny_experiment, tmp_path):
     out, junit = tmp_path / "rep", tmp_path / "junit.xml"
     result = p.runpytest_subprocess("-n", "2", "--flannel-threads=1", f"--flannel-report={out}", f"--junitxml={junit}")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["flannel snapshots: 1 compared exactly, 0 within the noise band, 1 not compared "
-                                 "(1 failed: no noise band to compare with another class)"])
+    result.stdout.fnmatch_lines(
+        [
+            "flannel snapshots: 1 compared exactly, 0 within the noise band, 1 not compared "
+            "(1 failed: no noise band to compare with another class)"
+        ]
+    )
     doc = json.loads((out / "report.json").read_text())
     jsonschema.validate(doc, SCHEMA)
     snap = doc["snapshots"]
     assert {k: snap[k] for k in ("assertions", "compared_exactly", "within_band", "not_compared", "policy")} == {
-        "assertions": 2, "compared_exactly": 1, "within_band": 0, "not_compared": 1, "policy": "tolerant"}
+        "assertions": 2,
+        "compared_exactly": 1,
+        "within_band": 0,
+        "not_compared": 1,
+        "policy": "tolerant",
+    }
     assert snap["not_compared_by_reason"] == {"no-band": 1}
     items = {i["nodeid"]: i for i in snap["items"]}
-    assert items["test_s.py::test_exact"]["comparison"] == "exact" and items["test_s.py::test_exact"]["outcome"] == "passed"
+    assert (
+        items["test_s.py::test_exact"]["comparison"] == "exact"
+        and items["test_s.py::test_exact"]["outcome"] == "passed"
+    )
     assert items["test_s.py::test_other_class"] == {
-        "nodeid": "test_s.py::test_other_class", "snapshot": f"test_other_class[{klass}]", "comparison": "none",
-        "outcome": "failed", "reason": "no-band", "class": klass, "stored": "cpu-otherisa-mklother-t1"}
+        "nodeid": "test_s.py::test_other_class",
+        "snapshot": f"test_other_class[{klass}]",
+        "comparison": "none",
+        "outcome": "failed",
+        "reason": "no-band",
+        "class": klass,
+        "stored": "cpu-otherisa-mklother-t1",
+    }
     assert "Snapshots: 1 compared exactly, 0 within the noise band, 1 not compared." in (out / "report.md").read_text()
     props = {q.get("name"): q.get("value") for q in ET.parse(junit).getroot().find("testsuite").find("properties")}
-    assert (props["flannel_snapshots_compared_exactly"], props["flannel_snapshots_within_band"],
-            props["flannel_snapshots_not_compared"]) == ("1", "0", "1")
+    assert (
+        props["flannel_snapshots_compared_exactly"],
+        props["flannel_snapshots_within_band"],
+        props["flannel_snapshots_not_compared"],
+    ) == ("1", "0", "1")

@@ -59,8 +59,13 @@ def test_five_step_workflow(tiny_experiment, mode):
     first = run(p, mode, "--snapshot-update")
     first.assert_outcomes(passed=3)
     assert first.ret == 0
-    first.stdout.fnmatch_lines(["flannel snapshots: 0 compared exactly, 0 within the noise band, 2 not compared "
-                                "(2 written by --snapshot-update)", "*2 snapshots generated.*"])
+    first.stdout.fnmatch_lines(
+        [
+            "flannel snapshots: 0 compared exactly, 0 within the noise band, 2 not compared "
+            "(2 written by --snapshot-update)",
+            "*2 snapshots generated.*",
+        ]
+    )
     assert _names(snaps) == [f"test_pair[{K}].flannel", f"test_summary[{K}].flannel"]
     stored = (snaps / f"test_summary[{K}].flannel").read_text()
     assert Summary.from_text(stored).tree["config"]["lr"] == 0.001
@@ -69,8 +74,9 @@ def test_five_step_workflow(tiny_experiment, mode):
     second = run(p, mode)
     second.assert_outcomes(passed=3)
     assert second.ret == 0
-    second.stdout.fnmatch_lines(["flannel snapshots: 2 compared exactly, 0 within the noise band, 0 not compared",
-                                 "*2 snapshots passed.*"])
+    second.stdout.fnmatch_lines(
+        ["flannel snapshots: 2 compared exactly, 0 within the noise band, 0 not compared", "*2 snapshots passed.*"]
+    )
     assert "unused" not in second.stdout.str()
 
     # 3. a changed learning rate fails, naming the moved fields and the first divergent step
@@ -78,25 +84,29 @@ def test_five_step_workflow(tiny_experiment, mode):
     moved = run(p, mode)
     moved.assert_outcomes(passed=1, failed=2)
     assert moved.ret == 1
-    moved.stdout.fnmatch_lines([
-        f"E*AssertionError: flannel snapshot test_summary[[]{K}[]] moved: * of * compared values differ (tolerance: exact)",
-        f"E*snapshot file: __snapshots__/test_ci/test_summary[[]{K}[]].flannel",
-        "E*the trajectories part at step 1 (steps 0..0 agree; at step 1 stored *, obtained *)",
-        "E*which operation moved it: `flannel-repro oplog ARTIFACT --step 1 -o here.json` here and where*",
-        "E*environment: same as stored (torch *",
-        "E*field*stored*obtained*difference*allowed",
-        "E*config.lr*0.001*0.002*+0.001*exact",
-        "E*digest_chain*@1*@1*parts at step 1*exact",
-        "E*loss @ step 4 *rel*exact",
-        f"E*if the change is intended: pytest --snapshot-update, then review and commit __snapshots__/test_ci/test_summary[[]{K}[]].flannel",
-    ])
-    moved.stdout.fnmatch_lines([
-        f"E*AssertionError: flannel snapshot test_pair[[]{K}[]] moved: *",
-        "E*a: the trajectories part at step 1 *",
-        "E*b: the trajectories part at step 1 *",
-        "flannel snapshots: 2 compared exactly, 0 within the noise band, 0 not compared",  # compared, and failed
-        "*2 snapshots failed.*",
-    ])
+    moved.stdout.fnmatch_lines(
+        [
+            f"E*AssertionError: flannel snapshot test_summary[[]{K}[]] moved: * of * compared values differ (tolerance: exact)",
+            f"E*snapshot file: __snapshots__/test_ci/test_summary[[]{K}[]].flannel",
+            "E*the trajectories part at step 1 (steps 0..0 agree; at step 1 stored *, obtained *)",
+            "E*which operation moved it: `flannel-repro oplog ARTIFACT --step 1 -o here.json` here and where*",
+            "E*environment: same as stored (torch *",
+            "E*field*stored*obtained*difference*allowed",
+            "E*config.lr*0.001*0.002*+0.001*exact",
+            "E*digest_chain*@1*@1*parts at step 1*exact",
+            "E*loss @ step 4 *rel*exact",
+            f"E*if the change is intended: pytest --snapshot-update, then review and commit __snapshots__/test_ci/test_summary[[]{K}[]].flannel",
+        ]
+    )
+    moved.stdout.fnmatch_lines(
+        [
+            f"E*AssertionError: flannel snapshot test_pair[[]{K}[]] moved: *",
+            "E*a: the trajectories part at step 1 *",
+            "E*b: the trajectories part at step 1 *",
+            "flannel snapshots: 2 compared exactly, 0 within the noise band, 0 not compared",  # compared, and failed
+            "*2 snapshots failed.*",
+        ]
+    )
     assert "unused" not in moved.stdout.str()
     assert (snaps / f"test_summary[{K}].flannel").read_text() == stored  # a failure never rewrites
 
@@ -141,15 +151,26 @@ def test_snapshots_are_named_per_numerics_class_and_other_classes_are_left_alone
     first = run(p, mode, "--snapshot-update")
     first.assert_outcomes(passed=7)
     first.stdout.fnmatch_lines(["*3 snapshots generated.*"])
-    own = [f"test_per_device[cpu][{K}.1].flannel", f"test_per_device[cpu][{K}.final].flannel",
-           f"test_per_device[cpu][{K}].flannel"]
+    own = [
+        f"test_per_device[cpu][{K}.1].flannel",
+        f"test_per_device[cpu][{K}.final].flannel",
+        f"test_per_device[cpu][{K}].flannel",
+    ]
     assert _names(snaps) == own
-    assert Summary.from_text((snaps / f"test_per_device[cpu][{K}.1].flannel").read_text()).tree["config"]["model_seed"] == 43
+    assert (
+        Summary.from_text((snaps / f"test_per_device[cpu][{K}.1].flannel").read_text()).tree["config"]["model_seed"]
+        == 43
+    )
 
     # Snapshots committed from GPU machines, and one left behind by a removed test.
     text = (snaps / f"test_per_device[cpu][{K}].flannel").read_text()
-    foreign = ["test_per_device[cuda][cuda].flannel", "test_per_device[mps][mps].flannel", "test_x[cpu+cuda].flannel",
-               "test_per_device[cpu][cpu-otherisa-mklother-t9].flannel", f"test_x[{K}+cuda-gpu-sm90-det0].flannel"]
+    foreign = [
+        "test_per_device[cuda][cuda].flannel",
+        "test_per_device[mps][mps].flannel",
+        "test_x[cpu+cuda].flannel",
+        "test_per_device[cpu][cpu-otherisa-mklother-t9].flannel",
+        f"test_x[{K}+cuda-gpu-sm90-det0].flannel",
+    ]
     for name in foreign:
         (snaps / name).write_text(text.replace('"device_class": "cpu"', '"device_class": "cuda"'))
     (snaps / f"test_removed[{K}].flannel").write_text(text)
@@ -159,8 +180,12 @@ def test_snapshots_are_named_per_numerics_class_and_other_classes_are_left_alone
     check = run(p, mode, "--snapshot-details")
     check.assert_outcomes(passed=7)
     assert check.ret == 1
-    check.stdout.fnmatch_lines(["*3 snapshots passed. 1 snapshot unused.*",
-                                f"Unused test_removed[[]{K}[]] (__snapshots__/test_dev/test_removed[[]{K}[]].flannel)"])
+    check.stdout.fnmatch_lines(
+        [
+            "*3 snapshots passed. 1 snapshot unused.*",
+            f"Unused test_removed[[]{K}[]] (__snapshots__/test_dev/test_removed[[]{K}[]].flannel)",
+        ]
+    )
     assert "cuda" not in check.stdout.str().split("snapshot report summary")[1]
 
     cleanup = run(p, mode, "--snapshot-update")
@@ -202,16 +227,19 @@ def test_tolerance_edges_from_options_ini_and_marker(tiny_experiment):
 
     exact = run(p, "no-xdist")
     assert exact.ret == 1
-    exact.stdout.fnmatch_lines(["E*moved: 1 of * compared values differ (tolerance: exact)",
-                                "E*loss @ step 4 *exact"])
+    exact.stdout.fnmatch_lines(["E*moved: 1 of * compared values differ (tolerance: exact)", "E*loss @ step 4 *exact"])
     assert "the trajectories part" not in exact.stdout.str()  # the digests agree: only the stored float moved
 
     inside, outside = delta * 1.1, delta * 0.9
     assert run(p, "no-xdist", f"--flannel-atol={inside}").ret == 0
     out = run(p, "no-xdist", f"--flannel-atol={outside}")
     assert out.ret == 1
-    out.stdout.fnmatch_lines([f"E*moved: 1 of * (tolerance: rtol=0, atol={outside:g})",
-                              f"E*loss @ step 4 *-1.000e-03 (rel *) *{outside:.3g}"])
+    out.stdout.fnmatch_lines(
+        [
+            f"E*moved: 1 of * (tolerance: rtol=0, atol={outside:g})",
+            f"E*loss @ step 4 *-1.000e-03 (rel *) *{outside:.3g}",
+        ]
+    )
     assert run(p, "no-xdist", f"--flannel-rtol={inside / magnitude}").ret == 0
     assert run(p, "no-xdist", f"--flannel-rtol={outside / magnitude}").ret == 1
 
@@ -229,10 +257,12 @@ def test_tolerance_edges_from_options_ini_and_marker(tiny_experiment):
     # one assertion can loosen its own tolerance
     p.makeini("[pytest]\nflannel_config = flannel.toml\nflannel_progress = 0\n")
     for atol, ret in ((inside, 0), (outside, 1)):
-        p.makepyfile(test_tol=f"""
+        p.makepyfile(
+            test_tol=f"""
             def test_loss(trajectory, flannel_snapshot):
                 assert flannel_snapshot.with_tolerance(atol={atol}) == trajectory(42).summary()
-        """)
+        """
+        )
         assert run(p, "no-xdist").ret == ret
 
 
@@ -249,11 +279,14 @@ def test_tolerance_marker_keys_are_not_config_fields(tiny_experiment):
     run(tiny_experiment, "no-xdist").assert_outcomes(passed=1)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--flannel-rtol=-1"], "*--flannel-rtol (ini: flannel_rtol) accepts a finite number >= 0; got '-1'.*"),
-    (["--flannel-atol=abc"], "*--flannel-atol (ini: flannel_atol) accepts a finite number >= 0; got 'abc'.*"),
-    (["--flannel-atol=inf"], "*--flannel-atol (ini: flannel_atol) accepts a finite number >= 0; got 'inf'.*"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--flannel-rtol=-1"], "*--flannel-rtol (ini: flannel_rtol) accepts a finite number >= 0; got '-1'.*"),
+        (["--flannel-atol=abc"], "*--flannel-atol (ini: flannel_atol) accepts a finite number >= 0; got 'abc'.*"),
+        (["--flannel-atol=inf"], "*--flannel-atol (ini: flannel_atol) accepts a finite number >= 0; got 'inf'.*"),
+    ],
+)
 def test_tolerance_option_errors(tiny_experiment, args, message):
     tiny_experiment.makepyfile("def test_x():\n    pass\n")
     result = tiny_experiment.runpytest(*args)
@@ -271,7 +304,9 @@ def test_tolerance_marker_errors(tiny_experiment):
     """)
     result = tiny_experiment.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*test_x: @pytest.mark.flannel(rtol=...) must be a finite number >= 0 (got 'tight').*"])
+    result.stderr.fnmatch_lines(
+        ["*test_x: @pytest.mark.flannel(rtol=...) must be a finite number >= 0 (got 'tight').*"]
+    )
 
 
 def test_missing_snapshot_and_foreign_data(tiny_experiment):
@@ -284,12 +319,16 @@ def test_missing_snapshot_and_foreign_data(tiny_experiment):
     """)
     result = run(tiny_experiment, "no-xdist")
     result.assert_outcomes(failed=2)
-    result.stdout.fnmatch_lines([
-        f"E*AssertionError: no stored snapshot test_new[[]{K}[]] (__snapshots__/*/test_new[[]{K}[]].flannel): "
-        "nothing was compared. Write it with pytest test_missing_snapshot_and_foreign_data.py::test_new "
-        "--snapshot-update, then review and commit it",
-    ])
-    result.stdout.fnmatch_lines(["E*TypeError: flannel_snapshot compares run summaries: expected a Summary *, got dict."])
+    result.stdout.fnmatch_lines(
+        [
+            f"E*AssertionError: no stored snapshot test_new[[]{K}[]] (__snapshots__/*/test_new[[]{K}[]].flannel): "
+            "nothing was compared. Write it with pytest test_missing_snapshot_and_foreign_data.py::test_new "
+            "--snapshot-update, then review and commit it",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        ["E*TypeError: flannel_snapshot compares run summaries: expected a Summary *, got dict."]
+    )
 
 
 def test_corrupt_snapshot_is_reported_and_can_be_rewritten(tiny_experiment):
@@ -300,8 +339,12 @@ def test_corrupt_snapshot_is_reported_and_can_be_rewritten(tiny_experiment):
     path.write_text("<<<<<<< HEAD\n")
     broken = run(p, "no-xdist")
     assert broken.ret == 1
-    broken.stdout.fnmatch_lines([f"E*flannel snapshot test_loss[[]{K}[]]: the stored snapshot cannot be read: *",
-                                 "E*to rewrite it from this run: pytest --snapshot-update"])
+    broken.stdout.fnmatch_lines(
+        [
+            f"E*flannel snapshot test_loss[[]{K}[]]: the stored snapshot cannot be read: *",
+            "E*to rewrite it from this run: pytest --snapshot-update",
+        ]
+    )
     assert run(p, "no-xdist", "--snapshot-update").ret == 0
     assert json.loads(path.read_text())["kind"] == "run"
 

@@ -16,7 +16,9 @@ def test_loss(trajectory, flannel_snapshot):
 
 
 def _project(pytester: pytest.Pytester, lr: str) -> None:
-    pytester.makefile(".toml", flannel=f"""
+    pytester.makefile(
+        ".toml",
+        flannel=f"""
 dataset = "tiny"
 vocab_size = 512
 steps = 3
@@ -27,7 +29,8 @@ lr = {lr}
 [experiment]
 n_runs = 1
 base_train_seed = 42
-""")
+""",
+    )
     # no flannel_threads here: the default must be the same with and without xdist
     pytester.makeini("[pytest]\nflannel_config = flannel.toml\nflannel_progress = 0\n")
 

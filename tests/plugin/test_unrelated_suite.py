@@ -58,8 +58,9 @@ def _ids(result: pytest.RunResult) -> list[str]:
 def test_unrelated_suite_is_collected_and_run_identically(pytester: pytest.Pytester, monkeypatch, mode):
     for key in ("CUBLAS_WORKSPACE_CONFIG", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("EXPECTED_ENV", json.dumps({"CUBLAS_WORKSPACE_CONFIG": None, "ONEDNN_MAX_CPU_ISA": None,
-                                                   "MKL_CBWR": None}))
+    monkeypatch.setenv(
+        "EXPECTED_ENV", json.dumps({"CUBLAS_WORKSPACE_CONFIG": None, "ONEDNN_MAX_CPU_ISA": None, "MKL_CBWR": None})
+    )
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_theirs=TESTS)
     without = pytester.runpytest_subprocess("-p", "no:flannel_repro", "--collect-only", "-q")

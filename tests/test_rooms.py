@@ -17,8 +17,24 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flannel_repro"
-ROOMS = {"version": 0, "errors": 0, "devices": 0, "bits": 0, "safeio": 0, "config": 0, "data": 1, "storage": 2, "analysis": 3, "training": 4,
-         "runs": 5, "report": 6, "plugin": 7, "cli": 8, "__main__": 8, "__init__": 8}
+ROOMS = {
+    "version": 0,
+    "errors": 0,
+    "devices": 0,
+    "bits": 0,
+    "safeio": 0,
+    "config": 0,
+    "data": 1,
+    "storage": 2,
+    "analysis": 3,
+    "training": 4,
+    "runs": 5,
+    "report": 6,
+    "plugin": 7,
+    "cli": 8,
+    "__main__": 8,
+    "__init__": 8,
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -67,8 +83,7 @@ GRAPH = {m: sorted({target for target, _ in _imports(p) if target != m}) for m, 
 
 
 def test_imports_point_down_the_rooms():
-    upward = [f"{m} -> {t}" for m, targets in GRAPH.items() for t in targets
-              if t in MODULES and _room(t) > _room(m)]
+    upward = [f"{m} -> {t}" for m, targets in GRAPH.items() for t in targets if t in MODULES and _room(t) > _room(m)]
     assert upward == []
 
 
@@ -81,7 +96,7 @@ def test_no_import_circle():
         path.append(m)
         for t in GRAPH.get(m, []):
             if state.get(t) == 1:
-                return path[path.index(t):] + [t]
+                return path[path.index(t) :] + [t]
             if t not in state:
                 cycle = visit(t)
                 if cycle:
@@ -97,11 +112,19 @@ def test_no_import_circle():
 
 
 def test_nothing_imports_the_plugin_and_no_private_names_cross_modules():
-    into_plugin = [f"{m} -> {t}" for m, targets in GRAPH.items() for t in targets
-                   if t.startswith("flannel_repro.plugin") and not m.startswith("flannel_repro.plugin")]
+    into_plugin = [
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        for t in targets
+        if t.startswith("flannel_repro.plugin") and not m.startswith("flannel_repro.plugin")
+    ]
     assert into_plugin == []
-    private = [f"{m}: {name} from {t}" for m, p in MODULES.items() for t, name in _imports(p)
-               if name is not None and name.startswith("_") and name != "__version__" and t != m]
+    private = [
+        f"{m}: {name} from {t}"
+        for m, p in MODULES.items()
+        for t, name in _imports(p)
+        if name is not None and name.startswith("_") and name != "__version__" and t != m
+    ]
     assert private == []
 
 

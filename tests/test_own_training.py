@@ -23,7 +23,7 @@ class Boom(Exception):
 
 
 @register_engine("test-stateless", steps=4, params={"lr": 0.1})
-def stateless_engine(run):  # noqa: ANN001, ANN201 -- an engine that hands over no state (cannot checkpoint)
+def stateless_engine(run):
     torch.manual_seed(run.model_seed)
     w = torch.nn.Parameter(torch.randn(3, 2))
     opt = torch.optim.SGD([w], lr=run.params["lr"])
@@ -47,9 +47,16 @@ def loop(path, *, steps=12, seed=0, data_seed=0, fail_at=None, checkpoint_every=
     x, y = torch.randn(64, 6, generator=data).to(dtype), torch.randint(0, 3, (64,), generator=data)
     order = torch.Generator().manual_seed(data_seed)  # a stateful data generator, handed to the checkpoint
     cfg = EngineRunConfig(engine="custom", steps=steps, model_seed=seed, data_seed=data_seed, dtype=str(dtype)[6:])
-    with TrajectoryRecorder(path, {"w0": model[0].weight, "b3": model[3].bias}, steps=steps, config=cfg,
-                            optimizer=opt, batch_size=16, checkpoint_every=checkpoint_every,
-                            state={"model": model, "optimizer": opt, "scheduler": sched, "order": order}) as rec:
+    with TrajectoryRecorder(
+        path,
+        {"w0": model[0].weight, "b3": model[3].bias},
+        steps=steps,
+        config=cfg,
+        optimizer=opt,
+        batch_size=16,
+        checkpoint_every=checkpoint_every,
+        state={"model": model, "optimizer": opt, "scheduler": sched, "order": order},
+    ) as rec:
         for step in range(rec.start + 1, steps + 1):
             idx = torch.randperm(64, generator=order)[:16]
             loss = torch.nn.functional.cross_entropy(model(x[idx]).float(), y[idx])
@@ -155,7 +162,7 @@ def test_register_engine_errors():
 
     def make():
         @register_engine("local-engine", steps=3)
-        def train(run):  # noqa: ANN001, ANN202
+        def train(run):
             pass
 
     with pytest.raises(ConfigError, match="must be defined at a module's top level"):
@@ -172,8 +179,15 @@ def test_trainer_callback_errors(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8))
     ids = torch.randint(0, 50, (16, 8))
     data = [{"input_ids": r, "labels": r} for r in ids]
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
-                             use_cpu=True, save_strategy="no", report_to="none", disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
     cb = FlannelCallback(tmp_path / "t.safetensors", ["transformer.no_such.weight"])
     with pytest.raises(ConfigError, match=r"no parameter \['transformer.no_such.weight'\] in the model"):
         Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
@@ -219,8 +233,11 @@ def test_a_damaged_checkpoint_of_your_own_loop_is_discarded_and_it_starts_at_ste
     path = tmp_path / "run.safetensors"
     with pytest.raises(Boom):
         loop(path, fail_at=6, checkpoint_every=3)
-    target, name = (checkpoint_path(path), "objects.optimizer.state.0.exp_avg") if damage == "checkpoint tensor" else (
-        resumable_path(path), "W")
+    target, name = (
+        (checkpoint_path(path), "objects.optimizer.state.0.exp_avg")
+        if damage == "checkpoint tensor"
+        else (resumable_path(path), "W")
+    )
     begin, end = tensor_span(target, name)
     flip_byte(target, begin + (end - begin) // 3)
     with pytest.warns(ArtifactWarning, match="not resumed, trained from the start"):
