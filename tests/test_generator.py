@@ -7,10 +7,8 @@ files here (tests/test_embedded.py regenerates it once, in the cache fall-back t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -24,26 +22,8 @@ from flannel_repro.data import files as data
 from flannel_repro.data.vocabulary import vocabulary
 from flannel_repro.errors import DataError
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO / "fixtures"
-
-
-def _sha(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets an empty cache, so nothing leaks into ~/.cache or between tests."""
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("FLANNEL_REPRO_CACHE", str(cache))
-    return cache
-
-
-def _copy_fixtures(variant: str, root: Path) -> Path:
-    dst = root / variant
-    shutil.copytree(FIXTURES / variant, dst)
-    return dst
+# the fixture folder, digests, the per-test cache and the fixture copy: one definition, in test_embedded
+from tests.test_embedded import FIXTURES, REPO, _copy_fixtures, _private_cache, _sha  # noqa: F401 (an autouse fixture)
 
 
 # --- tiny variant ----------------------------------------------------------------------------------

@@ -149,26 +149,21 @@ for _name, _damage in _DAMAGE.items():
     probe("checkpoint", _name)(checkpoint_fault(_damage))
 
 
-@probe("checkpoint", "the checkpoint path is a directory")
-def _ckpt_dir(workdir: Path) -> Outcome:
-    root = workdir / "artifacts"
-    artifact = _interrupted(root)
-    checkpoint_path(artifact).unlink()
-    checkpoint_path(artifact).mkdir()
-    return expect_error(
-        lambda: RunStore(root, checkpoint_every=EVERY).obtain(CFG), str(checkpoint_path(artifact)), "got a directory"
-    )
+def directory_at(where: Callable[[Path], Path]) -> Callable[[Path], Outcome]:
+    """A probe: a directory in place of the interrupted run's checkpoint or partial file (`where(artifact)`)."""
+
+    def run(workdir: Path) -> Outcome:
+        root = workdir / "artifacts"
+        path = where(_interrupted(root))
+        path.unlink()
+        path.mkdir()
+        return expect_error(lambda: RunStore(root, checkpoint_every=EVERY).obtain(CFG), str(path), "got a directory")
+
+    return run
 
 
-@probe("checkpoint", "the resumable partial path is a directory")
-def _partial_dir(workdir: Path) -> Outcome:
-    root = workdir / "artifacts"
-    artifact = _interrupted(root)
-    resumable_path(artifact).unlink()
-    resumable_path(artifact).mkdir()
-    return expect_error(
-        lambda: RunStore(root, checkpoint_every=EVERY).obtain(CFG), str(resumable_path(artifact)), "got a directory"
-    )
+probe("checkpoint", "the checkpoint path is a directory")(directory_at(checkpoint_path))
+probe("checkpoint", "the resumable partial path is a directory")(directory_at(resumable_path))
 
 
 @probe("checkpoint", "the checkpoint path is a symbolic link to a file outside the folder")
