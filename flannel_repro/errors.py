@@ -36,6 +36,10 @@ class ResumeError(ArtifactError):
     """A checkpoint, or the partial artifact it continues, failed verification: the run is not resumed from it."""
 
 
+class RunMissing(ArtifactError):
+    """A run a claim needs is not in the store, and this session may not train it (`--flannel-no-train`)."""
+
+
 class DeterminismError(FlannelError):
     """A run did not behave as the determinism settings promise (e.g. the data order drifted)."""
 

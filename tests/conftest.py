@@ -45,3 +45,7 @@ def all_cpus():
         pass
     yield
     os.sched_setaffinity(0, before)
+
+
+# A real S3 server (moto's server mode) for the URL-store tests: started only by the tests that ask for it.
+from tests.s3server import s3, s3_server  # noqa: E402, F401

@@ -245,8 +245,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     """Delete (or, with --dry-run, list) what no run of this installation can reuse, with sizes. Files the
     store did not write are listed as kept, never deleted."""
-    from flannel_repro.runs.prune import prune, scan_artifacts
+    from flannel_repro.runs.prune import prune, prune_store, scan_artifacts, scan_store
+    from flannel_repro.runs.remote import RemoteStore, is_url
+    from flannel_repro.runs.store import default_cache_dir
 
+    if is_url(args.artifacts):  # the store, then this machine's cache of it
+        remote = RemoteStore(args.artifacts)
+        remote.check()
+        store_found = scan_store(remote)
+        store_orphans = prune_store(remote, dry_run=args.dry_run, found=store_found)
+        if not args.json:
+            verb = "would delete" if args.dry_run else "deleted"
+            for o in store_orphans:
+                print(f"{o.size / 1e6:>10.1f} MB  {o.path}: {o.reason}")
+            total = sum(o.size for o in store_orphans)
+            print(f"{verb} {len(store_orphans)} object(s), {total / 1e6:.1f} MB, in {remote.url}")
+        cache = args.cache or default_cache_dir(args.artifacts, ".")
+        if not Path(cache).is_dir():
+            if args.json:
+                print_json({"store": remote.url, "dry_run": args.dry_run, "files": _rows(store_orphans, remote.url)})
+            return EXIT_OK
+        args.artifacts = str(cache)
+    else:
+        store_orphans = None
     found = scan_artifacts(args.artifacts)
     orphans = prune(args.artifacts, dry_run=args.dry_run, found=found)
     kept = [o for o in found if not o.owned]
@@ -258,6 +279,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 "files": [{"path": str(o.path), "bytes": o.size, "reason": o.reason} for o in orphans],
                 "total_bytes": sum(o.size for o in orphans),
                 "kept": [{"path": str(o.path), "bytes": o.size, "reason": o.reason} for o in kept],
+                **({"store": _rows(store_orphans, remote.url)} if store_orphans is not None else {}),
             }
         )
         return EXIT_OK
@@ -271,3 +293,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if kept:
         print(f"kept {len(kept)} file(s) the run store did not write, {sum(o.size for o in kept) / 1e6:.1f} MB")
     return 0
+
+
+def _rows(orphans: list, url: str) -> list[dict[str, object]]:
+    return [{"path": f"{url.rstrip('/')}/{o.path}", "bytes": o.size, "reason": o.reason} for o in orphans]

@@ -11,11 +11,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from flannel_repro.storage.partials import stale_partials
 from flannel_repro.errors import ArtifactError, ConfigError
 from flannel_repro.runs.store import KEY_FORMAT, key_of, run_lock, run_name
+
+if TYPE_CHECKING:
+    from flannel_repro.runs.remote import RemoteStore
 
 
 @dataclass(frozen=True)
@@ -217,4 +220,59 @@ def prune(root: str | Path, *, dry_run: bool = False, found: list[Orphan] | None
                 orphan.path.unlink()
             except FileNotFoundError:
                 pass
+    return orphans
+
+
+# --- a store behind a URL (runs.remote) -------------------------------------------------------------------------
+
+UNPUBLISHED_GRACE_S = 3600.0  # an object no manifest names is an upload in flight until it is this old
+
+
+def scan_store(remote: "RemoteStore", *, now: float | None = None) -> list[Orphan]:
+    """What prune finds in a URL store, as paths relative to its prefix: runs published by other code or
+    package versions (manifest and object), damaged manifests, objects no manifest names (older than
+    UNPUBLISHED_GRACE_S: a publish that died between upload and manifest), and expired claims. Anything
+    outside the store's layout (runs/, objects/, claims/) is never looked at, so never deleted."""
+    import time
+
+    from flannel_repro.training.determinism import code_version, package_versions
+
+    now = time.time() if now is None else now
+    code, packages = code_version(), package_versions()
+    found: list[Orphan] = []
+    named: set[str] = set()
+    sizes = {rel: (size, mtime) for rel, size, mtime in remote.objects()}
+    for run, manifest in remote.manifests():
+        where = Path("runs") / f"{run}.json"
+        if isinstance(manifest, str):
+            found.append(Orphan(where, 0, f"damaged manifest ({manifest[-120:]}); retrained when needed"))
+            continue
+        named.add(manifest.object)
+        material = manifest.run_key_material
+        reasons = []
+        if material.get("code") not in (None, code):
+            reasons.append(f"flannel-repro code {material.get('code')} (now {code})")
+        for name, version in sorted((material.get("packages") or {}).items()):
+            if packages.get(name) != version:
+                reasons.append(f"{name} {version} (now {packages.get(name, 'absent')})")
+        if reasons:
+            found.append(Orphan(where, 0, "; ".join(reasons)))
+            size = sizes.get(manifest.object, (0, 0.0))[0]
+            found.append(Orphan(Path(manifest.object), size, f"the object of {run}: " + "; ".join(reasons)))
+    for rel, (size, mtime) in sizes.items():
+        if rel not in named and mtime and now - mtime > UNPUBLISHED_GRACE_S:
+            found.append(Orphan(Path(rel), size, "an object no manifest names (a publish that did not finish)"))
+    for claim in remote.claims():
+        if claim.expired(now):
+            found.append(Orphan(Path(remote.claim_relpath(claim)), 0, f"expired claim of {claim.owner}"))
+    return found
+
+
+def prune_store(remote: "RemoteStore", *, dry_run: bool = False, found: list[Orphan] | None = None) -> list[Orphan]:
+    """Delete what `scan_store` found (nothing with `dry_run`): each manifest before its object, so a run
+    is never published without its bytes. Returns what was (or would be) deleted."""
+    orphans = scan_store(remote) if found is None else found
+    if not dry_run:
+        for orphan in sorted(orphans, key=lambda o: not str(o.path).startswith("runs/")):
+            remote.remove(str(orphan.path))
     return orphans

@@ -22,14 +22,16 @@ from typing import TYPE_CHECKING, Callable
 
 from flannel_repro import safeio
 from flannel_repro.storage.partials import cleanup_partials
-from flannel_repro.errors import ArtifactError, ArtifactWarning, ConfigError
+from flannel_repro.errors import ArtifactError, ArtifactWarning, ConfigError, DeterminismWarning, RunMissing
 from flannel_repro.config import EngineRunConfig
 
 if TYPE_CHECKING:
     from filelock import FileLock
+    from flannel_repro.runs.remote import RemoteStore
     from flannel_repro.storage.run import RunFile
     from flannel_repro.config import RunConfig
     from flannel_repro.analysis.trajectory import Trajectory
+    from flannel_repro.data.corpus import CorpusData
 
 KEY_FORMAT = "flannel-repro/run-key/1"
 
@@ -125,6 +127,7 @@ class Obtained:
     trajectory: "Trajectory"
     trained: bool  # True if this process trained it; False if it was read from the store
     replaced: str = ""  # why the artifact found under its key was set aside and trained again ("" if none was)
+    fetched: bool = False  # downloaded from a URL store into the local cache by this process
 
 
 class RunStore:
@@ -142,8 +145,14 @@ class RunStore:
         reuse_earlier: bool = True,
         lock_timeout_s: float = 6 * 3600,
         checkpoint_every: int = 0,
+        remote: "RemoteStore | None" = None,
+        train: bool = True,
     ) -> None:
         self.root = Path(root)
+        # a store behind a URL (runs.remote): `root` is then this machine's read-through cache of it
+        self.remote = remote
+        # False: a run that is neither in the cache nor in the store is RunMissing, never trained here
+        self.train = train
         # torch-engine and registered-engine runs checkpoint every N steps; a killed run then resumes
         self.checkpoint_every = checkpoint_every
         self.session = session
@@ -206,7 +215,6 @@ class RunStore:
         `resume_at` = k: a separate run, stopped after step k in a fresh process and resumed in another
         (training.resume); equal to the uninterrupted run bitwise when resuming changes nothing."""
         from flannel_repro.data.corpus import load_data
-        from flannel_repro.analysis.trajectory import Trajectory
 
         if repeat < 0:
             raise ValueError(f"'repeat' must be >= 0 (got {repeat}).")
@@ -244,56 +252,215 @@ class RunStore:
             hit = self._usable(path, key, material)  # another worker may have finished it while we waited
             if hit is not None:
                 return Obtained(hit, trained=False)
-            safeio.own_file(path, "a run artifact")
-            if os.path.islink(self.root / "training.log"):  # refused before training; other faults of the log only warn
-                safeio.own_file(self.root / "training.log", "the training log")
-            if on_train_start is not None:
-                on_train_start(path)
-            from flannel_repro.training.harness import train  # transformers is imported only when something trains
+            if self.remote is None:
+                return self._train(config, path, key, material, data, repeat, resume_at, progress, on_train_start)
+            return self._through_remote(
+                self.remote, config, path, key, material, data, repeat, resume_at, progress, on_train_start
+            )
 
-            metadata = {
+    def obtain_if_free(
+        self,
+        config: "RunConfig | EngineRunConfig",
+        *,
+        repeat: int = 0,
+        resume_at: int | None = None,
+        progress: Callable[[int, int, float], None] | None = None,
+        on_train_start: Callable[[Path], None] | None = None,
+    ) -> Obtained | None:
+        """`obtain`, except that it never waits for the run's lock: None when another process holds it (is
+        training the run). The local scheduler (plugin.schedule) trains what no one else is training with it."""
+        from filelock import Timeout
+
+        waited, self.lock_timeout_s = self.lock_timeout_s, 0  # run_lock(..., timeout=0): one try
+        try:
+            return self.obtain(
+                config, repeat=repeat, resume_at=resume_at, progress=progress, on_train_start=on_train_start
+            )
+        except Timeout:
+            return None
+        finally:
+            self.lock_timeout_s = waited
+
+    def _through_remote(
+        self,
+        remote: "RemoteStore",
+        config: "RunConfig | EngineRunConfig",
+        path: Path,
+        key: str,
+        material: dict[str, object],
+        data: "CorpusData | None",
+        repeat: int,
+        resume_at: int | None,
+        progress: Callable[[int, int, float], None] | None,
+        on_train_start: Callable[[Path], None] | None,
+    ) -> Obtained:
+        """With this process holding the run's local lock: download the run from the URL store, or train it
+        under the store's claim and publish it. A bad object is trained again and replaced."""
+        from contextlib import nullcontext
+
+        from flannel_repro.runs.remote import owner_id
+
+        if not remote.checked:
+            remote.check()  # measures whether claims can be exclusive here; errors name the store
+        got, bad = self._download(remote, path, key, material)
+        if got is not None:
+            return got
+        claim = None
+        if remote.exclusive and self.train and not bad:
+            manifest, claim = remote.wait_for(path.stem, owner_id(self.session))
+            if manifest is not None:  # another machine published it while we waited
+                got, bad = self._download(remote, path, key, material)
+                if got is not None:
+                    return got
+        with remote.holding(claim) if claim is not None else nullcontext():
+            obtained = self._train(config, path, key, material, data, repeat, resume_at, progress, on_train_start)
+            obtained = self._publish(remote, obtained, key, material, bad)
+        if bad:
+            why = f"the store's object failed verification ({bad})"
+            obtained = Obtained(
+                obtained.trajectory, True, "; ".join(filter(None, [why, obtained.replaced])), obtained.fetched
+            )
+        return obtained
+
+    def _download(
+        self, remote: "RemoteStore", path: Path, key: str, material: dict[str, object]
+    ) -> "tuple[Obtained | None, str]":
+        """(the run downloaded into the cache and verified, or None; why the store's object is bad, or "")."""
+        try:
+            manifest = remote.lookup(path.stem)
+        except ArtifactError as exc:
+            return None, str(exc)
+        if manifest is None:
+            return None, ""
+        if manifest.key != key:
+            return None, f"{remote.show(remote.manifest_path(path.stem))}: expected run key {key}, got {manifest.key}"
+        try:
+            remote.fetch(manifest, path)
+        except ArtifactError as exc:
+            return None, str(exc)
+        traj = self._usable(path, key, material)
+        if traj is None:
+            why = self._rejected.pop(path, "") or "unreadable or incomplete"
+            path.unlink(missing_ok=True)
+            return None, f"{remote.show(remote._path(manifest.object))}: {why}"
+        return Obtained(traj, trained=False, fetched=True), ""
+
+    def _publish(
+        self, remote: "RemoteStore", obtained: Obtained, key: str, material: dict[str, object], bad: str
+    ) -> Obtained:
+        """Publish a run trained here. When another machine published the key first, its run wins: it
+        replaces this one in the cache, and a difference in the weights is a DeterminismWarning."""
+        traj = obtained.trajectory
+        path = traj.path
+        numerics = str((traj.env.get("numerics") or {}).get("class", ""))
+        try:
+            won, manifest = remote.publish(
+                path.stem,
+                key,
+                path,
+                session=self.session,
+                material=json.loads(json.dumps(material)),
+                numerics_class=numerics,
+                replace=bool(bad),
+            )
+        except OSError as exc:
+            warnings.warn(
+                f"{path.name}: trained here, but publishing it to {remote.url} failed ({exc}); it is used from "
+                "this machine's cache, and another machine will train it again",
+                ArtifactWarning,
+                stacklevel=4,
+            )
+            return obtained
+        if won:
+            return obtained
+        from flannel_repro.analysis.trajectory import Trajectory
+
+        ours = [traj.digest_hex(s) for s in range(traj.steps + 1)]
+        traj.close()
+        remote.fetch(manifest, path)
+        theirs = Trajectory(path)
+        published = [theirs.digest_hex(s) for s in range(theirs.steps + 1)]
+        differs = next((s for s, (a, b) in enumerate(zip(ours, published)) if a != b), None)
+        if differs is not None:
+            warnings.warn(
+                f"{path.name}: {manifest.published_by.get('owner', 'another machine')} published this run first, and "
+                f"its W differs from the one trained here from step {differs}: the same run key trained twice "
+                "gave different bits. The published run is used.",
+                DeterminismWarning,
+                stacklevel=4,
+            )
+        return Obtained(theirs, trained=True, replaced=obtained.replaced, fetched=False)
+
+    def _train(
+        self,
+        config: "RunConfig | EngineRunConfig",
+        path: Path,
+        key: str,
+        material: dict[str, object],
+        data: "CorpusData | None",
+        repeat: int,
+        resume_at: int | None,
+        progress: Callable[[int, int, float], None] | None,
+        on_train_start: Callable[[Path], None] | None,
+    ) -> Obtained:
+        """Train the run into `path`, with this process holding its lock."""
+        from flannel_repro.analysis.trajectory import Trajectory
+
+        if not self.train:
+            where = self.remote.url if self.remote is not None else str(self.root)
+            raise RunMissing(
+                f"{path.stem}: expected this run in the store {where}, got none (run key {key}); this session "
+                "trains nothing (--flannel-no-train): train it first (the shard jobs, --flannel-shard=K/N, or "
+                "flannel-repro train), or drop --flannel-no-train."
+            )
+        safeio.own_file(path, "a run artifact")
+        if os.path.islink(self.root / "training.log"):  # refused before training; other faults of the log only warn
+            safeio.own_file(self.root / "training.log", "the training log")
+        if on_train_start is not None:
+            on_train_start(path)
+        from flannel_repro.training.harness import train  # transformers is imported only when something trains
+
+        metadata = {
+            "run_key": key,
+            "run_key_material": material,
+            "repeat": str(repeat),
+            "session": self.session,
+            "pid": str(os.getpid()),
+        }
+        if resume_at is not None:
+            from flannel_repro.training.resume import train_in_two_processes
+
+            args: dict[str, object] = {
+                "kind": "flannel6",
+                "config": config.to_dict(),
+                "path": str(path),
+                "metadata": metadata,
                 "run_key": key,
-                "run_key_material": material,
-                "repeat": str(repeat),
-                "session": self.session,
-                "pid": str(os.getpid()),
+                "threads": resolved_threads(config),
             }
-            if resume_at is not None:
-                from flannel_repro.training.resume import train_in_two_processes
+            if isinstance(config, EngineRunConfig):  # engine_run
+                from flannel_repro.training.engines import import_paths
 
-                args: dict[str, object] = {
-                    "kind": "flannel6",
-                    "config": config.to_dict(),
-                    "path": str(path),
-                    "metadata": metadata,
-                    "run_key": key,
-                    "threads": resolved_threads(config),
-                }
-                if isinstance(config, EngineRunConfig):  # engine_run
-                    from flannel_repro.training.engines import import_paths
+                args.update(kind="engine", imports=import_paths(config))
+            start = time.perf_counter()
+            train_in_two_processes(args, resume_at)
+            self._log_training(path, key, time.perf_counter() - start)
+        elif isinstance(config, EngineRunConfig):  # engine_run
+            from flannel_repro.training.engines import train_engine
 
-                    args.update(kind="engine", imports=import_paths(config))
-                start = time.perf_counter()
-                train_in_two_processes(args, resume_at)
-                self._log_training(path, key, time.perf_counter() - start)
-            elif isinstance(config, EngineRunConfig):  # engine_run
-                from flannel_repro.training.engines import train_engine
-
-                wall = train_engine(
-                    config, path, metadata=metadata, run_key=key, checkpoint_every=self.checkpoint_every
-                )
-                self._log_training(path, key, wall)
-            else:
-                result = train(
-                    config,
-                    path,
-                    data=data,
-                    progress=progress,
-                    metadata=metadata,
-                    run_key=key,
-                    checkpoint_every=self.checkpoint_every if config.engine == "torch" else 0,
-                )
-                self._log_training(path, key, result.wall_time_s)
+            wall = train_engine(config, path, metadata=metadata, run_key=key, checkpoint_every=self.checkpoint_every)
+            self._log_training(path, key, wall)
+        else:
+            result = train(
+                config,
+                path,
+                data=data,
+                progress=progress,
+                metadata=metadata,
+                run_key=key,
+                checkpoint_every=self.checkpoint_every if config.engine == "torch" else 0,
+            )
+            self._log_training(path, key, result.wall_time_s)
         traj = Trajectory(path)
         replaced = self._rejected.pop(path, "")
         discarded = traj.metadata.get("resume_discarded", "")
@@ -328,6 +495,46 @@ class RunStore:
                 ArtifactWarning,
                 stacklevel=3,
             )
+
+
+def default_cache_dir(url: str, base: str | Path) -> Path:
+    """Where a URL store's runs are cached on this machine by default: one folder per store under `base`."""
+    from flannel_repro.runs.remote import redact
+
+    return Path(base) / ".flannel" / "cache" / hashlib.sha256(redact(url).encode()).hexdigest()[:12]
+
+
+def open_store(
+    location: str | Path,
+    *,
+    cache: str | Path | None = None,
+    session: str = "",
+    reuse_earlier: bool = True,
+    checkpoint_every: int = 0,
+    train: bool = True,
+    check: bool = False,
+) -> RunStore:
+    """The run store at `location`: a local folder, or a URL of any fsspec file system (`s3://bucket/runs`,
+    `gs://...`, `file:///shared/runs`) cached in `cache` (default: `.flannel/cache/<store>` in the working
+    directory). `check`: reach the store now, so a store that cannot be reached, or refuses these
+    credentials, is a ConfigError here and not in the middle of a run."""
+    from flannel_repro.runs.remote import RemoteStore, is_url
+
+    remote = None
+    root = Path(location)
+    if is_url(str(location)):
+        remote = RemoteStore(str(location))
+        if check:
+            remote.check()
+        root = Path(cache) if cache is not None else default_cache_dir(str(location), Path.cwd())
+    return RunStore(
+        root,
+        session=session,
+        reuse_earlier=reuse_earlier,
+        checkpoint_every=checkpoint_every,
+        remote=remote,
+        train=train,
+    )
 
 
 # --- session start: fail early, clean what killed processes left -------------------------------------
