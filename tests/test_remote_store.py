@@ -128,8 +128,16 @@ def test_first_publish_wins_and_the_loser_uses_it(store_url, tmp_path):
     store_b.remote.checked = True
     store_b.remote.lookup = lambda run: None  # it did not see the publication before training
     b = store_b._through_remote(  # the path a run takes under its local lock
-        store_b.remote, CFG, store_b.root / a.trajectory.path.name, a.trajectory.run_key,
-        a.trajectory.key_material, None, 0, None, None, None,
+        store_b.remote,
+        CFG,
+        store_b.root / a.trajectory.path.name,
+        a.trajectory.run_key,
+        a.trajectory.key_material,
+        None,
+        0,
+        None,
+        None,
+        None,
     )
     assert b.trained
     del store_b.remote.lookup
@@ -193,3 +201,23 @@ def test_prune_on_the_store_and_its_cache(store_url, tmp_path, monkeypatch, caps
     assert not got.trajectory.path.exists()
     assert remote.lookup(got.trajectory.path.stem) is None and remote.objects() == [] and remote.claims() == []
     assert remote.fs.cat_file(remote._path("notes.txt")) == b"a user's file beside the store"  # not ours: kept
+
+
+def test_obtain_if_free_leaves_a_run_another_machine_claimed(store_url, tmp_path):
+    """The local scheduler never waits: a run whose claim another machine holds is left to it."""
+    from flannel_repro.runs.store import RunStore, key_of, run_key_material, run_name
+    from flannel_repro.data.corpus import load_data
+
+    store = open_store(store_url, cache=tmp_path / "a")
+    material = run_key_material(CFG, load_data(CFG).hashes, 0)
+    name = run_name(CFG, 0, key_of(material))
+    other = RemoteStore(store_url)
+    other.check()
+    claim, _ = other.try_claim(name, "another-machine")
+    assert claim is not None
+    assert store.obtain_if_free(CFG) is None
+    assert _log_lines(tmp_path / "a") == []
+    other.release(claim)
+    got = store.obtain_if_free(CFG)
+    assert got is not None and got.trained
+    assert isinstance(store, RunStore)

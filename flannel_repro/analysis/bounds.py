@@ -381,6 +381,22 @@ def seed_list(seeds: Sequence[int]) -> str:
     return ",".join(str(s) for s in seeds)
 
 
+def bound_configs(
+    run: RunConfig, base: int, others: Sequence[int]
+) -> tuple[RunConfig, list[tuple[int, RunConfig, RunConfig]]]:
+    """The runs `measure_bound` compares, in the order it obtains them: seed `base`'s run, and for each held-out
+    seed s (other than `base`), (s, the run of seed s, the run with base's model seed and s's data order).
+    A plan (runs.plan) asks for the same runs before they are measured. ConfigError for too few seeds."""
+    kept = [s for s in others if s != base]
+    if len(kept) < MIN_PAIRS:
+        raise ConfigError(
+            f"bounds need at least {MIN_PAIRS} held-out seeds other than the base seed {base}, got "
+            f"{kept}; {HELD_OUT} (the default) give useful limits."
+        )
+    pairs = [(s, run.replace(model_seed=s, data_seed=s), run.replace(model_seed=base, data_seed=s)) for s in kept]
+    return run.replace(model_seed=base, data_seed=base), pairs
+
+
 def measure_bound(
     run: RunConfig,
     base: int,
@@ -400,19 +416,15 @@ def measure_bound(
     three runs, not of 2 x len(others) + 1 (1.3 GB each at the notebook's scale)."""
     from flannel_repro.analysis.assertions import measure_divergence, relative_divergence
 
-    others = [s for s in others if s != base]
-    if len(others) < MIN_PAIRS:
-        raise ConfigError(
-            f"bounds need at least {MIN_PAIRS} held-out seeds other than the base seed {base}, got "
-            f"{others}; {HELD_OUT} (the default) give useful limits."
-        )
-    ref = obtain(run.replace(model_seed=base, data_seed=base))
+    ref_config, pairs = bound_configs(run, base, others)
+    others = [s for s, _, _ in pairs]
+    ref = obtain(ref_config)
     finals, shares = [], []
-    for s in others:
-        both = obtain(run.replace(model_seed=s, data_seed=s))
+    for s, both_config, order_config in pairs:
+        both = obtain(both_config)
         d_both = measure_divergence(ref, both)
         finals.append(d_both.at(run.steps)["frobenius"])
-        order = obtain(run.replace(model_seed=base, data_seed=s))
+        order = obtain(order_config)
         shares.append(relative_divergence(measure_divergence(ref, order), d_both))
         if done_with is not None:
             done_with(both)

@@ -7,12 +7,13 @@
     flannel-repro info RUN.safetensors
     flannel-repro numerics
     flannel-repro noise [--preset ci | --config FILE] [--seeds 42-45] [--variants PATH:THREADS,...] [-o FILE]
-    flannel-repro prune [--artifacts DIR] [--dry-run]
+    flannel-repro prune [--artifacts DIR|URL] [--cache DIR] [--dry-run]
     flannel-repro verify RUN.safetensors [RUN ...]
     flannel-repro oplog RUN.safetensors --step K -o LOG.json
     flannel-repro why A B [--step K]     (A, B: two run artifacts, or two op logs)
     flannel-repro sources [--preset ci | --config FILE] [--seed 42 --other 43] [--sources a,b] [--json]
     flannel-repro report RUN_OR_DIR [...] [-o DIR] [--json]    (plots: needs the 'report' extra, matplotlib)
+    flannel-repro train [TESTS ...] --store PATH|URL [--cluster local|auto|HOST:6379] [-- PYTEST ARGS]   (needs 'ray')
     flannel-repro --version
 
 Exit codes: 0 done (or: identical, all verified); 1 the result is negative (`digests --compare`: the
@@ -62,6 +63,7 @@ from flannel_repro.cli.artifacts import (
 )
 from flannel_repro.cli.measure import cmd_bounds, cmd_noise, cmd_numerics, cmd_sources
 from flannel_repro.cli.why import cmd_oplog, cmd_why
+from flannel_repro.cli import train as train_command
 
 __all__ = ["EXIT_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_NEGATIVE", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -208,10 +210,17 @@ def main(argv: list[str] | None = None) -> int:
         "unreadable, partial), with sizes",
     )
     r.add_argument(
-        "--artifacts", default=".flannel/artifacts", help="the artifacts directory (default: .flannel/artifacts)"
+        "--artifacts",
+        default=".flannel/artifacts",
+        help="the artifacts directory (default: .flannel/artifacts), or a URL store (s3://bucket/runs, ...): the "
+        "store is pruned, then this machine's cache of it",
     )
+    r.add_argument("--cache", help="with a URL store: its local cache (default: .flannel/cache/<store>)")
     r.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     r.set_defaults(func=cmd_prune)
+    t = train_command.add_parser(sub)
+    t.add_argument("--json", action="store_true", help="print the results as one JSON document")
+    t.set_defaults(func=train_command.cmd_train)
     for command in (e, g, o, z, p):
         command.add_argument(
             "--force",
@@ -221,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     for command in (b, e, i, d, v, n, r, y, g, p, o, z):
         command.add_argument("--json", action="store_true", help="print the result as one JSON document")
     raw = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(raw)  # exits 2 on a usage error
+    head, pytest_args = train_command.split_pytest_args(raw)  # `train ... -- PYTEST ARGS`
+    args = parser.parse_args(head)  # exits 2 on a usage error
     args.raw_argv = raw
+    args.pytest_args = pytest_args
     try:
         return args.func(args)
     except UsageError as exc:

@@ -18,7 +18,8 @@ import pytest
 from flannel_repro.config import ENGINES, EngineRunConfig, ExperimentConfig, RunConfig
 from flannel_repro.devices import device_present
 from flannel_repro.errors import ConfigError
-from flannel_repro.plugin.report import ControllerReporter, ProgressWriter
+from flannel_repro.plugin.report import ControllerReporter
+from flannel_repro.runs.plan import RunRequest, run_config
 from flannel_repro.plugin.session import (
     MARKER,
     SESSION_KEY,
@@ -37,7 +38,10 @@ if TYPE_CHECKING:
     from flannel_repro.analysis.trajectory import Trajectory
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    from flannel_repro.plugin import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)  # pytest_flannel_plan, for suites' conftest.py files
     add_options(parser)
 
 
@@ -98,7 +102,8 @@ class _XdistHooks:
         for row in json.loads(getattr(node, "workeroutput", {}).get("flannel_runs", "[]")):
             rec = RunRecord(**row)
             known = session.runs.get(rec.name)
-            if known is None or (rec.trained_here and not known.trained_here):
+            # the worker that trained a run (or downloaded it from the store) tells its story, not one that reused it
+            if known is None or (rec.trained_here, rec.fetched) > (known.trained_here, known.fetched):
                 session.runs[rec.name] = rec
 
 
@@ -268,21 +273,8 @@ def trajectory(request: pytest.FixtureRequest):  # noqa: ANN201
         present, why = device_present(dev)
         if not present:
             pytest.skip(f"device {dev!r} requested but absent: {why}")
-        cfg: RunConfig | EngineRunConfig = state.run_template
-        changes = {**marker, **overrides, "device": dev}
-        if train_seed is not None:
-            if "model_seed" in overrides or "data_seed" in overrides:
-                raise TypeError("give train_seed or model_seed/data_seed, not both.")
-            changes.update(model_seed=train_seed, data_seed=train_seed)
-        try:
-            engine = changes.get("engine")
-            if engine is not None and engine not in ENGINES:  # your registered engine (training.engines)
-                from flannel_repro.training.engines import get_engine
-
-                changes.pop("engine")
-                cfg = get_engine(engine).config(numerics=state.run_template.numerics, **changes)
-            else:
-                cfg = cfg.replace(**changes)
+        try:  # the same config the plan makes for this call (runs.plan.run_config): the same run key
+            cfg = run_config(state.run_template, device=dev, train_seed=train_seed, marker=marker, overrides=overrides)
         except ConfigError as exc:
             raise pytest.UsageError(f"{request.node.nodeid}: trajectory(...): {exc}") from None
         return obtain(request.config, cfg, repeat=repeat, resume_at=resume_at)
@@ -371,34 +363,57 @@ def flannel_record(request: pytest.FixtureRequest):  # noqa: ANN201
 def obtain(
     config: pytest.Config, cfg: RunConfig | EngineRunConfig, *, repeat: int = 0, resume_at: int | None = None
 ) -> "Trajectory":
-    """Get a run through the session's store, showing progress while it trains."""
-    state = config.stash[SESSION_KEY]
-    threads = state.apply_threads()
-    reporter = ProgressWriter(config, state.progress_interval)
+    """Get a run through the session's store, showing progress while it trains; its row of the terminal summary
+    is recorded by plugin.schedule.obtain_run. Under --flannel-no-train a run missing from the store fails the
+    test, naming the run and the shard job that should have trained it."""
+    from flannel_repro.errors import RunMissing
+    from flannel_repro.plugin.schedule import missing_message, obtain_run
+
+    missing = ""
     try:
-        got = state.store().obtain(
-            cfg, repeat=repeat, resume_at=resume_at, progress=reporter.step, on_train_start=reporter.start
-        )
+        got = obtain_run(config, cfg, repeat=repeat, resume_at=resume_at)
     except ConfigError as exc:
         raise pytest.UsageError(f"trajectory(...): {exc}") from None
-    traj = got.trajectory
-    c = traj.config
-    name = traj.path.stem
-    seed = str(c.train_seed) if c.train_seed is not None else f"m{c.model_seed}/d{c.data_seed}"
-    if got.trained or name not in state.runs:
-        state.runs[name] = RunRecord(
-            name=name,
-            seed=seed + (f" r{repeat}" if repeat else "") + (f" resumed@{resume_at}" if resume_at else ""),
-            device=c.device,
-            engine=c.engine,
-            steps=c.steps,
-            final_loss=traj.final_loss,
-            wall_time_s=traj.wall_time_s,
-            steps_per_s=traj.steps_per_s,
-            threads=int(traj.metadata.get("threads", threads)),
-            path=str(traj.path),
-            trained_here=got.trained,
-            numerics_class=str((traj.env.get("numerics") or {}).get("class", "")),
-            replaced=got.replaced,
-        )
-    return traj
+    except RunMissing as exc:
+        state = config.stash[SESSION_KEY]
+        missing = missing_message(state, state.plan, RunRequest(cfg, repeat, resume_at), str(exc))
+    if missing:
+        pytest.fail(missing, pytrace=False)
+    assert got is not None  # obtain_run waits for the run's lock, so it always obtains
+    return got.trajectory
+
+
+# --- the plan: trained before the claims (--flannel-schedule=plan), in shards, or named by the gate job ----------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, object]:
+    """--flannel-schedule=plan: in each process that runs tests, before the first one, train the planned runs no
+    other process is training (plugin.schedule.train_plan); the claims then read them from the store."""
+    state = session.config.stash[SESSION_KEY]
+    items = getattr(session, "items", [])
+    wanted = state.schedule == "plan" and not (state.train_only or state.no_train)
+    if wanted and items and not session.config.option.collectonly:
+        from flannel_repro.plugin.schedule import plan_of, train_plan
+
+        train_plan(session.config, plan_of(session.config, items))
+    return (yield)
+
+
+# after -k / -m deselection and the marker checks above: the plan is of the items that would run
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_plan(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """--flannel-train-only / --flannel-shard=K/N: the claims are replaced by one item per run to train;
+    --flannel-no-train: the plan is computed, so that a missing run's failure names its shard job."""
+    state = config.stash[SESSION_KEY]
+    if not (state.train_only or state.no_train):
+        return
+    from flannel_repro.plugin.schedule import plan_of, run_items
+
+    plan = plan_of(config, items)
+    if state.train_only:
+        claims = list(items)
+        items[:] = run_items(session, plan, state)
+        config.hook.pytest_deselected(items=claims)  # the summary says the claims did not run

@@ -202,7 +202,8 @@ class ControllerReporter:
             ),
             "flannel_runs_trained": sum(1 for r in state.runs.values() if r.trained_here),
             "flannel_runs_reused": sum(1 for r in state.runs.values() if not r.trained_here),
-            "flannel_artifacts": str(state.artifacts_dir),
+            "flannel_runs_downloaded": sum(1 for r in state.runs.values() if r.fetched),
+            "flannel_artifacts": _shown_store(state.store_url) or str(state.artifacts_dir),
         }
         for package in ("torch", "transformers"):
             try:
@@ -336,6 +337,13 @@ class ControllerReporter:
                 f"{exp.train_seeds[0]}-{exp.train_seeds[-1]}, engine {exp.run.engine}, labels "
                 f"{exp.run.label_mode}, artifacts {state.artifacts_dir}"
             )
+        if state.store_url:
+            downloaded = sum(1 for r in state.runs.values() if r.fetched)
+            trained = sum(1 for r in state.runs.values() if r.trained_here)
+            tr.write_line(
+                f"store {_shown_store(state.store_url)} (cache {state.artifacts_dir}): {trained} run(s) trained and published "
+                f"here, {downloaded} downloaded and verified"
+            )
         if state.runs:
             tr.write_line("")
             ew = max(6, *(len(r.engine) for r in state.runs.values()))
@@ -345,7 +353,7 @@ class ControllerReporter:
             )
             tr.write_line(head)
             for r in sorted(state.runs.values(), key=lambda r: (r.device, r.seed)):
-                note = "" if r.trained_here else " (reused)"
+                note = "" if r.trained_here else " (from the store)" if r.fetched else " (reused)"
                 if r.replaced:
                     note = " (retrained: a stored artifact or checkpoint failed verification)"
                 tr.write_line(
@@ -478,3 +486,10 @@ def _class_line(cls: str, claims: list[dict[str, Any]]) -> str:
     if frobs:
         parts.append(f"final ‖ΔW‖_F min {min(frobs):.4g} / max {max(frobs):.4g}")
     return ", ".join(parts)
+
+
+def _shown_store(url: str | None) -> str:
+    """A URL store as the summary and report show it: never with credentials (user info, query)."""
+    from flannel_repro.runs.remote import redact
+
+    return redact(url) if url else ""

@@ -29,6 +29,7 @@ from flannel_repro.devices import DEVICE_KINDS, device_present, parse_device
 from flannel_repro.errors import ConfigError
 
 if TYPE_CHECKING:
+    from flannel_repro.runs.plan import RunRequest
     from flannel_repro.runs.store import RunStore
 
 GROUP = "flannel"
@@ -37,6 +38,8 @@ TOLERANCE_KEYS = ("rtol", "atol")  # @pytest.mark.flannel kwargs for flannel_sna
 MISSING_CLASS_POLICIES = ("skip", "fail", "tolerant")  # --flannel-missing-class
 DEFAULT_THREADS = 1  # --flannel-threads when not given: a run's bits must not depend on -n
 SNAPSHOT_SUFFIX = "flannel"  # file suffix of flannel_snapshot files (flannel_repro.plugin.snapshot)
+SCHEDULES = ("plan", "claims")  # --flannel-schedule
+DEFAULT_SCHEDULE = "plan"  # chosen by measurement: benchmarks/bench_schedule.py, README "Scheduling"
 
 # option name (after --flannel-) -> (ini key, help, parser of the raw string)
 _OPTIONS: dict[str, tuple[str, str]] = {
@@ -63,7 +66,13 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     ),
     "artifacts": (
         "flannel_artifacts",
-        "directory of run artifacts shared by workers and sessions (default: .flannel/artifacts).",
+        "the run store shared by workers and sessions: a directory (default: .flannel/artifacts), or a URL "
+        "of an fsspec file system shared by machines (s3://bucket/runs, gs://bucket/runs, file:///shared/runs; "
+        "credentials from the file system's usual places).",
+    ),
+    "cache": (
+        "flannel_cache",
+        "with a URL store: this machine's read-through cache of its runs (default: .flannel/cache/<store>).",
     ),
     "threads": (
         "flannel_threads",
@@ -112,6 +121,17 @@ _OPTIONS: dict[str, tuple[str, str]] = {
         "Markdown), JSON and CSV (needs matplotlib: the 'report' extra); on GitHub Actions the tables go to the "
         "step summary too.",
     ),
+    "schedule": (
+        "flannel_schedule",
+        f"when runs train: {' or '.join(SCHEDULES)} (plan: before the claims, every process trains the "
+        "planned runs no other process is training, then the claims read them; claims: a run trains when a "
+        f"claim first asks for it). Default {DEFAULT_SCHEDULE} (README, 'Scheduling').",
+    ),
+    "shard": (
+        "flannel_shard",
+        "K/N: train only shard K of N of the session's plan (a CI job per shard) and run no claims; "
+        "each run is a test item.",
+    ),
     "rtol": ("flannel_rtol", "relative tolerance of flannel_snapshot float comparisons (default 0: exact)."),
     "atol": ("flannel_atol", "absolute tolerance of flannel_snapshot float comparisons (default 0: exact)."),
 }
@@ -119,6 +139,15 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "fresh": (
         "flannel_fresh",
         "ignore artifacts from earlier sessions (runs are still shared between this session's workers).",
+    ),
+    "train-only": (
+        "flannel_train_only",
+        "train the session's whole plan and run no claims (each run is a test item).",
+    ),
+    "no-train": (
+        "flannel_no_train",
+        "train nothing: the claims judge runs from the store, and a run missing there fails the claim "
+        "that asked for it (the gate job after --flannel-shard jobs).",
     ),
 }
 
@@ -140,6 +169,7 @@ class RunRecord:
     trained_here: bool
     numerics_class: str = ""
     replaced: str = ""  # why a stored artifact of this run was set aside (failed verification) and retrained
+    fetched: bool = False  # downloaded from the URL store (--flannel-artifacts=URL) into the local cache
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -167,6 +197,12 @@ class FlannelSession:
     leftovers_removed: list[str] = field(
         default_factory=list
     )  # partial/progress files of killed runs, cleaned at start
+    store_url: str | None = None  # --flannel-artifacts given as a URL: artifacts_dir is then its local cache
+    schedule: str = DEFAULT_SCHEDULE  # --flannel-schedule: "plan" trains the plan before the claims run
+    shard: tuple[int, int] | None = None  # --flannel-shard=K/N: train shard K of N of the plan, no claims
+    train_only: bool = False  # --flannel-train-only (or a shard): train the plan, run no claims
+    no_train: bool = False  # --flannel-no-train: the store's runs only; a missing one fails its claim
+    plan: "list[RunRequest] | None" = None  # the session's plan, once computed (runs.plan.session_plan)
     _store: "RunStore | None" = None
     _threads_set: bool = False
 
@@ -195,17 +231,24 @@ class FlannelSession:
         if self._store is None:
             from flannel_repro.runs.store import RunStore
 
+            from flannel_repro.runs.remote import RemoteStore
+
             self._store = RunStore(
                 self.artifacts_dir,
+                remote=RemoteStore(self.store_url) if self.store_url else None,
                 session=self.session_id,
                 reuse_earlier=self.reuse_earlier,
                 checkpoint_every=self.checkpoint_every,
+                train=not self.no_train,
             )
         return self._store
 
     def planned_runs(self) -> int:
         """The runs the session is known to need: one per training seed and selected device. Claims may ask
-        for more (repeats, variants), so progress lines say "run k of >= n"."""
+        for more (repeats, variants), so progress lines say "run k of >= n". Once this process has made the
+        session's plan (runs.plan.session_plan) and it names runs, its length."""
+        if self.plan:
+            return len(self.plan)
         return self.experiment.n_runs * max(1, len(self.selected_devices()))
 
     def planned_threads(self) -> int:
@@ -305,6 +348,24 @@ def _int_option(config: pytest.Config, option: str, minimum: int, maximum: int |
     if value < minimum or (maximum is not None and value > maximum):
         raise _usage(option, accepts, raw)
     return value
+
+
+def _store_url(config: pytest.Config, raw: Any) -> str | None:
+    """--flannel-artifacts as a URL store (None for a directory). In the controller, the store is reached
+    now: one that cannot be, or that refuses this machine's credentials, is a usage error before anything
+    runs, not a traceback in the middle of a run."""
+    from flannel_repro.runs.remote import RemoteStore, is_url
+
+    if not raw or not is_url(str(raw)):
+        return None
+    url = str(raw)
+    try:
+        remote = RemoteStore(url)
+        if getattr(config, "workerinput", None) is None:
+            remote.check()
+    except ConfigError as exc:
+        raise pytest.UsageError(f"--flannel-artifacts (ini: flannel_artifacts): {exc}") from None
+    return url
 
 
 def build_session(config: pytest.Config) -> FlannelSession:
@@ -444,14 +505,24 @@ def build_session(config: pytest.Config) -> FlannelSession:
                 derive_raw,
             ) from None
     artifacts_raw = _get(config, "flannel_artifacts")
-    artifacts_dir = Path(artifacts_raw) if artifacts_raw else Path(".flannel") / "artifacts"
-    if not artifacts_dir.is_absolute():
+    store_url = _store_url(config, artifacts_raw)
+    if store_url is not None:
+        cache_raw = _get(config, "flannel_cache")
+        base = config.invocation_params.dir if config.getoption("flannel_cache") else config.rootpath
+        from flannel_repro.runs.store import default_cache_dir
+
+        artifacts_dir = Path(cache_raw) if cache_raw else default_cache_dir(store_url, ".")
+        option = "cache"
+    else:
+        artifacts_dir = Path(artifacts_raw) if artifacts_raw else Path(".flannel") / "artifacts"
         base = config.invocation_params.dir if config.getoption("flannel_artifacts") else config.rootpath
+        option = "artifacts"
+    if not artifacts_dir.is_absolute():
         artifacts_dir = Path(base) / artifacts_dir
     blocker = next((p for p in (artifacts_dir, *artifacts_dir.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         what = "is a file" if blocker == artifacts_dir else f"lies under a file ({blocker})"
-        raise _usage("artifacts", f"a directory (it is created if missing); this path {what}", str(artifacts_dir))
+        raise _usage(option, f"a directory (it is created if missing); this path {what}", str(artifacts_dir))
     workerinput = getattr(config, "workerinput", None)
     given = artifacts_raw is not None
     if workerinput is None and (given or artifacts_dir.exists()):
@@ -461,7 +532,7 @@ def build_session(config: pytest.Config) -> FlannelSession:
 
         problem = writable_problem(artifacts_dir)
         if problem is not None:
-            raise _usage("artifacts", f"a directory run artifacts can be written to; {problem}", str(artifacts_dir))
+            raise _usage(option, f"a directory run artifacts can be written to; {problem}", str(artifacts_dir))
     report_raw = _get(config, "flannel_report")
     report_dir = None
     if report_raw:
@@ -488,6 +559,7 @@ def build_session(config: pytest.Config) -> FlannelSession:
     return FlannelSession(
         experiment=exp,
         artifacts_dir=artifacts_dir,
+        store_url=store_url,
         session_id=session_id or uuid.uuid4().hex,
         reuse_earlier=not fresh,
         threads=threads,
@@ -498,7 +570,39 @@ def build_session(config: pytest.Config) -> FlannelSession:
         derive_bounds=derive_bounds,
         report_dir=report_dir,
         checkpoint_every=100 if checkpoint_every is None else checkpoint_every,
+        **_schedule_options(config),
     )
+
+
+def parse_shard(raw: Any) -> tuple[int, int]:
+    """'K/N' as (K, N), 1 <= K <= N; a usage error naming --flannel-shard, what it accepts and what it got."""
+    accepts = "K/N: shard K of N, integers with 1 <= K <= N (e.g. 1/2)"
+    k, sep, n = str(raw).strip().partition("/")
+    try:
+        shard = int(k), int(n)
+    except ValueError:
+        raise _usage("shard", accepts, raw) from None
+    if not sep or not 1 <= shard[0] <= shard[1]:
+        raise _usage("shard", accepts, raw)
+    return shard
+
+
+def _schedule_options(config: pytest.Config) -> dict[str, Any]:
+    """--flannel-schedule, --flannel-shard, --flannel-train-only and --flannel-no-train, validated together."""
+    schedule = _get(config, "flannel_schedule") or DEFAULT_SCHEDULE
+    if schedule not in SCHEDULES:
+        raise _usage("schedule", " or ".join(SCHEDULES), schedule)
+    raw = _get(config, "flannel_shard")
+    shard = parse_shard(raw) if raw is not None else None
+    train_only = bool(config.getoption("flannel_train_only") or config.getini("flannel_train_only"))
+    no_train = bool(config.getoption("flannel_no_train") or config.getini("flannel_no_train"))
+    if no_train and (shard is not None or train_only):
+        given = f"--flannel-shard={raw}" if shard is not None else "--flannel-train-only"
+        raise pytest.UsageError(
+            f"--flannel-no-train (ini: flannel_no_train) runs the claims without training; it cannot go with "
+            f"{given}, which trains and runs no claims: give one of them."
+        )
+    return {"schedule": schedule, "shard": shard, "train_only": train_only or shard is not None, "no_train": no_train}
 
 
 def _tolerance_value(raw: Any) -> float | None:

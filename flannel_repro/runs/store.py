@@ -59,7 +59,13 @@ def run_key_material(
         "data": dict(sorted(data_hashes.items())),
         "packages": package_versions(),
         "code": code_version(),
-        "device": {k: dev.get(k) for k in ("device", "name", "cpu_capability", "capability", "cuda", "cudnn")},
+        # a CPU's arithmetic is its numerics class (below), not its model name: machines of one class share runs;
+        # a GPU's model stays in the key (its class is not probed)
+        "device": {
+            k: dev.get(k)
+            for k in ("device", "name", "cpu_capability", "capability", "cuda", "cudnn")
+            if not (k == "name" and config.device == "cpu")
+        },
         "threads": resolved_threads(config),
         # the arithmetic the run gets: a run of another class is never reused as if it were equal
         "numerics": {"class": numerics["class"], "probe": (numerics.get("probe") or {}).get("digest")},
@@ -159,6 +165,7 @@ class RunStore:
         self.reuse_earlier = reuse_earlier
         self.lock_timeout_s = lock_timeout_s
         self._rejected: dict[Path, str] = {}  # artifacts that failed verification -> what was wrong
+        self._no_wait = False  # obtain_if_free: waiting for another machine's claim is not allowed either
 
     def path_for(self, config: "RunConfig | EngineRunConfig", repeat: int, key: str) -> Path:
         return self.root / f"{run_name(config, repeat, key)}.safetensors"
@@ -272,6 +279,7 @@ class RunStore:
         from filelock import Timeout
 
         waited, self.lock_timeout_s = self.lock_timeout_s, 0  # run_lock(..., timeout=0): one try
+        self._no_wait = True  # and a URL store's claim held by another machine is not waited for either
         try:
             return self.obtain(
                 config, repeat=repeat, resume_at=resume_at, progress=progress, on_train_start=on_train_start
@@ -280,6 +288,7 @@ class RunStore:
             return None
         finally:
             self.lock_timeout_s = waited
+            self._no_wait = False
 
     def _through_remote(
         self,
@@ -306,7 +315,13 @@ class RunStore:
         if got is not None:
             return got
         claim = None
-        if remote.exclusive and self.train and not bad:
+        if remote.exclusive and self.train and not bad and self._no_wait:
+            claim, _holder = remote.try_claim(path.stem, owner_id(self.session))
+            if claim is None:  # another machine is training it: left to it (obtain_if_free returns None)
+                from filelock import Timeout
+
+                raise Timeout(str(path))
+        elif remote.exclusive and self.train and not bad:
             manifest, claim = remote.wait_for(path.stem, owner_id(self.session))
             if manifest is not None:  # another machine published it while we waited
                 got, bad = self._download(remote, path, key, material)

@@ -13,6 +13,7 @@ import pytest
 from flannel_repro.analysis.bounds import (
     HELD_OUT,
     Bound,
+    bound_configs,
     data_hashes,
     load_bounds,
     measure_bound,
@@ -20,7 +21,9 @@ from flannel_repro.analysis.bounds import (
     seed_list,
     to_toml,
 )
-from flannel_repro.plugin.session import SESSION_KEY
+from flannel_repro.errors import ConfigError
+from flannel_repro.plugin.session import SESSION_KEY, FlannelSession
+from flannel_repro.runs.plan import RunRequest, item_request
 
 BOUNDS = Path(__file__).with_name("bounds.toml")
 BOUND_PROPERTY = "flannel_bound"  # how the bound a claim used travels to the terminal summary (through xdist too)
@@ -49,6 +52,17 @@ def _cached(path: Path, key: str, held_out: str, session_id: str, reuse_earlier:
     return bound, "derived in this session" if made_in == session_id else "derived in an earlier session"
 
 
+def held_out_seeds(state: FlannelSession, seeds: tuple[int, ...]) -> tuple[int, ...]:
+    """The held-out seeds of an in-session bound: --flannel-derive-bounds's ('none': ()), else the HELD_OUT seeds
+    after the claim seeds."""
+    held = state.derive_bounds
+    return held if held is not None else tuple(range(max(seeds) + 1, max(seeds) + 1 + HELD_OUT))
+
+
+def held_out_label(base: int, held: tuple[int, ...]) -> str:
+    return f"seed {base} vs {seed_list([s for s in held if s != base])}"
+
+
 @pytest.fixture
 def derived_bound(flannel_config, trajectory, request):
     """A function returning the bound for this session's config and data, with its limits for this session's
@@ -68,7 +82,7 @@ def derived_bound(flannel_config, trajectory, request):
         if committed is not None:
             bound, source, path = committed, "committed", BOUNDS
         else:
-            held = state.derive_bounds
+            held = held_out_seeds(state, seeds)
             if held == ():
                 pytest.skip(
                     f"no divergence bound derived for this configuration on this data (scale {key}: config and "
@@ -76,8 +90,6 @@ def derived_bound(flannel_config, trajectory, request):
                     f"was recorded. Drop that option to derive one in the session from {HELD_OUT} held-out "
                     f"seeds, or add one to {BOUNDS} (flannel-repro bounds)"
                 )
-            if held is None:
-                held = tuple(range(max(seeds) + 1, max(seeds) + 1 + HELD_OUT))
             overlap = sorted(set(held) & set(seeds))
             if overlap:
                 pytest.fail(
@@ -85,7 +97,7 @@ def derived_bound(flannel_config, trajectory, request):
                     f"seeds the claims do not compare (e.g. {max(seeds) + 1}-{max(seeds) + HELD_OUT})"
                 )
             base = seeds[0]
-            held_out = f"seed {base} vs {seed_list([s for s in held if s != base])}"
+            held_out = held_out_label(base, held)
             path = session_bound_path(state.artifacts_dir, key)
             memo = (key, held_out)
             if memo not in _DERIVED:
@@ -155,3 +167,85 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             f"{seen['max_frobenius']:.4g}, data-order share in [{lo:.3g}, {hi:.3g}]"
         )
         tr.write_line(f"  {seen['describe']}")
+
+
+# --- the plan: the runs these claims ask for beyond each seed's own run (flannel_repro.plugin.hookspecs) ----------
+
+
+def _partner(seed: int, seeds: tuple[int, ...]) -> int | None:
+    """test_determinism.partner_seed's choice (None where that test skips: fewer than two seeds)."""
+    return None if len(seeds) < 2 else seeds[0] if seed != seeds[0] else seeds[1]
+
+
+def _claim_runs(item: pytest.Item, state: FlannelSession) -> list[RunRequest]:
+    """The runs `item`'s own trajectory(...) calls ask for, as test_determinism.py makes them."""
+    seeds = state.experiment.train_seeds
+    name = getattr(item, "originalname", item.name)
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    seed = params.get("train_seed", seeds[0])
+    other = _partner(seed, seeds)
+
+    def run(**call: Any) -> RunRequest:
+        return item_request(item, state, **call)
+
+    if name == "test_every_run_starts_from_the_shared_W":
+        return [run(train_seed=seed)]
+    if name == "test_same_seed_trained_twice_is_bitwise_identical":
+        return [run(train_seed=seed), run(train_seed=seed, repeat=1)]
+    if other is None:
+        return []  # the comparing claims skip
+    if name in ("test_different_seeds_part_at_step_1", "test_final_divergence_within_derived_bound"):
+        return [run(train_seed=other), run(train_seed=seed)]
+    if name == "test_data_order_share_within_derived_band":
+        return [run(train_seed=other), run(model_seed=other, data_seed=seed), run(train_seed=seed)]
+    if name == "test_divergence_by_source":
+        base, other = seeds[0], _partner(seeds[0], seeds)
+        runs = [
+            run(train_seed=base),
+            run(model_seed=base, data_seed=other),
+            run(model_seed=other, data_seed=base),
+            run(train_seed=base, threads=2),
+            run(train_seed=base, repeat=1),
+        ]
+        return runs + ([run(train_seed=base, engine="hf")] if params.get("device") == "cpu" else [])
+    return []
+
+
+def _bound_runs(item: pytest.Item, state: FlannelSession) -> list[RunRequest]:
+    """The held-out runs `derived_bound` trains through `item` (measure_bound's runs, from bound_configs): none
+    where a bound is committed for the scale, cached from an earlier session it may reuse, or not to be
+    derived (--flannel-derive-bounds=none, or held-out seeds the claims fail on)."""
+    seeds = state.experiment.train_seeds
+    run = state.run_template
+    key = scale_key(run, data_hashes(run))
+    held = held_out_seeds(state, seeds)
+    if load_bounds(BOUNDS).get(key) is not None or not held or set(held) & set(seeds):
+        return []
+    label = held_out_label(seeds[0], held)
+    # the gate (--flannel-no-train) plans as the shard jobs did, before the bound was cached: its shard hints hold
+    cached = _cached(session_bound_path(state.artifacts_dir, key), key, label, state.session_id, state.reuse_earlier)
+    if cached is not None and not state.no_train:
+        return []
+    try:
+        ref, pairs = bound_configs(run, seeds[0], held)
+    except ConfigError:
+        return []  # too few held-out seeds: the claim reports it
+    configs = [ref, *(c for _, both, order in pairs for c in (both, order))]
+    # as derived_bound's obtain does: trajectory(model_seed=..., data_seed=...) in the calling test
+    return [item_request(item, state, model_seed=c.model_seed, data_seed=c.data_seed) for c in configs]
+
+
+_USES_BOUND = ("test_final_divergence_within_derived_bound", "test_data_order_share_within_derived_band")
+
+
+def pytest_flannel_plan(config: pytest.Config, items: list[pytest.Item], flannel_session: FlannelSession):
+    """The runs of this directory's claims, and the held-out runs of an in-session bound: derived once per process,
+    through the first claim that asks for it (its device), so they are planned through the first such item."""
+    mine = [item for item in items if Path(item.path).parent == BOUNDS.parent]
+    out = [r for item in mine for r in _claim_runs(item, flannel_session)]
+    bounded = [i for i in mine if getattr(i, "originalname", "") in _USES_BOUND]
+    seeds = flannel_session.experiment.train_seeds
+    if bounded and len(seeds) >= 2:
+        out += _bound_runs(bounded[0], flannel_session)
+    return out
