@@ -27,7 +27,6 @@ from flannel_repro.errors import ConfigError, NumericsError, UsageError
 if TYPE_CHECKING:
     import pytest
 
-    from flannel_repro.plugin.session import FlannelSession
     from flannel_repro.runs.cluster import ClusterResult
     from flannel_repro.runs.plan import RunRequest
 
@@ -69,26 +68,19 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 @dataclass
 class PlanCollector:
-    """A pytest plugin for one collection: keeps the session's plan and the FlannelSession that made it."""
+    """A pytest plugin for one `--collect-only` session: keeps the plan the flannel-repro plugin announces
+    (its `pytest_flannel_planned` hook) and the session settings that came with it."""
 
     plan: list["RunRequest"] | None = None
-    session: "FlannelSession | None" = None
+    session: Any = None  # the plugin's FlannelSession (planned_threads(), checkpoint_every)
     errors: list[str] = field(default_factory=list)
 
-    def pytest_collection_finish(self, session: "pytest.Session") -> None:
-        from flannel_repro.errors import FlannelError
-        from flannel_repro.plugin.session import SESSION_KEY
-        from flannel_repro.runs.plan import session_plan
+    def pytest_flannel_planned(self, config: "pytest.Config", plan: list["RunRequest"], flannel_session: Any) -> None:
+        self.plan, self.session = list(plan), flannel_session
 
-        state = session.config.stash.get(SESSION_KEY, None)
-        if state is None:
+    def pytest_collection_finish(self, session: "pytest.Session") -> None:
+        if self.plan is None and not session.config.pluginmanager.hasplugin("flannel_repro"):
             self.errors.append("the flannel-repro plugin is not active in this pytest session")
-            return
-        self.session = state
-        try:
-            self.plan = session_plan(session.config, session.items, state)
-        except (FlannelError, TypeError) as exc:
-            self.errors.append(str(exc))
 
 
 def collect(paths: Sequence[str], pytest_args: Sequence[str]) -> PlanCollector:
@@ -99,6 +91,8 @@ def collect(paths: Sequence[str], pytest_args: Sequence[str]) -> PlanCollector:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = pytest.main([*paths, "--collect-only", "-q", *pytest_args], plugins=[collector])
+    if collector.plan is None and not collector.errors and code in (0, 5):
+        collector.plan = []  # no test asks for a run: nothing to plan
     if collector.plan is None or collector.errors or code not in (0, 5):  # 5: no tests collected
         shown = out.getvalue().strip()[-3000:]
         why = "; ".join(collector.errors) or f"pytest exited {int(code)}"
@@ -178,14 +172,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     pytest_args, paths = list(getattr(args, "pytest_args", [])), list(args.paths)
     shard = parse_shard(args.shard) if args.shard else None
     collected = collect(paths, pytest_args)
-    assert collected.plan is not None and collected.session is not None
+    assert collected.plan is not None
     plan = plans.shard(collected.plan, *shard) if shard else collected.plan
-    threads = args.threads or collected.session.planned_threads()
     if not plan:
         print_json({"runs": [], "expected_class": None}) if args.json else print(
             "flannel-repro train: no runs planned."
         )
         return EXIT_OK
+    assert collected.session is not None  # announced with the plan
+    threads = args.threads or collected.session.planned_threads()
     expected = expected_class(plan, threads)
     if not args.json:
         print(f"flannel-repro train: {len(plan)} runs on {args.cluster} into {args.store}", flush=True)

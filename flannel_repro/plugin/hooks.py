@@ -400,6 +400,23 @@ def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, objec
     return (yield)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under --collect-only, make the session's plan and announce it (`pytest_flannel_planned`): how
+    `flannel-repro train` learns the runs a suite's claims need."""
+    config = session.config
+    items = getattr(session, "items", [])
+    if config.option.collectonly and any("trajectory" in getattr(i, "fixturenames", ()) for i in items):
+        from flannel_repro.plugin.schedule import plan_of
+
+        config.hook.pytest_flannel_planned(
+            config=config, plan=plan_of(config, items), flannel_session=_state_of(config)
+        )
+
+
+def _state_of(config: pytest.Config) -> FlannelSession:
+    return config.stash[SESSION_KEY]
+
+
 # after -k / -m deselection and the marker checks above: the plan is of the items that would run
 @pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")
 def pytest_collection_modifyitems_plan(

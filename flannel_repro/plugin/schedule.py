@@ -1,5 +1,5 @@
 """When the session's runs train: the local scheduler, CI shards and the gate job, all working from the plan
-(`runs.plan.session_plan`).
+(`plugin.plan.session_plan`).
 
 - `--flannel-schedule=plan`: before any claim runs, each process (each xdist worker) walks the plan in the same
   order and trains every run that is not in the store and that no other process is training (its lock is free),
@@ -22,7 +22,8 @@ import pytest
 from flannel_repro.errors import FlannelError
 from flannel_repro.plugin.report import ProgressWriter
 from flannel_repro.plugin.session import SESSION_KEY, FlannelSession, RunRecord
-from flannel_repro.runs.plan import RunRequest, request_label, session_plan, shard
+from flannel_repro.plugin.plan import session_plan
+from flannel_repro.runs.plan import RunRequest, request_label, shard
 
 if TYPE_CHECKING:
     from flannel_repro.config import EngineRunConfig, RunConfig

@@ -202,7 +202,7 @@ class FlannelSession:
     shard: tuple[int, int] | None = None  # --flannel-shard=K/N: train shard K of N of the plan, no claims
     train_only: bool = False  # --flannel-train-only (or a shard): train the plan, run no claims
     no_train: bool = False  # --flannel-no-train: the store's runs only; a missing one fails its claim
-    plan: "list[RunRequest] | None" = None  # the session's plan, once computed (runs.plan.session_plan)
+    plan: "list[RunRequest] | None" = None  # the session's plan, once computed (plugin.plan.session_plan)
     _store: "RunStore | None" = None
     _threads_set: bool = False
 
@@ -246,7 +246,7 @@ class FlannelSession:
     def planned_runs(self) -> int:
         """The runs the session is known to need: one per training seed and selected device. Claims may ask
         for more (repeats, variants), so progress lines say "run k of >= n". Once this process has made the
-        session's plan (runs.plan.session_plan) and it names runs, its length."""
+        session's plan (plugin.plan.session_plan) and it names runs, its length."""
         if self.plan:
             return len(self.plan)
         return self.experiment.n_runs * max(1, len(self.selected_devices()))

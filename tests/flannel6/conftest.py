@@ -23,7 +23,8 @@ from flannel_repro.analysis.bounds import (
 )
 from flannel_repro.errors import ConfigError
 from flannel_repro.plugin.session import SESSION_KEY, FlannelSession
-from flannel_repro.runs.plan import RunRequest, item_request
+from flannel_repro.plugin.plan import item_request
+from flannel_repro.runs.plan import RunRequest
 
 BOUNDS = Path(__file__).with_name("bounds.toml")
 BOUND_PROPERTY = "flannel_bound"  # how the bound a claim used travels to the terminal summary (through xdist too)

@@ -1,4 +1,4 @@
-"""The plan from collection (runs.plan.session_plan), the local scheduler (--flannel-schedule=plan), CI shards
+"""The plan from collection (plugin.plan.session_plan), the local scheduler (--flannel-schedule=plan), CI shards
 (--flannel-shard, --flannel-train-only) and the gate job (--flannel-no-train), on the Flannel 6 suite at a tiny
 scale: the plan is exactly the runs the claims ask for, both ways."""
 
