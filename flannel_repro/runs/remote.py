@@ -218,7 +218,8 @@ class RemoteStore:
         probe = self._path(".flannel-probe", f"{uuid.uuid4().hex}.json")
         if self._local:
             self.fs.makedirs(self.root, exist_ok=True)
-        self.fs.ls(self.root) if self.fs.exists(self.root) else None
+        # creating the probe is the check: a missing bucket, refused credentials or no endpoint fail it. (No listing
+        # first: another machine's probe can make a prefix appear and vanish between an exists() and an ls().)
         created = self.create_exclusive(probe, b'{"probe": 1}', atomic=True)
         try:
             second = self.create_exclusive(probe, b'{"probe": 2}', atomic=True)

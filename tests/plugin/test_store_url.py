@@ -83,7 +83,9 @@ def test_unreachable_store_is_a_usage_error_at_session_start(s3, tmp_path):
     session = _session(folder, f"s3://{bucket}/runs", env)
     out = session.communicate(timeout=120)[0]
     assert session.returncode == 4, out  # pytest's usage error
-    assert "--flannel-artifacts" in out and f"s3://{bucket}/runs" in out and "expected a reachable store" in out
+    assert "--flannel-artifacts" in out and f"s3://{bucket}/runs" in out
+    # refused at once, or (on a loaded machine, after the client's retries) no answer within the check's limit
+    assert "expected a reachable store" in out or "got no answer within" in out, out
     assert "Traceback" not in out
     assert time.monotonic() - start < 90
     assert not (folder / ".flannel").exists()  # nothing trained, nothing written
