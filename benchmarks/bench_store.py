@@ -39,14 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flannel_repro.config import RunConfig
 from flannel_repro.runs.remote import Manifest, RemoteStore, file_digest
-from flannel_repro.storage.layout import write_run
 from flannel_repro.storage.run import RunFile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from verify import notebook_artifact  # the notebook's shape from cheap rows, as the verify benchmark builds it
 
 
 @dataclass
@@ -77,26 +77,6 @@ def timed(timing: Timing, fn: Callable[..., object], *args: object, **kwargs: ob
         return None
     timing.seconds.append(time.perf_counter() - t0)
     return out
-
-
-def notebook_artifact(directory: Path, steps: int) -> Path:
-    """The notebook's shape from cheap rows: W_t = base + (t mod 7) x noise, every row digested by the writer."""
-    g = torch.Generator().manual_seed(0)
-    base = (torch.randn(10000, 64, generator=g) * 0.02).to(torch.bfloat16)
-    noise = (torch.randn(10000, 64, generator=g) * 1e-3).to(torch.bfloat16)
-    rows = (base + (t % 7) * noise for t in range(steps + 1))
-    live = torch.zeros(10000, dtype=torch.bool)
-    live[:6301] = True
-    cfg = RunConfig(steps=steps)
-    return write_run(
-        directory / "notebook.safetensors",
-        rows,
-        steps=steps,
-        live_mask=live,
-        config=cfg.to_dict(),
-        losses=torch.linspace(9.2, 4.0, steps + 1),
-        batch_size=32,
-    )
 
 
 def verify(path: Path) -> None:

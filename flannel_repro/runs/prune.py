@@ -83,13 +83,20 @@ def _artifact_verdict(path: Path, code: str, packages: dict[str, str]) -> tuple[
         return False, f"{NOT_OURS}: the run store names this run {expected}"
     if key_of(material) != key:
         return True, "damaged run of this store (its run-key material does not hash to its run key)"
+    reasons = stale_reasons(material, code, packages)
+    return (True, "; ".join(reasons)) if reasons else None
+
+
+def stale_reasons(material: dict, code: str, packages: dict[str, str]) -> list[str]:
+    """Why a run with this run-key material can be reused by no run of this installation: another flannel-repro
+    code or package versions (empty when it can be)."""
     reasons = []
     if material.get("code") not in (None, code):
         reasons.append(f"flannel-repro code {material.get('code')} (now {code})")
     for name, version in sorted((material.get("packages") or {}).items()):
         if packages.get(name) != version:
             reasons.append(f"{name} {version} (now {packages.get(name, 'absent')})")
-    return (True, "; ".join(reasons)) if reasons else None
+    return reasons
 
 
 def _side_file_is_ours(path: Path) -> bool:
@@ -248,13 +255,7 @@ def scan_store(remote: "RemoteStore", *, now: float | None = None) -> list[Orpha
             found.append(Orphan(where, 0, f"damaged manifest ({manifest[-120:]}); retrained when needed"))
             continue
         named.add(manifest.object)
-        material = manifest.run_key_material
-        reasons = []
-        if material.get("code") not in (None, code):
-            reasons.append(f"flannel-repro code {material.get('code')} (now {code})")
-        for name, version in sorted((material.get("packages") or {}).items()):
-            if packages.get(name) != version:
-                reasons.append(f"{name} {version} (now {packages.get(name, 'absent')})")
+        reasons = stale_reasons(manifest.run_key_material, code, packages)
         if reasons:
             found.append(Orphan(where, 0, "; ".join(reasons)))
             size = sizes.get(manifest.object, (0, 0.0))[0]
