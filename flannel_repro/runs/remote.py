@@ -185,6 +185,10 @@ class RemoteStore:
         rel = path[len(self.root) :].lstrip("/") if path.startswith(self.root) else path
         return f"{self.url.rstrip('/')}/{rel}"
 
+    def show_object(self, manifest: Manifest) -> str:
+        """The URL of the object a manifest names, for messages."""
+        return self.show(self._path(manifest.object))
+
     # --- the session-start check ----------------------------------------------------------------------------
 
     def check(self, timeout_s: float = CHECK_TIMEOUT_S) -> None:
@@ -321,6 +325,7 @@ class RemoteStore:
         """Download the manifest's object to `dest` (atomically, via a temporary file beside it) and check its
         size and digest against the manifest; a mismatch is an ArtifactError and leaves nothing at `dest`."""
         src = self._path(manifest.object)
+        shown = self.show_object(manifest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.download-")
         os.close(fd)
@@ -329,12 +334,12 @@ class RemoteStore:
                 self.fs.get_file(src, tmp)
             except FileNotFoundError:
                 raise ArtifactError(
-                    f"{self.show(src)}: expected the object the manifest of {manifest.run} names, got no such object"
+                    f"{shown}: expected the object the manifest of {manifest.run} names, got no such object"
                 ) from None
             digest, size = file_digest(Path(tmp))
             if (digest, size) != (manifest.blake2b, manifest.size):
                 raise ArtifactError(
-                    f"{self.show(src)}: expected {manifest.size} bytes with blake2b {manifest.blake2b[:16]}…, "
+                    f"{shown}: expected {manifest.size} bytes with blake2b {manifest.blake2b[:16]}…, "
                     f"got {size} bytes with blake2b {digest[:16]}…"
                 )
             os.replace(tmp, dest)

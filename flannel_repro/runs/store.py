@@ -357,7 +357,7 @@ class RunStore:
         if traj is None:
             why = self._rejected.pop(path, "") or "unreadable or incomplete"
             path.unlink(missing_ok=True)
-            return None, f"{remote.show(remote._path(manifest.object))}: {why}"
+            return None, f"{remote.show_object(manifest)}: {why}"
         return Obtained(traj, trained=False, fetched=True), ""
 
     def _publish(
